@@ -1,0 +1,38 @@
+# unlock-export: `make demo` runs the pipeline on the bundled zoo models, `make test` the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_FLAGS ?= -q -ra
+
+.PHONY: setup test test-slow test-all demo clean-demo bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	# torch first: the pinned CPU build (on disk here); an unpinned torch would pull a CUDA build
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest $(PYTEST_FLAGS)
+
+DEMO_OUT ?= out/demo
+demo: setup
+	$(BIN)/unlock-export zoo fetch qwen2.5-coder-0.5b-instruct
+	$(BIN)/unlock-export zoo fetch qwen2.5-coder-1.5b-instruct
+	$(BIN)/unlock-export run --overwrite recipes/zoo-qwen0.5b-to-1.5b-cot.yaml $(DEMO_OUT)
+	@echo "demo outputs are in $(DEMO_OUT)/ (key, map, vectors, summary.json)"
+
+bench: setup
+	$(BIN)/python benchmarks/capture.py

@@ -1,0 +1,122 @@
+"""Tiny random models of every registered family, saved as ordinary HF directories with a real
+(BPE, trained here offline with `tokenizers`) tokenizer, so every stage runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from unlock_export import prompts  # noqa: E402
+
+HIDDEN = 64
+LAYERS = 4
+
+
+def _corpus() -> list[str]:
+    qs = prompts.builtin_arithmetic(400, seed=1)
+    return [t for q in qs for t in (prompts.apply_template("direct", [q])[0], prompts.apply_template("cot", [q])[0])]
+
+
+def build_tokenizer(with_pad: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>"] + (["<pad>"] if with_pad else [])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    kwargs = dict(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if with_pad:
+        kwargs["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(**kwargs)
+
+
+def tiny_config(arch: str, vocab: int, hidden: int = HIDDEN, layers: int = LAYERS, **overrides):
+    import transformers as tf
+
+    heads = max(hidden // 16, 1)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=None)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=16, use_sliding_window=False)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                            bos_token_id=1, eos_token_id=2)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=2 * hidden,
+                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny_model(arch: str, out: Path, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS,
+                     with_pad: bool = True, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(with_pad)
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tokenizer), hidden, layers, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    # larger-than-default init so activations differ clearly between prompts
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(arch, **kw) -> path of a saved tiny model (cached per arguments)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            name = arch + "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
+            cache[key] = build_tiny_model(arch, tmp_path_factory.mktemp(name), **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def load_tiny(tiny_model_dir):
+    from unlock_export.models import load
+
+    def make(arch: str = "llama", **kwargs):
+        return load(str(tiny_model_dir(arch, **kwargs)), dtype="float32", device="cpu")
+
+    return make
+
+
+@pytest.fixture
+def questions():
+    return prompts.builtin_arithmetic(24, seed=3)

@@ -1,0 +1,132 @@
+"""Activation capture: the residual stream after decoder layers, one row per prompt.
+
+Forward hooks on the decoder layers copy out only the rows that are needed (the last prompt token,
+or a masked mean over tokens) into preallocated float32 accumulators, instead of keeping every
+layer's full [batch, tokens, hidden] tensor as `output_hidden_states=True` does. When only the
+first few layers are needed, the forward pass stops after the deepest of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import layer_output_tensor
+from .errors import UserError
+from .models import LoadedModel
+
+POSITIONS = ("last", "mean")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to end the forward pass early."""
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding."""
+    steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (steps + 1)).argmax(dim=1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (as `generate` computes them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def tokenize(tokenizer, texts: list[str], device, max_length: int | None = None) -> dict:
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # the last tokens are the ones that matter
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    batch = tokenizer(texts, return_tensors="pt", padding=True, **kwargs)
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def check_finite(states: torch.Tensor, what: str, layers: list[int]) -> None:
+    bad = ~torch.isfinite(states).reshape(states.shape[0], -1).all(dim=1)
+    if bad.any():
+        layer = layers[int(bad.nonzero()[0])]
+        raise UserError(
+            f"{what}: activations at layer {layer} contain NaN or inf; load the model with "
+            "--dtype float32 or check the checkpoint"
+        )
+
+
+@torch.inference_mode()
+def capture(
+    loaded: LoadedModel,
+    texts: list[str],
+    layers: list[int] | None = None,
+    position: str = "last",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "capture",
+) -> torch.Tensor:
+    """Residual stream after each layer in `layers` (default all) for each text.
+
+    Returns a float32 CPU tensor [len(layers), len(texts), hidden_size] in the given order.
+    """
+    n_layers = loaded.n_layers
+    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise UserError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    if position not in POSITIONS:
+        raise UserError(f"unknown capture position '{position}': use {' or '.join(POSITIONS)}")
+    if not texts:
+        raise UserError("no prompts to capture: give at least one prompt")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    out = torch.zeros(len(layers), len(texts), loaded.hidden_size, dtype=torch.float32)
+    slot = {layer: i for i, layer in enumerate(layers)}
+    deepest = layers[-1]
+    state: dict = {}
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            hidden = layer_output_tensor(output)
+            if position == "last":
+                rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"].to(hidden.device)]
+            else:
+                mask = state["mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
+                rows = (hidden * mask).sum(1) / mask.sum(1)
+            out[slot[layer], state["rows"]] = rows.float().cpu()
+            if layer == deepest and deepest < n_layers - 1:
+                raise _StopForward
+        return hook
+
+    decoder_layers = loaded.arch.decoder_layers(model)
+    handles = [decoder_layers[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    # Sort by length so batches hold similar lengths (less padding), then write back in order.
+    lengths = [len(t) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    device = input_device(model)
+    accepted = inspect.signature(model.forward).parameters
+    extra = {"use_cache": False}
+    if "logits_to_keep" in accepted:
+        extra["logits_to_keep"] = 1  # skip the LM head over every position
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+            rows = order[start:start + batch_size]
+            batch = tokenize(tokenizer, [texts[i] for i in rows], device, max_length)
+            state.update(rows=torch.tensor(rows), mask=batch["attention_mask"],
+                         last=last_token_index(batch["attention_mask"]))
+            if "position_ids" in accepted:  # absolute-position models need mask-aware positions
+                batch["position_ids"] = position_ids(batch["attention_mask"])
+            try:
+                model(**batch, **extra)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    check_finite(out, desc, layers)
+    return out

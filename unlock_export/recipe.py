@@ -1,0 +1,199 @@
+"""YAML recipes: the whole pipeline in one validated file (mergekit style).
+
+Relative paths in a recipe (prompt files, local models) are resolved against the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import prompts
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Variant(_Strict):
+    model: str
+    template: str = "direct"
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        prompts.template_text(value)  # raises UserError for bad templates
+        return value
+
+
+class SourceSpec(_Strict):
+    locked: Variant
+    unlocked: Variant
+
+
+class TargetSpec(_Strict):
+    model: str
+    template: Optional[str] = None  # default: the source's locked template
+
+
+class PromptSpec(_Strict):
+    path: str = "builtin:arithmetic"
+    field: str = "question"
+    key_count: int = Field(256, ge=1)
+    align_count: Optional[int] = Field(None, ge=1)  # default: key_count (same prompts reused)
+    offset: int = Field(0, ge=0)
+
+
+class KeySpec(_Strict):
+    method: Literal["mean", "pca"] = "mean"
+
+
+class AlignSpec(_Strict):
+    rank: int = Field(16, ge=1)
+
+
+class VectorsSpec(_Strict):
+    layers: Union[str, list[int]] = "all"
+    site: Literal["layer_output", "post_attention"] = "layer_output"
+
+
+class RuntimeSpec(_Strict):
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: Optional[str] = None
+    batch_size: int = Field(8, ge=1)
+    max_length: Optional[int] = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+
+class Recipe(_Strict):
+    name: str = "unlock"
+    description: str = ""
+    source: SourceSpec
+    target: TargetSpec
+    prompts: PromptSpec = PromptSpec()
+    key: KeySpec = KeySpec()
+    align: AlignSpec = AlignSpec()
+    vectors: VectorsSpec = VectorsSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+
+
+def _first_error(exc: ValidationError, path: Path) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"recipe {path}: unknown key '{where}'; check the spelling against recipes/README or `unlock-export run --help`"
+    if err["type"] == "missing":
+        return f"recipe {path}: missing required key '{where}'"
+    return f"recipe {path}: '{where}': {err['msg']}"
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Resolve a relative local path against the recipe folder; leave ids, zoo names and builtins."""
+    if value.startswith(("zoo:", prompts.BUILTIN_PREFIX)) or os.path.isabs(value):
+        return value
+    candidate = base / value
+    if value.startswith(".") or candidate.exists():
+        return str(candidate.resolve())
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a YAML mapping with source, target, ... keys")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc, path))
+    base = path.parent
+    recipe.prompts.path = _resolve_path(recipe.prompts.path, base)
+    for variant in (recipe.source.locked, recipe.source.unlocked):
+        variant.model = _resolve_path(variant.model, base)
+    recipe.target.model = _resolve_path(recipe.target.model, base)
+    return recipe
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
+               recipe_text: str | None = None) -> dict:
+    """Run key -> align -> project and write key, map, vectors and a summary into out_dir.
+
+    Everything is written into a temporary folder beside out_dir and renamed at the end, so a
+    failed run leaves nothing behind.
+    """
+    from .pipeline import ModelPool, Runtime, compute_key, compute_map, project
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        timings: dict[str, float] = {}
+        rt = recipe.runtime
+        pool = ModelPool(Runtime(rt.dtype, rt.device, rt.device_map, rt.batch_size, rt.max_length,
+                                 rt.trust_remote_code, progress))
+        p = recipe.prompts
+        key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
+        align_count = p.align_count or p.key_count
+        same_prompts = align_count == p.key_count
+        align_questions = key_questions if same_prompts else prompts.load_questions(p.path, p.field, align_count, p.offset)
+        locked, unlocked = recipe.source.locked, recipe.source.unlocked
+        target_template = recipe.target.template or locked.template
+
+        t0 = time.perf_counter()
+        key, locked_states = compute_key(pool, locked.model, unlocked.model, locked.template, unlocked.template,
+                                         key_questions, recipe.key.method)
+        timings["key_s"] = time.perf_counter() - t0
+        key.save(work / "key.safetensors")
+
+        t0 = time.perf_counter()
+        lrmap = compute_map(pool, locked.model, recipe.target.model, locked.template, target_template,
+                            align_questions, recipe.align.rank,
+                            source_states=locked_states if same_prompts else None)
+        timings["align_s"] = time.perf_counter() - t0
+        lrmap.save(work / "map.safetensors")
+        pool.release()
+
+        vectors = project(key, lrmap, recipe.vectors.layers, recipe.vectors.site)
+        vectors.provenance["recipe"] = recipe.name
+        vectors.save(work / "vectors.safetensors")
+        (work / "recipe.yaml").write_text(recipe_text or yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+        summary = {
+            "recipe": recipe.name,
+            "outputs": {name: str(out_dir / name) for name in ("key.safetensors", "map.safetensors", "vectors.safetensors")},
+            "source_layers": lrmap.source_layer_count,
+            "target_layers": lrmap.target_layer_count,
+            "rank": lrmap.rank,
+            "n_prompts_key": len(key_questions),
+            "n_prompts_align": len(align_questions),
+            "key_norms": [round(float(v), 4) for v in key.vectors.norm(dim=1)],
+            "vector_norms": {str(k): round(v, 4) for k, v in vectors.norms().items()},
+            "map_bytes": {"factors": lrmap.factor_bytes(), "dense_equivalent": lrmap.dense_bytes()},
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        }
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+        return summary
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -1,0 +1,118 @@
+"""Reference steering with hooks: for evaluation and verification only, never in exported artifacts.
+
+Two forms:
+  paper     the UNLOCK paper's form: during prefill only, at the last prompt token only, after
+            every steered layer, h <- |h| * normalize(h/|h| + alpha * r/|r|). Decode steps are
+            untouched (the effect reaches them through the KV cache).
+  additive  the form a static checkpoint can carry: h += scale * r at every position and every
+            step, at the vectors' site (layer output, or right after the attention block).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, architecture_for, layer_output_tensor, replace_layer_output
+from .capture import last_token_index
+from .errors import UserError
+from .vectors import SteeringVectors
+
+FORMS = ("additive", "paper")
+
+
+def _resolve(model) -> tuple[nn.Module, Architecture]:
+    if hasattr(model, "arch") and hasattr(model, "model"):  # a LoadedModel
+        return model.model, model.arch
+    return model, architecture_for(model)
+
+
+def _check(model: nn.Module, arch: Architecture, vectors: SteeringVectors) -> None:
+    config = getattr(model.config, "text_config", None) or model.config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    vectors.check_fits(len(arch.decoder_layers(model)), int(hidden))
+
+
+@contextmanager
+def additive_steering(model, vectors: SteeringVectors, scale: float = 1.0):
+    """Add scale * direction[L] to the residual at every position, at the vectors' site."""
+    model, arch = _resolve(model)
+    _check(model, arch, vectors)
+    handles = []
+
+    def make_hook(vec: torch.Tensor):
+        def hook(module, args, output):
+            hidden = layer_output_tensor(output)
+            return replace_layer_output(output, hidden + vec.to(hidden.device, hidden.dtype))
+        return hook
+
+    try:
+        for layer, vec in vectors.directions.items():
+            module = arch.site_module(model, layer, vectors.site)
+            handles.append(module.register_forward_hook(make_hook(vec * scale)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
+    """The paper's prefill-only, last-prompt-token, norm-preserving update after each steered layer."""
+    model, arch = _resolve(model)
+    _check(model, arch, vectors)
+    if vectors.site != "layer_output":
+        raise UserError("the paper form edits the layer output: use vectors with site layer_output")
+    state: dict = {"prefill": False, "last": None}
+    layers = arch.decoder_layers(model)
+
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        batch = (ids if ids is not None else embeds).shape[0]
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        state["prefill"] = cached == 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
+            state["last"] = last_token_index(mask)
+        else:
+            state["last"] = torch.full((batch,), length - 1, dtype=torch.long)
+
+    def make_hook(unit: torch.Tensor):
+        def hook(module, args, output):
+            if not state["prefill"]:
+                return None
+            hidden = layer_output_tensor(output)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = state["last"].to(hidden.device)
+            h = hidden[rows, last].float()
+            norm = h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            mixed = h / norm + alpha * unit.to(hidden.device)
+            new = norm * mixed / mixed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            hidden = hidden.clone()
+            hidden[rows, last] = new.to(hidden.dtype)
+            return replace_layer_output(output, hidden)
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    try:
+        for layer, vec in vectors.directions.items():
+            unit = vec.float() / vec.float().norm().clamp_min(1e-12)
+            handles.append(layers[layer].register_forward_hook(make_hook(unit)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def steering(model, vectors: SteeringVectors, form: str, strength: float):
+    """`additive` with scale=strength, or `paper` with alpha=strength."""
+    if form == "additive":
+        return additive_steering(model, vectors, strength)
+    if form == "paper":
+        return paper_steering(model, vectors, strength)
+    raise UserError(f"unknown steering form '{form}': use {' or '.join(FORMS)}")
