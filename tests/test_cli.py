@@ -1,0 +1,201 @@
+"""The command line end to end on tiny models, and one-line errors with exit code 2."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unlock_export.cli import main
+from unlock_export.recipe import load_recipe
+from unlock_export.vectors import SteeringVectors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *args):
+    code = main(["--quiet", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(capsys, args, match):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    source = tiny_model_dir("llama")
+    target = tiny_model_dir("qwen2", hidden=48, layers=3)
+    recipe = {
+        "name": "tiny",
+        "source": {"locked": {"model": str(source), "template": "direct"},
+                   "unlocked": {"model": str(source), "template": "cot"}},
+        "target": {"model": str(target)},
+        "prompts": {"path": "builtin:arithmetic", "key_count": 16},
+        "align": {"rank": 8},
+        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, recipe
+
+
+def test_run_recipe_end_to_end(capsys, tmp_path, tiny_recipe):
+    path, _ = tiny_recipe
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "run", path, out)
+    assert code == 0, err
+    for name in ("key.safetensors", "map.safetensors", "vectors.safetensors", "summary.json", "recipe.yaml"):
+        assert (out / name).is_file(), name
+    vec = SteeringVectors.load(out / "vectors.safetensors")
+    assert vec.layer_count == 3 and vec.hidden_size == 48 and vec.layers == [0, 1, 2]
+    assert vec.model_hint == "qwen2" and vec.provenance["rank"] == "8"
+    assert all(n > 0 for n in vec.norms().values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source_layers"] == 4 and summary["target_layers"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+    # an existing output folder is refused, untouched
+    assert_one_line_error(capsys, ["run", path, out], "exists")
+
+
+def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
+    path, recipe = tiny_recipe
+    src, tgt = recipe["source"]["locked"]["model"], recipe["target"]["model"]
+    common = ["--prompts", "builtin:arithmetic", "--count", "16", "--dtype", "float32", "--device", "cpu",
+              "--batch-size", "4"]
+    assert run_cli(capsys, "key", "--locked", src, "-o", tmp_path / "k.st", *common)[0] == 0
+    assert run_cli(capsys, "align", "--source", src, "--target", tgt, "--rank", "8",
+                   "-o", tmp_path / "m.st", *common)[0] == 0
+    assert run_cli(capsys, "project", "--key", tmp_path / "k.st", "--map", tmp_path / "m.st",
+                   "--layers", "1-2", "-o", tmp_path / "v.st")[0] == 0
+    assert run_cli(capsys, "run", path, tmp_path / "out")[0] == 0
+    staged = SteeringVectors.load(tmp_path / "v.st")
+    whole = SteeringVectors.load(tmp_path / "out" / "vectors.safetensors")
+    assert staged.layers == [1, 2]
+    for layer in staged.layers:
+        assert torch.allclose(staged.directions[layer], whole.directions[layer], atol=1e-5)
+
+
+def test_help_shows_examples(capsys):
+    for cmd in (["--help"], ["key", "--help"], ["align", "--help"], ["project", "--help"], ["run", "--help"],
+                ["zoo", "--help"], ["zoo", "fetch", "--help"]):
+        code = main(cmd)
+        out = capsys.readouterr().out
+        assert code == 0 and "Example" in out, cmd
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert "unlock-export, version" in capsys.readouterr().out
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.source.locked.model and recipe.target.model, path
+
+
+# -- bad input: one line, exit code 2 ---------------------------------------------------------
+def test_missing_model(capsys, tmp_path):
+    assert_one_line_error(capsys, ["key", "--locked", tmp_path / "nope", "-o", tmp_path / "k"], "not found")
+
+
+def test_unknown_zoo_model(capsys, tmp_path):
+    assert_one_line_error(capsys, ["key", "--locked", "zoo:gpt-17", "-o", tmp_path / "k"], "not a zoo model")
+
+
+def test_gguf_of_unsupported_architecture(capsys, tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(capsys, ["key", "--locked", path, "-o", tmp_path / "k"], "architecture 'rwkv6'")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    assert_one_line_error(capsys, ["key", "--locked", path, "-o", tmp_path / "k"], "not a readable GGUF")
+
+
+def test_empty_prompt_file(capsys, tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_one_line_error(capsys, ["key", "--locked", tiny_model_dir("llama"), "--prompts", empty,
+                                   "-o", tmp_path / "k"], "holds no prompts")
+
+
+def test_prompt_file_without_field(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "hello"}\n')
+    assert_one_line_error(capsys, ["key", "--locked", tiny_model_dir("llama"), "--prompts", bad,
+                                   "-o", tmp_path / "k"], "no string field 'question'")
+
+
+def test_layer_out_of_range(capsys, tmp_path, tiny_recipe):
+    path, _ = tiny_recipe
+    assert run_cli(capsys, "run", path, tmp_path / "out")[0] == 0
+    assert_one_line_error(capsys, ["project", "--key", tmp_path / "out/key.safetensors", "--map",
+                                   tmp_path / "out/map.safetensors", "--layers", "9", "-o", tmp_path / "v"],
+                          "out of range")
+    assert not (tmp_path / "v").exists()
+
+
+def test_rank_below_one(capsys, tmp_path, tiny_model_dir):
+    d = tiny_model_dir("llama")
+    assert_one_line_error(capsys, ["align", "--source", d, "--target", d, "--rank", "0", "-o", tmp_path / "m"],
+                          "rank must be at least 1")
+
+
+def test_nan_activations(capsys, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    bad = tmp_path / "nan-model"
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(src).save_pretrained(bad)
+    assert_one_line_error(capsys, ["key", "--locked", bad, "--count", "4", "--device", "cpu",
+                                   "-o", tmp_path / "k"], "NaN or inf")
+    assert not (tmp_path / "k").exists()
+
+
+def test_identical_variants(capsys, tmp_path, tiny_model_dir):
+    d = tiny_model_dir("llama")
+    assert_one_line_error(capsys, ["key", "--locked", d, "--unlocked-template", "direct", "-o", tmp_path / "k"],
+                          "identical")
+
+
+def test_recipe_with_unknown_key(capsys, tmp_path, tiny_recipe):
+    _, recipe = tiny_recipe
+    recipe["align"]["rnak"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(capsys, ["run", path, tmp_path / "o"], "unknown key 'align.rnak'")
+
+
+def test_recipe_with_wrong_type(capsys, tmp_path, tiny_recipe):
+    _, recipe = tiny_recipe
+    recipe["align"]["rank"] = "sixteen"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(capsys, ["run", path, tmp_path / "o"], "align.rank")
+
+
+def test_unknown_option_is_one_line(capsys):
+    assert_one_line_error(capsys, ["key", "--bogus"], "No such option")

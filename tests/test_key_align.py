@@ -1,0 +1,102 @@
+"""Master Key aggregation, the layer map, and the low-rank alignment."""
+
+import pytest
+import torch
+
+from unlock_export import align, prompts
+from unlock_export.capture import capture
+from unlock_export.errors import UserError
+from unlock_export.key import MasterKey, master_key
+
+
+def test_mean_key_is_mean_difference():
+    torch.manual_seed(0)
+    locked, unlocked = torch.randn(3, 10, 8), torch.randn(3, 10, 8)
+    key = master_key(locked, unlocked, "mean")
+    assert torch.allclose(key, (unlocked - locked).mean(1))
+
+
+def test_pca_key_finds_direction_with_sign_fix():
+    torch.manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    amounts = 3.0 + torch.randn(2, 50, 1)  # varying strength along one direction, positive mean
+    locked = torch.randn(2, 50, 16)
+    unlocked = locked + amounts * direction[:, None, :] + 0.01 * torch.randn(2, 50, 16)
+    key = master_key(locked, unlocked, "pca")
+    cos = torch.nn.functional.cosine_similarity(key, direction, dim=-1)
+    assert (cos > 0.99).all()  # right direction and the sign of the mean difference
+    mean = master_key(locked, unlocked, "mean")
+    assert torch.allclose(key.norm(dim=-1), (mean * direction).sum(-1), rtol=0.05)
+
+
+def test_key_errors():
+    with pytest.raises(UserError, match="unknown key method"):
+        master_key(torch.zeros(1, 2, 3), torch.ones(1, 2, 3), "median")
+    with pytest.raises(UserError, match="differ in shape"):
+        master_key(torch.zeros(1, 2, 3), torch.ones(1, 3, 3))
+
+
+def test_key_file_round_trip(tmp_path):
+    key = MasterKey(torch.randn(4, 8), {"method": "mean"})
+    key.save(tmp_path / "k.safetensors")
+    back = MasterKey.load(tmp_path / "k.safetensors")
+    assert torch.equal(back.vectors, key.vectors) and back.provenance["method"] == "mean"
+
+
+def test_layer_map_is_the_papers_linear_map():
+    assert align.layer_map(40, 48)[0] == 0 and align.layer_map(40, 48)[-1] == 39
+    assert align.layer_map(24, 28) == [(23 * b) // 27 for b in range(28)]
+    assert align.layer_map(28, 24) == [(27 * b) // 23 for b in range(24)]
+    assert align.layer_map(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_identity_alignment_keeps_the_key(load_tiny):
+    """source == target and rank >= the data's rank: the projected key equals the key."""
+    lm = load_tiny("llama")
+    qs = prompts.builtin_arithmetic(128, seed=5)  # 128 prompts > hidden size 64: full-rank data
+    locked = capture(lm, prompts.apply_template("direct", qs), progress=False, batch_size=32)
+    unlocked = capture(lm, prompts.apply_template("cot", qs), progress=False, batch_size=32)
+    key = master_key(locked, unlocked)
+    lrmap = align.fit(locked, locked, rank=64)
+    projected = lrmap.project(key)
+    cos = torch.nn.functional.cosine_similarity(projected, key, dim=-1)
+    assert (cos > 0.99).all(), cos
+    assert torch.allclose(projected.norm(dim=-1), key.norm(dim=-1), rtol=1e-2)
+
+
+def test_cross_model_map_shapes_and_storage(tmp_path):
+    torch.manual_seed(0)
+    src, tgt = torch.randn(6, 40, 32), torch.randn(4, 40, 48)
+    lrmap = align.fit(src, tgt, rank=8)
+    assert lrmap.layer_map == [0, 1, 3, 5]
+    assert lrmap.source_basis.shape == (4, 8, 32) and lrmap.core.shape == (4, 8, 8)
+    assert lrmap.target_basis.shape == (4, 8, 48)
+    assert lrmap.project(torch.randn(6, 32)).shape == (4, 48)
+    assert lrmap.factor_bytes() < lrmap.dense_bytes()
+    lrmap.save(tmp_path / "m.safetensors")
+    back = align.LowRankMap.load(tmp_path / "m.safetensors")
+    key = torch.randn(6, 32)
+    assert torch.allclose(back.project(key), lrmap.project(key))
+
+
+def test_map_recovers_a_known_linear_relation():
+    """Target activations that are a linear image of the source are predicted by the map."""
+    torch.manual_seed(1)
+    basis = torch.randn(3, 10)  # data lives in a 3-dim subspace of the source
+    xs = torch.randn(60, 3) @ basis
+    w = torch.randn(10, 12)
+    xb = xs @ w
+    lrmap = align.fit(xs[None], xb[None], rank=3)
+    assert align.fit_r2(lrmap, {0: xs}, xb[None])[0] > 0.999
+    key = torch.randn(1, 3) @ basis
+    assert torch.allclose(lrmap.project(key), key @ w, atol=1e-3 * float((key @ w).abs().max()))
+
+
+def test_rank_below_one_is_refused():
+    with pytest.raises(UserError, match="rank must be at least 1"):
+        align.fit(torch.randn(2, 5, 4), torch.randn(2, 5, 4), rank=0)
+
+
+def test_mismatched_prompt_counts_are_refused():
+    with pytest.raises(UserError, match="pair"):
+        align.fit(torch.randn(2, 5, 4), torch.randn(2, 6, 4), rank=2)

