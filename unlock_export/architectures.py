@@ -8,6 +8,7 @@ branches on architecture names itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,6 +17,36 @@ from torch import nn
 from .errors import UserError
 
 _REGISTRY: dict[str, type["Architecture"]] = {}
+
+SITES = ("layer_output", "post_attention")
+
+
+@dataclass(frozen=True)
+class BiasPlan:
+    """How a residual offset at one site becomes ordinary bias weights in a checkpoint.
+
+    carrier: module path inside a decoder layer whose bias carries the offset.
+    native_bias: the checkpoint already has that bias (the offset is added to it).
+    zero_biases: module paths inside every layer that the new config flags give a bias, which
+        the checkpoint lacks: they are written as zeros (the carrier included, for unsteered layers).
+    config_set / config_drop: config.json changes (a relabel to another family included).
+    """
+
+    carrier: str
+    native_bias: bool = False
+    zero_biases: tuple[str, ...] = ()
+    config_set: dict = field(default_factory=dict)
+    config_drop: tuple[str, ...] = ()
+
+    @property
+    def relabels(self) -> bool:
+        return "model_type" in self.config_set
+
+
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_AS_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+_SLIDING_KEYS = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
 
 
 def register(*model_types: str):
@@ -68,49 +99,122 @@ class Architecture:
             return _get_path(block, self.attn_out)
         raise UserError(f"unknown site '{site}': use layer_output or post_attention")
 
+    # -- folding ------------------------------------------------------------------------------
+    def bias_plan(self, config: dict, site: str) -> BiasPlan:
+        """Where an offset at `site` can live exactly as a bias, or a UserError saying why not."""
+        raise UserError(
+            f"cannot fold into a '{self.model_type}' model: no bias in it equals a residual offset "
+            "(not in the architecture registry); use `unlock-export cvec` for llama.cpp instead"
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_type!r})"
 
 
+def _llama_flag_plan(config: dict, site: str, relabel: dict | None = None, drop: tuple = (),
+                     qkv_bias: bool = False) -> BiasPlan:
+    """Llama-layout bias plan: `mlp_bias` puts the offset on down_proj (layer output);
+    `attention_bias` puts it on o_proj (post attention). A flag gives every projection it covers a
+    bias: those the checkpoint lacks are written as zeros. `qkv_bias`: the checkpoint has q/k/v
+    biases (Qwen2), which only `attention_bias` keeps."""
+    updates = dict(relabel or {})
+    has_qkv = qkv_bias or bool(config.get("attention_bias"))
+    has_o = bool(config.get("attention_bias"))
+    if has_qkv:
+        updates["attention_bias"] = True
+    zeros: tuple[str, ...] = () if has_o or not has_qkv else ("self_attn.o_proj",)
+    if site == "layer_output":
+        updates["mlp_bias"] = True
+        has_mlp = bool(config.get("mlp_bias"))
+        return BiasPlan("mlp.down_proj", has_mlp, zeros + (() if has_mlp else _LLAMA_MLP), updates, drop)
+    updates["attention_bias"] = True
+    zeros = (() if has_qkv else _LLAMA_ATTN[:3]) + (() if has_o else ("self_attn.o_proj",))
+    return BiasPlan("self_attn.o_proj", has_o, zeros, updates, drop)
+
+
 @register("llama")
 class LlamaArchitecture(Architecture):
-    pass
+    def bias_plan(self, config, site):
+        return _llama_flag_plan(config, site)
 
 
 @register("mistral")
 class MistralArchitecture(Architecture):
-    pass
+    """Folded by relabelling as Llama, which has the same layout, when no sliding window is active."""
+
+    def bias_plan(self, config, site):
+        if config.get("sliding_window") is not None:
+            raise UserError(
+                f"cannot fold into this mistral model: sliding_window={config['sliding_window']} has no Llama "
+                "equivalent; use `unlock-export cvec` for llama.cpp instead"
+            )
+        return _llama_flag_plan(config, site, _AS_LLAMA, _SLIDING_KEYS)
 
 
 @register("qwen2")
 class Qwen2Architecture(Architecture):
-    pass
+    """Qwen2 has only q/k/v biases. Relabelled as Llama with attention_bias (keeps them, adds a zero
+    o_proj bias) and mlp_bias (down_proj carries the offset), when no sliding window is active."""
+
+    def bias_plan(self, config, site):
+        if config.get("use_sliding_window"):
+            raise UserError(
+                "cannot fold into this qwen2 model: use_sliding_window is on, which Llama cannot express; "
+                "use `unlock-export cvec` for llama.cpp instead"
+            )
+        return _llama_flag_plan(config, site, _AS_LLAMA, _SLIDING_KEYS, qkv_bias=True)
 
 
 @register("qwen3")
 class Qwen3Architecture(Architecture):
-    pass
+    def bias_plan(self, config, site):
+        if site == "layer_output":
+            raise UserError(
+                "qwen3 has no bias that is a layer's last residual write, so layer_output vectors cannot be "
+                "folded exactly; project with --site post_attention (o_proj bias, transformers only) or use "
+                "`unlock-export cvec` for llama.cpp"
+            )
+        return _llama_flag_plan(config, site)
+
+
+class _PostNormArchitecture(Architecture):
+    post_sublayer_norm = True
+
+    def bias_plan(self, config, site):
+        raise UserError(
+            f"cannot fold into a {self.model_type} model: a norm follows each sublayer before the residual add, "
+            "so no bias equals a residual offset; use `unlock-export cvec` (llama.cpp control vector) instead"
+        )
 
 
 @register("gemma2", "gemma3", "gemma3_text")
-class GemmaArchitecture(Architecture):
-    post_sublayer_norm = True
+class GemmaArchitecture(_PostNormArchitecture):
+    pass
 
 
 @register("olmo2")
-class Olmo2Architecture(Architecture):
-    post_sublayer_norm = True
+class Olmo2Architecture(_PostNormArchitecture):
+    pass
+
+
+class _NativeBiasArchitecture(Architecture):
+    """Families whose output projections already carry biases: the offset is added to them."""
+
+    def bias_plan(self, config, site):
+        return BiasPlan(self.mlp_out if site == "layer_output" else self.attn_out, native_bias=True)
 
 
 @register("gpt2")
-class GPT2Architecture(Architecture):
+class GPT2Architecture(_NativeBiasArchitecture):
     layers_path = "transformer.h"
     mlp_out = "mlp.c_proj"
     attn_out = "attn.c_proj"
 
 
 @register("gpt_neox")
-class GPTNeoXArchitecture(Architecture):
+class GPTNeoXArchitecture(_NativeBiasArchitecture):
+    """Parallel or sequential residual: the MLP output bias is an offset on the layer output either way."""
+
     layers_path = "gpt_neox.layers"
     mlp_out = "mlp.dense_4h_to_h"
     attn_out = "attention.dense"
@@ -131,6 +235,14 @@ class GenericArchitecture(Architecture):
                 "site is supported for it"
             )
         return super().site_module(model, layer, site)
+
+
+def architecture_for_config(config: dict) -> Architecture:
+    """The registry entry for a config.json (no model loaded); unknown families get the base class,
+    which refuses to fold."""
+    model_type = config.get("model_type", "unknown")
+    cls = _REGISTRY.get(model_type, Architecture)
+    return cls(model_type)
 
 
 def registered_model_types() -> list[str]:

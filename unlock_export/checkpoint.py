@@ -1,0 +1,215 @@
+"""Streaming access to a safetensors checkpoint directory, and its atomic, shard-wise export.
+
+Nothing here loads a whole model: tensors are read one shard at a time, untouched shards are
+copied or hard-linked byte for byte, and only shards whose tensors change are rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+NEW_SHARD = "model-unlock-offsets.safetensors"
+# a lone model.safetensors is renamed in the output: transformers would load it and ignore the index
+RENAMED_SINGLE = "model-base.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+_SKIP_FILES = {INDEX, "config.json", "README.md", "unlock.json", ".gitattributes"}
+
+
+def _shard_header(path: Path) -> dict:
+    """Parse a safetensors header and check the file holds every byte it declares."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise UserError(f"shard '{path}' is not a valid safetensors file ({exc}); re-download it")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + length + end:
+        raise UserError(f"shard '{path}' is truncated ({path.stat().st_size} bytes, header needs {8 + length + end}); re-download it")
+    return header
+
+
+class Checkpoint:
+    """A local transformers checkpoint: config, and which shard holds each tensor."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"'{self.dir}' has no config.json: pass a transformers model directory or a GGUF file")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"'{config_path}' is not valid JSON ({exc.msg})")
+        if (self.dir / INDEX).is_file():
+            index = json.loads((self.dir / INDEX).read_text())
+            self.weight_map: dict[str, str] = dict(index["weight_map"])
+        elif (self.dir / SINGLE).is_file():
+            self.weight_map = {}
+            for name in _shard_header(self.dir / SINGLE):
+                if name != "__metadata__":
+                    self.weight_map[name] = SINGLE
+        else:
+            pickles = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = " (it holds only .bin pickles: convert them to safetensors first)" if pickles else ""
+            raise UserError(f"'{self.dir}' holds no safetensors weights{hint}")
+        self.headers = {}
+        for shard in self.shards:
+            if not (self.dir / shard).is_file():
+                raise UserError(f"shard '{shard}' listed in {INDEX} is missing from '{self.dir}'")
+            self.headers[shard] = _shard_header(self.dir / shard)
+        for name, shard in self.weight_map.items():
+            if name not in self.headers[shard]:
+                raise UserError(f"tensor '{name}' is listed in {INDEX} but missing from shard '{shard}'")
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> list[int]:
+        return self.headers[self.weight_map[name]][name]["shape"]
+
+    def dtype(self, name: str) -> torch.dtype:
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return table.get(self.headers[self.weight_map[name]][name]["dtype"], torch.float32)
+
+    def read(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.dir / self.weight_map[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def layer_prefix(self, layers_path: str, layer: int = 0) -> str:
+        """Checkpoint name prefix of decoder layers ('model.layers', or 'h' for GPT-2 files saved
+        without the 'transformer.' prefix)."""
+        parts = layers_path.split(".")
+        for i in range(len(parts)):
+            prefix = ".".join(parts[i:])
+            if any(n.startswith(f"{prefix}.{layer}.") for n in self.weight_map):
+                return prefix
+        raise UserError(f"cannot find decoder layer tensors ('{layers_path}.N.*') in '{self.dir}'")
+
+    def layer_count(self) -> int:
+        config = self.config.get("text_config") or self.config
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(config.get(key), int):
+                return config[key]
+        raise UserError(f"config.json in '{self.dir}' has no layer count")
+
+    def hidden_size(self) -> int:
+        config = self.config.get("text_config") or self.config
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(config.get(key), int):
+                return config[key]
+        raise UserError(f"config.json in '{self.dir}' has no hidden size")
+
+    def side_files(self) -> list[Path]:
+        """Tokenizer, generation config, chat template and the like: everything but weights,
+        the index, config.json and the model card."""
+        out = []
+        for path in sorted(self.dir.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.name not in _SKIP_FILES \
+                    and not path.name.endswith(_WEIGHT_SUFFIXES):
+                out.append(path)
+        return out
+
+
+def check_output_path(out: Path, source: Path, overwrite: bool) -> None:
+    out_r, src_r = out.resolve(), source.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise UserError(f"output '{out}' is inside the source model '{source}': choose a folder outside it")
+    if out_r in src_r.parents:
+        raise UserError(f"output '{out}' contains the source model '{source}': choose another folder")
+    if out.exists() and not overwrite:
+        raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
+
+
+@contextmanager
+def staging_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure
+    (an exception, Ctrl-C) it is removed and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield work
+        if out.exists():
+            if not overwrite:
+                raise UserError(f"output '{out}' appeared while writing: choose another folder or pass --overwrite")
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem: fall back to a copy
+    shutil.copyfile(src, dst)
+
+
+def write_checkpoint(ckpt: Checkpoint, work: Path, config: dict, added: dict[str, torch.Tensor],
+                     changed: dict[str, torch.Tensor], link: bool = False) -> dict:
+    """Write the exported checkpoint into `work`: untouched shards copied (or hard-linked),
+    shards holding changed tensors rewritten, added tensors in one new shard, index and config
+    updated, side files copied. Returns {'rewritten': [...], 'copied': [...], 'added_shard': ...}."""
+    clash = [n for n in added if ckpt.has(n)]
+    if clash:
+        raise UserError(f"tensors {clash[:3]} already exist in the checkpoint; they cannot be added")
+    rename = {SINGLE: RENAMED_SINGLE} if added else {}
+    weight_map = {n: rename.get(s, s) for n, s in ckpt.weight_map.items()}
+    touched = {ckpt.weight_map[n] for n in changed}
+    report = {"rewritten": sorted(touched), "copied": [], "added_shard": None}
+    for shard in ckpt.shards:
+        src, dst = ckpt.dir / shard, work / rename.get(shard, shard)
+        if shard in touched:
+            with safe_open(str(src), framework="pt") as fh:
+                metadata = fh.metadata() or {"format": "pt"}
+                tensors = {n: fh.get_tensor(n) for n in fh.keys()}
+            for name, value in changed.items():
+                if ckpt.weight_map[name] == shard:
+                    tensors[name] = value.to(tensors[name].dtype)
+            save_file(tensors, str(dst), metadata=metadata)
+            del tensors
+        else:
+            _place(src, dst, link)
+            report["copied"].append(shard)
+    if added:
+        save_file({k: v.contiguous() for k, v in added.items()}, str(work / NEW_SHARD), metadata={"format": "pt"})
+        weight_map.update({name: NEW_SHARD for name in added})
+        report["added_shard"] = NEW_SHARD
+    total = 0
+    for shard in set(weight_map.values()):
+        header = _shard_header(work / shard)
+        total += max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (work / INDEX).write_text(json.dumps(index, indent=2))
+    (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for path in ckpt.side_files():
+        shutil.copyfile(path, work / path.name)
+    return report
