@@ -242,6 +242,88 @@ def project(ctx, key_path, map_path, layers, site, output, overwrite):
           f"wrote {output}: {len(norms)} layers, norms {min(norms.values()):.3g}..{max(norms.values()):.3g}")
 
 
+# -- fold ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file from `project` (or `run`).")
+@click.option("--scale", default=1.0, show_default=True, type=float, help="Offset = scale * direction.")
+@click.option("--mode", type=click.Choice(["bias", "adapter"]), default="bias", show_default=True,
+              help="bias: standalone checkpoint; adapter: PEFT LoRA with lora_bias.")
+@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank (adapter mode).")
+@click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
+@click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Reload the export with the stock library and compare logits with the hook-steered original.")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed by --verify (float32).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.pass_context
+def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tolerance, output, overwrite):
+    """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
+
+    TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
+    on the last write into the residual stream of each steered layer (down_proj for Llama-like
+    blocks; Qwen2 and Mistral are relabelled as Llama). Families where no bias equals a residual
+    offset (Gemma 2/3, OLMo 2, unknown) are refused: use a llama.cpp control vector for those.
+
+    \b
+    Example:
+      unlock-export fold zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
+          --scale 4 -o out/qwen1.5b-cot
+      unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter --rank 8 -o out/adapter
+    """
+    from .fold import fold as fold_model
+    from .vectors import SteeringVectors, parse_layers
+
+    vectors = SteeringVectors.load(vectors_path)
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
+                        overwrite=overwrite, verify=verify, tolerance=tolerance,
+                        card_context={"vectors_file": str(vectors_path)})
+    ver = result.verification
+    check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
+             f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
+    _emit(ctx, result.as_dict(), f"wrote {output} ({mode}, {result.exported_model_type}, "
+                                 f"{len(result.layers)} layers, scale {scale:g}); {check}")
+
+
+@cli.command("verify")
+@click.argument("export_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The steering-vectors file the export was made from.")
+@click.option("--scale", default=None, type=float, help="Scale used by fold (default: from unlock.json).")
+@click.option("--base", default=None, help="The original target (default: from unlock.json).")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed (float32).")
+@click.pass_context
+def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
+    """Reload EXPORT_DIR with the stock library and compare its logits with the hook-steered original.
+
+    Exits 1 when max |dlogit| is above the tolerance.
+
+    \b
+    Example:
+      unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
+    """
+    from .fold import read_unlock_json
+    from .vectors import SteeringVectors
+    from .verify import verify_export
+
+    info = read_unlock_json(export_dir)
+    base = base or info.get("target")
+    scale = scale if scale is not None else info.get("scale", 1.0)
+    if not base:
+        raise UserError(f"'{export_dir}' has no unlock.json naming its base model: pass --base")
+    vectors = SteeringVectors.load(vectors_path)
+    if info.get("layers") is not None:
+        vectors = vectors.select(info["layers"])
+    report = verify_export(export_dir, vectors, scale, base, tolerance)
+    _emit(ctx, report, f"ok: max |dlogit| {report['max_abs_dlogit']:.3g} <= {tolerance:g}, top-1 agreement "
+                       f"{report['top1_agreement']:.1%} on {report['prompts']} prompts "
+                       f"(steering moves logits by up to {report['steering_effect_max_abs_dlogit']:.3g})")
+
+
 # -- run -------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("recipe_path", type=click.Path(path_type=Path))

@@ -5,3 +5,9 @@ class UserError(Exception):
     """Bad input: the message names the problem and the fix."""
 
     exit_code = 2
+
+
+class ExportFailure(UserError):
+    """The export ran but failed its own check (e.g. verification above tolerance): exit code 1."""
+
+    exit_code = 1

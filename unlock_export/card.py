@@ -1,0 +1,139 @@
+"""Model card (README.md, Hub conventions) and unlock.json provenance for every export."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .vectors import SteeringVectors
+
+
+def _base_license(source_dir: Path) -> str | None:
+    readme = source_dir / "README.md"
+    if readme.is_file():
+        match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+        if match:
+            try:
+                meta = yaml.safe_load(match.group(1)) or {}
+                if isinstance(meta, dict) and meta.get("license"):
+                    return str(meta["license"])
+            except yaml.YAMLError:
+                pass
+    return None
+
+
+def _base_model_id(target: str) -> str:
+    """What the Hub's base_model field can link: an id as given, else the folder or file name."""
+    if target.count("/") == 1 and not Path(target).exists():
+        return target
+    return target.removeprefix("zoo:") if target.startswith("zoo:") else Path(target).name
+
+
+def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: int, context: dict) -> dict:
+    return {
+        "tool": "unlock-export",
+        "version": __version__,
+        "mode": mode,
+        "target": target,
+        "target_model_type": result.model_type,
+        "exported_model_type": result.exported_model_type,
+        "site": result.site,
+        "carrier_module": result.carrier,
+        "layers": result.layers,
+        "scale": result.scale,
+        "adapter_rank": rank if mode == "adapter" else None,
+        "vector_norms": {str(k): round(v, 6) for k, v in vectors.norms().items()},
+        "vectors_provenance": vectors.provenance,
+        "verification": result.verification,
+        "command": context.get("command") or " ".join(shlex.quote(a) for a in ["unlock-export", *sys.argv[1:]]),
+        **{k: v for k, v in context.items() if k != "command"},
+    }
+
+
+def write(work: Path, result, vectors: SteeringVectors, target: str, source_dir: Path, mode: str, rank: int,
+          context: dict) -> None:
+    info = provenance(result, vectors, target, mode, rank, context)
+    (work / "unlock.json").write_text(json.dumps(info, indent=2))
+    front = {"base_model": _base_model_id(target),
+             "library_name": "peft" if mode == "adapter" else "transformers",
+             "tags": ["unlock-export", "steering"] + (["lora"] if mode == "adapter" else [])}
+    license_ = _base_license(source_dir)
+    if license_:
+        front["license"] = license_
+    prov = vectors.provenance
+    norms = vectors.norms()
+    ver = result.verification
+    verification = (
+        f"max \\|dlogit\\| {ver['max_abs_dlogit']:.3g} against the hook-steered original on {ver['prompts']} prompts "
+        f"(tolerance {ver['tolerance']:g}, top-1 agreement {ver['top1_agreement']:.1%}; the steering itself moves "
+        f"logits by up to {ver['steering_effect_max_abs_dlogit']:.3g})" if ver else "not run (--no-verify)"
+    )
+    load_hint = (
+        "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+        f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
+        "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```\n\n"
+        "PEFT cannot merge a lora_B bias into a layer that has no bias, and vLLM and llama.cpp reject "
+        "adapters with lora_bias: use `unlock-export fold --mode bias` for those."
+        if mode == "adapter" else
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # no trust_remote_code, no hooks\n```"
+    )
+    relabel = (f"\nThe checkpoint is relabelled from `{result.model_type}` to `{result.exported_model_type}`, "
+               "which has the same layout plus the bias flags it needs; the unsteered weights are unchanged.\n"
+               if result.exported_model_type != result.model_type else "")
+    body = f"""
+# {_base_model_id(target)} + UNLOCK steering ({mode})
+
+This {"adapter" if mode == "adapter" else "checkpoint"} was produced by
+[unlock-export](https://pypi.org/project/unlock-export/) {__version__}. It carries a capability
+direction transferred training-free (UNLOCK, arXiv 2604.06377) as a constant offset added to the
+residual stream{" after the attention block" if result.site == "post_attention" else " at the output"}
+of each steered decoder layer, stored as the bias of `{result.carrier}`.
+{relabel}
+| | |
+|---|---|
+| source (unlocked / locked) | `{prov.get('source', '?')}` / `{prov.get('source_locked', '?')}` |
+| key | {prov.get('method', '?')}, templates {prov.get('key_templates', '?')}, N = {prov.get('n_prompts_key', '?')} |
+| alignment | rank {prov.get('rank', '?')}, N = {prov.get('n_prompts_align', '?')} |
+| target | `{target}` |
+| layers | {_ranges(result.layers)} ({len(result.layers)} of {vectors.layer_count}) |
+| site | {result.site} |
+| scale | {result.scale:g} |
+| vector norms (x scale) | {min(norms.values()) * abs(result.scale):.4g} .. {max(norms.values()) * abs(result.scale):.4g} |
+| verification | {verification} |
+
+Note: the offset applies at every position, prompt and generated tokens alike. That is a different
+intervention from the paper's own prefill-only, last-token edit; the scale was chosen for this form.
+
+## Use
+
+{load_hint}
+
+## Reproduce
+
+```sh
+{info['command']}
+```
+"""
+    card = "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body
+    (work / "README.md").write_text(card, encoding="utf-8")
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    parts, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(parts)

@@ -1,0 +1,201 @@
+"""Fold steering vectors into ordinary weights.
+
+bias     a standalone checkpoint whose bias on each steered layer's residual-writing module (the
+         architecture registry's bias plan) equals the offset; stock loaders need no custom code.
+adapter  a PEFT LoRA with lora_bias=True on that module: standard init (B = 0) makes the low-rank
+         delta zero, so the lora_B bias is exactly the offset (lora_alpha = r keeps scaling 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .architectures import BiasPlan, architecture_for_config
+from .checkpoint import Checkpoint, check_output_path, staging_dir, write_checkpoint
+from .errors import ExportFailure, UserError
+from .models import ModelSource, resolve
+from .vectors import SteeringVectors
+
+MODES = ("bias", "adapter")
+
+
+@dataclass
+class FoldResult:
+    out: Path
+    mode: str
+    model_type: str
+    exported_model_type: str
+    layers: list[int]
+    scale: float
+    site: str
+    carrier: str
+    shards: dict = field(default_factory=dict)
+    verification: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "mode": self.mode, "model_type": self.model_type,
+                "exported_model_type": self.exported_model_type, "layers": self.layers, "scale": self.scale,
+                "site": self.site, "carrier": self.carrier, "shards": self.shards,
+                "verification": self.verification}
+
+
+def materialize(spec: str, scratch: Path) -> tuple[Path, ModelSource]:
+    """A local safetensors directory for `spec`. GGUF files are dequantized into `scratch`
+    (transformers' GGUF loader); Hub ids are fetched with huggingface_hub."""
+    source = resolve(spec)
+    if source.kind == "dir":
+        return Path(source.path), source
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source.path, allow_patterns=[
+                "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"])), source
+        except Exception as exc:  # network or auth errors come in many types
+            raise UserError(f"cannot download '{spec}' from the Hub ({type(exc).__name__}); pass a local directory")
+    from .models import load
+
+    loaded = load(spec, dtype="float32", device="cpu")
+    target = scratch / "dequantized"
+    config = loaded.model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    loaded.model.save_pretrained(target)
+    loaded.tokenizer.save_pretrained(target)
+    return target, source
+
+
+def fold_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, scale: float,
+                 layers_path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(added, changed) tensors that carry `scale * vectors` as biases under `plan`."""
+    prefix = ckpt.layer_prefix(layers_path)
+    added: dict[str, torch.Tensor] = {}
+    changed: dict[str, torch.Tensor] = {}
+    for layer in range(ckpt.layer_count()):
+        for module in plan.zero_biases:
+            weight = f"{prefix}.{layer}.{module}.weight"
+            if not ckpt.has(weight):
+                raise UserError(f"expected tensor '{weight}' is missing from '{ckpt.dir}'; is the checkpoint complete?")
+            added[f"{prefix}.{layer}.{module}.bias"] = torch.zeros(ckpt.shape(weight)[0], dtype=ckpt.dtype(weight))
+        if layer not in vectors.directions:
+            continue
+        offset = vectors.directions[layer].double() * scale
+        name = f"{prefix}.{layer}.{plan.carrier}.bias"
+        if plan.native_bias:
+            if not ckpt.has(name):
+                raise UserError(f"expected bias '{name}' is missing from '{ckpt.dir}'; is the checkpoint complete?")
+            current = ckpt.read(name)
+            changed[name] = (current.double() + offset).to(current.dtype)
+        else:
+            dtype = ckpt.dtype(f"{prefix}.{layer}.{plan.carrier}.weight")
+            added[name] = offset.to(dtype)
+    return added, changed
+
+
+def _folded_config(config: dict, plan: BiasPlan) -> dict:
+    out = {k: v for k, v in config.items() if k not in plan.config_drop and k != "quantization_config"}
+    out.update(plan.config_set)
+    return out
+
+
+def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, scale: float, rank: int,
+                    layers_path: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+    """LoRA weights with standard init (A random, B zero) and the offset as lora_B's bias."""
+    prefix = ckpt.layer_prefix(layers_path)
+    generator = torch.Generator().manual_seed(seed)
+    tensors, modules = {}, []
+    conv1d = False
+    for layer, vec in sorted(vectors.directions.items()):
+        module = f"{prefix}.{layer}.{plan.carrier}"
+        shape = ckpt.shape(f"{module}.weight")
+        out_features = vec.shape[0]
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
+        conv1d = shape[0] != out_features
+        in_features = shape[0] if conv1d else shape[1]
+        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), PEFT's default for lora_A
+        a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = a
+        tensors[f"{key}.lora_B.weight"] = torch.zeros(out_features, rank)
+        tensors[f"{key}.lora_B.bias"] = (vec.double() * scale).float()
+        modules.append(module)
+    return tensors, modules, conv1d
+
+
+def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
+         rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
+         verify: bool = True, tolerance: float = 1e-3) -> FoldResult:
+    """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
+    from . import card, verify as verify_mod
+
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}': use {' or '.join(MODES)}")
+    if mode == "adapter" and rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    if not math.isfinite(scale):
+        raise UserError(f"--scale must be a finite number, got {scale}")
+    out = Path(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.src-", dir=out.parent if out.parent.exists() else None))
+    try:
+        source_dir, source = materialize(target, scratch)
+        check_output_path(out, source_dir if source.kind != "gguf" else Path(source.path) / source.gguf_file, overwrite)
+        ckpt = Checkpoint(source_dir)
+        vectors.check_fits(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")
+        arch = architecture_for_config(ckpt.config)
+        plan = arch.bias_plan(ckpt.config, vectors.site)
+        result = FoldResult(out, mode, arch.model_type, arch.model_type, vectors.layers, scale, vectors.site, plan.carrier)
+        with staging_dir(out, overwrite) as work:
+            if mode == "bias":
+                added, changed = fold_tensors(ckpt, plan, vectors, scale, arch.layers_path)
+                config = _folded_config(ckpt.config, plan)
+                result.exported_model_type = config.get("model_type", arch.model_type)
+                result.shards = write_checkpoint(ckpt, work, config, added, changed,
+                                                 link=link or source.kind == "gguf")
+            else:
+                _write_adapter(ckpt, work, plan, vectors, scale, rank, arch.layers_path, target)
+            if verify:
+                try:
+                    result.verification = verify_mod.verify_export(work, vectors, scale, base=str(source_dir),
+                                                                   tolerance=tolerance)
+                except ExportFailure as exc:
+                    raise ExportFailure(f"{exc}; no output was written")
+            card.write(work, result, vectors, target=target, source_dir=source_dir, mode=mode, rank=rank,
+                       context=card_context or {})
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_adapter(ckpt: Checkpoint, work: Path, plan: BiasPlan, vectors: SteeringVectors, scale: float,
+                   rank: int, layers_path: str, target: str) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    tensors, modules, conv1d = adapter_tensors(ckpt, plan, vectors, scale, rank, layers_path)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=modules, lora_bias=True,
+                        bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
+                        base_model_name_or_path=target)
+    config.save_pretrained(str(work))
+    save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for path in ckpt.side_files():  # tokenizer and chat template travel with the adapter
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copyfile(path, work / path.name)
+
+
+def read_unlock_json(out: Path) -> dict:
+    path = Path(out) / "unlock.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"'{path}' is not valid JSON; the export is damaged, fold again")
+
+
