@@ -65,6 +65,22 @@ def test_run_recipe_end_to_end(capsys, tmp_path, tiny_recipe):
     assert_one_line_error(capsys, ["run", path, out], "exists")
 
 
+def test_recipe_with_fold_step(capsys, tmp_path, tiny_recipe):
+    from transformers import AutoModelForCausalLM
+
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "scale": 0.5, "layers": "1-2"}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", path, out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fold"]["verification"]["passed"] and summary["fold"]["layers"] == [1, 2]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model).__name__ == "LlamaForCausalLM"  # the qwen2 target, relabelled
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
     src, tgt = recipe["source"]["locked"]["model"], recipe["target"]["model"]

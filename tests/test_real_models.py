@@ -70,3 +70,43 @@ def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
         got = vec.directions[layer]
         assert (got - expected).norm() <= 1e-2 * expected.norm(), layer
         assert torch.nn.functional.cosine_similarity(got, key[layer], dim=0) > 0.3
+
+
+def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
+    """zoo GGUF (qwen2) -> CoT vector by prompt contrast -> folded (relabelled llama) checkpoint;
+    stock transformers reloads it and matches the hook-steered original within 1e-3 (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from unlock_export.models import load
+    from unlock_export.steer import additive_steering
+
+    recipe = {
+        "name": "qwen0.5b-self-cot-fold",
+        "source": {"locked": {"model": "zoo:qwen2.5-coder-0.5b-instruct", "template": "direct"},
+                   "unlocked": {"model": "zoo:qwen2.5-coder-0.5b-instruct", "template": "cot"}},
+        "target": {"model": "zoo:qwen2.5-coder-0.5b-instruct"},
+        "prompts": {"path": PROMPTS, "key_count": 16},
+        "align": {"rank": 16},
+        "vectors": {"layers": "1-23"},
+        "fold": {"mode": "bias", "scale": 4.0, "tolerance": 1e-3},
+        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 8},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    vec = SteeringVectors.load(out / "vectors.safetensors")
+    assert vec.layers == list(range(1, 24)) and vec.hidden_size == 896
+
+    folded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert type(folded).__name__ == "LlamaForCausalLM"
+    original = load("zoo:qwen2.5-coder-0.5b-instruct", dtype="float32", device="cpu")
+    text = "Question: A baker makes 24 rolls and sells 3 bags of 5. How many are left?\nAnswer:"
+    enc = original.tokenizer([text], return_tensors="pt")
+    with torch.inference_mode():
+        plain = original.model(**enc).logits
+        with additive_steering(original, vec, 4.0):
+            reference = original.model(**enc).logits
+        got = folded(**enc).logits
+    assert (got - reference).abs().max() <= 1e-3
+    assert (got - plain).abs().max() > 0.5  # a real, visible steering effect

@@ -338,7 +338,8 @@ def run(ctx, recipe_path, out_dir, overwrite):
       unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
-    vectors.{layers,site}, runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
+    vectors.{layers,site}, fold.{mode,scale,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
+    runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
     """
     from .recipe import load_recipe, run_recipe
 

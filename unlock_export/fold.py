@@ -64,9 +64,11 @@ def materialize(spec: str, scratch: Path) -> tuple[Path, ModelSource]:
 
     loaded = load(spec, dtype="float32", device="cpu")
     target = scratch / "dequantized"
+    # the weights are already dequantized to float32: drop the GGUF quantizer so they save as is
     config = loaded.model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    loaded.model.hf_quantizer = None
     loaded.model.save_pretrained(target)
     loaded.tokenizer.save_pretrained(target)
     return target, source

@@ -66,6 +66,17 @@ class VectorsSpec(_Strict):
     site: Literal["layer_output", "post_attention"] = "layer_output"
 
 
+class FoldSpec(_Strict):
+    """Optional last step: fold the vectors into the target (written to OUT_DIR/model)."""
+
+    mode: Literal["bias", "adapter"] = "bias"
+    scale: float = 1.0
+    rank: int = Field(8, ge=1)
+    layers: Optional[Union[str, list[int]]] = None
+    verify: bool = True
+    tolerance: float = Field(1e-3, gt=0)
+
+
 class RuntimeSpec(_Strict):
     dtype: str = "auto"
     device: str = "auto"
@@ -84,6 +95,7 @@ class Recipe(_Strict):
     key: KeySpec = KeySpec()
     align: AlignSpec = AlignSpec()
     vectors: VectorsSpec = VectorsSpec()
+    fold: Optional[FoldSpec] = None
     runtime: RuntimeSpec = RuntimeSpec()
 
 
@@ -176,9 +188,25 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         vectors.provenance["recipe"] = recipe.name
         vectors.save(work / "vectors.safetensors")
         (work / "recipe.yaml").write_text(recipe_text or yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+        outputs = ["key.safetensors", "map.safetensors", "vectors.safetensors"]
+        fold_info = None
+        if recipe.fold is not None:
+            from .fold import fold
+            from .vectors import parse_layers
+
+            f = recipe.fold
+            t0 = time.perf_counter()
+            chosen = vectors if f.layers is None else vectors.select(parse_layers(f.layers, vectors.layer_count))
+            result = fold(recipe.target.model, chosen, work / "model", scale=f.scale, mode=f.mode, rank=f.rank,
+                          verify=f.verify, tolerance=f.tolerance,
+                          card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
+                                        "recipe": recipe_text or ""})
+            timings["fold_s"] = time.perf_counter() - t0
+            outputs.append("model")
+            fold_info = {**result.as_dict(), "out": str(out_dir / "model")}
         summary = {
             "recipe": recipe.name,
-            "outputs": {name: str(out_dir / name) for name in ("key.safetensors", "map.safetensors", "vectors.safetensors")},
+            "outputs": {name: str(out_dir / name) for name in outputs},
             "source_layers": lrmap.source_layer_count,
             "target_layers": lrmap.target_layer_count,
             "rank": lrmap.rank,
@@ -188,6 +216,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             "vector_norms": {str(k): round(v, 4) for k, v in vectors.norms().items()},
             "map_bytes": {"factors": lrmap.factor_bytes(), "dense_equivalent": lrmap.dense_bytes()},
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "fold": fold_info,
         }
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
