@@ -22,6 +22,19 @@ def smollm2():
     return load("zoo:smollm2-135m-instruct", dtype="float32", device="cpu")
 
 
+def self_cot_recipe(zoo_name: str, key_count: int, rank: int, **extra) -> dict:
+    """CoT direction by prompt contrast on one zoo model, aligned onto itself."""
+    model = f"zoo:{zoo_name}"
+    return {"name": f"{zoo_name}-self-cot",
+            "source": {"locked": {"model": model, "template": "direct"},
+                       "unlocked": {"model": model, "template": "cot"}},
+            "target": {"model": model},
+            "prompts": {"path": PROMPTS, "key_count": key_count},
+            "align": {"rank": rank},
+            "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 8},
+            **extra}
+
+
 def test_smollm2_capture_matches_hidden_states(smollm2):
     from unlock_export.capture import capture
     from unlock_export.prompts import apply_template, load_questions
@@ -37,15 +50,7 @@ def test_smollm2_capture_matches_hidden_states(smollm2):
 
 
 def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
-    recipe = {
-        "name": "smollm2-self-cot",
-        "source": {"locked": {"model": "zoo:smollm2-135m-instruct", "template": "direct"},
-                   "unlocked": {"model": "zoo:smollm2-135m-instruct", "template": "cot"}},
-        "target": {"model": "zoo:smollm2-135m-instruct"},
-        "prompts": {"path": PROMPTS, "key_count": 32},
-        "align": {"rank": 32},
-        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 8},
-    }
+    recipe = self_cot_recipe("smollm2-135m-instruct", key_count=32, rank=32)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["--quiet", "run", str(path), str(tmp_path / "out")]) == 0, capsys.readouterr().err
@@ -80,17 +85,9 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     from unlock_export.models import load
     from unlock_export.steer import additive_steering
 
-    recipe = {
-        "name": "qwen0.5b-self-cot-fold",
-        "source": {"locked": {"model": "zoo:qwen2.5-coder-0.5b-instruct", "template": "direct"},
-                   "unlocked": {"model": "zoo:qwen2.5-coder-0.5b-instruct", "template": "cot"}},
-        "target": {"model": "zoo:qwen2.5-coder-0.5b-instruct"},
-        "prompts": {"path": PROMPTS, "key_count": 16},
-        "align": {"rank": 16},
-        "vectors": {"layers": "1-23"},
-        "fold": {"mode": "bias", "scale": 4.0, "tolerance": 1e-3},
-        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 8},
-    }
+    recipe = self_cot_recipe("qwen2.5-coder-0.5b-instruct", key_count=16, rank=16,
+                             vectors={"layers": "1-23"},
+                             fold={"mode": "bias", "scale": 4.0, "tolerance": 1e-3})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"

@@ -255,7 +255,7 @@ def architecture_for(model: nn.Module) -> Architecture:
     cls = _REGISTRY.get(model_type)
     if cls is not None:
         return cls(model_type)
-    n_layers = _layer_count(model.config)
+    n_layers = config_size(model.config, "layers")
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return GenericArchitecture(model_type, name)
@@ -265,10 +265,17 @@ def architecture_for(model: nn.Module) -> Architecture:
     )
 
 
-def _layer_count(config) -> int | None:
-    config = getattr(config, "text_config", None) or config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
+_SIZE_KEYS = {"layers": ("num_hidden_layers", "n_layer", "num_layers"),
+              "hidden": ("hidden_size", "n_embd", "d_model")}
+
+
+def config_size(config, kind: str) -> int | None:
+    """Decoder layer count (kind 'layers') or hidden size ('hidden') from a config object or a
+    config.json dict, under whichever name the family uses (text_config first for multimodal)."""
+    get = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    config = get(config, "text_config") or config
+    for name in _SIZE_KEYS[kind]:
+        value = get(config, name)
         if isinstance(value, int):
             return value
     return None

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .architectures import config_size
 from .errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -106,19 +107,17 @@ class Checkpoint:
                 return prefix
         raise UserError(f"cannot find decoder layer tensors ('{layers_path}.N.*') in '{self.dir}'")
 
+    def _size(self, kind: str, what: str) -> int:
+        value = config_size(self.config, kind)
+        if value is None:
+            raise UserError(f"config.json in '{self.dir}' has no {what}")
+        return value
+
     def layer_count(self) -> int:
-        config = self.config.get("text_config") or self.config
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(config.get(key), int):
-                return config[key]
-        raise UserError(f"config.json in '{self.dir}' has no layer count")
+        return self._size("layers", "layer count")
 
     def hidden_size(self) -> int:
-        config = self.config.get("text_config") or self.config
-        for key in ("hidden_size", "n_embd", "d_model"):
-            if isinstance(config.get(key), int):
-                return config[key]
-        raise UserError(f"config.json in '{self.dir}' has no hidden size")
+        return self._size("hidden", "hidden size")
 
     def side_files(self) -> list[Path]:
         """Tokenizer, generation config, chat template and the like: everything but weights,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import zoo
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, architecture_for, config_size
 from .errors import UserError
 
 
@@ -40,8 +40,7 @@ class LoadedModel:
 
     @property
     def hidden_size(self) -> int:
-        config = getattr(self.model.config, "text_config", None) or self.model.config
-        return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+        return int(config_size(self.model.config, "hidden"))
 
     @property
     def device(self) -> torch.device:

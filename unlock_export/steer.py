@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .architectures import Architecture, architecture_for, layer_output_tensor, replace_layer_output
+from .architectures import Architecture, architecture_for, config_size, layer_output_tensor, replace_layer_output
 from .capture import last_token_index
 from .errors import UserError
 from .vectors import SteeringVectors
@@ -30,9 +30,7 @@ def _resolve(model) -> tuple[nn.Module, Architecture]:
 
 
 def _check(model: nn.Module, arch: Architecture, vectors: SteeringVectors) -> None:
-    config = getattr(model.config, "text_config", None) or model.config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    vectors.check_fits(len(arch.decoder_layers(model)), int(hidden))
+    vectors.check_fits(len(arch.decoder_layers(model)), int(config_size(model.config, "hidden")))
 
 
 @contextmanager
