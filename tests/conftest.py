@@ -72,10 +72,11 @@ def tiny_config(arch: str, vocab: int, hidden: int = HIDDEN, layers: int = LAYER
 
 
 def build_tiny_model(arch: str, out: Path, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS,
-                     with_pad: bool = True, **overrides) -> Path:
+                     with_pad: bool = True, tokenizer=None, **overrides) -> Path:
+    """A tiny random model saved with `tokenizer` (default: the small BPE one trained here)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer(with_pad)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(with_pad)
     torch.manual_seed(seed)
     config = tiny_config(arch, len(tokenizer), hidden, layers, **overrides)
     model = AutoModelForCausalLM.from_config(config)

