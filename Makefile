@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: setup test test-slow test-all demo clean-demo bench
+.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve
 
 setup: $(STAMP)
 
@@ -19,10 +19,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow and not engines"
 
 test-slow: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m slow
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "slow and not engines"
+
+# the stock engines (llama.cpp CLI + source tree, llama-cpp-python, vLLM CPU), built once into
+# $(UNLOCK_ENGINES) (default ~/.cache/unlock-export/engines) and reused; ~20 min the first time
+engines:
+	bash scripts/engines.sh all
+
+test-engines: setup engines
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m engines
 
 test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
@@ -36,3 +44,6 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/capture.py
+
+bench-serve: setup engines
+	$(BIN)/python benchmarks/serve.py

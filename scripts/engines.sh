@@ -45,7 +45,7 @@ build_llama_cpp_python() {
     log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION: building (about 8 min on 2 cores)"
     new_venv "$dir"
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$dir/bin/python" -m pip install "${PIP_FLAGS[@]}" \
-        numpy "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+        numpy gguf "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
     "$dir/bin/python" -c "import llama_cpp"
     touch "$dir/.built-$LLAMA_CPP_PYTHON_VERSION"
 }

@@ -121,3 +121,51 @@ def load_tiny(tiny_model_dir):
 @pytest.fixture
 def questions():
     return prompts.builtin_arithmetic(24, seed=3)
+
+
+# -- engine tests: tiny models with a real tokenizer that llama.cpp's converter recognizes ------------
+SERVED_TEXTS = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:",
+                "The capital of France is"]
+
+
+def _zoo_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from unlock_export.models import resolve
+
+    source = resolve(f"zoo:{name}")
+    return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tmp_path_factory):
+    """served_tiny(arch) -> dict(dir, tokenizer, vectors, ids): a tiny model with head size 32
+    (vLLM's minimum) and a real tokenizer llama.cpp's converter recognizes (Qwen2.5's for the qwen
+    families, whose tokenizer class re-derives Qwen's pre-tokenizer; SmolLM2's for the others, both
+    read from the zoo GGUFs), vectors on layers 1-3 (llama.cpp never steers layer 0), and the token
+    ids of SERVED_TEXTS."""
+    cache: dict = {}
+    tokenizers: dict = {}
+
+    def make(arch: str) -> dict:
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"served-{arch}")
+            extra = {"head_dim": 32} if arch in ("gemma3", "qwen3") else {}
+            if arch == "gemma3":  # llama.cpp scales gemma3 attention by 1/sqrt(head_dim)
+                extra["query_pre_attn_scalar"] = 32
+            zoo_name = "qwen2.5-coder-0.5b-instruct" if arch.startswith("qwen") else "smollm2-135m-instruct"
+            if zoo_name not in tokenizers:
+                tokenizers[zoo_name] = _zoo_tokenizer(zoo_name)
+            tokenizer = tokenizers[zoo_name]
+            model_dir = build_tiny_model(arch, root / "hf", tokenizer=tokenizer, hidden=64, layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1, **extra)
+            from unlock_export.vectors import SteeringVectors
+
+            generator = torch.Generator().manual_seed(7)
+            vectors = SteeringVectors({layer: torch.randn(64, generator=generator) * 2.0 for layer in (1, 2, 3)},
+                                      layer_count=4, hidden_size=64, model_hint=arch)
+            ids = [tokenizer(t)["input_ids"] for t in SERVED_TEXTS]
+            cache[arch] = {"root": root, "dir": model_dir, "tokenizer": tokenizer, "vectors": vectors, "ids": ids}
+        return cache[arch]
+
+    return make

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unlock_export.gguf_export import default_llama_cpp, engines_dir
+from unlock_export.vectors import SteeringVectors
 
 SCRIPTS = Path(__file__).parent / "engine_scripts"
 
@@ -73,7 +75,34 @@ def llama_completion(model: Path, prompt: str, n_predict: int, cvec: Path | None
            "--no-warmup", "-no-cnv", "--no-display-prompt", "-s", "0"]
     if cvec:
         cmd += ["--control-vector", str(cvec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise AssertionError(f"llama-completion failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise AssertionError(f"llama-completion failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')[-3000:]}")
+    # raw token bytes, decoded as one stream the way a tokenizer's decode() does
+    return proc.stdout.decode("utf-8", errors="replace").rstrip("\n")  # the CLI ends its output with newlines of its own
+
+
+def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[list[int]], generate: int = 0):
+    """transformers float32 logits at every position (additive steering hooks when vectors are
+    given), and greedy continuations."""
+    from unlock_export.models import load
+    from unlock_export.steer import additive_steering
+
+    loaded = load(str(model_dir), dtype="float32", device="cpu")
+    logits, continuations = [], []
+
+    def run():
+        for seq in ids:
+            x = torch.tensor([seq])
+            with torch.inference_mode():
+                logits.append(loaded.model(input_ids=x).logits[0].numpy())
+                out = loaded.model.generate(x, max_new_tokens=generate, do_sample=False, min_new_tokens=generate,
+                                            pad_token_id=0) if generate else x
+            continuations.append(out[0, len(seq):].tolist())
+
+    if vectors is None:
+        run()
+    else:
+        with additive_steering(loaded, vectors, 1.0):
+            run()
+    return logits, continuations

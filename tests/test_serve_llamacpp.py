@@ -1,7 +1,7 @@
 """llama.cpp runs the exports unchanged: patched GGUF (route a), converted GGUF (route b) and
 control vectors, checked against the transformers additive-form reference with the real engine.
 
-Tiny models use the SmolLM2 tokenizer (a real one that llama.cpp's converter recognizes), head
+Tiny models use real tokenizers (ones llama.cpp's converter recognizes, see conftest.py), head
 size 32, float32 weights and an F32 KV cache, so the engines must agree to max |dlogit| <= 1e-4.
 """
 
@@ -16,78 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from engines import llama_bin, llama_completion, llama_cpp_src, llama_logits
-from unlock_export.vectors import SteeringVectors
+from conftest import SERVED_TEXTS as TEXTS
+from engines import hf_reference, llama_bin, llama_completion, llama_cpp_src, llama_logits
 
 pytestmark = pytest.mark.engines
 
 TOL = 1e-4
-TEXTS = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:",
-         "The capital of France is"]
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    from unlock_export.models import resolve
-
-    source = resolve("zoo:smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, smol_tokenizer):
-    """served(arch) -> dict(dir, base_gguf, vectors, ...) for a tiny model llama.cpp can run."""
-    from conftest import build_tiny_model
+def served(served_tiny):
+    """served(arch) -> served_tiny(arch) plus `base`: its float32 GGUF from llama.cpp's converter."""
     from unlock_export.gguf_export import convert_gguf
 
-    cache = {}
-
     def make(arch):
-        if arch not in cache:
-            root = tmp_path_factory.mktemp(f"served-{arch}")
-            extra = {"head_dim": 32} if arch == "gemma3" else {}
-            model_dir = build_tiny_model(arch, root / "hf", tokenizer=smol_tokenizer, hidden=64, layers=4,
-                                         num_attention_heads=2, num_key_value_heads=1, **extra)
-            base = root / "base-f32.gguf"
-            convert_gguf(model_dir, base, llama_cpp=llama_cpp_src(), outtype="f32")
-            generator = torch.Generator().manual_seed(7)
-            vectors = SteeringVectors({layer: torch.randn(64, generator=generator) * 2.0 for layer in (1, 2, 3)},
-                                      layer_count=4, hidden_size=64, model_hint=arch)
-            ids = [smol_tokenizer(t)["input_ids"] for t in TEXTS]
-            cache[arch] = {"root": root, "dir": model_dir, "base": base, "vectors": vectors, "ids": ids}
-        return cache[arch]
+        m = served_tiny(arch)
+        if "base" not in m:
+            m["base"] = m["root"] / "base-f32.gguf"
+            convert_gguf(m["dir"], m["base"], llama_cpp=llama_cpp_src(), outtype="f32")
+        return m
 
     return make
-
-
-def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[list[int]], generate: int = 0):
-    """transformers float32 logits at every position (additive steering hooks when vectors are
-    given), and greedy continuations."""
-    from unlock_export.models import load
-    from unlock_export.steer import additive_steering
-
-    loaded = load(str(model_dir), dtype="float32", device="cpu")
-    logits, continuations = [], []
-
-    def run():
-        for seq in ids:
-            x = torch.tensor([seq])
-            with torch.inference_mode():
-                logits.append(loaded.model(input_ids=x).logits[0].numpy())
-                out = loaded.model.generate(x, max_new_tokens=generate, do_sample=False, min_new_tokens=generate,
-                                            pad_token_id=0) if generate else x
-            continuations.append(out[0, len(seq):].tolist())
-
-    if vectors is None:
-        run()
-    else:
-        with additive_steering(loaded, vectors, 1.0):
-            run()
-    return logits, continuations
 
 
 def max_diff(a, b) -> float:
@@ -130,7 +80,7 @@ def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_control_vector_cli_equals_reference_text(arch, served, smol_tokenizer, tmp_path):
+def test_control_vector_cli_equals_reference_text(arch, served, tmp_path):
     """llama-completion --control-vector gives the transformers reference's greedy text (and, for
     foldable families, the folded GGUF's)."""
     from unlock_export.gguf_export import patch_gguf, write_control_vector
@@ -141,8 +91,8 @@ def test_control_vector_cli_equals_reference_text(arch, served, smol_tokenizer, 
     with_cvec = llama_completion(m["base"], TEXTS[1], 12, cvec=cvec)
     unsteered = llama_completion(m["base"], TEXTS[1], 12)
     _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=12)
-    expected = smol_tokenizer.decode(ref_greedy[0])
-    assert with_cvec == expected
+    expected = m["tokenizer"].decode(ref_greedy[0])
+    assert with_cvec == expected.rstrip("\n")
     assert unsteered != with_cvec, "the control vector must change the greedy text for this test to mean anything"
     if arch != "gemma3":
         from unlock_export.cli import main
@@ -172,7 +122,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_llama_server_serves_folded_gguf(served, smol_tokenizer, tmp_path):
+def test_llama_server_serves_folded_gguf(served, tmp_path):
     """llama-server on 127.0.0.1 with a patched GGUF: the OpenAI-compatible API's greedy completion
     equals the transformers reference text. The server is bounded in time and always stopped."""
     from unlock_export.cli import main
@@ -184,7 +134,7 @@ def test_llama_server_serves_folded_gguf(served, smol_tokenizer, tmp_path):
     patched = tmp_path / "patched.gguf"
     patch_gguf(tmp_path / "f", patched, base=str(m["base"]))
     _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=10)
-    expected = smol_tokenizer.decode(ref_greedy[0])
+    expected = m["tokenizer"].decode(ref_greedy[0])
 
     port = _free_port()
     server = subprocess.Popen([str(llama_bin("llama-server")), "-m", str(patched), "--host", "127.0.0.1",
