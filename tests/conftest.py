@@ -150,7 +150,7 @@ def served_tiny(tmp_path_factory):
     def make(arch: str) -> dict:
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"served-{arch}")
-            extra = {"head_dim": 32} if arch in ("gemma3", "qwen3") else {}
+            extra = {"head_dim": 32}  # 64 / 2 heads; set explicitly, configs derive it at construction
             if arch == "gemma3":  # llama.cpp scales gemma3 attention by 1/sqrt(head_dim)
                 extra["query_pre_attn_scalar"] = 32
             zoo_name = "qwen2.5-coder-0.5b-instruct" if arch.startswith("qwen") else "smollm2-135m-instruct"

@@ -47,14 +47,19 @@ def engine_python(engine: str) -> Path:
 
 
 def run_script(engine: str, script: str, request: dict, timeout: float = 900) -> dict:
-    """Run tests/engine_scripts/SCRIPT in ENGINE's venv with REQUEST on stdin; its last stdout
-    line is a JSON answer."""
-    proc = subprocess.run([str(engine_python(engine)), str(SCRIPTS / script)], input=json.dumps(request),
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2"})
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run tests/engine_scripts/SCRIPT in ENGINE's venv with REQUEST on stdin; it writes its JSON
+    answer to request["answer_path"] (engines print logs of their own on stdout)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        answer_path = Path(tmp) / "answer.json"
+        proc = subprocess.run([str(engine_python(engine)), str(SCRIPTS / script)],
+                              input=json.dumps({**request, "answer_path": str(answer_path)}),
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2"})
+        if proc.returncode != 0 or not answer_path.is_file():
+            raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(answer_path.read_text())
 
 
 def llama_logits(model: Path, prompts: list[list[int]], out_dir: Path, cvec: Path | None = None,

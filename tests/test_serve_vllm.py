@@ -72,11 +72,13 @@ def test_vllm_qwen3_post_attention_fold(served_tiny, tmp_path):
     folded = tmp_path / "folded"
     _fold(m, folded)
     native = _vllm(folded, m["ids"])
+    print(f"vLLM's own qwen3 on an o_proj-bias fold: {native.get('error') or 'loaded'}")
     if "error" not in native:  # loaded: the bias is then ignored, so it must not match the reference
         logits, _ = hf_reference(m["dir"], vectors, m["ids"])
         reference = _reference_logprobs(logits, m["ids"])
         diff = max(float(np.abs(np.array(r["prompt_logprobs"]) - ref).max())
                    for r, ref in zip(native["results"], reference))
+        print(f"  max |dlogprob| vs the steered reference: {diff:.3g}")
         assert diff > 100 * TOL, "vLLM's qwen3 unexpectedly honours the o_proj bias: update the docs"
     via_transformers = _check_matches(_vllm(folded, m["ids"], model_impl="transformers"), m, vectors)
     assert via_transformers <= TOL

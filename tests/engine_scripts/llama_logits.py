@@ -1,5 +1,5 @@
 """Runs inside the llama-cpp-python venv. Request (stdin JSON): model, cvec (GGUF or null), prompts
-(token id lists), out_dir, generate (greedy steps). Answer (last stdout line): .npy paths of the
+(token id lists), out_dir, generate (greedy steps). Answer (JSON at request's answer_path): .npy paths of the
 logits at every prompt position, greedy continuations, and the control vector's layers."""
 
 import ctypes
@@ -54,7 +54,7 @@ def main():
             generated.append(token)
             llm.eval([token])
         continuations.append(generated)
-    print(json.dumps({"logits": paths, "continuations": continuations, "cvec_layers": layers,
+    Path(req["answer_path"]).write_text(json.dumps({"logits": paths, "continuations": continuations, "cvec_layers": layers,
                       "n_layer": n_layer, "n_embd": n_embd}))
 
 
