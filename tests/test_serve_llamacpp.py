@@ -173,3 +173,25 @@ def test_llama_server_serves_folded_gguf(served, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_eval_llamacpp_engine_matches_transformers(served, tmp_path, capsys):
+    """`eval --engine llamacpp` (a stock llama-server with the vectors as a control vector) gives
+    the same greedy answers as `eval --engine transformers` with the additive hooks."""
+    from unlock_export.cli import main
+
+    m = served("llama")
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n"
+                            for q, a in [("What is 2 plus 3?", 5), ("The capital of France is", 0),
+                                         ("Tom has 3 apples and buys 4 more. How many?", 7)]))
+    vec_path = m["vectors"].save(tmp_path / "v.safetensors")
+    common = ["--data", str(data), "--max-new-tokens", "8", "--vectors", str(vec_path), "--form", "additive",
+              "--strength", "1", "--template", "plain"]
+    assert main(["--quiet", "eval", str(m["base"]), "--engine", "llamacpp", "--parallel", "2", *common,
+                 "-o", str(tmp_path / "cpp")]) == 0, capsys.readouterr().err
+    assert main(["--quiet", "eval", str(m["dir"]), *common, "-o", str(tmp_path / "hf")]) == 0
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    cpp, hf = read("cpp"), read("hf")
+    assert [r["output"] for r in cpp] == [r["output"] for r in hf]
+    assert json.loads((tmp_path / "cpp" / "summary.json").read_text())["engine"] == "llamacpp"

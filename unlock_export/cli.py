@@ -395,6 +395,162 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
     _emit(ctx, info, text)
 
 
+# -- evaluation -----------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL with question and answer (GSM8K '#### N', or a plain number).")
+@click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
+@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
+@click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
+@click.option("--engine", type=click.Choice(["transformers", "llamacpp"]), default="transformers", show_default=True,
+              help="transformers (hooks, both forms) or llamacpp (a stock llama-server; GGUF models).")
+@click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
+@click.option("--form", type=click.Choice(["paper", "additive"]), default="paper", show_default=True,
+              help="paper: prefill-only last-token norm-preserving edit; additive: h += strength * v everywhere.")
+@click.option("--strength", default=0.1, show_default=True, type=float, help="alpha (paper) or scale (additive).")
+@click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="llamacpp: a control-vector GGUF from `cvec`.")
+@click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
+@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp: requests in flight.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.jsonl and summary.json.")
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
+@_runtime_options
+@click.pass_context
+def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength,
+             control_vector, llama_server, parallel, max_new_tokens, output, overwrite, dtype, device,
+             device_map, batch_size, max_length, trust_remote_code):
+    """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
+
+    MODEL is anything `fold` accepts, or an exported folder / folded GGUF (loaded as it is). The
+    summary has accuracy with a 95% Wilson interval, mean output length and the rate of answers
+    that show intermediate steps.
+
+    \b
+    Example:
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data ../shared/data/gsm8k/dev.jsonl --count 200 -o ev/plain
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data dev.jsonl --vectors v.safetensors \\
+          --form paper --strength 0.1 -o ev/paper
+      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data dev.jsonl -o ev/folded
+    """
+    from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, render_prompts
+    from .models import resolve
+    from .vectors import SteeringVectors
+
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if (output / "summary.json").exists() and not overwrite:
+        raise UserError(f"'{output}' already holds results: choose another folder or pass --overwrite")
+    items = load_items(data_path, count, offset)
+    vectors = SteeringVectors.load(vectors_path) if vectors_path else None
+    label = {"model": model, "engine": engine, "template": template, "chat": chat, "data": str(data_path),
+             "offset": offset, "steering": None}
+    if vectors is not None:
+        label["steering"] = {"vectors": str(vectors_path), "form": form, "strength": strength}
+    progress = not ctx.obj["quiet"]
+    if engine == "transformers":
+        if control_vector:
+            raise UserError("--control-vector is for --engine llamacpp; with transformers pass --vectors")
+        loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code).get(model)
+        texts = render_prompts(items, template, loaded.tokenizer, chat)
+        steer = None
+        if vectors is not None:
+            from .steer import steering
+
+            vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+            steer = lambda: steering(loaded, vectors, form, strength)  # noqa: E731
+        summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), max_new_tokens, output,
+                           label, progress)
+    else:
+        source = resolve(model)
+        if source.kind != "gguf":
+            raise UserError(f"--engine llamacpp needs a GGUF model; '{model}' is not one (convert it with `gguf`)")
+        gguf_path = Path(source.path) / source.gguf_file
+        if vectors is not None and form != "additive":
+            raise UserError("llama.cpp runs only the additive form: pass --form additive, or --engine transformers")
+        tokenizer = None
+        if chat:
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(source)
+        texts = render_prompts(items, template, tokenizer, chat)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cvec = Path(control_vector) if control_vector else None
+            if vectors is not None:
+                from .gguf_export import write_control_vector
+
+                cvec = Path(tmp) / "steer.gguf"
+                write_control_vector(vectors, cvec, scale=strength)
+            with LlamaServerEngine(gguf_path, cvec, llama_server, parallel=parallel,
+                                   ctx_per_slot=max_new_tokens + 768) as server:
+                summary = evaluate(items, texts, server, max_new_tokens, output,
+                                   {**label, "control_vector": str(control_vector) if control_vector else None},
+                                   progress)
+    lo, hi = summary["ci95"]
+    _emit(ctx, summary, f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, 95% CI "
+                        f"{lo:.1%}-{hi:.1%}), mean {summary['mean_output_tokens']:.0f} tokens, steps shown "
+                        f"{summary['steps_rate']:.0%}; wrote {output}/predictions.jsonl and summary.json")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file for MODEL.")
+@click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength to match.")
+@click.option("--scales", default=None, help="Comma list of additive scales to try (default 0, then 0.25..64 in sqrt(2) steps, refined around the best).")
+@click.option("--ppl-margin", default=0.10, show_default=True, type=float,
+              help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
+@click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
+@_prompt_options
+@_runtime_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@click.pass_context
+def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, prompts_path, field, count, offset,
+              dtype, device, device_map, batch_size, max_length, trust_remote_code, output):
+    """Pick the additive (folded) scale without labels: closest in KL to the paper form at the answer start.
+
+    The additive form adds the vector at every position, the paper form edits only the last prompt
+    token in prefill, so their strengths differ. The chosen scale makes the next-token
+    distribution at the answer start closest (KL) to the paper form's at --alpha, among scales
+    that keep perplexity on the plain prompts within --ppl-margin of the unsteered model's.
+
+    \b
+    Example:
+      unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
+          --alpha 0.1 --prompts ../shared/data/gsm8k/train.jsonl --count 64
+    """
+    from .calibrate import DEFAULT_SCALES, calibrate_scale
+    from .prompts import apply_template, load_questions
+    from .vectors import SteeringVectors
+
+    grid = DEFAULT_SCALES
+    if scales:
+        try:
+            grid = tuple(float(x) for x in scales.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--scales '{scales}' is not a comma list of numbers")
+    vectors = SteeringVectors.load(vectors_path)
+    loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code).get(model)
+    vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    questions = load_questions(prompts_path, field=field, count=count, offset=offset)
+    result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
+                             "paper", alpha, grid, ppl_margin, batch_size)
+    if output:
+        from .evaluate import _atomic_text
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(output, json.dumps(result, indent=2) + "\n")
+    _emit(ctx, result, f"scale {result['scale']:g}: KL to the paper form (alpha {alpha:g}) "
+                       f"{result['kl_to_reference']:.4g} (unsteered {result['kl_unsteered_to_reference']:.4g}), "
+                       f"perplexity x{next(r['perplexity_ratio'] for r in result['table'] if r['scale'] == result['scale']) if result['scale'] else 1:.3f}")
+
+
 # -- run -------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("recipe_path", type=click.Path(path_type=Path))

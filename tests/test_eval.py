@@ -1,0 +1,109 @@
+"""Evaluation end to end on tiny models, and label-free calibration on a case with a known answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unlock_export.cli import main
+from unlock_export.vectors import SteeringVectors
+
+
+@pytest.fixture
+def math_set(tmp_path):
+    rows = [{"question": "What is 2 plus 3?", "answer": "2 + 3 = 5\n#### 5"},
+            {"question": "What is 10 minus 4?", "answer": "#### 6"},
+            {"question": "What is 7 times 3?", "answer": 21},
+            {"question": "What is 9 plus 9?", "answer": "18"}]
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _vectors(layers=4, hidden=64, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVectors({i: torch.randn(hidden, generator=g) * scale for i in range(1, layers)}, layers, hidden,
+                           model_hint="llama")
+
+
+@pytest.mark.parametrize("steer", [None, "paper", "additive"])
+def test_eval_transformers_writes_predictions_and_summary(steer, tiny_model_dir, math_set, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "ev"
+    args = ["--json", "eval", str(model), "--data", str(math_set), "--max-new-tokens", "6", "--batch-size", "3",
+            "-o", str(out)]
+    if steer:
+        args += ["--vectors", str(_vectors().save(tmp_path / "v.safetensors")), "--form", steer,
+                 "--strength", "0.5" if steer == "paper" else "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["n"] == 4
+    assert [r["gold"] for r in rows] == ["5", "6", "21", "18"]
+    assert summary["correct"] == sum(r["correct"] for r in rows)
+    assert 0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1
+    assert all(0 < r["output_tokens"] <= 6 for r in rows)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (summary["steering"] or {}).get("form") == steer
+    # results are never overwritten silently
+    assert main(args) == 2
+
+
+def test_eval_steering_changes_outputs(tiny_model_dir, math_set, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    outputs = {}
+    for name, extra in [("plain", []), ("steered", ["--vectors", str(_vectors(scale=3).save(tmp_path / "v.safetensors")),
+                                                    "--form", "additive", "--strength", "1"])]:
+        assert main(["--quiet", "eval", str(model), "--data", str(math_set), "--max-new-tokens", "6",
+                     "-o", str(tmp_path / name), *extra]) == 0
+        outputs[name] = [json.loads(x)["output"] for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+    assert outputs["plain"] != outputs["steered"]
+
+
+def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "no number"}) + "\n")
+    model = str(tiny_model_dir("llama"))
+    assert main(["eval", model, "--data", str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "has no number" in capsys.readouterr().err
+    assert main(["eval", model, "--data", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    good = tmp_path / "g.jsonl"
+    good.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    assert main(["eval", model, "--data", str(good), "--engine", "llamacpp", "-o", str(tmp_path / "o")]) == 2
+    assert "GGUF" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_recovers_a_known_scale(load_tiny, questions):
+    """Reference = the additive form itself at scale 3: the KL minimum must be exactly there."""
+    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    vectors = _vectors()
+    result = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
+                             reference_form="additive", reference_strength=3.0,
+                             scales=(0.5, 1.0, 2.0, 3.0, 4.0, 8.0), ppl_margin=100.0)
+    assert result["scale"] == 3.0 and result["kl_to_reference"] < 1e-9
+    kls = {r["scale"]: r["kl_to_reference"] for r in result["table"]}
+    assert kls[2.0] > 0 and kls[4.0] > 0 and result["kl_unsteered_to_reference"] > kls[2.0]
+    # a zero perplexity margin rules out every scale that raises perplexity
+    strict = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
+                             reference_form="additive", reference_strength=3.0, scales=(1.0, 3.0, 8.0),
+                             ppl_margin=0.0, refine=False)
+    assert all(r["allowed"] == (r["perplexity_ratio"] <= 1.0) for r in strict["table"])
+    assert strict["scale"] in [r["scale"] for r in strict["table"] if r["allowed"]] + [0.0]
+
+
+def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
+    vec_path = _vectors().save(tmp_path / "v.safetensors")
+    out = tmp_path / "cal.json"
+    assert main(["--quiet", "calibrate", str(tiny_model_dir("llama")), "--vectors", str(vec_path), "--alpha", "0.5",
+                 "--count", "6", "--scales", "0.5,1,2,4", "--ppl-margin", "10", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["reference"] == {"form": "paper", "strength": 0.5}
+    assert result["scale"] in [r["scale"] for r in result["table"]]
+    assert result["kl_to_reference"] <= result["kl_unsteered_to_reference"]

