@@ -4,7 +4,9 @@ llama) and unsteered with a control vector (--control-vector).
 
 The folded GGUF comes from a real fold of the zoo model (dequantized, cached with the vectors).
 Each configuration runs `llama-completion` REPEATS times, interleaved, and the medians of its own
-timing lines are reported. Aim: folded within 2% of unsteered speed.
+timing lines are reported (prompt time = total - generation time, since llama.cpp resets its
+prompt timer when a control vector is applied). Aim: folded within 2% of unsteered speed. Run it
+on an otherwise idle machine.
 
   python benchmarks/serve.py [--cache DIR] [--repeats N] [--prompt-tokens N] [--gen-tokens N]
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 ZOO = "zoo:qwen2.5-coder-1.5b-instruct"
-_TIMING = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs).*?([\d.]+) tokens per second")
+_TIMING = re.compile(r"\b(prompt eval|eval|total) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)")
 
 
 def prepare(cache: Path) -> tuple[Path, Path, Path]:
@@ -64,14 +66,19 @@ def run_once(model: Path, prompt: str, gen_tokens: int, cvec: Path | None) -> di
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise SystemExit(f"llama-completion failed: {proc.stderr[-2000:]}")
-    found = {kind: float(tps) for kind, _ms, _n, tps in _TIMING.findall(proc.stderr)}
-    return {"prompt_tok_s": found["prompt eval"], "gen_tok_s": found["eval"]}
+    found = {kind: (float(ms), int(n)) for kind, ms, n in _TIMING.findall(proc.stderr)}
+    # llama.cpp resets its prompt timer when a control vector is applied, so the prompt time is
+    # taken as total - generation for every configuration alike
+    (total_ms, total_n), (eval_ms, eval_n) = found["total"], found["eval"]
+    prompt_n = found["prompt eval"][1]
+    return {"prompt_tok_s": prompt_n / ((total_ms - eval_ms) / 1000), "gen_tok_s": eval_n / (eval_ms / 1000),
+            "prompt_tokens": prompt_n}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "unlock-export" / "bench-serve")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")

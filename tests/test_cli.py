@@ -81,6 +81,20 @@ def test_recipe_with_fold_step(capsys, tmp_path, tiny_recipe):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, tiny_recipe):
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", path, out)
+    assert code == 0, err
+    calibration = json.loads((out / "calibration.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert calibration["reference"] == {"form": "paper", "strength": 0.5}
+    assert summary["fold"]["scale"] == calibration["scale"] > 0
+    assert calibration["kl_to_reference"] < calibration["kl_unsteered_to_reference"]
+
+
 def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
     src, tgt = recipe["source"]["locked"]["model"], recipe["target"]["model"]

@@ -70,7 +70,12 @@ class FoldSpec(_Strict):
     """Optional last step: fold the vectors into the target (written to OUT_DIR/model)."""
 
     mode: Literal["bias", "adapter"] = "bias"
-    scale: float = 1.0
+    # "auto": label-free calibration (closest in KL to the paper form at `alpha` at the answer
+    # start, perplexity within `ppl_margin`); or a number
+    scale: Union[float, Literal["auto"]] = "auto"
+    alpha: float = Field(0.1, gt=0)
+    calibrate_count: int = Field(32, ge=1)
+    ppl_margin: float = Field(0.10, ge=0)
     rank: int = Field(8, ge=1)
     layers: Optional[Union[str, list[int]]] = None
     verify: bool = True
@@ -197,7 +202,21 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             f = recipe.fold
             t0 = time.perf_counter()
             chosen = vectors if f.layers is None else vectors.select(parse_layers(f.layers, vectors.layer_count))
-            result = fold(recipe.target.model, chosen, work / "model", scale=f.scale, mode=f.mode, rank=f.rank,
+            scale = f.scale
+            if scale == "auto":
+                from .calibrate import calibrate_scale
+
+                calib_questions = key_questions[:f.calibrate_count]
+                calibration = calibrate_scale(pool.get(recipe.target.model), chosen,
+                                              prompts.apply_template(target_template, calib_questions),
+                                              prompts.apply_template("plain", calib_questions), "paper", f.alpha,
+                                              ppl_margin=f.ppl_margin, batch_size=rt.batch_size)
+                pool.release()
+                (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
+                outputs.append("calibration.json")
+                scale = calibration["scale"]
+                timings["calibrate_s"] = time.perf_counter() - t0
+            result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                           verify=f.verify, tolerance=f.tolerance,
                           card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
                                         "recipe": recipe_text or ""})
