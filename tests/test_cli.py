@@ -81,6 +81,34 @@ def test_recipe_with_fold_step(capsys, tmp_path, tiny_recipe):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_recipe_writes_diagnostics_and_plots(capsys, tmp_path, tiny_recipe):
+    path, recipe = tiny_recipe
+    recipe["diagnostics"] = {"heldout_count": 12}
+    recipe["fold"] = {"mode": "bias", "scale": 0.5}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", path, out)
+    assert code == 0, err
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["layers"] == [0, 1, 2] and diag["heldout_prompts"] == 12
+    assert len(diag["map_r2_heldout"]) == 3 and all(r <= 1.0 for r in diag["map_r2_heldout"])
+    assert len(diag["cosine_target_key"]) == 3 and all(-1 <= c <= 1 for c in diag["cosine_target_key"])
+    assert all(n > 0 for n in diag["key_norm"] + diag["vector_norm"])
+    png = (out / "diagnostics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    card = (out / "model" / "README.md").read_text()
+    assert "| diagnostics | held-out map R^2 mean" in card
+    assert json.loads((out / "summary.json").read_text())["diagnostics"].startswith("held-out map R^2")
+
+
+def test_accuracy_vs_scale_plot(tmp_path):
+    from unlock_export.diagnostics import plot_accuracy_vs_scale
+
+    path = plot_accuracy_vs_scale([{"scale": s, "accuracy": a, "ci95": [a - 0.1, a + 0.1]}
+                                   for s, a in [(0, 0.3), (2, 0.45), (4, 0.5), (8, 0.2)]], tmp_path / "acc.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+
+
 def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
     recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0}

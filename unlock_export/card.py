@@ -87,6 +87,11 @@ def write(work: Path, result, vectors: SteeringVectors, target: str, source_dir:
     relabel = (f"\nThe checkpoint is relabelled from `{result.model_type}` to `{result.exported_model_type}`, "
                "which has the same layout plus the bias flags it needs; the unsteered weights are unchanged.\n"
                if result.exported_model_type != result.model_type else "")
+    diag_rows = ""
+    if context.get("diagnostics"):
+        diag_rows += f"| diagnostics | {context['diagnostics']} (per layer: diagnostics.json / .png beside this export's recipe outputs) |\n"
+    if context.get("calibration"):
+        diag_rows += f"| scale choice | {context['calibration']} |\n"
     body = f"""
 # {_base_model_id(target)} + UNLOCK steering ({mode})
 
@@ -107,7 +112,7 @@ of each steered decoder layer, stored as the bias of `{result.carrier}`.
 | scale | {result.scale:g} |
 | vector norms (x scale) | {min(norms.values()) * abs(result.scale):.4g} .. {max(norms.values()) * abs(result.scale):.4g} |
 | verification | {verification} |
-
+{diag_rows}
 Note: the offset applies at every position, prompt and generated tokens alike. That is a different
 intervention from the paper's own prefill-only, last-token edit; the scale was chosen for this form.
 

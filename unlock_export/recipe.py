@@ -16,7 +16,7 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import prompts
+from . import diagnostics, prompts
 from .errors import UserError
 
 
@@ -82,6 +82,14 @@ class FoldSpec(_Strict):
     tolerance: float = Field(1e-3, gt=0)
 
 
+class DiagnosticsSpec(_Strict):
+    """Per-layer diagnostics written beside the outputs (diagnostics.json, diagnostics.png)."""
+
+    enabled: bool = True
+    heldout_count: int = Field(32, ge=2)  # prompts after the key/align ones, never used to fit the map
+    target_key: bool = True  # the target's own key by the same prompt contrast (prompt-contrast keys only)
+
+
 class RuntimeSpec(_Strict):
     dtype: str = "auto"
     device: str = "auto"
@@ -101,6 +109,7 @@ class Recipe(_Strict):
     align: AlignSpec = AlignSpec()
     vectors: VectorsSpec = VectorsSpec()
     fold: Optional[FoldSpec] = None
+    diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
 
@@ -146,6 +155,27 @@ def load_recipe(path: str | Path) -> Recipe:
         variant.model = _resolve_path(variant.model, base)
     recipe.target.model = _resolve_path(recipe.target.model, base)
     return recipe
+
+
+def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
+    """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
+    from .key import master_key
+    from .pipeline import capture_states
+
+    d, p = recipe.diagnostics, recipe.prompts
+    locked, unlocked = recipe.source.locked, recipe.source.unlocked
+    used = max(p.key_count, p.align_count or p.key_count)
+    heldout_q = prompts.load_questions(p.path, p.field, d.heldout_count, p.offset + used)
+    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)"),
+               capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)"))
+    target_key = None
+    if d.target_key and locked.model == unlocked.model and locked.template != unlocked.template:
+        t_locked = capture_states(pool, recipe.target.model, locked.template, key_questions, "capture target (locked)")
+        t_unlocked = capture_states(pool, recipe.target.model, unlocked.template, key_questions,
+                                    "capture target (unlocked)")
+        target_key = master_key(t_locked, t_unlocked, recipe.key.method)
+    pool.release()
+    return diagnostics.transfer_diagnostics(key, lrmap, vectors, heldout, target_key)
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
@@ -194,6 +224,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         vectors.save(work / "vectors.safetensors")
         (work / "recipe.yaml").write_text(recipe_text or yaml.safe_dump(recipe.model_dump(), sort_keys=False))
         outputs = ["key.safetensors", "map.safetensors", "vectors.safetensors"]
+        card_extra: dict = {}
+        diag = None
+        if recipe.diagnostics.enabled:
+            t0 = time.perf_counter()
+            diag = _diagnostics(recipe, pool, key, lrmap, vectors, key_questions, target_template)
+            outputs += diagnostics.write(diag, work)
+            card_extra["diagnostics"] = diagnostics.summary_line(diag)
+            timings["diagnostics_s"] = time.perf_counter() - t0
         fold_info = None
         if recipe.fold is not None:
             from .fold import fold
@@ -216,10 +254,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
                 outputs.append("calibration.json")
                 scale = calibration["scale"]
                 timings["calibrate_s"] = time.perf_counter() - t0
+                card_extra["calibration"] = (
+                    f"label-free: closest in KL at the answer start to the paper form at alpha {f.alpha:g} on "
+                    f"{calibration['prompts']} prompts (KL {calibration['kl_to_reference']:.3g}, unsteered "
+                    f"{calibration['kl_unsteered_to_reference']:.3g}), perplexity within +{f.ppl_margin:.0%}")
             result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                           verify=f.verify, tolerance=f.tolerance,
                           card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
-                                        "recipe": recipe_text or ""})
+                                        "recipe": recipe_text or "", **card_extra})
             timings["fold_s"] = time.perf_counter() - t0
             outputs.append("model")
             fold_info = {**result.as_dict(), "out": str(out_dir / "model")}
@@ -236,6 +278,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             "map_bytes": {"factors": lrmap.factor_bytes(), "dense_equivalent": lrmap.dense_bytes()},
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "fold": fold_info,
+            "diagnostics": diagnostics.summary_line(diag) if diag else None,
         }
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
