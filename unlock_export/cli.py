@@ -77,6 +77,7 @@ def cli(ctx, quiet, as_json, log_level):
     \b
     Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
     Export:    fold (checkpoint/adapter), gguf (llama.cpp), cvec (llama.cpp control vector)
+    Measure:   eval (accuracy, transformers or llama.cpp), calibrate (label-free folded scale)
     Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Exit codes: 0 ok, 1 failure, 2 bad input.
     """
@@ -565,7 +566,8 @@ def run(ctx, recipe_path, out_dir, overwrite):
       unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
-    vectors.{layers,site}, fold.{mode,scale,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
+    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,calibrate_count,ppl_margin,rank,layers,verify,
+    tolerance} (optional: writes OUT_DIR/model), diagnostics.{enabled,heldout_count,target_key},
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
     """
     from .recipe import load_recipe, run_recipe
