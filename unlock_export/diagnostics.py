@@ -11,14 +11,19 @@ diagnostics.png) and summarised in the model card:
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from .align import LowRankMap, fit_r2
+from .errors import UserError
 from .key import MasterKey
 from .vectors import SteeringVectors
+
+log = logging.getLogger(__name__)
 
 
 def cosine_per_layer(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -68,12 +73,25 @@ def summary_line(diag: dict) -> str:
     return "; ".join(parts)
 
 
-def plot_diagnostics(diag: dict, path: str | Path) -> Path:
-    """PNG: key and vector norms, held-out R^2, cosine to the target's own key, across depth."""
+def plots_available() -> bool:
+    """True when matplotlib (the optional `plots` extra) is importable."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+    if not plots_available():
+        raise UserError("plots need matplotlib: pip install 'unlock-export[plots]' (or pip install matplotlib)")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_diagnostics(diag: dict, path: str | Path) -> Path:
+    """PNG: key and vector norms, held-out R^2, cosine to the target's own key, across depth."""
+    plt = _pyplot()
 
     panels = [("norm", [("key (source layer read)", diag["key_norm"]), ("projected vector", diag["vector_norm"])])]
     if diag.get("map_r2_heldout"):
@@ -98,10 +116,7 @@ def plot_diagnostics(diag: dict, path: str | Path) -> Path:
 
 def plot_accuracy_vs_scale(points: list[dict], path: str | Path, title: str = "accuracy vs scale") -> Path:
     """PNG of accuracy (with 95% CI bars) against the steering scale; points: {scale, accuracy, ci95}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     points = sorted(points, key=lambda p: p["scale"])
     xs = [p["scale"] for p in points]
@@ -121,6 +136,10 @@ def plot_accuracy_vs_scale(points: list[dict], path: str | Path, title: str = "a
 
 
 def write(diag: dict, out_dir: Path) -> list[str]:
+    """diagnostics.json always; diagnostics.png when matplotlib (the `plots` extra) is installed."""
     (Path(out_dir) / "diagnostics.json").write_text(json.dumps(diag, indent=2))
+    if not plots_available():
+        log.warning("diagnostics.png skipped: matplotlib is not installed (pip install 'unlock-export[plots]')")
+        return ["diagnostics.json"]
     plot_diagnostics(diag, Path(out_dir) / "diagnostics.png")
     return ["diagnostics.json", "diagnostics.png"]

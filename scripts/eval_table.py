@@ -1,0 +1,185 @@
+"""The GSM8K table: does the transfer help? (`make eval-table`)
+
+For each direction (qwen2.5-coder-0.5b -> 1.5b and 1.5b -> 0.5b, CoT direction by prompt contrast)
+the target's accuracy under the direct prompt on the first COUNT questions of the GSM8K dev split:
+
+  unsteered       llama.cpp, the target's zoo GGUF
+  cot-prompt      llama.cpp, the CoT template (the prompting baseline)
+  paper-form      transformers hooks: prefill-only last-token edit at alpha (the paper's form)
+  folded          llama.cpp, the folded GGUF (route a) with the label-free calibrated scale
+  self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
+  random          llama.cpp, random directions with the folded vectors' norms and scale
+
+Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.json}; an existing
+summary is reused, so an interrupted run resumes. The table goes to OUT/table.md and table.json.
+
+  python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+DIRECTIONS = {
+    "0.5b-to-1.5b": ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml",
+    "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
+}
+CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "self-key", "random")
+
+
+def cli(*args: str) -> None:
+    from unlock_export.cli import main
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"unlock-export {' '.join(map(str, args[:3]))} ... failed with exit code {code}")
+
+
+def steerable(vectors):
+    """llama.cpp never steers layer 0: every configuration here leaves it out, folded included."""
+    return vectors.select([layer for layer in vectors.layers if layer != 0])
+
+
+def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
+    """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors."""
+    import yaml
+
+    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.models import load, resolve
+    from unlock_export.prompts import apply_template, load_questions
+    from unlock_export.recipe import load_recipe
+    from unlock_export.vectors import SteeringVectors
+
+    work = out / direction
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(recipe_path)
+    target = recipe.target.model
+    run_dir = work / "recipe"
+    if not (run_dir / "summary.json").exists():
+        data = yaml.safe_load(recipe_path.read_text())
+        data["prompts"]["path"] = str(recipe.prompts.path)
+        data["vectors"]["layers"] = "1--1"
+        data["fold"] = {"mode": "bias", "scale": "auto", "alpha": alpha, "verify": True}
+        tmp_recipe = work / "recipe.yaml"
+        tmp_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+        cli("--quiet", "run", "--overwrite", tmp_recipe, run_dir)
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    scale = calibration["scale"]
+    folded_gguf = work / "folded.gguf"
+    if not folded_gguf.exists():
+        cli("--quiet", "gguf", run_dir / "model", "-o", folded_gguf)
+    vectors = steerable(SteeringVectors.load(run_dir / "vectors.safetensors"))
+
+    self_path, random_path = work / "self-key.safetensors", work / "random.safetensors"
+    self_cal_path = work / "self-key-calibration.json"
+    if not self_path.exists() or not self_cal_path.exists():
+        from unlock_export.capture import capture
+        from unlock_export.key import master_key
+
+        loaded = load(target, dtype="float32", device="cpu")
+        questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
+                                   recipe.prompts.offset)
+        states = {t: capture(loaded, apply_template(t, questions), batch_size=8, progress=False)
+                  for t in ("direct", "cot")}
+        key = master_key(states["direct"], states["cot"], recipe.key.method)
+        own = SteeringVectors({b: key[b] for b in vectors.layers}, vectors.layer_count, vectors.hidden_size,
+                              model_hint=vectors.model_hint, provenance={"kind": "target's own CoT key"})
+        own.save(self_path)
+        calib_q = questions[:32]
+        self_cal = calibrate_scale(loaded, own, apply_template("direct", calib_q), apply_template("plain", calib_q),
+                                   "paper", alpha)
+        self_cal_path.write_text(json.dumps(self_cal, indent=2))
+        del loaded
+    if not random_path.exists():
+        g = torch.Generator().manual_seed(0)
+        rand = {}
+        for layer, vec in vectors.directions.items():
+            r = torch.randn(vec.shape[0], generator=g)
+            rand[layer] = r / r.norm() * vec.norm()
+        SteeringVectors(rand, vectors.layer_count, vectors.hidden_size, model_hint=vectors.model_hint,
+                        provenance={"kind": "random, same norms as the UNLOCK vectors"}).save(random_path)
+    source = resolve(target)
+    return {"target": target, "target_gguf": Path(source.path) / source.gguf_file, "folded_gguf": folded_gguf,
+            "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
+            "self_key": self_path, "self_scale": json.loads(self_cal_path.read_text())["scale"],
+            "random": random_path, "calibration": calibration}
+
+
+def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int) -> dict:
+    summary_path = out / name / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
+    cpp = ["--engine", "llamacpp", "--parallel", "4"]
+    if name == "unsteered":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, *common)
+    elif name == "cot-prompt":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--template", "cot", *common)
+    elif name == "paper-form":
+        cli("--quiet", "eval", prep["target"], "--vectors", prep["vectors"], "--form", "paper",
+            "--strength", prep["alpha"], "--dtype", "float32", "--batch-size", "8", *common)
+    elif name == "folded":
+        cli("--quiet", "eval", prep["folded_gguf"], *cpp, *common)
+    elif name == "self-key":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_key"], "--form", "additive",
+            "--strength", prep["self_scale"], *common)
+    elif name == "random":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["random"], "--form", "additive",
+            "--strength", prep["scale"], *common)
+    return json.loads(summary_path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "eval-table")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--only", choices=sorted(DIRECTIONS), default=None)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
+    args = parser.parse_args()
+    if not DEV.is_file():
+        raise SystemExit(f"{DEV} not found: the GSM8K dev split lives in ../shared/data/gsm8k/")
+    wanted = [c for c in args.configs.split(",") if c]
+    unknown = set(wanted) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    started = time.perf_counter()
+    table = {}
+    for direction, recipe_path in DIRECTIONS.items():
+        if args.only and direction != args.only:
+            continue
+        t0 = time.perf_counter()
+        prep = prepare(direction, recipe_path, args.out, args.alpha)
+        rows = {}
+        for name in wanted:
+            c0 = time.perf_counter()
+            rows[name] = run_config(name, prep, args.out / direction, args.count, args.max_new_tokens)
+            print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
+        table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
+                            "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": str(DEV),
+              "wall_s": round(time.perf_counter() - started, 1), "directions": table}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.json").write_text(json.dumps(result, indent=2))
+    lines = ["| direction | configuration | accuracy | 95% CI | mean output tokens | shows steps |",
+             "|---|---|---|---|---|---|"]
+    for direction, d in table.items():
+        for name, s in d["rows"].items():
+            lines.append(f"| {direction} | {name} | {s['accuracy']:.1%} | {s['ci95'][0]:.1%}-{s['ci95'][1]:.1%} | "
+                         f"{s['mean_output_tokens']:.0f} | {s['steps_rate']:.0%} |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wall time {result['wall_s']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
