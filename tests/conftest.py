@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -169,3 +170,21 @@ def served_tiny(tmp_path_factory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    source = tiny_model_dir("llama")
+    target = tiny_model_dir("qwen2", hidden=48, layers=3)
+    recipe = {
+        "name": "tiny",
+        "source": {"locked": {"model": str(source), "template": "direct"},
+                   "unlocked": {"model": str(source), "template": "cot"}},
+        "target": {"model": str(target)},
+        "prompts": {"path": "builtin:arithmetic", "key_count": 16},
+        "align": {"rank": 8},
+        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, recipe

@@ -29,24 +29,6 @@ def assert_one_line_error(capsys, args, match):
     assert "Traceback" not in err
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_model_dir):
-    source = tiny_model_dir("llama")
-    target = tiny_model_dir("qwen2", hidden=48, layers=3)
-    recipe = {
-        "name": "tiny",
-        "source": {"locked": {"model": str(source), "template": "direct"},
-                   "unlocked": {"model": str(source), "template": "cot"}},
-        "target": {"model": str(target)},
-        "prompts": {"path": "builtin:arithmetic", "key_count": 16},
-        "align": {"rank": 8},
-        "runtime": {"dtype": "float32", "device": "cpu", "batch_size": 4},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path, recipe
-
-
 def test_run_recipe_end_to_end(capsys, tmp_path, tiny_recipe):
     path, _ = tiny_recipe
     out = tmp_path / "out"

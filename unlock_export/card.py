@@ -29,10 +29,15 @@ def _base_license(source_dir: Path) -> str | None:
 
 
 def _base_model_id(target: str) -> str:
-    """What the Hub's base_model field can link: an id as given, else the folder or file name."""
+    """What the Hub's base_model field can link: an id as given, a zoo model's upstream id, else the name."""
+    from .zoo import ZOO, ZOO_PREFIX
+
     if target.count("/") == 1 and not Path(target).exists():
         return target
-    return target.removeprefix("zoo:") if target.startswith("zoo:") else Path(target).name
+    if target.startswith(ZOO_PREFIX) and target[len(ZOO_PREFIX):] in ZOO:
+        return ZOO[target[len(ZOO_PREFIX):]].hub_id
+    by_file = {m.filename: m.hub_id for m in ZOO.values()}
+    return by_file.get(Path(target).name, Path(target).name)
 
 
 def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: int, context: dict) -> dict:

@@ -78,6 +78,7 @@ def cli(ctx, quiet, as_json, log_level):
     Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
     Export:    fold (checkpoint/adapter), gguf (llama.cpp), cvec (llama.cpp control vector)
     Measure:   eval (accuracy, transformers or llama.cpp), calibrate (label-free folded scale)
+    Share:     push (Hugging Face Hub), inspect (what a file or folder holds)
     Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Exit codes: 0 ok, 1 failure, 2 bad input.
     """
@@ -552,6 +553,54 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
                        f"perplexity x{next(r['perplexity_ratio'] for r in result['table'] if r['scale'] == result['scale']) if result['scale'] else 1:.3f}")
 
 
+# -- push / inspect --------------------------------------------------------------------------
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Hub repo USER/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing; default main).")
+@click.option("--base-model", default=None, help="Hub id of the base model for the card's base_model (e.g. Qwen/Qwen2.5-1.5B).")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded (path, size, sha256); upload nothing.")
+@click.pass_context
+def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run):
+    """Push an export folder (checkpoint or adapter) or an artifact file to the Hugging Face Hub.
+
+    One repo create (if missing) and one commit. The token comes from HF_TOKEN or the login cache
+    (`hf auth login`) and is never printed or written; HF_ENDPOINT picks another Hub.
+
+    \b
+    Example:
+      unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
+      unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
+    """
+    from .hub import format_plan, push as push_artifact
+
+    report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
+                           message=message, dry_run=dry_run)
+    if ctx.obj["json"]:
+        click.echo(json.dumps(report))
+    elif dry_run or not ctx.obj["quiet"]:
+        click.echo(format_plan(report))
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.pass_context
+def inspect_cmd(ctx, artifact):
+    """Show what a key, map, vectors file, GGUF (model or control vector), adapter or export holds.
+
+    \b
+    Example:
+      unlock-export inspect out/demo/vectors.safetensors
+      unlock-export inspect out/demo/model
+    """
+    from .inspect_artifact import describe, format_description
+
+    info = describe(artifact)
+    click.echo(json.dumps(info) if ctx.obj["json"] else format_description(info))
+
+
 # -- run -------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("recipe_path", type=click.Path(path_type=Path))
@@ -568,6 +617,7 @@ def run(ctx, recipe_path, out_dir, overwrite):
     prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,calibrate_count,ppl_margin,rank,layers,verify,
     tolerance} (optional: writes OUT_DIR/model), diagnostics.{enabled,heldout_count,target_key},
+    push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
     """
     from .recipe import load_recipe, run_recipe

@@ -90,6 +90,23 @@ class DiagnosticsSpec(_Strict):
     target_key: bool = True  # the target's own key by the same prompt contrast (prompt-contrast keys only)
 
 
+class PushSpec(_Strict):
+    """Optional last step: push the folded model (or the vectors file) to the Hugging Face Hub."""
+
+    repo_id: str
+    artifact: Literal["model", "vectors"] = "model"
+    private: bool = False
+    revision: Optional[str] = None
+    base_model: Optional[str] = None  # Hub id for the card (default: the target's, zoo models included)
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        from .hub import validate_repo_id
+
+        return validate_repo_id(value)
+
+
 class RuntimeSpec(_Strict):
     dtype: str = "auto"
     device: str = "auto"
@@ -110,6 +127,7 @@ class Recipe(_Strict):
     vectors: VectorsSpec = VectorsSpec()
     fold: Optional[FoldSpec] = None
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
+    push: Optional[PushSpec] = None
     runtime: RuntimeSpec = RuntimeSpec()
 
 
@@ -149,6 +167,8 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UserError(_first_error(exc, path))
+    if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
+        raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
     base = path.parent
     recipe.prompts.path = _resolve_path(recipe.prompts.path, base)
     for variant in (recipe.source.locked, recipe.source.unlocked):
@@ -284,7 +304,30 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(work, out_dir)
-        return summary
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    if recipe.push is not None:
+        summary["push"] = _push(recipe.push, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _push(spec: PushSpec, out_dir: Path) -> dict:
+    """The push step runs after the outputs are in place: a failed push keeps them, and says how to retry."""
+    from .card import _base_model_id
+    from .errors import ExportFailure
+    from .hub import push
+
+    artifact = out_dir / ("model" if spec.artifact == "model" else "vectors.safetensors")
+    base_model = spec.base_model
+    if base_model is None and artifact.is_dir():
+        target = json.loads((artifact / "unlock.json").read_text()).get("target", "")
+        base_model = _base_model_id(target) if _base_model_id(target).count("/") == 1 else None
+    try:
+        report = push(artifact, spec.repo_id, private=spec.private, revision=spec.revision, base_model=base_model)
+    except UserError as exc:
+        retry = (f"unlock-export push {artifact} --repo-id {spec.repo_id}"
+                 + (f" --revision {spec.revision}" if spec.revision else "") + (" --private" if spec.private else ""))
+        raise ExportFailure(f"{exc} (the outputs in {out_dir} are complete; push them with: {retry})") from exc
+    return {k: report[k] for k in ("repo_id", "revision", "commit_url", "commit") if k in report}

