@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -26,6 +27,8 @@ def _runtime_options(fn):
         click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts per forward pass."),
         click.option("--max-length", default=None, type=int, help="Truncate prompts to their last N tokens."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a model's own Python code to run (off by default)."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Load .bin-only model folders (with torch weights_only=True); refused by default."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -45,11 +48,11 @@ def _prompt_options(fn):
     return fn
 
 
-def _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code):
+def _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle=False):
     from .pipeline import ModelPool, Runtime
 
     return ModelPool(Runtime(dtype, device, device_map, batch_size, max_length, trust_remote_code,
-                             progress=not ctx.obj["quiet"]))
+                             progress=not ctx.obj["quiet"], allow_pickle=allow_pickle))
 
 
 def _emit(ctx, payload: dict, text: str) -> None:
@@ -261,8 +264,11 @@ def project(ctx, key_path, map_path, layers, site, output, overwrite):
 @click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed by --verify (float32).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
 @click.pass_context
-def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tolerance, output, overwrite):
+def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tolerance, output, overwrite,
+         allow_pickle):
     """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
@@ -283,7 +289,7 @@ def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tol
     if layers:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
-                        overwrite=overwrite, verify=verify, tolerance=tolerance,
+                        overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
                         card_context={"vectors_file": str(vectors_path)})
     ver = result.verification
     check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
@@ -425,7 +431,7 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
 @click.pass_context
 def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength,
              control_vector, llama_server, parallel, max_new_tokens, output, overwrite, dtype, device,
-             device_map, batch_size, max_length, trust_remote_code):
+             device_map, batch_size, max_length, trust_remote_code, allow_pickle):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
 
     MODEL is anything `fold` accepts, or an exported folder / folded GGUF (loaded as it is). The
@@ -457,7 +463,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
     if engine == "transformers":
         if control_vector:
             raise UserError("--control-vector is for --engine llamacpp; with transformers pass --vectors")
-        loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code).get(model)
+        loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
         texts = render_prompts(items, template, loaded.tokenizer, chat)
         steer = None
         if vectors is not None:
@@ -514,7 +520,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 @click.pass_context
 def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, prompts_path, field, count, offset,
-              dtype, device, device_map, batch_size, max_length, trust_remote_code, output):
+              dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle, output):
     """Pick the additive (folded) scale without labels: closest in KL to the paper form at the answer start.
 
     The additive form adds the vector at every position, the paper form edits only the last prompt
@@ -538,7 +544,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
         except ValueError:
             raise UserError(f"--scales '{scales}' is not a comma list of numbers")
     vectors = SteeringVectors.load(vectors_path)
-    loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code).get(model)
+    loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
     vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
     questions = load_questions(prompts_path, field=field, count=count, offset=offset)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
@@ -618,7 +624,7 @@ def run(ctx, recipe_path, out_dir, overwrite):
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,calibrate_count,ppl_margin,rank,layers,verify,
     tolerance} (optional: writes OUT_DIR/model), diagnostics.{enabled,heldout_count,target_key},
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
-    runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code}.
+    runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
     """
     from .recipe import load_recipe, run_recipe
 
@@ -629,12 +635,17 @@ def run(ctx, recipe_path, out_dir, overwrite):
                                   + [f"  {name}: {path}" for name, path in summary["outputs"].items()]))
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:400] if lines else "(no message)"
+
+
 def main(argv=None) -> int:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     try:
         cli.main(args=argv, prog_name="unlock-export", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_one_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -647,9 +658,22 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            where = f" writing '{exc.filename}'" if exc.filename else ""
+            reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                      errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}[exc.errno]
+            click.echo(f"error: {reason}{where}: free space or choose another output location "
+                       "(nothing was written; partial files were removed)", err=True)
+            return 2
+        logging.getLogger("unlock_export").debug("failure", exc_info=True)
+        click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --log-level debug for details)",
+                   err=True)
+        return 1
     except Exception as exc:  # a failure, not bad input: one line, the traceback only when asked
         logging.getLogger("unlock_export").debug("failure", exc_info=True)
-        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --log-level debug for details)", err=True)
+        click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --log-level debug for details)",
+                   err=True)
         return 1
     return 0
 

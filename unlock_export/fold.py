@@ -46,11 +46,15 @@ class FoldResult:
                 "verification": self.verification}
 
 
-def materialize(spec: str, scratch: Path) -> tuple[Path, ModelSource]:
+def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[Path, ModelSource]:
     """A local safetensors directory for `spec`. GGUF files are dequantized into `scratch`
-    (transformers' GGUF loader); Hub ids are fetched with huggingface_hub."""
+    (transformers' GGUF loader), pickle-only folders (when allowed) converted there; Hub ids are
+    fetched with huggingface_hub."""
+    from .models import check_weights, pickle_only
+
     source = resolve(spec)
-    if source.kind == "dir":
+    check_weights(source, allow_pickle)
+    if source.kind == "dir" and not pickle_only(source.path):
         return Path(source.path), source
     if source.kind == "hub":
         from huggingface_hub import snapshot_download
@@ -62,7 +66,7 @@ def materialize(spec: str, scratch: Path) -> tuple[Path, ModelSource]:
             raise UserError(f"cannot download '{spec}' from the Hub ({type(exc).__name__}); pass a local directory")
     from .models import load
 
-    loaded = load(spec, dtype="float32", device="cpu")
+    loaded = load(spec, dtype="float32", device="cpu", allow_pickle=allow_pickle)
     target = scratch / "dequantized"
     # the weights are already dequantized to float32: drop the GGUF quantizer so they save as is
     config = loaded.model.config
@@ -133,7 +137,7 @@ def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, 
 
 def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
          rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
-         verify: bool = True, tolerance: float = 1e-3) -> FoldResult:
+         verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False) -> FoldResult:
     """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
     from . import card, verify as verify_mod
 
@@ -146,7 +150,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
     out = Path(out)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.src-", dir=out.parent if out.parent.exists() else None))
     try:
-        source_dir, source = materialize(target, scratch)
+        source_dir, source = materialize(target, scratch, allow_pickle)
         check_output_path(out, source_dir if source.kind != "gguf" else Path(source.path) / source.gguf_file, overwrite)
         ckpt = Checkpoint(source_dir)
         vectors.check_fits(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,34 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def pickle_only(directory: str | Path) -> bool:
+    """True when a model directory's weights exist only as pickles (no safetensors)."""
+    directory = Path(directory)
+    if any(directory.glob("*.safetensors")):
+        return False
+    return any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir() if p.is_file())
+
+
+def check_weights(source: ModelSource, allow_pickle: bool = False) -> None:
+    """Refuse what should not be loaded, before anything is loaded or written: pickled weights
+    (they can run code) unless allowed, and truncated, corrupted or missing safetensors shards."""
+    if source.kind != "dir":
+        return
+    if pickle_only(source.path):
+        if not allow_pickle:
+            raise UserError(
+                f"model directory '{source.spec}' holds only pickled .bin weights, which can run code when "
+                "loaded: convert it to safetensors, or pass --allow-pickle (loaded with torch weights_only=True)"
+            )
+        return
+    from .checkpoint import Checkpoint
+
+    Checkpoint(source.path)  # parses every shard header; refuses truncated or missing shards
 
 
 def resolve(spec: str, fetch_zoo: bool = True) -> ModelSource:
@@ -146,11 +175,13 @@ def load(
     device: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported spec, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
+    check_weights(source, allow_pickle)
     if source.kind == "gguf":
         _check_gguf_supported(source)
     target_device = choose_device(device)
@@ -159,11 +190,17 @@ def load(
         kwargs["gguf_file"] = source.gguf_file
     if device_map:
         kwargs["device_map"] = device_map
+    if source.kind == "dir" and pickle_only(source.path):
+        kwargs.update(use_safetensors=False, weights_only=True)  # allowed above; never a full unpickle
     try:
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except UserError:
         raise
+    except pickle.UnpicklingError as exc:
+        blocked = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "not plain tensors")
+        raise UserError(f"model '{spec}': its pickled weights hold more than tensors and were not loaded "
+                        f"({blocked[:200]}); do not use this file, get a safetensors copy")
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (

@@ -24,6 +24,7 @@ class Runtime:
     max_length: int | None = None
     trust_remote_code: bool = False
     progress: bool = True
+    allow_pickle: bool = False
 
 
 class ModelPool:
@@ -40,7 +41,7 @@ class ModelPool:
             self.release()
             log.info("loading %s", spec)
             rt = self.runtime
-            self._loaded = models.load(spec, rt.dtype, rt.device, rt.device_map, rt.trust_remote_code)
+            self._loaded = models.load(spec, rt.dtype, rt.device, rt.device_map, rt.trust_remote_code, rt.allow_pickle)
             self._spec = spec
         return self._loaded
 

@@ -114,10 +114,11 @@ class RuntimeSpec(_Strict):
     batch_size: int = Field(8, ge=1)
     max_length: Optional[int] = Field(None, ge=1)
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
 
 class Recipe(_Strict):
-    name: str = "unlock"
+    name: str = Field("unlock", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     description: str = ""
     source: SourceSpec
     target: TargetSpec
@@ -151,6 +152,34 @@ def _resolve_path(value: str, base: Path) -> str:
     return value
 
 
+def _check_inputs(recipe: "Recipe", path: Path, raw: dict) -> None:
+    """Every local path a recipe names must be an input of the right kind, checked before anything
+    runs: a recipe only names inputs (outputs go to OUT_DIR), so a path that climbs out of its
+    folder ('../../etc') to something that is not a prompt file or a model is refused here."""
+    where = {"prompts.path": recipe.prompts.path, "source.locked.model": recipe.source.locked.model,
+             "source.unlocked.model": recipe.source.unlocked.model, "target.model": recipe.target.model}
+    for key, value in where.items():
+        if value.startswith(("zoo:", prompts.BUILTIN_PREFIX)) or not os.path.isabs(value):
+            continue  # builtins, zoo names, Hub ids
+        given = _dig(raw, key)
+        local = Path(value)
+        if key == "prompts.path":
+            ok, wanted = local.is_file(), "a JSONL prompt file"
+        else:
+            ok = (local.is_dir() and (local / "config.json").is_file()) or (local.is_file() and local.suffix == ".gguf")
+            wanted = "a model folder with config.json or a .gguf file"
+        if not ok:
+            state = "does not exist" if not local.exists() else f"is not {wanted}"
+            raise UserError(f"recipe {path}: {key} '{given}' (resolved to {local}) {state}; "
+                            f"give {wanted}, relative to the recipe's folder or absolute")
+
+
+def _dig(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -170,10 +199,12 @@ def load_recipe(path: str | Path) -> Recipe:
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
     base = path.parent
-    recipe.prompts.path = _resolve_path(recipe.prompts.path, base)
+    if not recipe.prompts.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(recipe.prompts.path):
+        recipe.prompts.path = str((base / recipe.prompts.path).resolve())  # always a file, never a Hub id
     for variant in (recipe.source.locked, recipe.source.unlocked):
         variant.model = _resolve_path(variant.model, base)
     recipe.target.model = _resolve_path(recipe.target.model, base)
+    _check_inputs(recipe, path, data)
     return recipe
 
 
@@ -216,7 +247,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         timings: dict[str, float] = {}
         rt = recipe.runtime
         pool = ModelPool(Runtime(rt.dtype, rt.device, rt.device_map, rt.batch_size, rt.max_length,
-                                 rt.trust_remote_code, progress))
+                                 rt.trust_remote_code, progress, rt.allow_pickle))
         p = recipe.prompts
         key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
         align_count = p.align_count or p.key_count
@@ -279,7 +310,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
                     f"{calibration['prompts']} prompts (KL {calibration['kl_to_reference']:.3g}, unsteered "
                     f"{calibration['kl_unsteered_to_reference']:.3g}), perplexity within +{f.ppl_margin:.0%}")
             result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
-                          verify=f.verify, tolerance=f.tolerance,
+                          verify=f.verify, tolerance=f.tolerance, allow_pickle=rt.allow_pickle,
                           card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
                                         "recipe": recipe_text or "", **card_extra})
             timings["fold_s"] = time.perf_counter() - t0
