@@ -107,3 +107,49 @@ def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
     assert result["reference"] == {"form": "paper", "strength": 0.5}
     assert result["scale"] in [r["scale"] for r in result["table"]]
     assert result["kl_to_reference"] <= result["kl_unsteered_to_reference"]
+
+
+def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import unlock_export.evaluate as ev
+
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(1, 6) for b in range(2)]
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(ev, "CHUNK", 3)
+    model = tiny_model_dir("llama")
+
+    def args(out, *extra):
+        return ["--quiet", "eval", str(model), "--data", str(data), "--max-new-tokens", "5", "--batch-size", "2",
+                "-o", str(out), *extra]
+
+    assert main(args(tmp_path / "whole")) == 0
+    # Ctrl-C during the third chunk
+    real, calls = ev.TransformersEngine.generate, []
+
+    def interrupted(self, texts, max_new_tokens, progress=None):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, texts, max_new_tokens, progress)
+
+    monkeypatch.setattr(ev.TransformersEngine, "generate", interrupted)
+    assert main(args(tmp_path / "cut")) == 130
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    capsys.readouterr()
+    assert main(args(tmp_path / "cut")) == 2  # neither --resume nor --overwrite
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(ev.TransformersEngine, "generate", real)
+    seen = []
+    monkeypatch.setattr(ev.TransformersEngine, "generate",
+                        lambda self, texts, n, progress=None: seen.append(len(texts)) or real(self, texts, n, progress))
+    assert main(args(tmp_path / "cut", "--resume")) == 0
+    assert seen == [3, 1]  # chunks 3 and 4 (of 3, 3, 3, 1) only: the first two were kept
+    whole = (tmp_path / "whole" / "predictions.jsonl").read_text()
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text() == whole
+    assert not (tmp_path / "cut" / "progress.jsonl").exists()
+    # a resume with other settings is refused rather than mixed
+    (tmp_path / "cut" / "summary.json").unlink()
+    (tmp_path / "cut" / "progress.jsonl").write_text(json.dumps({"fingerprint": "other"}) + "\n")
+    capsys.readouterr()
+    assert main(args(tmp_path / "cut", "--resume")) == 2
+    assert "other prompts or settings" in capsys.readouterr().err

@@ -427,10 +427,11 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for predictions.jsonl and summary.json.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
 @_runtime_options
 @click.pass_context
 def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength,
-             control_vector, llama_server, parallel, max_new_tokens, output, overwrite, dtype, device,
+             control_vector, llama_server, parallel, max_new_tokens, output, overwrite, resume, dtype, device,
              device_map, batch_size, max_length, trust_remote_code, allow_pickle):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
 
@@ -453,6 +454,8 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
         raise UserError("--max-new-tokens must be at least 1")
     if (output / "summary.json").exists() and not overwrite:
         raise UserError(f"'{output}' already holds results: choose another folder or pass --overwrite")
+    if (output / "progress.jsonl").exists() and not (resume or overwrite):
+        raise UserError(f"'{output}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
     items = load_items(data_path, count, offset)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     label = {"model": model, "engine": engine, "template": template, "chat": chat, "data": str(data_path),
@@ -472,7 +475,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
             vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
             steer = lambda: steering(loaded, vectors, form, strength)  # noqa: E731
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), max_new_tokens, output,
-                           label, progress)
+                           label, progress, resume=resume)
     else:
         source = resolve(model)
         if source.kind != "gguf":
@@ -499,7 +502,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
                                    ctx_per_slot=max_new_tokens + 768) as server:
                 summary = evaluate(items, texts, server, max_new_tokens, output,
                                    {**label, "control_vector": str(control_vector) if control_vector else None},
-                                   progress)
+                                   progress, resume=resume)
     lo, hi = summary["ci95"]
     _emit(ctx, summary, f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, 95% CI "
                         f"{lo:.1%}-{hi:.1%}), mean {summary['mean_output_tokens']:.0f} tokens, steps shown "

@@ -11,6 +11,7 @@ Each run writes predictions.jsonl (one line per question) and summary.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -223,16 +224,66 @@ class LlamaServerEngine:
 
 # -- the evaluation -----------------------------------------------------------------------------
 
+PROGRESS = "progress.jsonl"
+CHUNK = 16  # questions per checkpoint; fixed chunks make a resumed run identical to an uninterrupted one
+
+
+def _fingerprint(texts: list[str], label: dict | None, max_new_tokens: int) -> str:
+    digest = hashlib.sha256(json.dumps([label or {}, max_new_tokens], sort_keys=True, default=str).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple[str, int]]:
+    """Finished chunks of an interrupted run with the same prompts and settings: {position: (output, tokens)}."""
+    done: dict[int, tuple[str, int]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+        raise UserError(f"'{path}' belongs to a run with other prompts or settings: rerun with the same "
+                        "arguments, or pass --overwrite to start again")
+    for line in lines[1:]:
+        try:
+            chunk = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a chunk cut off mid-write: redo it
+        for pos, output, n_tokens in chunk["rows"]:
+            done[pos] = (output, n_tokens)
+    return done
+
+
 def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
-             label: dict | None = None, progress: bool = True) -> dict:
-    """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically."""
+             label: dict | None = None, progress: bool = True, resume: bool = False) -> dict:
+    """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically.
+
+    Finished chunks of CHUNK questions are appended to OUT/progress.jsonl as they complete; with
+    `resume`, an interrupted run (crash, Ctrl-C) continues from there with identical results."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(texts), desc="eval", unit="q", disable=not progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(texts, label, max_new_tokens)
+    progress_path = out_dir / PROGRESS
+    done = _read_progress(progress_path, fingerprint) if resume and progress_path.exists() else {}
+    if not done:
+        _atomic_text(progress_path, json.dumps({"fingerprint": fingerprint, "n": len(texts)}) + "\n")
+    resumed = len(done)
+    bar = tqdm(total=len(texts), initial=resumed, desc="eval", unit="q", disable=not progress)
     start = time.perf_counter()
-    outputs = engine.generate(texts, max_new_tokens, progress=bar.update)
+    with open(progress_path, "a", encoding="utf-8") as log:
+        for first in range(0, len(texts), CHUNK):
+            positions = [i for i in range(first, min(first + CHUNK, len(texts)))]
+            if all(i in done for i in positions):
+                continue
+            results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update)
+            for i, result in zip(positions, results):
+                done[i] = tuple(result)
+            log.write(json.dumps({"rows": [[i, *done[i]] for i in positions]}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
     wall = time.perf_counter() - start
     bar.close()
+    outputs = [done[i] for i in range(len(texts))]
     rows, correct, tokens, steps = [], 0, 0, 0
     for item, text, (output, n_tokens) in zip(items, texts, outputs):
         output = _cut(output)
@@ -249,11 +300,11 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
     summary = {**(label or {}), "n": n, "correct": correct, "accuracy": correct / n,
                "ci95": [round(low, 4), round(high, 4)], "ci_method": "wilson",
                "mean_output_tokens": tokens / n, "steps_rate": steps / n, "max_new_tokens": max_new_tokens,
-               "wall_s": round(wall, 1), "output_tokens_per_s": round(tokens / wall, 2) if wall else None}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+               "wall_s": round(wall, 1), "resumed_from": resumed,
+               "output_tokens_per_s": round(tokens / wall, 2) if wall and not resumed else None}
     _atomic_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    progress_path.unlink(missing_ok=True)
     return summary
 
 
