@@ -13,6 +13,7 @@ convert  route (b): run llama.cpp's own convert_hf_to_gguf.py on the folded chec
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -266,5 +267,9 @@ def convert_gguf(folded: str | Path, out: str | Path, llama_cpp: str | Path | No
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            missing = re.search(r"No module named '([\w.]+)'", lines[-1] if lines else "")
+            if missing:
+                raise UserError(f"llama.cpp's {CONVERT_SCRIPT} needs the Python package '{missing.group(1)}': "
+                                "pip install 'unlock-export[convert]' (or that package), then rerun")
             raise ExportFailure(f"{CONVERT_SCRIPT} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return {"out": str(out), "route": "convert", "llama_cpp": str(root), "outtype": outtype}

@@ -186,6 +186,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"recipe '{path}' not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

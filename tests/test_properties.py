@@ -1,0 +1,124 @@
+"""Property-based tests (hypothesis): the recipe loader and the vectors-file reader, fed random and
+malformed input, either return a valid object or raise UserError (one line, exit code 2 at the
+CLI); never another exception."""
+
+from __future__ import annotations
+
+import json
+import string
+import struct
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from unlock_export.errors import UserError
+from unlock_export.recipe import load_recipe
+from unlock_export.vectors import FORMAT, SteeringVectors
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+                    st.text(string.printable, max_size=20))
+yaml_values = st.recursive(scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(st.text(string.ascii_letters + "_.", max_size=12), children,
+                                                    max_size=4)), max_leaves=12)
+KEYS = ["name", "source", "target", "prompts", "key", "align", "vectors", "fold", "diagnostics", "push", "runtime"]
+
+
+def _valid_recipe() -> dict:
+    return {"name": "p", "source": {"locked": {"model": "org/a", "template": "direct"},
+                                    "unlocked": {"model": "org/a", "template": "cot"}},
+            "target": {"model": "org/b"}, "prompts": {"path": "builtin:arithmetic", "key_count": 4}}
+
+
+@SETTINGS
+@given(data=st.dictionaries(st.sampled_from(KEYS), yaml_values, max_size=6))
+def test_recipe_loader_random_mappings(tmp_path, data):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load_recipe(path)
+    except UserError as exc:
+        assert "\n" not in str(exc).strip()
+
+
+@SETTINGS
+@given(section=st.sampled_from(KEYS), value=yaml_values)
+def test_recipe_loader_one_damaged_section(tmp_path, section, value):
+    data = _valid_recipe()
+    data[section] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        recipe = load_recipe(path)
+    except UserError as exc:
+        assert str(exc).startswith(f"recipe {path}") or "--repo-id" in str(exc), str(exc)
+    else:
+        assert recipe.source.locked.model == "org/a"
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=400))
+def test_recipe_loader_random_bytes(tmp_path, raw):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(raw)
+    try:
+        load_recipe(path)
+    except UserError:
+        pass
+
+
+def _vectors_bytes(tensors: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=meta)
+
+
+@SETTINGS
+@given(layers=st.dictionaries(st.integers(-2, 12), st.integers(0, 10), min_size=0, max_size=4),
+       layer_count=st.sampled_from(["4", "8", "x", "-1"]), hidden=st.sampled_from(["8", "16", "0"]),
+       bad=st.sampled_from([None, "nan", "inf", "name"]), site=st.sampled_from(["layer_output", "post_attention", "z"]))
+def test_vectors_reader_valid_or_refused(tmp_path, layers, layer_count, hidden, bad, site):
+    tensors = {}
+    for layer, size in layers.items():
+        t = torch.randn(size if size != 10 else 8)
+        if bad in ("nan", "inf") and t.numel():
+            t[0] = float(bad)
+        tensors[f"direction.{layer}" if bad != "name" else f"dir{layer}"] = t
+    meta = {"format": FORMAT, "layer_count": layer_count, "hidden_size": hidden, "site": site}
+    path = tmp_path / "v.safetensors"
+    path.write_bytes(_vectors_bytes(tensors, meta))
+    try:
+        vectors = SteeringVectors.load(path)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert all(torch.isfinite(v).all() and v.shape == (vectors.hidden_size,) for v in vectors.directions.values())
+        assert all(0 <= k < vectors.layer_count for k in vectors.directions)
+
+
+@SETTINGS
+@given(cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=4))
+def test_vectors_reader_damaged_bytes(tmp_path, cut, flips):
+    good = SteeringVectors({1: torch.ones(8), 2: torch.ones(8)}, 4, 8, model_hint="llama")
+    data = bytearray(_vectors_bytes({f"direction.{k}": v for k, v in good.directions.items()},
+                                    {"format": FORMAT, "layer_count": "4", "hidden_size": "8"}))
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    path = tmp_path / "v.safetensors"
+    path.write_bytes(bytes(data[: max(0, len(data) - cut)] if cut else data))
+    try:
+        SteeringVectors.load(path)
+    except UserError:
+        pass
+
+
+def test_header_length_overflow_is_refused(tmp_path):
+    path = tmp_path / "v.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + json.dumps({}).encode())
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        SteeringVectors.load(path)
