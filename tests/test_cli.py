@@ -139,11 +139,26 @@ def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
 
 
 def test_help_shows_examples(capsys):
-    for cmd in (["--help"], ["key", "--help"], ["align", "--help"], ["project", "--help"], ["run", "--help"],
-                ["zoo", "--help"], ["zoo", "fetch", "--help"]):
+    commands = ["key", "align", "project", "fold", "verify", "cvec", "gguf", "eval", "calibrate", "push", "inspect",
+                "run"]
+    for cmd in ([["--help"], ["zoo", "--help"], ["zoo", "fetch", "--help"]] + [[c, "--help"] for c in commands]):
         code = main(cmd)
         out = capsys.readouterr().out
         assert code == 0 and "Example" in out, cmd
+
+
+def test_shell_completion_script(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "unlock-export"
+    env = {**os.environ, "_UNLOCK_EXPORT_COMPLETE": "bash_source"}
+    script = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "_unlock_export_completion" in script and "complete " in script
+    env = {**os.environ, "_UNLOCK_EXPORT_COMPLETE": "bash_complete", "COMP_WORDS": "unlock-export pu", "COMP_CWORD": "1"}
+    words = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "push" in words
 
 
 def test_version(capsys):
