@@ -196,3 +196,16 @@ def test_disk_full_during_export_removes_partial_output(capsys, tmp_path, tiny_m
                                    "-o", out_parent / "out"], "no space left on device")
     assert "nothing was written" in line
     assert list(out_parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_bad_batch_size(capsys, tmp_path, tiny_model_dir, value):
+    assert_refused(capsys, ["key", "--locked", tiny_model_dir("llama"), "--batch-size", value, "--count", "4",
+                            "-o", tmp_path / "k.safetensors"], "positive integer or auto")
+
+
+def test_auto_batch_size_on_the_command_line(capsys, tmp_path, tiny_model_dir):
+    code, err = run(capsys, "key", "--locked", tiny_model_dir("llama"), "--batch-size", "auto", "--count", "6",
+                    "-o", tmp_path / "k.safetensors")
+    assert code == 0, err
+    assert (tmp_path / "k.safetensors").is_file()

@@ -85,3 +85,27 @@ def test_pad_token_is_added_when_missing(tiny_model_dir, questions):
     assert lm.tokenizer.pad_token is not None
     states = capture(lm, questions[:4], batch_size=4, progress=False)
     assert torch.isfinite(states).all()
+
+
+def test_batch_size_chooser_follows_free_memory(load_tiny):
+    from unlock_export.capture import activation_bytes_per_row, choose_batch_size
+
+    lm = load_tiny("llama")
+    per_row = activation_bytes_per_row(lm.model.config, 64, 4)
+    assert per_row > 0
+    assert activation_bytes_per_row(lm.model.config, 128, 4) > 2 * per_row  # attention grows with length^2
+    assert choose_batch_size(lm, 64, free_bytes=0) == 1  # never below one
+    assert choose_batch_size(lm, 64, free_bytes=2 * 10 * per_row) == 10  # half the free memory
+    assert choose_batch_size(lm, 64, free_bytes=2 * 10 * per_row + per_row) == 10
+    assert choose_batch_size(lm, 64, free_bytes=10**15) == 256  # capped
+    sizes = [choose_batch_size(lm, 64, free_bytes=f) for f in (10**6, 10**7, 10**8, 10**9)]
+    assert sizes == sorted(sizes)
+    # the real free memory of this machine gives a usable size
+    assert 1 <= choose_batch_size(lm, 64) <= 256
+
+
+def test_auto_batch_size_gives_the_same_rows(load_tiny, questions):
+    lm = load_tiny("qwen2")
+    texts = questions[:10]
+    assert torch.allclose(capture(lm, texts, batch_size="auto", progress=False),
+                          capture(lm, texts, batch_size=1, progress=False), atol=1e-5)

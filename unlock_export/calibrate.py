@@ -20,7 +20,10 @@ from .vectors import SteeringVectors
 DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 4) for k in range(-4, 13))  # 0 (unsteered), 0.25 .. 64 in sqrt(2) steps
 
 
-def _batches(loaded, texts: list[str], batch_size: int):
+def _batches(loaded, texts: list[str], batch_size: int | str):
+    from .capture import resolve_batch_size
+
+    batch_size = resolve_batch_size(batch_size, loaded, texts)
     tok = loaded.tokenizer
     for start in range(0, len(texts), batch_size):
         yield tok(texts[start:start + batch_size], return_tensors="pt", padding=True).to(loaded.device)

@@ -9,15 +9,18 @@ first few layers are needed, the forward pass stops after the deepest of them.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import layer_output_tensor
+from .architectures import config_size, layer_output_tensor
 from .errors import UserError
 from .models import LoadedModel
 
 POSITIONS = ("last", "mean")
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -57,13 +60,60 @@ def check_finite(states: torch.Tensor, what: str, layers: list[int]) -> None:
         )
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a batch may use: free GPU memory on CUDA, MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def activation_bytes_per_row(config, seq_len: int, dtype_bytes: int) -> int:
+    """A conservative peak for one prompt row in one decoder layer's forward: the residual, norm,
+    q/k/v/o and MLP intermediates for every token, plus eager attention scores (SDPA needs less)."""
+    hidden = int(config_size(config, "hidden"))
+    inter = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", None) or 1)
+    per_token = (6 * hidden + 3 * inter) * dtype_bytes
+    scores = heads * seq_len * seq_len * max(dtype_bytes, 4)
+    return seq_len * per_token + scores
+
+
+def choose_batch_size(loaded: LoadedModel, seq_len: int, free_bytes: int | None = None, fraction: float = 0.5,
+                      cap: int = 256) -> int:
+    """The largest batch whose activations fit in `fraction` of the free memory (at least 1, at most cap)."""
+    device = input_device(loaded.model)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    dtype_bytes = next(loaded.model.parameters()).element_size()
+    per_row = activation_bytes_per_row(loaded.model.config, max(1, seq_len), dtype_bytes)
+    return max(1, min(cap, int(fraction * free // per_row)))
+
+
+def resolve_batch_size(batch_size: int | str, loaded: LoadedModel, texts: list[str], max_length: int | None = None,
+                       extra_tokens: int = 0) -> int:
+    """An int as given; "auto" from free memory and the longest prompt (plus tokens to be generated)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    lengths = [len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=True).input_ids] or [1]
+    longest = min(max(lengths), max_length) if max_length else max(lengths)
+    chosen = choose_batch_size(loaded, longest + extra_tokens)
+    log.info("batch size auto: %d (longest prompt %d tokens)", chosen, longest)
+    return chosen
+
+
 @torch.inference_mode()
 def capture(
     loaded: LoadedModel,
     texts: list[str],
     layers: list[int] | None = None,
     position: str = "last",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "capture",
@@ -81,6 +131,7 @@ def capture(
         raise UserError(f"unknown capture position '{position}': use {' or '.join(POSITIONS)}")
     if not texts:
         raise UserError("no prompts to capture: give at least one prompt")
+    batch_size = resolve_batch_size(batch_size, loaded, texts, max_length)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
 

@@ -17,6 +17,18 @@ from .errors import UserError
 DEFAULT_PROMPTS = "builtin:arithmetic"
 
 
+def _batch_size(ctx, param, value):
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise click.BadParameter(f"'{value}' is not a positive integer or auto")
+    return number
+
+
 def _runtime_options(fn):
     """Options shared by every command that runs a model."""
     options = [
@@ -24,7 +36,8 @@ def _runtime_options(fn):
                      help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16."),
         click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N."),
         click.option("--device-map", default=None, help="accelerate placement, e.g. 'auto' for models larger than one GPU."),
-        click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts per forward pass."),
+        click.option("--batch-size", default="8", show_default=True, callback=_batch_size,
+                     help="Prompts per forward pass, or auto (the largest that fits half the free memory)."),
         click.option("--max-length", default=None, type=int, help="Truncate prompts to their last N tokens."),
         click.option("--trust-remote-code", is_flag=True, help="Allow a model's own Python code to run (off by default)."),
         click.option("--allow-pickle", is_flag=True,
@@ -474,6 +487,9 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 
             vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
             steer = lambda: steering(loaded, vectors, form, strength)  # noqa: E731
+        from .capture import resolve_batch_size
+
+        batch_size = resolve_batch_size(batch_size, loaded, texts, max_length, extra_tokens=max_new_tokens)
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), max_new_tokens, output,
                            label, progress, resume=resume)
     else:
@@ -550,6 +566,9 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
     loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
     vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
     questions = load_questions(prompts_path, field=field, count=count, offset=offset)
+    from .capture import resolve_batch_size
+
+    batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size)
     if output:

@@ -111,7 +111,14 @@ class RuntimeSpec(_Strict):
     dtype: str = "auto"
     device: str = "auto"
     device_map: Optional[str] = None
-    batch_size: int = Field(8, ge=1)
+    batch_size: Union[Literal["auto"], int] = 8  # auto: from free memory and the longest prompt
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a positive integer or auto")
+        return value
     max_length: Optional[int] = Field(None, ge=1)
     trust_remote_code: bool = False
     allow_pickle: bool = False
