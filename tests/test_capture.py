@@ -1,5 +1,7 @@
 """Hook capture equals output_hidden_states; padding, mean pooling and early exit."""
 
+import functools
+
 import pytest
 import torch
 
@@ -109,3 +111,46 @@ def test_auto_batch_size_gives_the_same_rows(load_tiny, questions):
     texts = questions[:10]
     assert torch.allclose(capture(lm, texts, batch_size="auto", progress=False),
                           capture(lm, texts, batch_size=1, progress=False), atol=1e-5)
+
+
+def test_interrupted_capture_resumes_from_its_checkpoint_with_identical_rows(load_tiny, questions, tmp_path,
+                                                                          monkeypatch):
+    lm = load_tiny("llama")
+    texts = prompts.apply_template("direct", questions[:10])
+    whole = capture(lm, texts, batch_size=3, progress=False)
+    forward, calls = lm.model.forward, []
+
+    @functools.wraps(forward)  # keeps the signature capture inspects
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        capture(lm, texts, batch_size=3, progress=False, checkpoint_dir=tmp_path, checkpoint_every_s=3600)
+    saved = list(tmp_path.glob("capture-*.safetensors"))
+    assert len(saved) == 1  # saved on the interrupt even though the interval had not passed
+    calls.clear()
+    monkeypatch.setattr(lm.model, "forward", functools.wraps(forward)(lambda *a, **k: calls.append(1) or forward(*a, **k)))
+    resumed = capture(lm, texts, batch_size=3, progress=False, checkpoint_dir=tmp_path)
+    assert len(calls) == 2  # 4 batches (3, 3, 3, 1), the first two kept
+    assert torch.equal(resumed, whole)
+    # finished: a second call reuses every batch; other prompts or settings never reuse it
+    calls.clear()
+    assert torch.equal(capture(lm, texts, batch_size=3, progress=False, checkpoint_dir=tmp_path), whole)
+    assert calls == []
+    capture(lm, texts, batch_size=2, progress=False, checkpoint_dir=tmp_path)
+    capture(lm, texts[:9], batch_size=3, progress=False, checkpoint_dir=tmp_path)
+    assert len(calls) == 5 + 3
+    assert len(list(tmp_path.glob("capture-*.safetensors"))) == 3
+
+
+def test_unreadable_capture_checkpoint_is_ignored(load_tiny, questions, tmp_path):
+    lm = load_tiny("llama")
+    texts = prompts.apply_template("direct", questions[:4])
+    whole = capture(lm, texts, batch_size=2, progress=False, checkpoint_dir=tmp_path)
+    (saved,) = tmp_path.glob("capture-*.safetensors")
+    saved.write_bytes(saved.read_bytes()[:100])  # cut off mid-write by a crash
+    assert torch.equal(capture(lm, texts, batch_size=2, progress=False, checkpoint_dir=tmp_path), whole)

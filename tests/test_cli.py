@@ -47,6 +47,53 @@ def test_run_recipe_end_to_end(capsys, tmp_path, tiny_recipe):
     assert_one_line_error(capsys, ["run", path, out], "exists")
 
 
+def test_interrupted_run_resumes_captures_with_identical_outputs(capsys, tmp_path, tiny_recipe, monkeypatch):
+    import unlock_export.capture as capture_mod
+
+    path, _ = tiny_recipe
+    real, calls = capture_mod.tokenize, []
+
+    def counting(*args, **kwargs):  # one call per capture batch
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_mod, "tokenize", counting)
+    assert run_cli(capsys, "run", path, tmp_path / "whole")[0] == 0
+    fresh_batches = len(calls)
+
+    def interrupt_tenth(*args, **kwargs):  # 4 locked + 4 unlocked batches, then the target's second
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(capture_mod, "tokenize", interrupt_tenth)
+    out = tmp_path / "cut"
+    code, _, err = run_cli(capsys, "run", path, out)
+    assert code == 130 and not out.exists()
+    partial = tmp_path / ".cut.partial"
+    assert len(list(partial.glob("capture-*.safetensors"))) == 3  # locked, unlocked, target (1 batch)
+    assert_one_line_error(capsys, ["run", path, out], "--resume")  # neither --resume nor --overwrite
+    calls.clear()
+    monkeypatch.setattr(capture_mod, "tokenize", counting)
+    code, _, err = run_cli(capsys, "run", path, out, "--resume")
+    assert code == 0, err
+    assert len(calls) == fresh_batches - 9  # only the unfinished batches ran again
+    assert not partial.exists()
+    from safetensors.torch import load_file
+
+    for name in ("key.safetensors", "map.safetensors", "vectors.safetensors"):
+        resumed, whole = load_file(out / name), load_file(tmp_path / "whole" / name)
+        assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole), name
+    # --overwrite starts over, discarding kept progress
+    partial.mkdir()
+    (partial / "capture-stale.safetensors").write_bytes(b"x")
+    calls.clear()
+    assert run_cli(capsys, "run", path, out, "--overwrite")[0] == 0
+    assert len(calls) >= fresh_batches and not partial.exists()
+
+
 def test_recipe_with_fold_step(capsys, tmp_path, tiny_recipe):
     from transformers import AutoModelForCausalLM
 
@@ -109,6 +156,7 @@ def test_recipe_without_matplotlib_writes_json_and_says_how_to_get_plots(capsys,
 def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
     recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0}
+    recipe["runtime"]["batch_size"] = "auto"  # resolved for every stage, calibration included
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", path, out)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,3 +56,30 @@ def read_safetensors(path: str | Path, kind: str, format_tag: str) -> tuple[dict
 
 def json_meta(value) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+@contextmanager
+def progress_folder(output: str | Path, resume: bool, start_over: bool):
+    """A folder beside `output` (`.NAME.partial`) where long steps keep their progress.
+
+    It is removed when the block finishes; kept, with a hint to resume, when the block is
+    interrupted or fails after saving something. Found from an earlier run, it is used only with
+    `resume` and removed with `start_over`; otherwise the caller is told to choose."""
+    output = Path(output)
+    folder = output.parent / f".{output.name}.partial"
+    if folder.exists() and not resume:
+        if not start_over:
+            raise UserError(f"an interrupted run left its progress in '{folder}': pass --resume to continue it, "
+                            "or --overwrite to start over")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        if any(folder.iterdir()):
+            logging.getLogger("unlock_export").warning(
+                "progress kept in %s: rerun the same command with --resume to continue", folder)
+        else:
+            folder.rmdir()
+        raise
+    shutil.rmtree(folder, ignore_errors=True)

@@ -61,7 +61,7 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
-                    batch_size: int = 8, refine: bool = True) -> dict:
+                    batch_size: int = 8, refine: bool = True, progress: bool = False) -> dict:
     """Pick the additive scale closest (KL at the answer start) to `reference_form` at
     `reference_strength`, subject to perplexity <= (1 + ppl_margin) x unsteered."""
     if not texts or not ppl_texts:
@@ -83,7 +83,9 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
                             "perplexity_ratio": ppl / base_ppl, "allowed": ppl <= base_ppl * (1 + ppl_margin)}
         return table[scale]
 
-    for scale in scales:
+    from tqdm.auto import tqdm
+
+    for scale in tqdm(scales, desc="calibrate scales", unit="scale", disable=not progress):
         measure(scale)
     if refine:  # one finer pass around the best allowed grid point
         allowed = sorted(s for s, r in table.items() if r["allowed"])

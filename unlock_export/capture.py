@@ -4,13 +4,21 @@ Forward hooks on the decoder layers copy out only the rows that are needed (the 
 or a masked mean over tokens) into preallocated float32 accumulators, instead of keeping every
 layer's full [batch, tokens, hidden] tensor as `output_hidden_states=True` does. When only the
 first few layers are needed, the forward pass stops after the deepest of them.
+
+Given a checkpoint folder, a capture saves its finished batches there every few seconds and when
+interrupted; the same capture started again (same model, prompts and settings) continues from the
+saved batches. Batches are fixed by the prompts and the batch size, so the result is identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import os
+import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +33,55 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised by the deepest hook to end the forward pass early."""
+
+
+class CaptureCheckpoint:
+    """The finished batches of one capture, in `folder/capture-<fingerprint>.safetensors`.
+
+    The fingerprint covers the model, its dtype, the texts and every setting that changes the rows,
+    so a checkpoint is only ever resumed by the capture that wrote it."""
+
+    def __init__(self, folder: str | Path, fingerprint: str, every_s: float = 30.0):
+        self.path = Path(folder) / f"capture-{fingerprint[:24]}.safetensors"
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def load(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, int] | None:
+        """(rows so far, number of finished batches), or None when there is nothing usable."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not self.path.is_file():
+            return None
+        try:
+            saved = load_file(str(self.path))
+        except (SafetensorError, OSError) as exc:
+            log.warning("ignoring unreadable capture checkpoint %s (%s)", self.path, exc)
+            return None
+        rows, done = saved.get("rows"), saved.get("batches_done")
+        if rows is None or done is None or tuple(rows.shape) != shape:
+            return None
+        return rows, int(done)
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every_s
+
+    def save(self, rows: torch.Tensor, batches_done: int) -> None:
+        from ._io import atomic_save
+
+        atomic_save({"rows": rows, "batches_done": torch.tensor(batches_done)}, self.path,
+                    {"format": "unlock-export/capture-checkpoint"})
+        self._last = time.monotonic()
+
+
+def capture_fingerprint(loaded: LoadedModel, texts: list[str], layers: list[int], position: str,
+                        batch_size: int, max_length: int | None) -> str:
+    params = next(loaded.model.parameters())
+    digest = hashlib.sha256(json.dumps(
+        [loaded.source.spec, str(params.dtype), layers, position, batch_size, max_length, len(texts)]).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,10 +174,14 @@ def capture(
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "capture",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> torch.Tensor:
     """Residual stream after each layer in `layers` (default all) for each text.
 
     Returns a float32 CPU tensor [len(layers), len(texts), hidden_size] in the given order.
+    With `checkpoint_dir`, finished batches are saved there (see the module docstring) and a
+    capture with the same fingerprint continues from them.
     """
     n_layers = loaded.n_layers
     layers = list(range(n_layers)) if layers is None else sorted(set(layers))
@@ -164,9 +225,19 @@ def capture(
     extra = {"use_cache": False}
     if "logits_to_keep" in accepted:
         extra["logits_to_keep"] = 1  # skip the LM head over every position
+    starts = list(range(0, len(order), batch_size))
+    checkpoint, done = None, 0
+    if checkpoint_dir is not None:
+        checkpoint = CaptureCheckpoint(checkpoint_dir, capture_fingerprint(
+            loaded, texts, layers, position, batch_size, max_length), checkpoint_every_s)
+        saved = checkpoint.load(tuple(out.shape))
+        if saved is not None:
+            out, done = saved
+            log.info("%s: resuming after %d of %d batches from %s", desc, done, len(starts), checkpoint.path)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
-            rows = order[start:start + batch_size]
+        for index in tqdm(range(done, len(starts)), desc=desc, unit="batch", disable=not progress,
+                          initial=done, total=len(starts)):
+            rows = order[starts[index]:starts[index] + batch_size]
             batch = tokenize(tokenizer, [texts[i] for i in rows], device, max_length)
             state.update(rows=torch.tensor(rows), mask=batch["attention_mask"],
                          last=last_token_index(batch["attention_mask"]))
@@ -176,6 +247,13 @@ def capture(
                 model(**batch, **extra)
             except _StopForward:
                 pass
+            done = index + 1
+            if checkpoint is not None and (checkpoint.due() or done == len(starts)):
+                checkpoint.save(out, done)
+    except BaseException:
+        if checkpoint is not None and done:  # Ctrl-C or a failure: keep what is finished
+            checkpoint.save(out, done)
+        raise
     finally:
         for handle in handles:
             handle.remove()

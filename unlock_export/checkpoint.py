@@ -173,7 +173,7 @@ def _place(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_checkpoint(ckpt: Checkpoint, work: Path, config: dict, added: dict[str, torch.Tensor],
-                     changed: dict[str, torch.Tensor], link: bool = False) -> dict:
+                     changed: dict[str, torch.Tensor], link: bool = False, progress: bool = True) -> dict:
     """Write the exported checkpoint into `work`: untouched shards copied (or hard-linked),
     shards holding changed tensors rewritten, added tensors in one new shard, index and config
     updated, side files copied. Returns {'rewritten': [...], 'copied': [...], 'added_shard': ...}."""
@@ -184,7 +184,9 @@ def write_checkpoint(ckpt: Checkpoint, work: Path, config: dict, added: dict[str
     weight_map = {n: rename.get(s, s) for n, s in ckpt.weight_map.items()}
     touched = {ckpt.weight_map[n] for n in changed}
     report = {"rewritten": sorted(touched), "copied": [], "added_shard": None}
-    for shard in ckpt.shards:
+    from tqdm.auto import tqdm
+
+    for shard in tqdm(ckpt.shards, desc="write shards", unit="shard", disable=not progress or len(ckpt.shards) < 2):
         src, dst = ckpt.dir / shard, work / rename.get(shard, shard)
         if shard in touched:
             with safe_open(str(src), framework="pt") as fh:

@@ -170,10 +170,12 @@ def zoo_fetch(ctx, name):
               help="Aggregate the differences by their mean or first principal direction.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
 @_runtime_options
 @click.pass_context
 def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, method,
-        output, overwrite, **runtime):
+        output, overwrite, resume, **runtime):
     """Compute the Master Key: per-layer difference between unlocked and locked source states.
 
     \b
@@ -183,13 +185,16 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
           --prompts ../shared/data/gsm8k/train.jsonl --count 64 -o key.safetensors
     """
     from . import prompts as prompts_mod
+    from ._io import progress_folder
     from .pipeline import compute_key
 
     _refuse_existing(output, overwrite)
     questions = prompts_mod.load_questions(prompts_path, field, count, offset)
     pool = _pool(ctx, **runtime)
-    master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions, method)
-    master.save(output)
+    with progress_folder(output, resume, overwrite) as pool.runtime.checkpoint_dir:
+        master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
+                                method)
+        master.save(output)
     norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
     _emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
           f"wrote {output}: key for {len(norms)} layers, norms {min(norms):.3g}..{max(norms):.3g}")
@@ -205,10 +210,12 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
 @click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
 @_runtime_options
 @click.pass_context
 def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, rank,
-          output, overwrite, **runtime):
+          output, overwrite, resume, **runtime):
     """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
 
     \b
@@ -217,6 +224,7 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
           --target zoo:qwen2.5-coder-1.5b-instruct --rank 16 --count 64 -o map.safetensors
     """
     from . import prompts as prompts_mod
+    from ._io import progress_folder
     from .pipeline import compute_map
 
     if rank < 1:
@@ -224,8 +232,9 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
     _refuse_existing(output, overwrite)
     questions = prompts_mod.load_questions(prompts_path, field, count, offset)
     pool = _pool(ctx, **runtime)
-    lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank)
-    lrmap.save(output)
+    with progress_folder(output, resume, overwrite) as pool.runtime.checkpoint_dir:
+        lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank)
+        lrmap.save(output)
     _emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
                 "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},
           f"wrote {output}: rank {lrmap.rank}, {lrmap.target_layer_count} target layers, "
@@ -303,7 +312,7 @@ def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tol
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
                         overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
-                        card_context={"vectors_file": str(vectors_path)})
+                        card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"])
     ver = result.verification
     check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
              f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
@@ -570,7 +579,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
 
     batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
-                             "paper", alpha, grid, ppl_margin, batch_size)
+                             "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"])
     if output:
         from .evaluate import _atomic_text
 
@@ -634,8 +643,10 @@ def inspect_cmd(ctx, artifact):
 @click.argument("recipe_path", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: finished captures and batches kept in .OUT_DIR.partial are reused.")
 @click.pass_context
-def run(ctx, recipe_path, out_dir, overwrite):
+def run(ctx, recipe_path, out_dir, overwrite, resume):
     """Run a whole recipe (key -> align -> project); writes key, map, vectors and summary.json.
 
     \b
@@ -652,7 +663,7 @@ def run(ctx, recipe_path, out_dir, overwrite):
 
     recipe = load_recipe(recipe_path)
     summary = run_recipe(recipe, out_dir, overwrite=overwrite, progress=not ctx.obj["quiet"],
-                         recipe_text=recipe_path.read_text(encoding="utf-8"))
+                         recipe_text=recipe_path.read_text(encoding="utf-8"), resume=resume)
     _emit(ctx, summary, "\n".join([f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
                                   + [f"  {name}: {path}" for name, path in summary["outputs"].items()]))
 

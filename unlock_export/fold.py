@@ -137,7 +137,7 @@ def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, 
 
 def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
          rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
-         verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False) -> FoldResult:
+         verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True) -> FoldResult:
     """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
     from . import card, verify as verify_mod
 
@@ -163,7 +163,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
                 config = _folded_config(ckpt.config, plan)
                 result.exported_model_type = config.get("model_type", arch.model_type)
                 result.shards = write_checkpoint(ckpt, work, config, added, changed,
-                                                 link=link or source.kind == "gguf")
+                                                 link=link or source.kind == "gguf", progress=progress)
             else:
                 _write_adapter(ckpt, work, plan, vectors, scale, rank, arch.layers_path, target)
             if verify:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ class Runtime:
     trust_remote_code: bool = False
     progress: bool = True
     allow_pickle: bool = False
+    checkpoint_dir: Path | None = None  # captures save their progress here (see capture.CaptureCheckpoint)
 
 
 class ModelPool:
@@ -57,7 +59,8 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
     loaded = pool.get(spec)
     rt = pool.runtime
     return capture.capture(loaded, prompts.apply_template(template, questions), layers=layers,
-                           batch_size=rt.batch_size, max_length=rt.max_length, progress=rt.progress, desc=desc)
+                           batch_size=rt.batch_size, max_length=rt.max_length, progress=rt.progress, desc=desc,
+                           checkpoint_dir=rt.checkpoint_dir)
 
 
 def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import diagnostics, prompts
+from ._io import progress_folder
 from .errors import UserError
 
 
@@ -239,24 +240,34 @@ def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
-               recipe_text: str | None = None) -> dict:
+               recipe_text: str | None = None, resume: bool = False) -> dict:
     """Run key -> align -> project and write key, map, vectors and a summary into out_dir.
 
     Everything is written into a temporary folder beside out_dir and renamed at the end, so a
-    failed run leaves nothing behind.
+    failed run leaves no partial output. Captures keep their progress in `.OUT.partial` beside it;
+    with `resume`, an interrupted run continues from there (see capture.CaptureCheckpoint).
     """
-    from .pipeline import ModelPool, Runtime, compute_key, compute_map, project
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with progress_folder(out_dir, resume, start_over=overwrite) as checkpoint_dir:
+        summary = _run(recipe, out_dir, progress, recipe_text, checkpoint_dir)
+    if recipe.push is not None:
+        summary["push"] = _push(recipe.push, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None, checkpoint_dir: Path) -> dict:
+    from .pipeline import ModelPool, Runtime, compute_key, compute_map, project
+
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         timings: dict[str, float] = {}
         rt = recipe.runtime
         pool = ModelPool(Runtime(rt.dtype, rt.device, rt.device_map, rt.batch_size, rt.max_length,
-                                 rt.trust_remote_code, progress, rt.allow_pickle))
+                                 rt.trust_remote_code, progress, rt.allow_pickle, checkpoint_dir))
         p = recipe.prompts
         key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
         align_count = p.align_count or p.key_count
@@ -304,11 +315,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             if scale == "auto":
                 from .calibrate import calibrate_scale
 
+                from .capture import resolve_batch_size
+
                 calib_questions = key_questions[:f.calibrate_count]
-                calibration = calibrate_scale(pool.get(recipe.target.model), chosen,
-                                              prompts.apply_template(target_template, calib_questions),
+                calib_texts = prompts.apply_template(target_template, calib_questions)
+                target_loaded = pool.get(recipe.target.model)
+                calibration = calibrate_scale(target_loaded, chosen, calib_texts,
                                               prompts.apply_template("plain", calib_questions), "paper", f.alpha,
-                                              ppl_margin=f.ppl_margin, batch_size=rt.batch_size)
+                                              ppl_margin=f.ppl_margin, progress=progress,
+                                              batch_size=resolve_batch_size(rt.batch_size, target_loaded,
+                                                                            calib_texts, rt.max_length))
                 pool.release()
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
                 outputs.append("calibration.json")
@@ -319,7 +335,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
                     f"{calibration['prompts']} prompts (KL {calibration['kl_to_reference']:.3g}, unsteered "
                     f"{calibration['kl_unsteered_to_reference']:.3g}), perplexity within +{f.ppl_margin:.0%}")
             result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
-                          verify=f.verify, tolerance=f.tolerance, allow_pickle=rt.allow_pickle,
+                          verify=f.verify, tolerance=f.tolerance, allow_pickle=rt.allow_pickle, progress=progress,
                           card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
                                         "recipe": recipe_text or "", **card_extra})
             timings["fold_s"] = time.perf_counter() - t0
@@ -347,9 +363,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if recipe.push is not None:
-        summary["push"] = _push(recipe.push, out_dir)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
