@@ -6,6 +6,7 @@ Methods (each runs in its own process so memory figures do not mix):
                   then slice the last token of every layer
   reference-keep1 the same, but with logits_to_keep=1 (isolates hidden-state retention)
   plain           a plain forward with logits_to_keep=1 and no capture: the unavoidable work
+  ours-half       hook capture of layers 0..N/2-1 only: the forward stops after layer N/2-1 (early exit)
 
 Peak activation memory is the peak resident memory during the capture loop minus the resident
 memory before it (sampled every 2 ms; on CUDA: torch.cuda.max_memory_allocated minus the baseline).
@@ -25,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("ours", "reference", "reference-keep1", "plain")
+METHODS = ("ours", "reference", "reference-keep1", "plain", "ours-half")
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -88,9 +89,9 @@ def child(args) -> dict:
     n_layers = lm.n_layers
 
     def run_method():
-        if args.method == "ours":
+        if args.method in ("ours", "ours-half"):
             # capture() tokenizes text; feed it the same token ids as text-free batches instead
-            return capture_ids(lm, batches)
+            return capture_ids(lm, batches, None if args.method == "ours" else list(range(n_layers // 2)))
         rows = []
         for ids in batches:
             if args.method == "plain":
@@ -122,7 +123,7 @@ def child(args) -> dict:
             "memory_measure": "cuda max_memory_allocated" if cuda else "peak RSS delta"}
 
 
-def capture_ids(lm, batches):
+def capture_ids(lm, batches, layers=None):
     """Run unlock_export's hook capture on pre-tokenized batches (no padding)."""
     import torch
 
@@ -142,8 +143,8 @@ def capture_ids(lm, batches):
     lm.tokenizer = _IdTokenizer()
     try:
         # equal lengths keep capture()'s length sort a no-op, so batches match the reference's
-        return cap.capture(lm, [str(i) for i in range(len(texts_ids))], batch_size=batches[0].shape[0],
-                           progress=False)
+        return cap.capture(lm, [str(i) for i in range(len(texts_ids))], layers=layers,
+                           batch_size=batches[0].shape[0], progress=False)
     finally:
         lm.tokenizer = real
 
@@ -157,24 +158,33 @@ def main():
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each method, interleaved; the median is kept")
     parser.add_argument("--json", default="benchmarks/results/capture.json", help="where to write the results")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.method:
         print(json.dumps(child(args)))
         return
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):  # interleaved, so drift in machine load hits every method alike
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--method", method] + [
+                f"--{k}={v}" for k, v in (("model", args.model), ("n", args.n), ("tokens", args.tokens),
+                                           ("batch", args.batch), ("dtype", args.dtype), ("device", args.device))]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode != 0:
+                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.setdefault(method, []).append(r)
+            print(f"[{repeat + 1}/{args.repeats}] {method:<16} {r['tokens_per_s']:>9.1f} tok/s  "
+                  f"{r['peak_activation_mib']:>9.1f} MiB  ({r['seconds']} s)", flush=True)
     results = []
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--method", method] + [
-            f"--{k}={v}" for k, v in (("model", args.model), ("n", args.n), ("tokens", args.tokens),
-                                       ("batch", args.batch), ("dtype", args.dtype), ("device", args.device))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if proc.returncode != 0:
-            sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{method:<16} {r['tokens_per_s']:>9.1f} tok/s  {r['peak_activation_mib']:>9.1f} MiB  ({r['seconds']} s)",
-              flush=True)
+    for method, rs in runs.items():  # the median run by time
+        r = sorted(rs, key=lambda x: x["seconds"])[len(rs) // 2]
+        results.append({**r, "repeats": len(rs), "seconds_all": [x["seconds"] for x in rs]})
+    print("median of the repeats:")
+    for r in results:
+        print(f"{r['method']:<16} {r['tokens_per_s']:>9.1f} tok/s  {r['peak_activation_mib']:>9.1f} MiB  ({r['seconds']} s)")
     by = {r["method"]: r for r in results}
     if "ours" in by:
         for other in ("reference", "reference-keep1"):
@@ -185,6 +195,9 @@ def main():
         if "plain" in by:
             overhead = by["plain"]["tokens_per_s"] / by["ours"]["tokens_per_s"] - 1
             print(f"ours vs plain forward: {100 * overhead:+.1f}% time overhead")
+        if "ours-half" in by:
+            print(f"early exit (layers < N/2): {by['ours-half']['seconds'] / by['ours']['seconds']:.0%} "
+                  "of the full-depth capture time")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")

@@ -215,6 +215,29 @@ def test_recipe_push_step(capsys, hub, tiny_recipe, tmp_path):
     assert code == 1 and "unlock-export push" in err and (tmp_path / "out2" / "model" / "config.json").is_file(), err
 
 
+def test_push_run_output_folder(capsys, hub, tiny_recipe, tmp_path):
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "scale": 0.5, "layers": "1-2", "verify": False}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert cli(capsys, "--quiet", "run", path, out)[0] == 0
+    code, text, err = cli(capsys, "push", out, "--repo-id", "me/run", "--dry-run")
+    assert code == 0, err
+    assert text.splitlines()[0].startswith("would push recipe-output to me/run@main")
+    listed = {line.split()[-1] for line in text.splitlines()[1:] if not line.endswith("(generated card)")}
+    expected = {p.name for p in out.iterdir() if p.is_file()}
+    assert listed == expected and {"key.safetensors", "map.safetensors", "vectors.safetensors"} <= listed
+    assert hub.requests == []
+    code, _, err = cli(capsys, "--quiet", "push", out, "--repo-id", "me/run", "--base-model", "Qwen/Qwen2.5-0.5B")
+    assert code == 0, err
+    pushed = hub.files("me/run")
+    assert set(pushed) == expected | {"README.md"}  # the model/ export is a push of its own
+    assert pushed["vectors.safetensors"] == (out / "vectors.safetensors").read_bytes()
+    front = _front(pushed["README.md"])
+    assert front["base_model"] == "Qwen/Qwen2.5-0.5B" and "steering" in front["tags"]
+    assert b"unlock-export fold TARGET --vectors vectors.safetensors" in pushed["README.md"]
+
+
 @pytest.mark.parametrize("push,match", [({"repo_id": "bad id"}, "--repo-id"),
                                         ({"repo_id": "me/x", "artifact": "model"}, "needs a fold step"),
                                         ({"repo_id": "me/x", "token": "abc"}, "unknown key 'push.token'")])

@@ -1,8 +1,9 @@
 """Push an export to the Hugging Face Hub: one repo create, one commit.
 
 What can be pushed: an exported folder (folded checkpoint or PEFT adapter, which already holds its
-model card), or a single artifact file (a vectors/key/map safetensors file, a control-vector or
-model GGUF), for which a model card is generated. The token comes from huggingface_hub's own
+model card), a `run` output folder (key, map, vectors, summary, diagnostics; its `model/` export is
+a separate push), or a single artifact file (a vectors/key/map safetensors file, a control-vector or
+model GGUF); a model card is generated for the last two. The token comes from huggingface_hub's own
 sources (`HF_TOKEN`, the login cache); it is never printed or written. `HF_ENDPOINT` is honoured.
 """
 
@@ -78,8 +79,11 @@ def _artifact_kind(path: Path) -> str:
             return "adapter"
         if (path / "config.json").is_file():
             return "checkpoint"
-        raise UserError(f"'{path}' is neither an exported checkpoint (config.json) nor an adapter "
-                        "(adapter_config.json): push an export folder or a single artifact file")
+        if (path / "summary.json").is_file() and (path / "vectors.safetensors").is_file():
+            return "recipe-output"
+        raise UserError(f"'{path}' is neither an exported checkpoint (config.json), an adapter "
+                        "(adapter_config.json) nor a `run` output (summary.json, vectors.safetensors): "
+                        "push one of those or a single artifact file")
     if path.suffix == ".gguf":
         from gguf import GGUFReader
 
@@ -92,6 +96,32 @@ def _artifact_kind(path: Path) -> str:
     if path.suffix == ".safetensors":
         return "vectors"
     raise UserError(f"'{path}' is not something push knows: an export folder, a .safetensors or a .gguf file")
+
+
+def _recipe_output_card(path: Path, base_model: str | None) -> str:
+    """Card of a `run` output: what the steering vectors are for and how to apply them."""
+    import json
+
+    from .card import _base_model_id
+    from .vectors import SteeringVectors
+
+    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    vectors = SteeringVectors.load(path / "vectors.safetensors")
+    target = vectors.provenance.get("target", "")
+    front = {"tags": ["unlock-export", "steering"], "base_model": base_model or _base_model_id(target) or None}
+    front = {k: v for k, v in front.items() if v}
+    lines = [f"# {summary.get('recipe', path.name)}", "",
+             f"UNLOCK steering vectors (arXiv 2604.06377) made by unlock-export {__version__}: the source's "
+             f"key ({vectors.provenance.get('key_templates', '')}, {summary.get('n_prompts_key')} prompts) carried "
+             f"into `{target}` through a rank-{summary.get('rank')} map "
+             f"({summary.get('source_layers')} -> {summary.get('target_layers')} layers).", ""]
+    if summary.get("diagnostics"):
+        lines += [f"Diagnostics: {summary['diagnostics']}", ""]
+    lines += ["## Use", "", "```sh",
+              "unlock-export fold TARGET --vectors vectors.safetensors --scale S -o folded/   # a checkpoint",
+              "unlock-export cvec --vectors vectors.safetensors --scale S --layers 1-N -o steer.gguf  # llama.cpp",
+              "```", ""]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
 
 
 def _single_file_card(path: Path, kind: str, base_model: str | None) -> str:
@@ -116,7 +146,13 @@ def plan_upload(path: str | Path, base_model: str | None = None) -> tuple[str, l
         raise UserError(f"'{path}' does not exist: pass an export folder or an artifact file")
     kind = _artifact_kind(path)
     files: list[UploadFile] = []
-    if path.is_dir():
+    if kind == "recipe-output":
+        for local in sorted(p for p in path.iterdir() if p.is_file() and not p.is_symlink()):
+            if local.name not in _SKIP_NAMES and not local.name.startswith("."):
+                files.append(UploadFile(local.name, local, local.stat().st_size, _sha256(local)))
+        content = _recipe_output_card(path, base_model).encode()
+        files.append(UploadFile("README.md", None, len(content), hashlib.sha256(content).hexdigest(), content))
+    elif path.is_dir():
         card_updates = {"library_name": "peft" if kind == "adapter" else "transformers"}
         if base_model:
             card_updates["base_model"] = base_model
