@@ -14,6 +14,7 @@ Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.j
 summary is reused, so an interrupted run resumes. The table goes to OUT/table.md and table.json.
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
+                               [--configs unsteered,folded,...] [--calibrate-count 32]
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def steerable(vectors):
     return vectors.select([layer for layer in vectors.layers if layer != 0])
 
 
-def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
+def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 32,
+            self_key: bool = True) -> dict:
     """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors."""
     import yaml
 
@@ -67,7 +69,8 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
         data = yaml.safe_load(recipe_path.read_text())
         data["prompts"]["path"] = str(recipe.prompts.path)
         data["vectors"]["layers"] = "1--1"
-        data["fold"] = {"mode": "bias", "scale": "auto", "alpha": alpha, "verify": True}
+        data["fold"] = {"mode": "bias", "scale": "auto", "alpha": alpha, "verify": True,
+                        "calibrate_count": calibrate_count}
         tmp_recipe = work / "recipe.yaml"
         tmp_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
         cli("--quiet", "run", "--overwrite", tmp_recipe, run_dir)
@@ -80,7 +83,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
 
     self_path, random_path = work / "self-key.safetensors", work / "random.safetensors"
     self_cal_path = work / "self-key-calibration.json"
-    if not self_path.exists() or not self_cal_path.exists():
+    if self_key and (not self_path.exists() or not self_cal_path.exists()):
         from unlock_export.capture import capture
         from unlock_export.key import master_key
 
@@ -93,7 +96,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
         own = SteeringVectors({b: key[b] for b in vectors.layers}, vectors.layer_count, vectors.hidden_size,
                               model_hint=vectors.model_hint, provenance={"kind": "target's own CoT key"})
         own.save(self_path)
-        calib_q = questions[:32]
+        calib_q = questions[:calibrate_count]
         self_cal = calibrate_scale(loaded, own, apply_template("direct", calib_q), apply_template("plain", calib_q),
                                    "paper", alpha)
         self_cal_path.write_text(json.dumps(self_cal, indent=2))
@@ -109,7 +112,8 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float) -> dict:
     source = resolve(target)
     return {"target": target, "target_gguf": Path(source.path) / source.gguf_file, "folded_gguf": folded_gguf,
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
-            "self_key": self_path, "self_scale": json.loads(self_cal_path.read_text())["scale"],
+            "self_key": self_path,
+            "self_scale": json.loads(self_cal_path.read_text())["scale"] if self_cal_path.exists() else None,
             "random": random_path, "calibration": calibration}
 
 
@@ -144,6 +148,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--only", choices=sorted(DIRECTIONS), default=None)
+    parser.add_argument("--calibrate-count", type=int, default=32, help="unlabeled prompts for the label-free scale")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
     args = parser.parse_args()
     if not DEV.is_file():
@@ -158,7 +163,7 @@ def main() -> None:
         if args.only and direction != args.only:
             continue
         t0 = time.perf_counter()
-        prep = prepare(direction, recipe_path, args.out, args.alpha)
+        prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count, "self-key" in wanted)
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()

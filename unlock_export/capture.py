@@ -210,7 +210,8 @@ def capture(
             else:
                 mask = state["mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
                 rows = (hidden * mask).sum(1) / mask.sum(1)
-            out[slot[layer], state["rows"]] = rows.float().cpu()
+            # fp32 rows only, into the staging buffer; from a GPU an asynchronous copy into pinned memory
+            staging[slot[layer], :rows.shape[0]].copy_(rows.float(), non_blocking=staging.is_pinned())
             if layer == deepest and deepest < n_layers - 1:
                 raise _StopForward
         return hook
@@ -226,6 +227,9 @@ def capture(
     if "logits_to_keep" in accepted:
         extra["logits_to_keep"] = 1  # skip the LM head over every position
     starts = list(range(0, len(order), batch_size))
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    staging = torch.zeros(len(layers), min(batch_size, len(texts)), loaded.hidden_size, dtype=torch.float32,
+                          pin_memory=on_gpu)
     checkpoint, done = None, 0
     if checkpoint_dir is not None:
         checkpoint = CaptureCheckpoint(checkpoint_dir, capture_fingerprint(
@@ -247,6 +251,9 @@ def capture(
                 model(**batch, **extra)
             except _StopForward:
                 pass
+            if on_gpu:
+                torch.cuda.synchronize()  # the asynchronous row copies have landed
+            out[:, state["rows"]] = staging[:, :len(rows)]
             done = index + 1
             if checkpoint is not None and (checkpoint.due() or done == len(starts)):
                 checkpoint.save(out, done)
