@@ -13,6 +13,11 @@ memory before it (sampled every 2 ms; on CUDA: torch.cuda.max_memory_allocated m
 
   python benchmarks/capture.py                       # qwen2.5-coder-0.5b, 64 prompts x 256 tokens
   python benchmarks/capture.py --n 16 --tokens 128   # quicker
+  python benchmarks/capture.py --model random:qwen2.5-7b --dtype bfloat16 --device cuda   # realistic shapes
+
+`random:NAME` builds a random-initialised model from a real config (no weights needed; speed and
+memory do not depend on the values): qwen2.5-7b, qwen3-14b, qwen2.5-coder-1.5b. `--num-layers K`
+keeps only the first K decoder layers (to try the large shapes on a small machine).
 """
 
 from __future__ import annotations
@@ -27,6 +32,51 @@ import time
 from pathlib import Path
 
 METHODS = ("ours", "reference", "reference-keep1", "plain", "ours-half")
+# config.json fields of the real models (from the Hub); random weights of these shapes
+RANDOM_CONFIGS = {
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False},
+    "qwen3-14b": {"model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40,
+                  "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                  "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                  "tie_word_embeddings": False},
+    "qwen2.5-coder-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+                           "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+                           "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                           "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+}
+
+
+def load_model(spec: str, dtype: str, device: str, num_layers: int | None):
+    """unlock_export's loader, or a random-initialised model of a real config for `random:NAME`."""
+    import torch
+
+    from unlock_export import models
+
+    if not spec.startswith("random:"):
+        return models.load(spec, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(RANDOM_CONFIGS[spec.removeprefix("random:")])
+    if num_layers:
+        fields["num_hidden_layers"] = num_layers
+    config = AutoConfig.for_model(**fields)
+    target = models.choose_device(device)
+    torch_dtype = models.choose_dtype(dtype, target)
+    torch.manual_seed(0)
+    with torch.device(target):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+
+    class _Vocab:  # make_batches draws token ids; a random model has no tokenizer
+        def __call__(self, text, **kwargs):
+            g = torch.Generator().manual_seed(0)
+            return type("Enc", (), {"input_ids": torch.randint(0, config.vocab_size, (65536,), generator=g).tolist()})
+
+    source = models.ModelSource(spec, "random", spec)
+    return models.LoadedModel(model, _Vocab(), source, models.architecture_for(model))
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -79,11 +129,8 @@ class PeakRSS:
 def child(args) -> dict:
     import torch
 
-    from unlock_export.capture import capture
-    from unlock_export.models import load
-
     torch.set_grad_enabled(False)
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, args.dtype, args.device, args.num_layers)
     batches = make_batches(lm.tokenizer, args.n, args.tokens, args.batch, lm.device)
     cuda = lm.device.type == "cuda"
     n_layers = lm.n_layers
@@ -157,6 +204,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-layers", type=int, default=0, help="random:NAME only: keep the first K layers")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method, interleaved; the median is kept")
     parser.add_argument("--json", default="benchmarks/results/capture.json", help="where to write the results")
@@ -170,7 +218,8 @@ def main():
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--method", method] + [
                 f"--{k}={v}" for k, v in (("model", args.model), ("n", args.n), ("tokens", args.tokens),
-                                           ("batch", args.batch), ("dtype", args.dtype), ("device", args.device))]
+                                           ("batch", args.batch), ("dtype", args.dtype), ("device", args.device),
+                                           ("num-layers", args.num_layers))]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if proc.returncode != 0:
                 sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
