@@ -120,7 +120,9 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
 def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int) -> dict:
     summary_path = out / name / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        if summary["n"] == count and summary["max_new_tokens"] == max_new_tokens:
+            return summary  # finished earlier with the same settings
     common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
     cpp = ["--engine", "llamacpp", "--parallel", "4"]
     if name == "unsteered":

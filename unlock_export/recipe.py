@@ -227,14 +227,16 @@ def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[
     locked, unlocked = recipe.source.locked, recipe.source.unlocked
     used = max(p.key_count, p.align_count or p.key_count)
     heldout_q = prompts.load_questions(p.path, p.field, d.heldout_count, p.offset + used)
-    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)"),
-               capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)"))
+    # the target first: align left it loaded (and its locked capture is usually align's, from the checkpoint)
+    target_heldout = capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)")
     target_key = None
     if d.target_key and locked.model == unlocked.model and locked.template != unlocked.template:
         t_locked = capture_states(pool, recipe.target.model, locked.template, key_questions, "capture target (locked)")
         t_unlocked = capture_states(pool, recipe.target.model, unlocked.template, key_questions,
                                     "capture target (unlocked)")
         target_key = master_key(t_locked, t_unlocked, recipe.key.method)
+    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)"),
+               target_heldout)
     pool.release()
     return diagnostics.transfer_diagnostics(key, lrmap, vectors, heldout, target_key)
 
@@ -288,7 +290,6 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                             source_states=locked_states if same_prompts else None)
         timings["align_s"] = time.perf_counter() - t0
         lrmap.save(work / "map.safetensors")
-        pool.release()
 
         vectors = project(key, lrmap, recipe.vectors.layers, recipe.vectors.site)
         vectors.provenance["recipe"] = recipe.name
@@ -304,7 +305,9 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
             card_extra["diagnostics"] = diagnostics.summary_line(diag)
             timings["diagnostics_s"] = time.perf_counter() - t0
         fold_info = None
-        if recipe.fold is not None:
+        if recipe.fold is None:
+            pool.release()
+        else:
             from .fold import fold
             from .vectors import parse_layers
 
@@ -325,7 +328,6 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                                               ppl_margin=f.ppl_margin, progress=progress,
                                               batch_size=resolve_batch_size(rt.batch_size, target_loaded,
                                                                             calib_texts, rt.max_length))
-                pool.release()
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
                 outputs.append("calibration.json")
                 scale = calibration["scale"]
@@ -334,6 +336,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                     f"label-free: closest in KL at the answer start to the paper form at alpha {f.alpha:g} on "
                     f"{calibration['prompts']} prompts (KL {calibration['kl_to_reference']:.3g}, unsteered "
                     f"{calibration['kl_unsteered_to_reference']:.3g}), perplexity within +{f.ppl_margin:.0%}")
+            pool.release()  # fold's verification loads the target and the export
             result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                           verify=f.verify, tolerance=f.tolerance, allow_pickle=rt.allow_pickle, progress=progress,
                           card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
