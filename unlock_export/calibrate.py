@@ -17,7 +17,9 @@ from .errors import UserError
 from .steer import steering
 from .vectors import SteeringVectors
 
-DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 4) for k in range(-4, 13))  # 0 (unsteered), 0.25 .. 64 in sqrt(2) steps
+# 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
+# one at every steered layer, so useful scales run from about 1/(steered layers) upwards.
+DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-16, 13))
 
 
 def _batches(loaded, texts: list[str], batch_size: int | str):
@@ -61,9 +63,13 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
-                    batch_size: int = 8, refine: bool = True, progress: bool = False) -> dict:
+                    batch_size: int = 8, refine: bool = True, progress: bool = False,
+                    stop_after_rejected: int = 2) -> dict:
     """Pick the additive scale closest (KL at the answer start) to `reference_form` at
-    `reference_strength`, subject to perplexity <= (1 + ppl_margin) x unsteered."""
+    `reference_strength`, subject to perplexity <= (1 + ppl_margin) x unsteered.
+
+    Scales are tried in ascending order; perplexity grows with the scale, so the search stops once
+    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale)."""
     if not texts or not ppl_texts:
         raise UserError("calibration needs prompts and plain texts; pass --count > 0")
     if any(s < 0 or not math.isfinite(s) for s in scales):
@@ -85,8 +91,11 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
 
     from tqdm.auto import tqdm
 
-    for scale in tqdm(scales, desc="calibrate scales", unit="scale", disable=not progress):
-        measure(scale)
+    rejected = 0
+    for scale in tqdm(sorted(scales), desc="calibrate scales", unit="scale", disable=not progress):
+        rejected = 0 if measure(scale)["allowed"] else rejected + 1
+        if stop_after_rejected and rejected >= stop_after_rejected:
+            break
     if refine:  # one finer pass around the best allowed grid point
         allowed = sorted(s for s, r in table.items() if r["allowed"])
         if allowed:
