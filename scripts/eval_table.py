@@ -9,12 +9,15 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
   folded          llama.cpp, the folded GGUF (route a) with the label-free calibrated scale
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
   random          llama.cpp, random directions with the folded vectors' norms and scale
+  scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
+                  accuracy against scale, and the scale dev-set accuracy would pick (uses labels)
 
 Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.json}; an existing
 summary is reused, so an interrupted run resumes. The table goes to OUT/table.md and table.json.
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 32]
+                               [--sweep-scales 0.0442,0.125,0.177]
 """
 
 from __future__ import annotations
@@ -140,7 +143,28 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
     elif name == "random":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["random"], "--form", "additive",
             "--strength", prep["scale"], *common)
+    elif name.startswith("scale-"):
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["vectors"], "--form", "additive",
+            "--strength", name.removeprefix("scale-"), *common)
     return json.loads(summary_path.read_text())
+
+
+def accuracy_vs_scale(rows: dict, label_free_scale: float, out: Path) -> dict:
+    """Accuracy against the additive scale (0 = unsteered, the folded scale, the sweep), the scale that
+    dev-set accuracy picks (it reads labels, unlike the calibration) and accuracy_vs_scale.png."""
+    points = [{"scale": float(name.removeprefix("scale-")), **rows[name]} for name in rows if name.startswith("scale-")]
+    if "unsteered" in rows:
+        points.append({"scale": 0.0, **rows["unsteered"]})
+    if "folded" in rows:
+        points.append({"scale": label_free_scale, **rows["folded"]})
+    best = max(points, key=lambda p: (p["accuracy"], -p["scale"]))
+    from unlock_export.diagnostics import plot_accuracy_vs_scale, plots_available
+
+    if plots_available():
+        plot_accuracy_vs_scale(points, out / "accuracy_vs_scale.png", "accuracy vs additive scale (folded = label-free)")
+    return {"scale": best["scale"], "accuracy": best["accuracy"], "label_free_scale": label_free_scale,
+            "points": sorted(({"scale": p["scale"], "accuracy": p["accuracy"], "ci95": p["ci95"]} for p in points),
+                             key=lambda p: p["scale"])}
 
 
 def main() -> None:
@@ -152,6 +176,8 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(DIRECTIONS), default=None)
     parser.add_argument("--calibrate-count", type=int, default=32, help="unlabeled prompts for the label-free scale")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
+    parser.add_argument("--sweep-scales", default="",
+                        help="comma list of extra additive scales (control vector): accuracy against scale")
     args = parser.parse_args()
     if not DEV.is_file():
         raise SystemExit(f"{DEV} not found: the GSM8K dev split lives in ../shared/data/gsm8k/")
@@ -159,6 +185,11 @@ def main() -> None:
     unknown = set(wanted) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    try:
+        sweep = [float(s) for s in args.sweep_scales.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"--sweep-scales takes numbers separated by commas, not {args.sweep_scales!r}") from None
+    wanted += [f"scale-{s:g}" for s in sweep]
     started = time.perf_counter()
     table = {}
     for direction, recipe_path in DIRECTIONS.items():
@@ -173,6 +204,8 @@ def main() -> None:
             print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        if sweep:
+            table[direction]["by_accuracy"] = accuracy_vs_scale(rows, prep["scale"], args.out / direction)
     result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": str(DEV),
               "wall_s": round(time.perf_counter() - started, 1), "directions": table}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +216,11 @@ def main() -> None:
         for name, s in d["rows"].items():
             lines.append(f"| {direction} | {name} | {s['accuracy']:.1%} | {s['ci95'][0]:.1%}-{s['ci95'][1]:.1%} | "
                          f"{s['mean_output_tokens']:.0f} | {s['steps_rate']:.0%} |")
+    for direction, d in table.items():
+        if "by_accuracy" in d:
+            b = d["by_accuracy"]
+            lines.append(f"\n{direction}: dev-set accuracy (uses labels) picks scale {b['scale']:g} "
+                         f"({b['accuracy']:.1%}); the label-free calibration picked {b['label_free_scale']:g}")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wall time {result['wall_s']:.0f} s; results in {args.out}")
