@@ -98,6 +98,28 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
     assert strict["scale"] in [r["scale"] for r in strict["table"] if r["allowed"]] + [0.0]
 
 
+def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
+    """Scales run in ascending order whatever order they are given in. The search stops once two in a
+    row fail the perplexity guard, and it tries every scale with stop_after_rejected=0."""
+    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", questions[:6])
+    scales = (64.0, 0.5, 16.0, 2.0, 32.0, 1.0, 8.0, 4.0)
+    every = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+                            reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
+                            stop_after_rejected=0)
+    assert [r["scale"] for r in every["table"]] == sorted(scales)
+    allowed = [r["allowed"] for r in every["table"]]
+    first_stop = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
+    early = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+                            reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False)
+    assert first_stop < len(scales) - 1  # the case must actually stop early
+    assert [r["scale"] for r in early["table"]] == sorted(scales)[:first_stop + 1]
+    assert early["table"] == every["table"][:first_stop + 1]
+
+
 def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
     vec_path = _vectors().save(tmp_path / "v.safetensors")
     out = tmp_path / "cal.json"

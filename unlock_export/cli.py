@@ -539,7 +539,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Steering-vectors file for MODEL.")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength to match.")
-@click.option("--scales", default=None, help="Comma list of additive scales to try (default 0, then 1/256..64 in sqrt(2) steps, ascending, stopping after two in a row fail the perplexity guard, refined around the best).")
+@click.option("--scales", default=None, help="Comma list of additive scales to try (default 0, then 1/256..64 in sqrt(2) steps); tried in ascending order, stopping after two in a row fail the perplexity guard, then refined around the best.")
 @click.option("--ppl-margin", default=0.10, show_default=True, type=float,
               help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
 @click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
