@@ -163,7 +163,9 @@ def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, t
     assert code == 0, err
     calibration = json.loads((out / "calibration.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert calibration["reference"] == {"form": "paper", "strength": 0.5}
+    # the fold steers layers 1-2; the paper-form reference it is matched to keeps every vector layer
+    assert calibration["reference"] == {"form": "paper", "strength": 0.5, "layers": [0, 1, 2]}
+    assert calibration["layers"] == [1, 2]
     assert summary["fold"]["scale"] == calibration["scale"] > 0
     assert calibration["kl_to_reference"] < calibration["kl_unsteered_to_reference"]
 

@@ -120,13 +120,53 @@ def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
     assert early["table"] == every["table"][:first_stop + 1]
 
 
+def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
+    """additive_layers restricts only the additive form: with the other layers' vectors zero the band
+    recovers the known scale exactly; with another layer non-zero the reference still holds it."""
+    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", questions[:6])
+    full = _vectors()
+    zero = torch.zeros(full.hidden_size)
+    only_two = SteeringVectors({1: zero, 2: full.directions[2], 3: zero}, 4, full.hidden_size)
+    kwargs = dict(reference_form="additive", reference_strength=3.0, scales=(1.0, 2.0, 3.0, 4.0), ppl_margin=100.0,
+                  refine=False, additive_layers=[2])
+    exact = calibrate_scale(loaded, only_two, texts, questions[:6], **kwargs)
+    assert exact["scale"] == 3.0 and exact["kl_to_reference"] < 1e-9
+    assert exact["layers"] == [2] and exact["reference"]["layers"] == [1, 2, 3]
+    kept = calibrate_scale(loaded, SteeringVectors({**only_two.directions, 1: full.directions[1]}, 4, full.hidden_size),
+                           texts, questions[:6], **kwargs)
+    assert min(r["kl_to_reference"] for r in kept["table"]) > 1e-6
+
+
+def test_eval_and_calibrate_select_layers(tiny_model_dir, math_set, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    vec_path = str(_vectors(scale=3).save(tmp_path / "v.safetensors"))
+    base = ["eval", model, "--data", str(math_set), "--max-new-tokens", "4"]
+    assert main(["--json", *base, "--vectors", vec_path, "--form", "additive", "--layers", "2-3",
+                 "-o", str(tmp_path / "band")]) == 0
+    assert json.loads(capsys.readouterr().out)["steering"]["layers"] == [2, 3]
+    assert main([*base, "--layers", "2", "-o", str(tmp_path / "x")]) == 2
+    assert "pass --vectors too" in capsys.readouterr().err
+    assert main([*base, "--vectors", vec_path, "--layers", "0", "-o", str(tmp_path / "x")]) == 2
+    assert "holds no vector for layers 0 (it holds layers 1-3)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "cal.json"
+    assert main(["--quiet", "calibrate", model, "--vectors", vec_path, "--layers", "1,3", "--count", "4",
+                 "--scales", "0.5,1", "--ppl-margin", "10", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["layers"] == [1, 3]
+
+
 def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
     vec_path = _vectors().save(tmp_path / "v.safetensors")
     out = tmp_path / "cal.json"
     assert main(["--quiet", "calibrate", str(tiny_model_dir("llama")), "--vectors", str(vec_path), "--alpha", "0.5",
                  "--count", "6", "--scales", "0.5,1,2,4", "--ppl-margin", "10", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["reference"] == {"form": "paper", "strength": 0.5}
+    assert result["reference"] == {"form": "paper", "strength": 0.5, "layers": [1, 2, 3]}
+    assert result["layers"] == [1, 2, 3]
     assert result["scale"] in [r["scale"] for r in result["table"]]
     assert result["kl_to_reference"] <= result["kl_unsteered_to_reference"]
 

@@ -64,9 +64,12 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
-                    stop_after_rejected: int = 2) -> dict:
+                    stop_after_rejected: int = 2, additive_layers: list[int] | None = None) -> dict:
     """Pick the additive scale closest (KL at the answer start) to `reference_form` at
     `reference_strength`, subject to perplexity <= (1 + ppl_margin) x unsteered.
+
+    The reference steers every layer of `vectors`; `additive_layers` (default: the same) restricts
+    the additive form to a band, as a fold with `--layers` would.
 
     Scales are tried in ascending order; perplexity grows with the scale, so the search stops once
     `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale)."""
@@ -74,6 +77,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         raise UserError("calibration needs prompts and plain texts; pass --count > 0")
     if any(s < 0 or not math.isfinite(s) for s in scales):
         raise UserError("calibration scales must be finite and >= 0")
+    additive = vectors if additive_layers is None else vectors.select(additive_layers)
     with steering(loaded, vectors, reference_form, reference_strength):
         reference = answer_start_logprobs(loaded, texts, batch_size)
     plain = answer_start_logprobs(loaded, texts, batch_size)
@@ -82,7 +86,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
 
     def measure(scale: float) -> dict:
         if scale not in table:
-            with steering(loaded, vectors, "additive", scale):
+            with steering(loaded, additive, "additive", scale):
                 q = answer_start_logprobs(loaded, texts, batch_size)
                 ppl = perplexity(loaded, ppl_texts, batch_size)
             table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
@@ -110,7 +114,8 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         "scale": chosen["scale"] if chosen else 0.0,
         "kl_to_reference": chosen["kl_to_reference"] if chosen else kl(reference, plain),
         "kl_unsteered_to_reference": kl(reference, plain),
-        "reference": {"form": reference_form, "strength": reference_strength},
+        "reference": {"form": reference_form, "strength": reference_strength, "layers": vectors.layers},
+        "layers": additive.layers,
         "unsteered_perplexity": base_ppl,
         "ppl_margin": ppl_margin,
         "prompts": len(texts),

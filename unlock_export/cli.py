@@ -441,6 +441,8 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
 @click.option("--form", type=click.Choice(["paper", "additive"]), default="paper", show_default=True,
               help="paper: prefill-only last-token norm-preserving edit; additive: h += strength * v everywhere.")
 @click.option("--strength", default=0.1, show_default=True, type=float, help="alpha (paper) or scale (additive).")
+@click.option("--layers", default=None,
+              help="Steer only these layers of --vectors (all, A-B, 1,4,7), as `fold --layers` would.")
 @click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="llamacpp: a control-vector GGUF from `cvec`.")
 @click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
@@ -452,7 +454,7 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
 @_runtime_options
 @click.pass_context
-def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength,
+def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength, layers,
              control_vector, llama_server, parallel, max_new_tokens, output, overwrite, resume, dtype, device,
              device_map, batch_size, max_length, trust_remote_code, allow_pickle):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
@@ -470,7 +472,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
     """
     from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, render_prompts
     from .models import resolve
-    from .vectors import SteeringVectors
+    from .vectors import SteeringVectors, parse_layers
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -480,10 +482,14 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
         raise UserError(f"'{output}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
     items = load_items(data_path, count, offset)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
+    if layers and vectors is None:
+        raise UserError("--layers selects layers of --vectors: pass --vectors too")
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     label = {"model": model, "engine": engine, "template": template, "chat": chat, "data": str(data_path),
              "offset": offset, "steering": None}
     if vectors is not None:
-        label["steering"] = {"vectors": str(vectors_path), "form": form, "strength": strength}
+        label["steering"] = {"vectors": str(vectors_path), "form": form, "strength": strength, "layers": vectors.layers}
     progress = not ctx.obj["quiet"]
     if engine == "transformers":
         if control_vector:
@@ -543,11 +549,14 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 @click.option("--ppl-margin", default=0.10, show_default=True, type=float,
               help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
 @click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
+@click.option("--layers", default=None,
+              help="Calibrate a fold of only these layers (all, A-B, 1,4,7): the additive form steers them, "
+                   "the paper-form reference keeps every layer of --vectors.")
 @_prompt_options
 @_runtime_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 @click.pass_context
-def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, prompts_path, field, count, offset,
+def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, layers, prompts_path, field, count, offset,
               dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle, output):
     """Pick the additive (folded) scale without labels: closest in KL to the paper form at the answer start.
 
@@ -563,7 +572,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
     """
     from .calibrate import DEFAULT_SCALES, calibrate_scale
     from .prompts import apply_template, load_questions
-    from .vectors import SteeringVectors
+    from .vectors import SteeringVectors, parse_layers
 
     grid = DEFAULT_SCALES
     if scales:
@@ -574,12 +583,14 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, pro
     vectors = SteeringVectors.load(vectors_path)
     loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
     vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
     questions = load_questions(prompts_path, field=field, count=count, offset=offset)
     from .capture import resolve_batch_size
 
     batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
-                             "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"])
+                             "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
+                             additive_layers=band)
     if output:
         from .evaluate import _atomic_text
 

@@ -323,9 +323,9 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                 calib_questions = key_questions[:f.calibrate_count]
                 calib_texts = prompts.apply_template(target_template, calib_questions)
                 target_loaded = pool.get(recipe.target.model)
-                calibration = calibrate_scale(target_loaded, chosen, calib_texts,
+                calibration = calibrate_scale(target_loaded, vectors, calib_texts,
                                               prompts.apply_template("plain", calib_questions), "paper", f.alpha,
-                                              ppl_margin=f.ppl_margin, progress=progress,
+                                              ppl_margin=f.ppl_margin, progress=progress, additive_layers=chosen.layers,
                                               batch_size=resolve_batch_size(rt.batch_size, target_loaded,
                                                                             calib_texts, rt.max_length))
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))

@@ -60,6 +60,18 @@ def parse_layers(spec: str | list[int] | None, layer_count: int) -> list[int]:
     return sorted(layers)
 
 
+def _span(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5,9'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
+
+
 def _index(i: int, layer_count: int) -> int:
     j = i + layer_count if i < 0 else i
     if not 0 <= j < layer_count:
@@ -97,6 +109,10 @@ class SteeringVectors:
                                {**self.provenance, "scale_applied": str(scale)})
 
     def select(self, layers: list[int]) -> "SteeringVectors":
+        if self.directions and not set(layers) & set(self.directions):
+            held = self.layers
+            raise UserError(f"the vectors file holds no vector for layers {_span(sorted(layers))} "
+                            f"(it holds layers {_span(held)}): choose layers among those")
         return SteeringVectors({k: v for k, v in self.directions.items() if k in set(layers)},
                                self.layer_count, self.hidden_size, self.site, self.model_hint, dict(self.provenance))
 
