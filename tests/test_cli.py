@@ -153,9 +153,11 @@ def test_recipe_without_matplotlib_writes_json_and_says_how_to_get_plots(capsys,
         diagnostics.plot_accuracy_vs_scale([{"scale": 0, "accuracy": 0.5, "ci95": [0.4, 0.6]}], tmp_path / "a.png")
 
 
-def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, tiny_recipe):
+@pytest.mark.parametrize("objective", ["answer-start", "continuation"])
+def test_recipe_fold_scale_auto_is_calibrated_without_labels(objective, capsys, tmp_path, tiny_recipe):
     path, recipe = tiny_recipe
-    recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0}
+    recipe["fold"] = {"mode": "bias", "layers": "1-2", "alpha": 0.5, "calibrate_count": 6, "ppl_margin": 10.0,
+                      "objective": objective, "continuation_tokens": 4}
     recipe["runtime"]["batch_size"] = "auto"  # resolved for every stage, calibration included
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
@@ -165,7 +167,9 @@ def test_recipe_fold_scale_auto_is_calibrated_without_labels(capsys, tmp_path, t
     summary = json.loads((out / "summary.json").read_text())
     # the fold steers layers 1-2; the paper-form reference it is matched to keeps every vector layer
     assert calibration["reference"] == {"form": "paper", "strength": 0.5, "layers": [0, 1, 2]}
-    assert calibration["layers"] == [1, 2]
+    assert calibration["layers"] == [1, 2] and calibration["objective"] == objective
+    card = (out / "model" / "README.md").read_text()
+    assert ("continuations" in card) == (objective == "continuation")
     assert summary["fold"]["scale"] == calibration["scale"] > 0
     assert calibration["kl_to_reference"] < calibration["kl_unsteered_to_reference"]
 

@@ -141,6 +141,35 @@ def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
     assert min(r["kl_to_reference"] for r in kept["table"]) > 1e-6
 
 
+def test_continuation_objective(load_tiny, questions):
+    """Teacher-forced scoring is independent of padding and batch size and agrees with the
+    answer-start pass; the paper form's own continuations are likelier under the additive form at
+    the reference's scale than unsteered."""
+    from unlock_export.calibrate import (answer_start_logprobs, calibrate_scale, continuation_logprobs,
+                                         greedy_continuations)
+    from unlock_export.prompts import apply_template
+    from unlock_export.steer import steering
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", [questions[0], questions[1] + " and more words here", questions[2]])
+    vectors = _vectors()
+    with steering(loaded, vectors, "additive", 3.0):
+        conts = greedy_continuations(loaded, texts, 5, batch_size=3)
+        assert [len(c) for c in conts] == [5, 5, 5]
+        first_1, ce_1 = continuation_logprobs(loaded, texts, conts, batch_size=1)
+        first_3, ce_3 = continuation_logprobs(loaded, texts, conts, batch_size=3)
+        start = answer_start_logprobs(loaded, texts, batch_size=3)
+    assert abs(ce_1 - ce_3) < 1e-4 and torch.allclose(first_1, first_3, atol=1e-4)
+    assert torch.allclose(first_1, start, atol=1e-4)
+    assert [int(i) for i in start.argmax(-1)] == [c[0] for c in conts]  # greedy: the first token is the argmax
+    result = calibrate_scale(loaded, vectors, texts, questions[:4], reference_form="additive", reference_strength=3.0,
+                             scales=(0.0, 3.0), ppl_margin=100.0, refine=False, objective="continuation",
+                             continuation_tokens=5)
+    ce = {r["scale"]: r["continuation_ce"] for r in result["table"]}
+    assert result["scale"] == 3.0 and ce[3.0] < ce[0.0] == result["continuation_ce_unsteered"]
+    assert result["objective"] == "continuation" and result["continuation_tokens"] == 5
+
+
 def test_eval_and_calibrate_select_layers(tiny_model_dir, math_set, tmp_path, capsys):
     model = str(tiny_model_dir("llama"))
     vec_path = str(_vectors(scale=3).save(tmp_path / "v.safetensors"))
@@ -155,8 +184,11 @@ def test_eval_and_calibrate_select_layers(tiny_model_dir, math_set, tmp_path, ca
     assert not (tmp_path / "x").exists()
     out = tmp_path / "cal.json"
     assert main(["--quiet", "calibrate", model, "--vectors", vec_path, "--layers", "1,3", "--count", "4",
-                 "--scales", "0.5,1", "--ppl-margin", "10", "-o", str(out)]) == 0
-    assert json.loads(out.read_text())["layers"] == [1, 3]
+                 "--scales", "0.5,1", "--ppl-margin", "10", "--objective", "continuation",
+                 "--continuation-tokens", "3", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == [1, 3] and result["objective"] == "continuation"
+    assert all("continuation_ce" in r for r in result["table"])
 
 
 def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):

@@ -1,10 +1,14 @@
 """Label-free calibration of the additive (folded) form's scale.
 
 The paper's form edits only the last prompt token during prefill; a fold adds a constant offset
-at every position, so the same strength does not mean the same thing. The scale is chosen so the
-additive form's next-token distribution at the answer start (the last prompt token) is closest in
-KL to the reference form's, on unlabeled prompts, among the scales that keep perplexity on plain
-text within a margin of the unsteered model's. No labels are read.
+at every position, so the same strength does not mean the same thing. The scale is chosen to bring
+the additive form closest to the reference form on unlabeled prompts, among the scales that keep
+perplexity on plain text within a margin of the unsteered model's. No labels are read. Objectives:
+
+  answer-start   KL(reference || additive) of the next-token distribution at the last prompt token
+  continuation   cross-entropy, under the additive form, of the reference form's own greedy
+                 continuations (teacher-forced): how well the fold reproduces the steered answers'
+                 first N tokens, not only their first one
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .vectors import SteeringVectors
 
 # 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
 # one at every steered layer, so useful scales run from about 1/(steered layers) upwards.
+OBJECTIVES = ("answer-start", "continuation")
 DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-16, 13))
 
 
@@ -55,6 +60,46 @@ def perplexity(loaded, texts: list[str], batch_size: int = 8) -> float:
     return math.exp(total / max(count, 1))
 
 
+@torch.inference_mode()
+def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of sequence)."""
+    tok, out = loaded.tokenizer, []
+    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+    for enc in _batches(loaded, texts, batch_size):
+        gen = loaded.model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            out.append(row[:max(cut, 1)])
+    return out
+
+
+@torch.inference_mode()
+def continuation_logprobs(loaded, texts: list[str], continuations: list[list[int]],
+                          batch_size: int = 8) -> tuple[torch.Tensor, float]:
+    """Teacher-forced on prompt + continuation: (log p(next token) at the last prompt token [n, vocab],
+    mean NLL per continuation token)."""
+    from .capture import resolve_batch_size
+
+    tok, model = loaded.tokenizer, loaded.model
+    batch_size = resolve_batch_size(batch_size, loaded, texts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    first, nll, count = [], 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        rows = [tok(t)["input_ids"] + c for t, c in zip(texts[start:start + batch_size],
+                                                       continuations[start:start + batch_size])]
+        width = max(map(len, rows))  # left padding: every continuation ends in the last column
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=loaded.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=loaded.device)
+        longest = max(len(c) for c in continuations[start:start + batch_size])
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1).logits.float()
+        for i, cont in enumerate(continuations[start:start + batch_size]):
+            lp = torch.log_softmax(logits[i, -len(cont) - 1:], -1)
+            first.append(lp[0].cpu())
+            nll -= float(lp[:-1].gather(1, torch.tensor(cont, device=lp.device)[:, None]).sum())
+            count += len(cont)
+    return torch.stack(first), nll / max(count, 1)
+
+
 def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     """mean over rows of KL(p || q), both given as log-probabilities."""
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
@@ -64,9 +109,10 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
-                    stop_after_rejected: int = 2, additive_layers: list[int] | None = None) -> dict:
-    """Pick the additive scale closest (KL at the answer start) to `reference_form` at
-    `reference_strength`, subject to perplexity <= (1 + ppl_margin) x unsteered.
+                    stop_after_rejected: int = 2, additive_layers: list[int] | None = None,
+                    objective: str = "answer-start", continuation_tokens: int = 32) -> dict:
+    """Pick the additive scale closest to `reference_form` at `reference_strength` by `objective`
+    (see the module docstring), subject to perplexity <= (1 + ppl_margin) x unsteered.
 
     The reference steers every layer of `vectors`; `additive_layers` (default: the same) restricts
     the additive form to a band, as a fold with `--layers` would.
@@ -77,21 +123,39 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         raise UserError("calibration needs prompts and plain texts; pass --count > 0")
     if any(s < 0 or not math.isfinite(s) for s in scales):
         raise UserError("calibration scales must be finite and >= 0")
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown calibration objective '{objective}': use {' or '.join(OBJECTIVES)}")
+    if continuation_tokens < 1:
+        raise UserError("continuation tokens must be at least 1")
     additive = vectors if additive_layers is None else vectors.select(additive_layers)
+    continuations = None
+    if objective == "continuation":
+        with steering(loaded, vectors, reference_form, reference_strength):
+            continuations = greedy_continuations(loaded, texts, continuation_tokens, batch_size)
+
+    def score() -> tuple[torch.Tensor, float | None]:
+        if continuations is None:
+            return answer_start_logprobs(loaded, texts, batch_size), None
+        return continuation_logprobs(loaded, texts, continuations, batch_size)
+
     with steering(loaded, vectors, reference_form, reference_strength):
         reference = answer_start_logprobs(loaded, texts, batch_size)
-    plain = answer_start_logprobs(loaded, texts, batch_size)
+    plain, plain_ce = score()
     base_ppl = perplexity(loaded, ppl_texts, batch_size)
     table: dict[float, dict] = {}
 
     def measure(scale: float) -> dict:
         if scale not in table:
             with steering(loaded, additive, "additive", scale):
-                q = answer_start_logprobs(loaded, texts, batch_size)
+                q, ce = score()
                 ppl = perplexity(loaded, ppl_texts, batch_size)
             table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
                             "perplexity_ratio": ppl / base_ppl, "allowed": ppl <= base_ppl * (1 + ppl_margin)}
+            if ce is not None:
+                table[scale]["continuation_ce"] = ce
         return table[scale]
+
+    key = "kl_to_reference" if continuations is None else "continuation_ce"
 
     from tqdm.auto import tqdm
 
@@ -103,15 +167,16 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     if refine:  # one finer pass around the best allowed grid point
         allowed = sorted(s for s, r in table.items() if r["allowed"])
         if allowed:
-            best = min(allowed, key=lambda s: table[s]["kl_to_reference"])
+            best = min(allowed, key=lambda s: table[s][key])
             for factor in (0.7071, 0.8409, 1.1892, 1.4142):
                 candidate = round(best * factor, 4)
                 if candidate > 0:
                     measure(candidate)
     allowed = [r for r in table.values() if r["allowed"]]
-    chosen = min(allowed, key=lambda r: r["kl_to_reference"]) if allowed else None
-    return {
+    chosen = min(allowed, key=lambda r: r[key]) if allowed else None
+    result = {
         "scale": chosen["scale"] if chosen else 0.0,
+        "objective": objective,
         "kl_to_reference": chosen["kl_to_reference"] if chosen else kl(reference, plain),
         "kl_unsteered_to_reference": kl(reference, plain),
         "reference": {"form": reference_form, "strength": reference_strength, "layers": vectors.layers},
@@ -123,3 +188,8 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         "table": [table[s] for s in sorted(table)],
         "note": None if chosen else "no scale kept perplexity within the margin: scale 0 (unsteered)",
     }
+    if continuations is not None:
+        result.update(continuation_tokens=continuation_tokens,
+                      continuation_ce=chosen["continuation_ce"] if chosen else plain_ce,
+                      continuation_ce_unsteered=plain_ce)
+    return result

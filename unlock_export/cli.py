@@ -552,18 +552,27 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 @click.option("--layers", default=None,
               help="Calibrate a fold of only these layers (all, A-B, 1,4,7): the additive form steers them, "
                    "the paper-form reference keeps every layer of --vectors.")
+@click.option("--objective", type=click.Choice(["answer-start", "continuation"]), default="answer-start",
+              show_default=True,
+              help="answer-start: KL of the next-token distribution at the last prompt token; continuation: "
+                   "cross-entropy of the paper form's greedy continuations under the additive form.")
+@click.option("--continuation-tokens", default=32, show_default=True, type=int,
+              help="continuation: tokens of each paper-form continuation to score.")
 @_prompt_options
 @_runtime_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 @click.pass_context
-def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, layers, prompts_path, field, count, offset,
+def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, layers, objective, continuation_tokens,
+              prompts_path, field, count, offset,
               dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle, output):
-    """Pick the additive (folded) scale without labels: closest in KL to the paper form at the answer start.
+    """Pick the additive (folded) scale without labels: the one closest to the paper form.
 
     The additive form adds the vector at every position, the paper form edits only the last prompt
-    token in prefill, so their strengths differ. The chosen scale makes the next-token
-    distribution at the answer start closest (KL) to the paper form's at --alpha, among scales
-    that keep perplexity on the plain prompts within --ppl-margin of the unsteered model's.
+    token in prefill, so their strengths differ. The chosen scale brings the additive form closest
+    to the paper form at --alpha (--objective answer-start: KL of the next-token distribution at
+    the answer start; continuation: cross-entropy of the paper form's own greedy continuations),
+    among scales that keep perplexity on the plain prompts within --ppl-margin of the unsteered
+    model's.
 
     \b
     Example:
@@ -590,15 +599,18 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
     batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
-                             additive_layers=band)
+                             additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
     if output:
         from .evaluate import _atomic_text
 
         output.parent.mkdir(parents=True, exist_ok=True)
         _atomic_text(output, json.dumps(result, indent=2) + "\n")
-    _emit(ctx, result, f"scale {result['scale']:g}: KL to the paper form (alpha {alpha:g}) "
-                       f"{result['kl_to_reference']:.4g} (unsteered {result['kl_unsteered_to_reference']:.4g}), "
-                       f"perplexity x{next(r['perplexity_ratio'] for r in result['table'] if r['scale'] == result['scale']) if result['scale'] else 1:.3f}")
+    ratio = next((r["perplexity_ratio"] for r in result["table"] if r["scale"] == result["scale"]), 1.0)
+    closeness = (f"continuation cross-entropy {result['continuation_ce']:.4g} (unsteered "
+                 f"{result['continuation_ce_unsteered']:.4g})" if objective == "continuation" else
+                 f"KL at the answer start {result['kl_to_reference']:.4g} (unsteered {result['kl_unsteered_to_reference']:.4g})")
+    _emit(ctx, result, f"scale {result['scale']:g} for the paper form at alpha {alpha:g}: {closeness}, "
+                       f"perplexity x{ratio:.3f}")
 
 
 # -- push / inspect --------------------------------------------------------------------------

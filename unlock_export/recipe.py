@@ -71,10 +71,12 @@ class FoldSpec(_Strict):
     """Optional last step: fold the vectors into the target (written to OUT_DIR/model)."""
 
     mode: Literal["bias", "adapter"] = "bias"
-    # "auto": label-free calibration (closest in KL to the paper form at `alpha` at the answer
-    # start, perplexity within `ppl_margin`); or a number
+    # "auto": label-free calibration (closest to the paper form at `alpha` by `objective`,
+    # perplexity within `ppl_margin`); or a number
     scale: Union[float, Literal["auto"]] = "auto"
     alpha: float = Field(0.1, gt=0)
+    objective: Literal["answer-start", "continuation"] = "answer-start"
+    continuation_tokens: int = Field(32, ge=1)
     calibrate_count: int = Field(32, ge=1)
     ppl_margin: float = Field(0.10, ge=0)
     rank: int = Field(8, ge=1)
@@ -326,16 +328,22 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                 calibration = calibrate_scale(target_loaded, vectors, calib_texts,
                                               prompts.apply_template("plain", calib_questions), "paper", f.alpha,
                                               ppl_margin=f.ppl_margin, progress=progress, additive_layers=chosen.layers,
+                                              objective=f.objective, continuation_tokens=f.continuation_tokens,
                                               batch_size=resolve_batch_size(rt.batch_size, target_loaded,
                                                                             calib_texts, rt.max_length))
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
                 outputs.append("calibration.json")
                 scale = calibration["scale"]
                 timings["calibrate_s"] = time.perf_counter() - t0
+                closeness = (
+                    f"cross-entropy of its {f.continuation_tokens}-token continuations "
+                    f"{calibration['continuation_ce']:.3g}, unsteered {calibration['continuation_ce_unsteered']:.3g}"
+                    if f.objective == "continuation" else
+                    f"KL at the answer start {calibration['kl_to_reference']:.3g}, unsteered "
+                    f"{calibration['kl_unsteered_to_reference']:.3g}")
                 card_extra["calibration"] = (
-                    f"label-free: closest in KL at the answer start to the paper form at alpha {f.alpha:g} on "
-                    f"{calibration['prompts']} prompts (KL {calibration['kl_to_reference']:.3g}, unsteered "
-                    f"{calibration['kl_unsteered_to_reference']:.3g}), perplexity within +{f.ppl_margin:.0%}")
+                    f"label-free: closest to the paper form at alpha {f.alpha:g} on {calibration['prompts']} "
+                    f"prompts ({closeness}), perplexity within +{f.ppl_margin:.0%}")
             pool.release()  # fold's verification loads the target and the export
             result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                           verify=f.verify, tolerance=f.tolerance, allow_pickle=rt.allow_pickle, progress=progress,
