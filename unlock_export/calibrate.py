@@ -170,8 +170,8 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
             best = min(allowed, key=lambda s: table[s][key])
             for factor in (0.7071, 0.8409, 1.1892, 1.4142):
                 candidate = round(best * factor, 4)
-                if candidate > 0:
-                    measure(candidate)
+                if candidate > 0 and all(abs(candidate - s) > 0.005 * candidate for s in table):
+                    measure(candidate)  # a grid point within 0.5% was measured already
     allowed = [r for r in table.values() if r["allowed"]]
     chosen = min(allowed, key=lambda r: r[key]) if allowed else None
     result = {
