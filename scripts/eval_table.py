@@ -127,6 +127,8 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
         if summary["n"] == count and summary["max_new_tokens"] == max_new_tokens:
             return summary  # finished earlier with the same settings
     common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
+    if name != "unsteered" and (out / "unsteered" / "summary.json").exists():
+        common += ["--baseline", out / "unsteered"]  # paired comparison: won, lost, McNemar p
     cpp = ["--engine", "llamacpp", "--parallel", "4"]
     if name == "unsteered":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, *common)
@@ -210,12 +212,16 @@ def main() -> None:
               "wall_s": round(time.perf_counter() - started, 1), "directions": table}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(result, indent=2))
-    lines = ["| direction | configuration | accuracy | 95% CI | mean output tokens | shows steps |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| direction | configuration | accuracy | 95% CI | mean output tokens | answers cut | states the answer "
+             "| vs unsteered: won / lost, McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
     for direction, d in table.items():
         for name, s in d["rows"].items():
+            paired = s.get("paired")
+            versus = f"{paired['won']} / {paired['lost']}, p = {paired['p_mcnemar_exact']:.2g}" if paired else "-"
             lines.append(f"| {direction} | {name} | {s['accuracy']:.1%} | {s['ci95'][0]:.1%}-{s['ci95'][1]:.1%} | "
-                         f"{s['mean_output_tokens']:.0f} | {s['steps_rate']:.0%} |")
+                         f"{s['mean_output_tokens']:.0f} | {s.get('cut_rate', float('nan')):.0%} | "
+                         f"{s.get('states_answer_rate', float('nan')):.0%} | {versus} |")
     for direction, d in table.items():
         if "by_accuracy" in d:
             b = d["by_accuracy"]

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from unlock_export.answers import extract_prediction, gold_answer, shows_steps, to_fraction
+from unlock_export.answers import extract_prediction, gold_answer, shows_steps, states_answer, to_fraction
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -48,3 +48,16 @@ def test_shows_steps():
     assert shows_steps("First she has 5.\nThen she buys 3 more.\nSo she has 8.")
     assert not shows_steps(" 72")
     assert not shows_steps("The answer is 72.")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("48 / 2 = 24, so the answer is 72.", True),
+    ("The final answer is \\boxed{18}.", True),
+    ("So 3 + 4 = 7 apples.\n#### 7", True),
+    ("Answer: 12", True),
+    ("First she has 5. Then 3 more, so 8.", False),     # the last number, not a stated answer
+    ("To solve this, we need to follow these steps:\n1. Find", False),
+    ("", False),
+])
+def test_states_answer(text, expected):
+    assert states_answer(text) is expected

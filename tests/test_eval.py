@@ -62,6 +62,52 @@ def test_eval_steering_changes_outputs(tiny_model_dir, math_set, tmp_path, capsy
     assert outputs["plain"] != outputs["steered"]
 
 
+def test_paired_comparison_exact_mcnemar():
+    from unlock_export.errors import UserError
+    from unlock_export.evaluate import paired_comparison
+
+    def rows(correct):
+        return [{"index": i, "correct": c} for i, c in enumerate(correct)]
+
+    # 15 questions won, 3 lost, 46 tied: two-sided exact p = 2 * P(X <= 3 | n=18, 1/2) = 2 * 988 / 2**18
+    base = rows([False] * 15 + [True] * 3 + [True] * 10 + [False] * 36)
+    ours = rows([True] * 15 + [False] * 3 + [True] * 10 + [False] * 36)
+    paired = paired_comparison(ours, base)
+    assert (paired["n"], paired["won"], paired["lost"]) == (64, 15, 3)
+    assert paired["p_mcnemar_exact"] == pytest.approx(2 * 988 / 2 ** 18)
+    assert paired["baseline_accuracy"] == pytest.approx(13 / 64)
+    assert paired_comparison(base, base)["p_mcnemar_exact"] == 1.0          # no discordant pair
+    assert paired_comparison(ours, base)["p_mcnemar_exact"] == paired_comparison(base, ours)["p_mcnemar_exact"]
+    assert paired_comparison(rows([True] * 6), rows([False] * 6))["p_mcnemar_exact"] == pytest.approx(2 / 64)
+    with pytest.raises(UserError, match="lacks 1 of these questions"):
+        paired_comparison(rows([True] * 3), rows([True] * 2))
+
+
+def test_eval_against_a_baseline(tiny_model_dir, math_set, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    common = ["eval", model, "--data", str(math_set), "--max-new-tokens", "6"]
+    assert main(["--quiet", *common, "-o", str(tmp_path / "plain")]) == 0
+    steer = ["--vectors", str(_vectors(scale=3).save(tmp_path / "v.safetensors")), "--form", "additive",
+             "--strength", "1"]
+    assert main(["--json", *common, *steer, "--baseline", str(tmp_path / "plain"), "-o", str(tmp_path / "s")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(x) for x in (tmp_path / "s" / "predictions.jsonl").read_text().splitlines()]
+    base = [json.loads(x) for x in (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines()]
+    won = sum(r["correct"] and not b["correct"] for r, b in zip(rows, base))
+    lost = sum(b["correct"] and not r["correct"] for r, b in zip(rows, base))
+    assert (summary["paired"]["won"], summary["paired"]["lost"], summary["paired"]["n"]) == (won, lost, 4)
+    assert summary["cut_rate"] == sum(r["output_tokens"] >= 6 for r in rows) / 4 == sum(r["cut"] for r in rows) / 4
+    assert summary["states_answer_rate"] == sum(r["states_answer"] for r in rows) / 4
+    # a baseline over other questions, or no run at all, is refused before anything runs
+    assert main(["--quiet", *common, "--count", "4", "--baseline", str(tmp_path / "nothing"),
+                 "-o", str(tmp_path / "x")]) == 2
+    assert "holds no predictions.jsonl" in capsys.readouterr().err
+    assert main(["--quiet", "eval", model, "--data", str(math_set), "--count", "2", "-o", str(tmp_path / "two")]) == 0
+    assert main(["--quiet", *common, "--baseline", str(tmp_path / "two"), "-o", str(tmp_path / "y")]) == 2
+    assert "lacks 2 of these questions" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "no number"}) + "\n")

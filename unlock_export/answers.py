@@ -89,6 +89,12 @@ def gold_answer(answer) -> Fraction | None:
     return to_fraction(m.group(1)) if m else to_fraction(text)
 
 
+def states_answer(output: str) -> bool:
+    """Whether an output commits to its answer in words or a marker (`\\boxed{}`, "#### N", "the answer
+    is N"), rather than leaving it to the last number in the text."""
+    return _boxed(output) is not None or bool(_HASHES.search(output) or _ANSWER_IS.search(output))
+
+
 def shows_steps(output: str) -> bool:
     """Whether an output shows intermediate work: an equation or operator between numbers, or
     several lines or sentences with numbers before the final answer."""

@@ -452,25 +452,29 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
               help="Folder for predictions.jsonl and summary.json.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
+@click.option("--baseline", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="OUTPUT folder of an earlier eval on the same questions (the unsteered run, say): the summary "
+                   "adds questions won and lost against it and the exact McNemar p-value.")
 @_runtime_options
 @click.pass_context
 def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vectors_path, form, strength, layers,
-             control_vector, llama_server, parallel, max_new_tokens, output, overwrite, resume, dtype, device,
-             device_map, batch_size, max_length, trust_remote_code, allow_pickle):
+             control_vector, llama_server, parallel, max_new_tokens, output, overwrite, resume, baseline, dtype,
+             device, device_map, batch_size, max_length, trust_remote_code, allow_pickle):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
 
     MODEL is anything `fold` accepts, or an exported folder / folded GGUF (loaded as it is). The
-    summary has accuracy with a 95% Wilson interval, mean output length and the rate of answers
-    that show intermediate steps.
+    summary has accuracy with a 95% Wilson interval, mean output length, the rates of answers that
+    show intermediate steps, that state the answer ("the answer is N", \\boxed, ####) and that were
+    cut at --max-new-tokens, and with --baseline a paired comparison (won, lost, McNemar p).
 
     \b
     Example:
       unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data ../shared/data/gsm8k/dev.jsonl --count 200 -o ev/plain
       unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data dev.jsonl --vectors v.safetensors \\
           --form paper --strength 0.1 -o ev/paper
-      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data dev.jsonl -o ev/folded
+      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data dev.jsonl --baseline ev/plain -o ev/folded
     """
-    from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, render_prompts
+    from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, read_baseline, render_prompts
     from .models import resolve
     from .vectors import SteeringVectors, parse_layers
 
@@ -481,6 +485,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
     if (output / "progress.jsonl").exists() and not (resume or overwrite):
         raise UserError(f"'{output}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
     items = load_items(data_path, count, offset)
+    baseline_rows = read_baseline(baseline, items) if baseline else None
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     if layers and vectors is None:
         raise UserError("--layers selects layers of --vectors: pass --vectors too")
@@ -506,7 +511,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 
         batch_size = resolve_batch_size(batch_size, loaded, texts, max_length, extra_tokens=max_new_tokens)
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), max_new_tokens, output,
-                           label, progress, resume=resume)
+                           label, progress, resume=resume, baseline=baseline_rows)
     else:
         source = resolve(model)
         if source.kind != "gguf":
@@ -533,11 +538,15 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
                                    ctx_per_slot=max_new_tokens + 768) as server:
                 summary = evaluate(items, texts, server, max_new_tokens, output,
                                    {**label, "control_vector": str(control_vector) if control_vector else None},
-                                   progress, resume=resume)
+                                   progress, resume=resume, baseline=baseline_rows)
     lo, hi = summary["ci95"]
     _emit(ctx, summary, f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, 95% CI "
                         f"{lo:.1%}-{hi:.1%}), mean {summary['mean_output_tokens']:.0f} tokens, steps shown "
-                        f"{summary['steps_rate']:.0%}; wrote {output}/predictions.jsonl and summary.json")
+                        f"{summary['steps_rate']:.0%}, answer stated {summary['states_answer_rate']:.0%}, cut at "
+                        f"{max_new_tokens} tokens {summary['cut_rate']:.0%}"
+                        + (f"; against the baseline {summary['paired']['won']} won, {summary['paired']['lost']} lost "
+                           f"(McNemar p = {summary['paired']['p_mcnemar_exact']:.2g})" if baseline else "")
+                        + f"; wrote {output}/predictions.jsonl and summary.json")
 
 
 @cli.command()

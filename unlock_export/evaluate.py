@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import prompts as prompt_mod
-from .answers import extract_prediction, gold_answer, shows_steps
+from .answers import extract_prediction, gold_answer, shows_steps, states_answer
 from .errors import UserError
 
 STOP = ["\nQuestion:", "\n\nQuestion"]
@@ -252,12 +252,56 @@ def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple[str, int]]:
     return done
 
 
+def read_predictions(run_dir: str | Path) -> list[dict]:
+    """The per-question rows of an earlier `eval` run (its OUTPUT folder)."""
+    path = Path(run_dir) / "predictions.jsonl"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' holds no predictions.jsonl: pass the output folder of a finished `eval` run")
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"'{path}' is not JSON lines: rerun that `eval` to rewrite it") from None
+
+
+def _by_index(indices: list[int], baseline: list[dict]) -> dict[int, dict]:
+    theirs = {r["index"]: r for r in baseline}
+    missing = [i for i in indices if i not in theirs]
+    if missing:
+        raise UserError(f"the baseline run lacks {len(missing)} of these questions (first: index {missing[0]}): "
+                        "compare runs over the same --data, --offset and --count")
+    return theirs
+
+
+def read_baseline(run_dir: str | Path, items: list[Item]) -> list[dict]:
+    """An earlier run's rows, checked to cover every question of `items` (before anything runs)."""
+    rows = read_predictions(run_dir)
+    _by_index([item.index for item in items], rows)
+    return rows
+
+
+def paired_comparison(rows: list[dict], baseline: list[dict]) -> dict:
+    """Paired comparison on the same questions: how many this run gets right that the baseline got
+    wrong (won) and the reverse (lost), with the exact two-sided McNemar p-value (a binomial test of
+    won against lost at 1/2; the questions both or neither get right carry no information)."""
+    theirs = _by_index([r["index"] for r in rows], baseline)
+    won = sum(r["correct"] and not theirs[r["index"]]["correct"] for r in rows)
+    lost = sum(theirs[r["index"]]["correct"] and not r["correct"] for r in rows)
+    n = won + lost
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1))
+    p = min(1.0, 2 * tail / 2 ** n) if n else 1.0
+    return {"n": len(rows), "won": won, "lost": lost, "p_mcnemar_exact": p,
+            "baseline_accuracy": sum(theirs[r["index"]]["correct"] for r in rows) / len(rows)}
+
+
 def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
-             label: dict | None = None, progress: bool = True, resume: bool = False) -> dict:
+             label: dict | None = None, progress: bool = True, resume: bool = False,
+             baseline: list[dict] | None = None) -> dict:
     """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically.
 
     Finished chunks of CHUNK questions are appended to OUT/progress.jsonl as they complete; with
-    `resume`, an interrupted run (crash, Ctrl-C) continues from there with identical results."""
+    `resume`, an interrupted run (crash, Ctrl-C) continues from there with identical results.
+    With `baseline` (the rows of an earlier run on the same questions) the summary also holds the
+    paired comparison against it."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -284,24 +328,29 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
     wall = time.perf_counter() - start
     bar.close()
     outputs = [done[i] for i in range(len(texts))]
-    rows, correct, tokens, steps = [], 0, 0, 0
+    rows = []
     for item, text, (output, n_tokens) in zip(items, texts, outputs):
         output = _cut(output)
         predicted = extract_prediction(output)
-        ok = predicted is not None and predicted == item.gold
-        correct += ok
-        tokens += n_tokens
-        steps += shows_steps(output)
         rows.append({"index": item.index, "question": item.question, "gold": str(item.gold),
-                     "predicted": None if predicted is None else str(predicted), "correct": bool(ok),
-                     "output_tokens": n_tokens, "shows_steps": shows_steps(output), "output": output})
+                     "predicted": None if predicted is None else str(predicted),
+                     "correct": predicted is not None and predicted == item.gold,
+                     "output_tokens": n_tokens, "cut": n_tokens >= max_new_tokens,
+                     "shows_steps": shows_steps(output), "states_answer": states_answer(output), "output": output})
     n = len(rows)
+    correct = sum(r["correct"] for r in rows)
     low, high = wilson(correct, n)
     summary = {**(label or {}), "n": n, "correct": correct, "accuracy": correct / n,
                "ci95": [round(low, 4), round(high, 4)], "ci_method": "wilson",
-               "mean_output_tokens": tokens / n, "steps_rate": steps / n, "max_new_tokens": max_new_tokens,
+               "mean_output_tokens": sum(r["output_tokens"] for r in rows) / n,
+               "steps_rate": sum(r["shows_steps"] for r in rows) / n,
+               "states_answer_rate": sum(r["states_answer"] for r in rows) / n,
+               "cut_rate": sum(r["cut"] for r in rows) / n, "max_new_tokens": max_new_tokens,
                "wall_s": round(wall, 1), "resumed_from": resumed,
-               "output_tokens_per_s": round(tokens / wall, 2) if wall and not resumed else None}
+               "output_tokens_per_s": round(sum(r["output_tokens"] for r in rows) / wall, 2)
+               if wall and not resumed else None}
+    if baseline is not None:
+        summary["paired"] = paired_comparison(rows, baseline)
     _atomic_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     progress_path.unlink(missing_ok=True)
