@@ -88,16 +88,19 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     self_cal_path = work / "self-key-calibration.json"
     if self_key and (not self_path.exists() or not self_cal_path.exists()):
         from unlock_export.capture import capture
-        from unlock_export.key import master_key
+        from unlock_export.key import MasterKey, master_key
+        from unlock_export.pipeline import self_vectors
 
         loaded = load(target, dtype="float32", device="cpu")
         questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
                                    recipe.prompts.offset)
         states = {t: capture(loaded, apply_template(t, questions), batch_size=8, progress=False)
                   for t in ("direct", "cot")}
-        key = master_key(states["direct"], states["cot"], recipe.key.method)
-        own = SteeringVectors({b: key[b] for b in vectors.layers}, vectors.layer_count, vectors.hidden_size,
-                              model_hint=vectors.model_hint, provenance={"kind": "target's own CoT key"})
+        key = MasterKey(master_key(states["direct"], states["cot"], recipe.key.method),
+                        {"locked_model": target, "unlocked_model": target, "locked_template": "direct",
+                         "unlocked_template": "cot", "method": recipe.key.method, "n_prompts": str(len(questions)),
+                         "model_hint": vectors.model_hint})
+        own = self_vectors(key, vectors.layers)  # as `unlock-export project --key K --self` writes it
         own.save(self_path)
         calib_q = questions[:calibrate_count]
         self_cal = calibrate_scale(loaded, own, apply_template("direct", calib_q), apply_template("plain", calib_q),

@@ -190,6 +190,18 @@ def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
     assert staged.layers == [1, 2]
     for layer in staged.layers:
         assert torch.allclose(staged.directions[layer], whole.directions[layer], atol=1e-5)
+    # --self: the key as vectors for its own model (4 layers, hidden 64), exactly the key's rows
+    from unlock_export.key import MasterKey
+
+    assert run_cli(capsys, "project", "--key", tmp_path / "k.st", "--self", "--layers", "1-3",
+                   "-o", tmp_path / "self.st")[0] == 0
+    own, key = SteeringVectors.load(tmp_path / "self.st"), MasterKey.load(tmp_path / "k.st").vectors
+    assert (own.layer_count, own.hidden_size, own.layers) == (key.shape[0], key.shape[1], [1, 2, 3])
+    assert own.model_hint == "llama" and all(torch.equal(own.directions[b], key[b]) for b in own.layers)
+    for extra in ([], ["--self", "--map", tmp_path / "m.st"]):
+        assert_one_line_error(capsys, ["project", "--key", tmp_path / "k.st", *extra, "-o", tmp_path / "x.st"],
+                              "pass --map MAP")
+    assert not (tmp_path / "x.st").exists()
 
 
 def test_help_shows_examples(capsys):

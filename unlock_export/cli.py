@@ -244,26 +244,36 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
 # -- project ---------------------------------------------------------------------------------
 @cli.command()
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file from `key`.")
-@click.option("--map", "map_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file from `align`.")
+@click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Map file from `align`.")
+@click.option("--self", "self_steer", is_flag=True,
+              help="No map: the key steers the model it was computed on (self-steering, the upper reference).")
 @click.option("--layers", default="all", show_default=True, help="Target layers to steer: all, A-B, or 1,4,7.")
 @click.option("--site", type=click.Choice(["layer_output", "post_attention"]), default="layer_output", show_default=True,
               help="Where the vector is added in each layer.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Vectors file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.pass_context
-def project(ctx, key_path, map_path, layers, site, output, overwrite):
+def project(ctx, key_path, map_path, self_steer, layers, site, output, overwrite):
     """Project the key into the target through the map: writes the steering-vectors file.
+
+    With --self instead of --map, the key becomes vectors for the model it was computed on.
 
     \b
     Example:
       unlock-export project --key key.safetensors --map map.safetensors --layers 1-27 -o vectors.safetensors
+      unlock-export project --key own-key.safetensors --self --layers 1-27 -o self-vectors.safetensors
     """
     from .align import LowRankMap
     from .key import MasterKey
-    from .pipeline import project as project_vectors
+    from .pipeline import project as project_vectors, self_vectors
 
+    if bool(map_path) == self_steer:
+        raise UserError("pass --map MAP (from `align`) to carry the key into a target, or --self to steer the "
+                        "key's own model, not both or neither")
     _refuse_existing(output, overwrite)
-    vectors = project_vectors(MasterKey.load(key_path), LowRankMap.load(map_path), layers, site)
+    key = MasterKey.load(key_path)
+    vectors = self_vectors(key, layers, site) if self_steer else project_vectors(key, LowRankMap.load(map_path),
+                                                                                 layers, site)
     vectors.save(output)
     norms = vectors.norms()
     _emit(ctx, {"output": str(output), "layers": vectors.layers, "norms": norms},

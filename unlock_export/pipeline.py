@@ -117,3 +117,21 @@ def project(key: MasterKey, lrmap: align.LowRankMap, layers: str | list[int] | N
     }
     return SteeringVectors({b: directions[b] for b in chosen}, lrmap.target_layer_count, lrmap.target_hidden,
                            site, lrmap.provenance.get("target_model_type", ""), provenance)
+
+
+def self_vectors(key: MasterKey, layers: str | list[int] | None = "all", site: str = "layer_output") -> SteeringVectors:
+    """The key as steering vectors for the model it was computed on (no map): self-steering, the
+    upper reference a transferred key is compared with."""
+    chosen = parse_layers(layers, key.vectors.shape[0])
+    provenance = {
+        "source": key.provenance.get("unlocked_model", ""),
+        "source_locked": key.provenance.get("locked_model", ""),
+        "target": key.provenance.get("unlocked_model", ""),
+        "method": key.provenance.get("method", ""),
+        "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
+        "n_prompts_key": key.provenance.get("n_prompts", ""),
+        "kind": "self-steering: the key in its own model, no map",
+    }
+    return SteeringVectors({b: key.vectors[b] for b in chosen}, key.vectors.shape[0], key.vectors.shape[1],
+                           site, key.provenance.get("model_hint", ""), provenance)
+
