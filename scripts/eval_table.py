@@ -58,7 +58,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     import yaml
 
     from unlock_export.calibrate import calibrate_scale
-    from unlock_export.models import load, resolve
+    from unlock_export.models import resolve
     from unlock_export.prompts import apply_template, load_questions
     from unlock_export.recipe import load_recipe
     from unlock_export.vectors import SteeringVectors
@@ -87,26 +87,20 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     self_path, random_path = work / "self-key.safetensors", work / "random.safetensors"
     self_cal_path = work / "self-key-calibration.json"
     if self_key and (not self_path.exists() or not self_cal_path.exists()):
-        from unlock_export.capture import capture
-        from unlock_export.key import MasterKey, master_key
-        from unlock_export.pipeline import self_vectors
+        from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
 
-        loaded = load(target, dtype="float32", device="cpu")
+        # the recipe's own key stage, with the target as its source: `key` then `project --self`
+        pool = ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
         questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
                                    recipe.prompts.offset)
-        states = {t: capture(loaded, apply_template(t, questions), batch_size=8, progress=False)
-                  for t in ("direct", "cot")}
-        key = MasterKey(master_key(states["direct"], states["cot"], recipe.key.method),
-                        {"locked_model": target, "unlocked_model": target, "locked_template": "direct",
-                         "unlocked_template": "cot", "method": recipe.key.method, "n_prompts": str(len(questions)),
-                         "model_hint": vectors.model_hint})
-        own = self_vectors(key, vectors.layers)  # as `unlock-export project --key K --self` writes it
+        key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method)
+        own = self_vectors(key, vectors.layers)
         own.save(self_path)
         calib_q = questions[:calibrate_count]
-        self_cal = calibrate_scale(loaded, own, apply_template("direct", calib_q), apply_template("plain", calib_q),
-                                   "paper", alpha)
+        self_cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
+                                   apply_template("plain", calib_q), "paper", alpha)
         self_cal_path.write_text(json.dumps(self_cal, indent=2))
-        del loaded
+        pool.release()
     if not random_path.exists():
         g = torch.Generator().manual_seed(0)
         rand = {}
