@@ -130,6 +130,64 @@ def test_paper_form_in_generate_differs_and_hooks_are_removed(load_tiny):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
 
+def test_paper_form_in_generate_equals_a_cacheless_reference(load_tiny):
+    """generate() under the paper form = greedy decoding that recomputes the whole sequence each
+    step with only the last prompt token's residual edited: decode steps must not be edited, however
+    this transformers version passes its cache (past_key_values or cache) to the model."""
+    lm = load_tiny("llama")
+    vec = vectors_for(lm, [1, 2, 3], scale=3.0)
+    alpha, steps = 2.0, 6
+    layers = lm.arch.decoder_layers(lm.model)
+    texts, references = ["Question: Dev has 4 books.\nAnswer:", "Question: Ann buys 12 pens and 3 more.\nAnswer:"], []
+    for text in texts:
+        prompt = lm.tokenizer(text)["input_ids"]
+        last = len(prompt) - 1
+
+        def edit(unit):
+            def hook(module, args, output):
+                hidden = (output[0] if isinstance(output, tuple) else output).clone()
+                h = hidden[0, last]
+                mixed = h / h.norm() + alpha * unit
+                hidden[0, last] = h.norm() * mixed / mixed.norm()
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return hook
+
+        handles = [layers[L].register_forward_hook(edit(v / v.norm())) for L, v in vec.directions.items()]
+        ids = list(prompt)
+        try:
+            with torch.inference_mode():
+                for _ in range(steps):
+                    ids.append(int(lm.model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        with paper_steering(lm, vec, alpha=alpha):
+            generated = lm.model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                                          pad_token_id=lm.tokenizer.pad_token_id)
+        assert generated[0].tolist() == ids
+        plain = lm.model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                                  pad_token_id=lm.tokenizer.pad_token_id)
+        assert plain[0].tolist() != ids  # the edit matters in this case
+        references.append(ids[len(prompt):])
+    # batched, left padded (as eval and calibrate run it): the same continuations
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    with paper_steering(lm, vec, alpha=alpha):
+        batch = lm.model.generate(**enc, max_new_tokens=steps, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert batch[:, enc["input_ids"].shape[1]:].tolist() == references
+
+
+def test_prefill_is_told_by_the_cache_under_either_name_or_by_positions():
+    from unlock_export.steer import _is_prefill
+
+    empty, filled = DynamicCache(), DynamicCache()
+    filled.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)
+    for name in ("cache", "past_key_values"):
+        assert _is_prefill({name: empty}, 5) and not _is_prefill({name: filled}, 1)
+    assert _is_prefill({"position_ids": torch.arange(5)[None]}, 5)
+    assert not _is_prefill({"position_ids": torch.tensor([[7]])}, 1)
+    assert _is_prefill({}, 4)
+
+
 def test_vectors_of_another_model_are_refused(load_tiny):
     lm = load_tiny("llama")
     vec = SteeringVectors({1: torch.ones(32)}, 4, 32)

@@ -56,6 +56,22 @@ def additive_steering(model, vectors: SteeringVectors, scale: float = 1.0):
             handle.remove()
 
 
+def _is_prefill(kwargs: dict, length: int) -> bool:
+    """Whether this forward call is the prefill (nothing cached yet) rather than a decode step.
+
+    transformers 5.x renamed the cache argument from past_key_values to cache (generate passes the
+    new name); both are read. Without a cache object, position ids tell: a prefill's last position
+    is length - 1, a decode step's is further on."""
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if hasattr(cache, "get_seq_length"):
+            return cache.get_seq_length() == 0
+    positions = kwargs.get("position_ids", kwargs.get("cache_position"))
+    if isinstance(positions, torch.Tensor) and positions.numel():
+        return int(positions.max()) == length - 1
+    return True
+
+
 @contextmanager
 def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
     """The paper's prefill-only, last-prompt-token, norm-preserving update after each steered layer."""
@@ -71,11 +87,9 @@ def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
         embeds = kwargs.get("inputs_embeds")
         length = (ids if ids is not None else embeds).shape[1]
         batch = (ids if ids is not None else embeds).shape[0]
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        state["prefill"] = cached == 0
+        state["prefill"] = _is_prefill(kwargs, length)
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length:
             state["last"] = last_token_index(mask)
         else:
             state["last"] = torch.full((batch,), length - 1, dtype=torch.long)
