@@ -216,6 +216,62 @@ def test_continuation_objective(load_tiny, questions):
     assert result["objective"] == "continuation" and result["continuation_tokens"] == 5
 
 
+def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_tiny, questions):
+    """The fluency ratio is the unsteered model's perplexity of the paper form's continuations (after
+    their first token) over that of its own: checked against a forward pass per prompt without
+    padding; a negligible alpha changes nothing (ratio 1); the search stops at the first failure and
+    the largest passing alpha is chosen."""
+    from unlock_export.calibrate import check_alphas, greedy_continuations
+    from unlock_export.prompts import apply_template
+    from unlock_export.steer import steering
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", [questions[0], questions[1] + " and a longer tail here", questions[2]])
+    vectors = _vectors()
+    result = check_alphas(loaded, vectors, texts, alphas=(100.0, 1e-9), margin=1e6, tokens=6, batch_size=3)
+    tiny, huge = result["table"]
+    assert (tiny["alpha"], huge["alpha"]) == (1e-9, 100.0) and result["alpha"] == 100.0
+    assert abs(tiny["fluency_ratio"] - 1.0) < 1e-6 and tiny["first_token_changed"] == 0.0
+
+    def nll_by_hand(conts):  # unpadded forward passes, one prompt at a time, first token left out
+        total, count = 0.0, 0
+        for text, cont in zip(texts, conts):
+            prompt = loaded.tokenizer(text)["input_ids"]
+            logits = loaded.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+            total -= float(lp[1:].gather(1, torch.tensor(cont[1:])[:, None]).sum())
+            count += len(cont) - 1
+        return total / count
+
+    with torch.inference_mode():
+        plain = greedy_continuations(loaded, texts, 6, batch_size=1)
+        with steering(loaded, vectors, "paper", 100.0):
+            steered = greedy_continuations(loaded, texts, 6, batch_size=1)
+        expected = torch.tensor(nll_by_hand(steered) - nll_by_hand(plain)).exp().item()
+    assert steered != plain and huge["fluency_ratio"] > 1.0
+    assert abs(huge["fluency_ratio"] - expected) < 1e-3 * expected
+    strict = check_alphas(loaded, vectors, texts, alphas=(1e-9, 100.0, 200.0), margin=0.01, tokens=6, batch_size=3)
+    assert [r["alpha"] for r in strict["table"]] == [1e-9, 100.0]  # stopped at the first failure
+    assert [r["allowed"] for r in strict["table"]] == [True, False] and strict["alpha"] == 1e-9
+
+
+def test_check_alpha_command(tiny_model_dir, tmp_path, capsys):
+    model, vec_path = str(tiny_model_dir("llama")), str(_vectors().save(tmp_path / "v.safetensors"))
+    out = tmp_path / "alpha.json"
+    assert main(["check-alpha", model, "--vectors", vec_path, "--alphas", "0.1,50", "--count", "4",
+                 "--tokens", "4", "--margin", "1e6", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["alpha"] == 50.0 and [r["alpha"] for r in result["table"]] == [0.1, 50.0]
+    assert "largest alpha that keeps the text: 50" in capsys.readouterr().out
+    for bad, message in [(["--alphas", "0.1,x"], "--alphas '0.1,x' is not a comma list of numbers"),
+                         (["--alphas", "0,0.1"], "alphas must be finite and > 0"),
+                         (["--tokens", "1"], "continuation tokens must exceed the 1 skipped")]:
+        assert main(["check-alpha", model, "--vectors", vec_path, "--count", "2", *bad,
+                     "-o", str(tmp_path / "bad.json")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_eval_and_calibrate_select_layers(tiny_model_dir, math_set, tmp_path, capsys):
     model = str(tiny_model_dir("llama"))
     vec_path = str(_vectors(scale=3).save(tmp_path / "v.safetensors"))

@@ -9,6 +9,10 @@ perplexity on plain text within a margin of the unsteered model's. No labels are
   continuation   cross-entropy, under the additive form, of the reference form's own greedy
                  continuations (teacher-forced): how well the fold reproduces the steered answers'
                  first N tokens, not only their first one
+
+`check_alphas` guards the reference itself: the paper form at too large an alpha breaks a model's
+text (its own greedy continuations become unlikely under the unsteered model), and no fold should
+be calibrated against that.
 """
 
 from __future__ import annotations
@@ -75,9 +79,9 @@ def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int 
 
 @torch.inference_mode()
 def continuation_logprobs(loaded, texts: list[str], continuations: list[list[int]],
-                          batch_size: int = 8) -> tuple[torch.Tensor, float]:
+                          batch_size: int = 8, skip: int = 0) -> tuple[torch.Tensor, float]:
     """Teacher-forced on prompt + continuation: (log p(next token) at the last prompt token [n, vocab],
-    mean NLL per continuation token)."""
+    mean NLL per continuation token, leaving out each continuation's first `skip` tokens)."""
     from .capture import resolve_batch_size
 
     tok, model = loaded.tokenizer, loaded.model
@@ -95,8 +99,9 @@ def continuation_logprobs(loaded, texts: list[str], continuations: list[list[int
         for i, cont in enumerate(continuations[start:start + batch_size]):
             lp = torch.log_softmax(logits[i, -len(cont) - 1:], -1)
             first.append(lp[0].cpu())
-            nll -= float(lp[:-1].gather(1, torch.tensor(cont, device=lp.device)[:, None]).sum())
-            count += len(cont)
+            scored = torch.tensor(cont[skip:], device=lp.device, dtype=torch.long)
+            nll -= float(lp[skip:-1].gather(1, scored[:, None]).sum())
+            count += len(scored)
     return torch.stack(first), nll / max(count, 1)
 
 
@@ -193,3 +198,52 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
                       continuation_ce=chosen["continuation_ce"] if chosen else plain_ce,
                       continuation_ce_unsteered=plain_ce)
     return result
+
+
+DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+                 margin: float = 1.0, tokens: int = 32, skip: int = 1, batch_size: int = 8,
+                 stop_after_rejected: int = 1, progress: bool = False) -> dict:
+    """Label-free guard for the paper form's alpha: does the steered model still write text?
+
+    For each alpha (ascending) the paper form's greedy continuations of `texts` (at most `tokens`)
+    are scored, teacher-forced, by the unsteered model, leaving out their first `skip` tokens (the
+    answer's opening is what the steering is meant to change). The fluency ratio is that perplexity
+    over the unsteered model's perplexity of its own greedy continuations, scored the same way; an
+    alpha passes when the ratio is at most 1 + `margin`. The chosen alpha is the largest that passes
+    (None if none does). The search stops once `stop_after_rejected` alphas in a row fail (0: try
+    every alpha). No labels are read."""
+    if not texts:
+        raise UserError("the alpha check needs prompts; pass --count > 0")
+    if not alphas or any(a <= 0 or not math.isfinite(a) for a in alphas):
+        raise UserError("alphas must be finite and > 0")
+    if tokens < skip + 1:
+        raise UserError(f"continuation tokens must exceed the {skip} skipped; pass --tokens {skip + 8} or more")
+    if margin < 0:
+        raise UserError("the fluency margin must be >= 0")
+    tok = loaded.tokenizer
+    plain = greedy_continuations(loaded, texts, tokens, batch_size)
+    _, plain_nll = continuation_logprobs(loaded, texts, plain, batch_size, skip=skip)
+
+    from tqdm.auto import tqdm
+
+    table, rejected = [], 0
+    for alpha in tqdm(sorted(alphas), desc="check alphas", unit="alpha", disable=not progress):
+        with steering(loaded, vectors, "paper", alpha):
+            steered = greedy_continuations(loaded, texts, tokens, batch_size)
+        _, nll = continuation_logprobs(loaded, texts, steered, batch_size, skip=skip)
+        ratio = math.exp(nll - plain_nll)
+        table.append({"alpha": alpha, "perplexity": math.exp(nll), "fluency_ratio": ratio,
+                      "allowed": ratio <= 1 + margin,
+                      "first_token_changed": sum(s[0] != p[0] for s, p in zip(steered, plain)) / len(texts),
+                      "sample": tok.decode(steered[0])})
+        rejected = 0 if table[-1]["allowed"] else rejected + 1
+        if stop_after_rejected and rejected >= stop_after_rejected:
+            break
+    allowed = [r["alpha"] for r in table if r["allowed"]]
+    return {"alpha": max(allowed) if allowed else None, "margin": margin, "tokens": tokens, "skip": skip,
+            "unsteered_perplexity": math.exp(plain_nll), "prompts": len(texts), "layers": vectors.layers,
+            "unsteered_sample": tok.decode(plain[0]), "table": table,
+            "note": None if allowed else "every alpha tried breaks the text: try smaller alphas"}

@@ -80,6 +80,39 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise UserError(f"'{path}' exists: choose another output or pass --overwrite")
 
 
+def _number_list(value: str | None, option: str) -> tuple[float, ...] | None:
+    """'0.1,0.2' -> (0.1, 0.2); None or empty -> None."""
+    if not value:
+        return None
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{option} '{value}' is not a comma list of numbers")
+
+
+def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime):
+    """(loaded MODEL, its vectors, the prompts' questions, the batch size) for calibrate and check-alpha."""
+    from .capture import resolve_batch_size
+    from .prompts import apply_template, load_questions
+    from .vectors import SteeringVectors
+
+    dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle = runtime
+    vectors = SteeringVectors.load(vectors_path)
+    loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
+    vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    questions = load_questions(prompts_path, field=field, count=count, offset=offset)
+    batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
+    return loaded, vectors, questions, batch_size
+
+
+def _write_json(output: Path | None, payload: dict) -> None:
+    if output:
+        from .evaluate import _atomic_text
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(output, json.dumps(payload, indent=2) + "\n")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="unlock-export")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
@@ -93,7 +126,8 @@ def cli(ctx, quiet, as_json, log_level):
     \b
     Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
     Export:    fold (checkpoint/adapter), gguf (llama.cpp), cvec (llama.cpp control vector)
-    Measure:   eval (accuracy, transformers or llama.cpp), calibrate (label-free folded scale)
+    Measure:   eval (accuracy, transformers or llama.cpp), calibrate (label-free folded scale),
+               check-alpha (label-free guard for the paper form's alpha)
     Share:     push (Hugging Face Hub), inspect (what a file or folder holds)
     Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Exit codes: 0 ok, 1 failure, 2 bad input.
@@ -599,37 +633,73 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
           --alpha 0.1 --prompts ../shared/data/gsm8k/train.jsonl --count 64
     """
     from .calibrate import DEFAULT_SCALES, calibrate_scale
-    from .prompts import apply_template, load_questions
-    from .vectors import SteeringVectors, parse_layers
+    from .prompts import apply_template
+    from .vectors import parse_layers
 
-    grid = DEFAULT_SCALES
-    if scales:
-        try:
-            grid = tuple(float(x) for x in scales.split(",") if x.strip())
-        except ValueError:
-            raise UserError(f"--scales '{scales}' is not a comma list of numbers")
-    vectors = SteeringVectors.load(vectors_path)
-    loaded = _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle).get(model)
-    vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    grid = _number_list(scales, "--scales") or DEFAULT_SCALES
+    loaded, vectors, questions, batch_size = _steering_inputs(
+        ctx, model, vectors_path, template, prompts_path, field, count, offset,
+        (dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle))
     band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
-    questions = load_questions(prompts_path, field=field, count=count, offset=offset)
-    from .capture import resolve_batch_size
-
-    batch_size = resolve_batch_size(batch_size, loaded, apply_template(template, questions), max_length)
     result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
                              additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
-    if output:
-        from .evaluate import _atomic_text
-
-        output.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(output, json.dumps(result, indent=2) + "\n")
+    _write_json(output, result)
     ratio = next((r["perplexity_ratio"] for r in result["table"] if r["scale"] == result["scale"]), 1.0)
     closeness = (f"continuation cross-entropy {result['continuation_ce']:.4g} (unsteered "
                  f"{result['continuation_ce_unsteered']:.4g})" if objective == "continuation" else
                  f"KL at the answer start {result['kl_to_reference']:.4g} (unsteered {result['kl_unsteered_to_reference']:.4g})")
     _emit(ctx, result, f"scale {result['scale']:g} for the paper form at alpha {alpha:g}: {closeness}, "
                        f"perplexity x{ratio:.3f}")
+
+
+@cli.command("check-alpha")
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file for MODEL.")
+@click.option("--alphas", default=None,
+              help="Comma list of paper-form alphas to check (default 0.01,0.02,0.05,0.1,0.2); tried in ascending "
+                   "order, stopping at the first that fails.")
+@click.option("--margin", default=1.0, show_default=True, type=float,
+              help="Allowed relative rise of the continuations' perplexity (1.0 = up to twice the unsteered's).")
+@click.option("--tokens", default=32, show_default=True, type=int, help="Greedy tokens generated per prompt.")
+@click.option("--template", default="direct", show_default=True, help="Prompt template.")
+@_prompt_options
+@_runtime_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@click.pass_context
+def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prompts_path, field, count, offset,
+                dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle, output):
+    """Check, without labels, which paper-form alphas leave MODEL writing text.
+
+    Too large an alpha breaks a model's text (the paper's 0.1 does on Qwen2.5-Coder-0.5B). For each
+    alpha the paper form's greedy continuations (--tokens) are scored by the unsteered model,
+    after their first token (the opening the steering is meant to change); an alpha passes when
+    that perplexity is within --margin of the unsteered model's on its own continuations. Prints
+    the largest alpha that passes; exit code 0 either way (the JSON says which failed).
+
+    \b
+    Example:
+      unlock-export check-alpha zoo:qwen2.5-coder-0.5b-instruct --vectors out/r/vectors.safetensors \\
+          --prompts ../shared/data/gsm8k/train.jsonl --count 8
+    """
+    from .calibrate import DEFAULT_ALPHAS, check_alphas
+    from .prompts import apply_template
+
+    grid = _number_list(alphas, "--alphas") or DEFAULT_ALPHAS
+    loaded, vectors, questions, batch_size = _steering_inputs(
+        ctx, model, vectors_path, template, prompts_path, field, count, offset,
+        (dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle))
+    if vectors.site != "layer_output":
+        raise UserError("the paper form edits the layer output: use vectors with site layer_output")
+    result = check_alphas(loaded, vectors, apply_template(template, questions), grid, margin, tokens,
+                          batch_size=batch_size, progress=not ctx.obj["quiet"])
+    _write_json(output, result)
+    verdicts = ", ".join(f"{r['alpha']:g} x{r['fluency_ratio']:.2f}{'' if r['allowed'] else ' (breaks the text)'}"
+                         for r in result["table"])
+    best = (f"largest alpha that keeps the text: {result['alpha']:g}" if result["alpha"] is not None
+            else "no alpha tried keeps the text: try smaller --alphas")
+    _emit(ctx, result, f"{best}; continuation perplexity against unsteered (margin x{1 + margin:g}): {verdicts}")
 
 
 # -- push / inspect --------------------------------------------------------------------------
