@@ -5,7 +5,8 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
 
   unsteered       llama.cpp, the target's zoo GGUF
   cot-prompt      llama.cpp, the CoT template (the prompting baseline)
-  paper-form      transformers hooks: prefill-only last-token edit at alpha (the paper's form)
+  paper-form      transformers hooks: prefill-only last-token edit at alpha (the paper's form);
+                  `check-alpha` at that alpha is recorded beside it (does the steered model still write text?)
   folded          llama.cpp, the folded GGUF (route a) with the label-free calibrated scale
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
   random          llama.cpp, random directions with the folded vectors' norms and scale
@@ -117,6 +118,16 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             "random": random_path, "calibration": calibration}
 
 
+def alpha_check(prep: dict, out: Path, prompts: Path, count: int = 8) -> dict:
+    """`check-alpha` at the paper form's alpha: does the paper-form row still write text?"""
+    path = out / "alpha-check.json"
+    if not path.exists():
+        cli("--quiet", "check-alpha", prep["target"], "--vectors", prep["vectors"], "--alphas", prep["alpha"],
+            "--prompts", prompts, "--count", count, "--dtype", "float32", "-o", path)
+    row = json.loads(path.read_text())["table"][0]
+    return {"alpha": row["alpha"], "fluency_ratio": round(row["fluency_ratio"], 3), "allowed": row["allowed"]}
+
+
 def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int) -> dict:
     summary_path = out / name / "summary.json"
     if summary_path.exists():
@@ -189,6 +200,8 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--sweep-scales takes numbers separated by commas, not {args.sweep_scales!r}") from None
     wanted += [f"scale-{s:g}" for s in sweep]
+    from unlock_export.recipe import load_recipe
+
     started = time.perf_counter()
     table = {}
     for direction, recipe_path in DIRECTIONS.items():
@@ -203,6 +216,9 @@ def main() -> None:
             print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        if "paper-form" in wanted:
+            table[direction]["alpha_check"] = alpha_check(prep, args.out / direction,
+                                                          load_recipe(recipe_path).prompts.path)
         if sweep:
             table[direction]["by_accuracy"] = accuracy_vs_scale(rows, prep["scale"], args.out / direction)
     result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": str(DEV),
@@ -220,6 +236,11 @@ def main() -> None:
                          f"{s['mean_output_tokens']:.0f} | {s.get('cut_rate', float('nan')):.0%} | "
                          f"{s.get('states_answer_rate', float('nan')):.0%} | {versus} |")
     for direction, d in table.items():
+        if "alpha_check" in d:
+            a = d["alpha_check"]
+            lines.append(f"\n{direction}: check-alpha at {a['alpha']:g}: the paper form's continuations score "
+                         f"x{a['fluency_ratio']:.2f} the unsteered perplexity "
+                         f"({'passes' if a['allowed'] else 'FAILS: its text is broken'})")
         if "by_accuracy" in d:
             b = d["by_accuracy"]
             lines.append(f"\n{direction}: dev-set accuracy (uses labels) picks scale {b['scale']:g} "
