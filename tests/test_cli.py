@@ -172,6 +172,22 @@ def test_recipe_fold_scale_auto_is_calibrated_without_labels(objective, capsys, 
     assert ("continuations" in card) == (objective == "continuation")
     assert summary["fold"]["scale"] == calibration["scale"] > 0
     assert calibration["kl_to_reference"] < calibration["kl_unsteered_to_reference"]
+    check = calibration["alpha_check"]  # the reference was checked first: it still writes text
+    assert check["alpha"] == 0.5 and check["fluency_ratio"] <= 1 + check["margin"] and check["prompts"] == 6
+
+
+def test_recipe_refuses_to_calibrate_against_a_paper_form_that_breaks_the_text(capsys, tmp_path, tiny_recipe):
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "alpha": 100.0, "calibrate_count": 4, "alpha_margin": 0.0}
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()  # the fixture's own output
+    assert_one_line_error(capsys, ["run", path, tmp_path / "out"], "fold.alpha 100 breaks the target's text")
+    assert not (tmp_path / "out").exists()
+    recipe["fold"]["check_alpha"] = False  # the user's call: calibrate anyway
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli(capsys, "run", path, tmp_path / "out", "--resume")  # the captures are kept
+    assert code == 0, err
+    assert "alpha_check" not in json.loads((tmp_path / "out" / "calibration.json").read_text())
 
 
 def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
@@ -335,3 +351,16 @@ def test_recipe_with_wrong_type(capsys, tmp_path, tiny_recipe):
 
 def test_unknown_option_is_one_line(capsys):
     assert_one_line_error(capsys, ["key", "--bogus"], "No such option")
+
+
+def test_run_help_names_every_recipe_key(capsys):
+    """`run --help` lists the recipe keys: none may be missing when a spec gains a field."""
+    from unlock_export import recipe as recipe_mod
+
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    specs = {"fold": recipe_mod.FoldSpec, "diagnostics": recipe_mod.DiagnosticsSpec, "push": recipe_mod.PushSpec,
+             "runtime": recipe_mod.RuntimeSpec, "vectors": recipe_mod.VectorsSpec, "prompts": recipe_mod.PromptSpec}
+    missing = [f"{section}.{key}" for section, spec in specs.items() for key in spec.model_fields
+               if key not in text.split(f"{section}.", 1)[-1]]
+    assert not missing, missing

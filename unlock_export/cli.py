@@ -766,8 +766,9 @@ def run(ctx, recipe_path, out_dir, overwrite, resume):
       unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
-    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,calibrate_count,ppl_margin,rank,layers,verify,
-    tolerance} (optional: writes OUT_DIR/model), diagnostics.{enabled,heldout_count,target_key},
+    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,objective,continuation_tokens,calibrate_count,
+    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
+    diagnostics.{enabled,heldout_count,target_key},
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
     """

@@ -79,6 +79,9 @@ class FoldSpec(_Strict):
     continuation_tokens: int = Field(32, ge=1)
     calibrate_count: int = Field(32, ge=1)
     ppl_margin: float = Field(0.10, ge=0)
+    # before calibrating: does the paper form at `alpha` still write text? (`check-alpha`, 8 prompts)
+    check_alpha: bool = True
+    alpha_margin: float = Field(1.0, ge=0)
     rank: int = Field(8, ge=1)
     layers: Optional[Union[str, list[int]]] = None
     verify: bool = True
@@ -243,6 +246,24 @@ def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[
     return diagnostics.transfer_diagnostics(key, lrmap, vectors, heldout, target_key)
 
 
+def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec, batch_size) -> dict | None:
+    """`check-alpha` at fold.alpha before the calibration matches a fold to the paper form: a reference
+    that breaks the target's text is refused, not matched."""
+    if not f.check_alpha:
+        return None
+    from .calibrate import check_alphas
+
+    result = check_alphas(target_loaded, vectors, texts, (f.alpha,), f.alpha_margin, batch_size=batch_size)
+    row = result["table"][0]
+    if not row["allowed"]:
+        raise UserError(f"fold.alpha {f.alpha:g} breaks the target's text: the paper form's continuations score "
+                        f"x{row['fluency_ratio']:.3g} the unsteered perplexity (fold.alpha_margin allows "
+                        f"x{1 + f.alpha_margin:g}); lower fold.alpha (`unlock-export check-alpha` lists the alphas "
+                        f"that pass) or set fold.check_alpha: false")
+    return {"alpha": f.alpha, "fluency_ratio": row["fluency_ratio"], "margin": f.alpha_margin,
+            "prompts": result["prompts"], "tokens": result["tokens"]}
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
                recipe_text: str | None = None, resume: bool = False) -> dict:
     """Run key -> align -> project and write key, map, vectors and a summary into out_dir.
@@ -325,12 +346,15 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                 calib_questions = key_questions[:f.calibrate_count]
                 calib_texts = prompts.apply_template(target_template, calib_questions)
                 target_loaded = pool.get(recipe.target.model)
+                batch_size = resolve_batch_size(rt.batch_size, target_loaded, calib_texts, rt.max_length)
+                alpha_check = _check_reference_alpha(target_loaded, vectors, calib_texts[:8], f, batch_size)
                 calibration = calibrate_scale(target_loaded, vectors, calib_texts,
                                               prompts.apply_template("plain", calib_questions), "paper", f.alpha,
                                               ppl_margin=f.ppl_margin, progress=progress, additive_layers=chosen.layers,
                                               objective=f.objective, continuation_tokens=f.continuation_tokens,
-                                              batch_size=resolve_batch_size(rt.batch_size, target_loaded,
-                                                                            calib_texts, rt.max_length))
+                                              batch_size=batch_size)
+                if alpha_check is not None:
+                    calibration["alpha_check"] = alpha_check
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
                 outputs.append("calibration.json")
                 scale = calibration["scale"]
