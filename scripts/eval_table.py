@@ -115,15 +115,15 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
             "self_key": self_path,
             "self_scale": json.loads(self_cal_path.read_text())["scale"] if self_cal_path.exists() else None,
-            "random": random_path, "calibration": calibration}
+            "random": random_path, "calibration": calibration, "prompts": recipe.prompts.path}
 
 
-def alpha_check(prep: dict, out: Path, prompts: Path, count: int = 8) -> dict:
+def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
     """`check-alpha` at the paper form's alpha: does the paper-form row still write text?"""
     path = out / "alpha-check.json"
     if not path.exists():
         cli("--quiet", "check-alpha", prep["target"], "--vectors", prep["vectors"], "--alphas", prep["alpha"],
-            "--prompts", prompts, "--count", count, "--dtype", "float32", "-o", path)
+            "--prompts", prep["prompts"], "--count", count, "--dtype", "float32", "-o", path)
     row = json.loads(path.read_text())["table"][0]
     return {"alpha": row["alpha"], "fluency_ratio": round(row["fluency_ratio"], 3), "allowed": row["allowed"]}
 
@@ -200,8 +200,6 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--sweep-scales takes numbers separated by commas, not {args.sweep_scales!r}") from None
     wanted += [f"scale-{s:g}" for s in sweep]
-    from unlock_export.recipe import load_recipe
-
     started = time.perf_counter()
     table = {}
     for direction, recipe_path in DIRECTIONS.items():
@@ -217,8 +215,7 @@ def main() -> None:
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
         if "paper-form" in wanted:
-            table[direction]["alpha_check"] = alpha_check(prep, args.out / direction,
-                                                          load_recipe(recipe_path).prompts.path)
+            table[direction]["alpha_check"] = alpha_check(prep, args.out / direction)
         if sweep:
             table[direction]["by_accuracy"] = accuracy_vs_scale(rows, prep["scale"], args.out / direction)
     result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": str(DEV),

@@ -269,6 +269,9 @@ def test_check_alpha_command(tiny_model_dir, tmp_path, capsys):
         assert main(["check-alpha", model, "--vectors", vec_path, "--count", "2", *bad,
                      "-o", str(tmp_path / "bad.json")]) == 2
         assert message in capsys.readouterr().err
+    other_site = SteeringVectors(_vectors().directions, 4, 64, "post_attention").save(tmp_path / "pa.safetensors")
+    assert main(["check-alpha", model, "--vectors", str(other_site), "--count", "2", "-o", str(tmp_path / "bad.json")]) == 2
+    assert "use vectors with site layer_output" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
 
 

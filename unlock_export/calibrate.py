@@ -22,7 +22,7 @@ import math
 import torch
 
 from .errors import UserError
-from .steer import steering
+from .steer import require_paper_site, steering
 from .vectors import SteeringVectors
 
 # 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
@@ -223,6 +223,7 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
         raise UserError(f"continuation tokens must exceed the {skip} skipped; pass --tokens {skip + 8} or more")
     if margin < 0:
         raise UserError("the fluency margin must be >= 0")
+    require_paper_site(vectors)  # before any generation
     tok = loaded.tokenizer
     plain = greedy_continuations(loaded, texts, tokens, batch_size)
     _, plain_nll = continuation_logprobs(loaded, texts, plain, batch_size, skip=skip)

@@ -56,6 +56,12 @@ def additive_steering(model, vectors: SteeringVectors, scale: float = 1.0):
             handle.remove()
 
 
+def require_paper_site(vectors: SteeringVectors) -> None:
+    """The paper form edits the layer output: refuse vectors for another site."""
+    if vectors.site != "layer_output":
+        raise UserError("the paper form edits the layer output: use vectors with site layer_output")
+
+
 def _is_prefill(kwargs: dict, length: int) -> bool:
     """Whether this forward call is the prefill (nothing cached yet) rather than a decode step.
 
@@ -77,8 +83,7 @@ def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
     """The paper's prefill-only, last-prompt-token, norm-preserving update after each steered layer."""
     model, arch = _resolve(model)
     _check(model, arch, vectors)
-    if vectors.site != "layer_output":
-        raise UserError("the paper form edits the layer output: use vectors with site layer_output")
+    require_paper_site(vectors)
     state: dict = {"prefill": False, "last": None}
     layers = arch.decoder_layers(model)
 
