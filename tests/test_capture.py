@@ -8,6 +8,7 @@ import torch
 from conftest import ARCHS
 from unlock_export import prompts
 from unlock_export.capture import capture
+from unlock_export.errors import UserError
 
 
 def reference_last_token(lm, texts):
@@ -154,3 +155,28 @@ def test_unreadable_capture_checkpoint_is_ignored(load_tiny, questions, tmp_path
     (saved,) = tmp_path.glob("capture-*.safetensors")
     saved.write_bytes(saved.read_bytes()[:100])  # cut off mid-write by a crash
     assert torch.equal(capture(lm, texts, batch_size=2, progress=False, checkpoint_dir=tmp_path), whole)
+
+
+def test_tail_position_is_the_mean_of_each_texts_last_tokens(load_tiny, questions):
+    lm = load_tiny("qwen2")
+    texts = prompts.apply_template("direct", questions[:6])
+    counts = [1, 2, 3, 5, 8, 500]  # 500: more than the text has, so every token
+    ours = capture(lm, texts, position="tail", tail_tokens=counts, batch_size=4, progress=False)  # left padding
+    for i, text in enumerate(texts):
+        enc = lm.tokenizer([text], return_tensors="pt")
+        hs = lm.model(**enc, output_hidden_states=True).hidden_states
+        for layer in range(lm.n_layers - 1):  # the last entry of hidden_states is normed (see above)
+            assert (ours[layer, i] - hs[layer + 1][0, -counts[i]:].mean(0)).abs().max() <= 1e-5
+    last = capture(lm, texts, batch_size=4, progress=False)
+    assert (ours[:, 0] - last[:, 0]).abs().max() <= 1e-6  # a tail of one token is the last token
+    assert (ours[:, 1] - last[:, 1]).abs().max() > 1e-3
+
+
+def test_tail_counts_are_checked(load_tiny, questions):
+    lm = load_tiny("qwen2")
+    with pytest.raises(UserError, match="tail_tokens"):
+        capture(lm, questions[:2], position="tail", progress=False)
+    with pytest.raises(UserError, match="tail_tokens"):
+        capture(lm, questions[:2], tail_tokens=[1, 1], progress=False)
+    with pytest.raises(UserError, match="one count of at least 1 per text"):
+        capture(lm, questions[:2], position="tail", tail_tokens=[1, 0], progress=False)

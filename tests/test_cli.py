@@ -364,3 +364,27 @@ def test_run_help_names_every_recipe_key(capsys):
     missing = [f"{section}.{key}" for section, spec in specs.items() for key in spec.model_fields
                if key not in text.split(f"{section}.", 1)[-1]]
     assert not missing, missing
+
+
+def test_answer_token_key_in_a_recipe_matches_the_key_command(capsys, tmp_path, tiny_recipe):
+    path, recipe = tiny_recipe
+    recipe["key"] = {"method": "mean", "answer_tokens": 3}
+    path.write_text(yaml.safe_dump(recipe))
+    assert run_cli(capsys, "run", path, tmp_path / "out")[0] == 0
+    src = recipe["source"]["locked"]["model"]
+    code, _, err = run_cli(capsys, "key", "--locked", src, "--answer-tokens", "3", "--prompts", "builtin:arithmetic",
+                           "--count", "16", "--dtype", "float32", "--device", "cpu", "--batch-size", "4",
+                           "-o", tmp_path / "k.st")
+    assert code == 0, err
+    from unlock_export.key import MasterKey
+
+    staged, whole = MasterKey.load(tmp_path / "k.st"), MasterKey.load(tmp_path / "out" / "key.safetensors")
+    assert staged.provenance["answer_tokens"] == whole.provenance["answer_tokens"] == "3"
+    assert torch.allclose(staged.vectors, whole.vectors, atol=1e-5)
+    vectors = SteeringVectors.load(tmp_path / "out" / "vectors.safetensors")
+    assert vectors.provenance["key_answer_tokens"] == "3"
+    diag = json.loads((tmp_path / "out" / "diagnostics.json").read_text())
+    assert len(diag["cosine_target_key"]) == len(diag["layers"])  # the target's own key, read the same way
+    recipe["key"]["answer_tokens"] = -2
+    path.write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(capsys, ["run", path, tmp_path / "out2"], "key.answer_tokens")

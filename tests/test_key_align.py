@@ -100,3 +100,41 @@ def test_rank_below_one_is_refused():
 def test_mismatched_prompt_counts_are_refused():
     with pytest.raises(UserError, match="pair"):
         align.fit(torch.randn(2, 5, 4), torch.randn(2, 6, 4), rank=2)
+
+
+def _text_tail_mean(lm, prompt: str, answer: str) -> torch.Tensor:
+    """Unpadded reference: residuals after each layer (but the last, which hidden_states norms),
+    averaged over the last prompt token and the tokens the answer adds."""
+    ids = lm.tokenizer([prompt + answer], return_tensors="pt")
+    tail = len(ids["input_ids"][0]) - len(lm.tokenizer(prompt)["input_ids"]) + 1
+    hs = lm.model(**ids, output_hidden_states=True).hidden_states
+    return torch.stack([h[0, -tail:].mean(0) for h in hs[1:-1]])
+
+
+def test_answer_token_key_reads_the_unlocked_opening_in_both_variants(tiny_model_dir):
+    from unlock_export.pipeline import ModelPool, Runtime, compute_key
+
+    spec, k = str(tiny_model_dir("llama")), 5
+    qs = prompts.builtin_arithmetic(6, seed=11)
+    pool = ModelPool(Runtime(dtype="float32", device="cpu", batch_size=1, progress=False))
+    key, reusable = compute_key(pool, spec, spec, "direct", "cot", qs, "mean", answer_tokens=k)
+    assert reusable is None  # the map must capture the last prompt token itself
+    assert key.provenance["answer_tokens"] == "5"
+    lm = pool.get(spec)
+    diffs = []
+    for q in qs:
+        cot, direct = prompts.apply_template("cot", [q])[0], prompts.apply_template("direct", [q])[0]
+        enc = lm.tokenizer([cot], return_tensors="pt")
+        new = lm.model.generate(**enc, max_new_tokens=k, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t == lm.tokenizer.eos_token_id), len(new))] or new[:1]
+        answer = lm.tokenizer.decode(new)  # the unlocked variant's own opening, read by both
+        assert answer
+        diffs.append(_text_tail_mean(lm, cot, answer) - _text_tail_mean(lm, direct, answer))
+    reference = torch.stack(diffs).mean(0)
+    assert (key.vectors[:-1] - reference).abs().max() <= 1e-4
+    last, states = compute_key(pool, spec, spec, "direct", "cot", qs, "mean")  # the paper's key, as before
+    assert states is not None and last.provenance["answer_tokens"] == "0"
+    assert (key.vectors - last.vectors).norm() > 0.1 * last.vectors.norm()
+    with pytest.raises(UserError, match="answer tokens must be 0"):
+        compute_key(pool, spec, spec, "direct", "cot", qs, "mean", answer_tokens=-1)

@@ -1,7 +1,7 @@
 """Activation capture: the residual stream after decoder layers, one row per prompt.
 
 Forward hooks on the decoder layers copy out only the rows that are needed (the last prompt token,
-or a masked mean over tokens) into preallocated float32 accumulators, instead of keeping every
+a masked mean over all tokens, or the mean over each text's last few tokens) into preallocated float32 accumulators, instead of keeping every
 layer's full [batch, tokens, hidden] tensor as `output_hidden_states=True` does. When only the
 first few layers are needed, the forward pass stops after the deepest of them.
 
@@ -27,7 +27,7 @@ from .architectures import config_size, layer_output_tensor
 from .errors import UserError
 from .models import LoadedModel
 
-POSITIONS = ("last", "mean")
+POSITIONS = ("last", "mean", "tail")
 log = logging.getLogger(__name__)
 
 
@@ -75,10 +75,12 @@ class CaptureCheckpoint:
 
 
 def capture_fingerprint(loaded: LoadedModel, texts: list[str], layers: list[int], position: str,
-                        batch_size: int, max_length: int | None) -> str:
+                        batch_size: int, max_length: int | None, tail_tokens: list[int] | None = None) -> str:
     params = next(loaded.model.parameters())
-    digest = hashlib.sha256(json.dumps(
-        [loaded.source.spec, str(params.dtype), layers, position, batch_size, max_length, len(texts)]).encode())
+    settings = [loaded.source.spec, str(params.dtype), layers, position, batch_size, max_length, len(texts)]
+    if tail_tokens is not None:
+        settings.append(tail_tokens)
+    digest = hashlib.sha256(json.dumps(settings).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode()).digest())
     return digest.hexdigest()
@@ -88,6 +90,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token, for left or right padding."""
     steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * (steps + 1)).argmax(dim=1)
+
+
+def tail_mask(attention_mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """1 on each row's last `counts[i]` real tokens (any padding side), else 0."""
+    before = attention_mask.long().flip(-1).cumsum(-1).flip(-1)  # real tokens from here to the end
+    counts_t = torch.tensor(counts, device=attention_mask.device)[:, None]
+    return (attention_mask.bool() & (before <= counts_t)).long()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -176,8 +185,12 @@ def capture(
     desc: str = "capture",
     checkpoint_dir: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
+    tail_tokens: list[int] | None = None,
 ) -> torch.Tensor:
     """Residual stream after each layer in `layers` (default all) for each text.
+
+    position: "last" (the last token), "mean" (every token) or "tail" (the mean over each text's
+    last `tail_tokens[i]` tokens, e.g. the last prompt token and the answer tokens after it).
 
     Returns a float32 CPU tensor [len(layers), len(texts), hidden_size] in the given order.
     With `checkpoint_dir`, finished batches are saved there (see the module docstring) and a
@@ -192,6 +205,10 @@ def capture(
         raise UserError(f"unknown capture position '{position}': use {' or '.join(POSITIONS)}")
     if not texts:
         raise UserError("no prompts to capture: give at least one prompt")
+    if (position == "tail") != (tail_tokens is not None):
+        raise UserError("tail_tokens go with position 'tail' and only with it")
+    if tail_tokens is not None and (len(tail_tokens) != len(texts) or min(tail_tokens) < 1):
+        raise UserError("tail_tokens needs one count of at least 1 per text")
     batch_size = resolve_batch_size(batch_size, loaded, texts, max_length)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -208,7 +225,7 @@ def capture(
             if position == "last":
                 rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"].to(hidden.device)]
             else:
-                mask = state["mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
+                mask = state["mask" if position == "mean" else "tail"].to(hidden.device, hidden.dtype).unsqueeze(-1)
                 rows = (hidden * mask).sum(1) / mask.sum(1)
             # fp32 rows only, into the staging buffer; from a GPU an asynchronous copy into pinned memory
             staging[slot[layer], :rows.shape[0]].copy_(rows.float(), non_blocking=staging.is_pinned())
@@ -233,7 +250,7 @@ def capture(
     checkpoint, done = None, 0
     if checkpoint_dir is not None:
         checkpoint = CaptureCheckpoint(checkpoint_dir, capture_fingerprint(
-            loaded, texts, layers, position, batch_size, max_length), checkpoint_every_s)
+            loaded, texts, layers, position, batch_size, max_length, tail_tokens), checkpoint_every_s)
         saved = checkpoint.load(tuple(out.shape))
         if saved is not None:
             out, done = saved
@@ -245,6 +262,8 @@ def capture(
             batch = tokenize(tokenizer, [texts[i] for i in rows], device, max_length)
             state.update(rows=torch.tensor(rows), mask=batch["attention_mask"],
                          last=last_token_index(batch["attention_mask"]))
+            if tail_tokens is not None:
+                state["tail"] = tail_mask(batch["attention_mask"], [tail_tokens[i] for i in rows])
             if "position_ids" in accepted:  # absolute-position models need mask-aware positions
                 batch["position_ids"] = position_ids(batch["attention_mask"])
             try:

@@ -202,6 +202,10 @@ def zoo_fetch(ctx, name):
 @_prompt_options
 @click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True,
               help="Aggregate the differences by their mean or first principal direction.")
+@click.option("--answer-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: read the last prompt token (the paper's key). K > 0: read the answer's start instead: the "
+                   "unlocked variant writes its first K tokens (greedy), both variants read that same text after "
+                   "their own prompt, and the key is the mean difference over the last prompt token and those K.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--resume", is_flag=True,
@@ -209,7 +213,7 @@ def zoo_fetch(ctx, name):
 @_runtime_options
 @click.pass_context
 def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, method,
-        output, overwrite, resume, **runtime):
+        answer_tokens, output, overwrite, resume, **runtime):
     """Compute the Master Key: per-layer difference between unlocked and locked source states.
 
     \b
@@ -227,7 +231,7 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
     pool = _pool(ctx, **runtime)
     with progress_folder(output, resume, overwrite) as pool.runtime.checkpoint_dir:
         master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
-                                method)
+                                method, answer_tokens)
         master.save(output)
     norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
     _emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
@@ -763,7 +767,7 @@ def run(ctx, recipe_path, out_dir, overwrite, resume):
     Example:
       unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
     Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
-    prompts.{path,field,key_count,align_count,offset}, key.method, align.rank,
+    prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,objective,continuation_tokens,calibrate_count,
     ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
     diagnostics.{enabled,heldout_count,target_key},

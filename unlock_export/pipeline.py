@@ -55,30 +55,62 @@ class ModelPool:
 
 
 def capture_states(pool: ModelPool, spec: str, template: str, questions: list[str], desc: str,
-                   layers: list[int] | None = None) -> torch.Tensor:
+                   layers: list[int] | None = None, answers: list[str] | None = None) -> torch.Tensor:
+    """The residual at the last prompt token; with `answers` (one text per question, appended to
+    its prompt) the mean over the last prompt token and the answer's tokens after it."""
     loaded = pool.get(spec)
     rt = pool.runtime
-    return capture.capture(loaded, prompts.apply_template(template, questions), layers=layers,
+    texts = prompts.apply_template(template, questions)
+    tail = None
+    if answers is not None:
+        tok = loaded.tokenizer
+        full = [t + a for t, a in zip(texts, answers)]
+        # counted on this model's tokenizer: the tokens the answer adds, plus the last prompt token
+        tail = [max(1, len(tok(f)["input_ids"]) - len(tok(t)["input_ids"]) + 1) for t, f in zip(texts, full)]
+        texts = full
+    return capture.capture(loaded, texts, layers=layers, position="last" if tail is None else "tail",
                            batch_size=rt.batch_size, max_length=rt.max_length, progress=rt.progress, desc=desc,
-                           checkpoint_dir=rt.checkpoint_dir)
+                           checkpoint_dir=rt.checkpoint_dir, tail_tokens=tail)
+
+
+def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[str], tokens: int) -> list[str]:
+    """The first `tokens` tokens of each question's greedy answer under `template`, as text."""
+    from .calibrate import greedy_continuations
+
+    loaded = pool.get(spec)
+    ids = greedy_continuations(loaded, prompts.apply_template(template, questions), tokens, pool.runtime.batch_size)
+    return [loaded.tokenizer.decode(row) for row in ids]
 
 
 def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,
-                questions: list[str], method: str = "mean") -> tuple[MasterKey, torch.Tensor]:
-    """Master Key from locked/unlocked source variants. Also returns the locked states [S, N, d]."""
-    if locked == unlocked and locked_template == unlocked_template:
-        from .errors import UserError
+                questions: list[str], method: str = "mean",
+                answer_tokens: int = 0) -> tuple[MasterKey, torch.Tensor | None]:
+    """Master Key from locked/unlocked source variants. Also returns the locked states [S, N, d] at
+    the last prompt token, for the map to reuse (None when the key read the answer instead).
 
+    answer_tokens = 0 reads the last prompt token (the paper's key). answer_tokens = K > 0 reads
+    the answer instead: the unlocked variant writes its greedy first K tokens, both variants are
+    teacher-forced on that same opening after their own prompt, and each difference is the mean
+    over the last prompt token and the K tokens after it: a direction present at every position of
+    the answer's start, which is what a fold (a constant offset) applies."""
+    from .errors import UserError
+
+    if locked == unlocked and locked_template == unlocked_template:
         raise UserError("locked and unlocked variants are identical: give two models, two templates, or both")
-    locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)")
-    unlocked_states = capture_states(pool, unlocked, unlocked_template, questions, "capture source (unlocked)")
+    if answer_tokens < 0:
+        raise UserError(f"answer tokens must be 0 (the last prompt token) or more, got {answer_tokens}")
+    answers = answer_openings(pool, unlocked, unlocked_template, questions, answer_tokens) if answer_tokens else None
+    unlocked_states = capture_states(pool, unlocked, unlocked_template, questions, "capture source (unlocked)",
+                                     answers=answers)
+    locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)",
+                                   answers=answers)
     key = MasterKey(master_key(locked_states, unlocked_states, method), {
         "locked_model": locked, "unlocked_model": unlocked,
         "locked_template": locked_template, "unlocked_template": unlocked_template,
-        "method": method, "n_prompts": str(len(questions)),
+        "method": method, "n_prompts": str(len(questions)), "answer_tokens": str(answer_tokens),
         "model_hint": pool.get(unlocked).model.config.model_type,
     })
-    return key, locked_states
+    return key, (None if answers else locked_states)
 
 
 def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
@@ -111,6 +143,7 @@ def project(key: MasterKey, lrmap: align.LowRankMap, layers: str | list[int] | N
         "method": key.provenance.get("method", ""),
         "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
         "n_prompts_key": key.provenance.get("n_prompts", ""),
+        "key_answer_tokens": key.provenance.get("answer_tokens", "0"),
         "n_prompts_align": lrmap.provenance.get("n_prompts", ""),
         "rank": str(lrmap.rank),
         "layer_map": ",".join(map(str, lrmap.layer_map)),
@@ -130,6 +163,7 @@ def self_vectors(key: MasterKey, layers: str | list[int] | None = "all", site: s
         "method": key.provenance.get("method", ""),
         "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
         "n_prompts_key": key.provenance.get("n_prompts", ""),
+        "key_answer_tokens": key.provenance.get("answer_tokens", "0"),
         "kind": "self-steering: the key in its own model, no map",
     }
     return SteeringVectors({b: key.vectors[b] for b in chosen}, key.vectors.shape[0], key.vectors.shape[1],

@@ -56,6 +56,7 @@ class PromptSpec(_Strict):
 
 class KeySpec(_Strict):
     method: Literal["mean", "pca"] = "mean"
+    answer_tokens: int = Field(0, ge=0)  # 0: the last prompt token (paper); K: the answer's first K tokens
 
 
 class AlignSpec(_Strict):
@@ -225,8 +226,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
     """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
-    from .key import master_key
-    from .pipeline import capture_states
+    from .pipeline import capture_states, compute_key
 
     d, p = recipe.diagnostics, recipe.prompts
     locked, unlocked = recipe.source.locked, recipe.source.unlocked
@@ -236,10 +236,9 @@ def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[
     target_heldout = capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)")
     target_key = None
     if d.target_key and locked.model == unlocked.model and locked.template != unlocked.template:
-        t_locked = capture_states(pool, recipe.target.model, locked.template, key_questions, "capture target (locked)")
-        t_unlocked = capture_states(pool, recipe.target.model, unlocked.template, key_questions,
-                                    "capture target (unlocked)")
-        target_key = master_key(t_locked, t_unlocked, recipe.key.method)
+        # the target's own key, read the way the source's was (same templates, method, position)
+        target_key = compute_key(pool, recipe.target.model, recipe.target.model, locked.template, unlocked.template,
+                                 key_questions, recipe.key.method, recipe.key.answer_tokens)[0].vectors
     heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)"),
                target_heldout)
     pool.release()
@@ -303,14 +302,14 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
 
         t0 = time.perf_counter()
         key, locked_states = compute_key(pool, locked.model, unlocked.model, locked.template, unlocked.template,
-                                         key_questions, recipe.key.method)
+                                         key_questions, recipe.key.method, recipe.key.answer_tokens)
         timings["key_s"] = time.perf_counter() - t0
         key.save(work / "key.safetensors")
 
         t0 = time.perf_counter()
         lrmap = compute_map(pool, locked.model, recipe.target.model, locked.template, target_template,
                             align_questions, recipe.align.rank,
-                            source_states=locked_states if same_prompts else None)
+                            source_states=locked_states if same_prompts and locked_states is not None else None)
         timings["align_s"] = time.perf_counter() - t0
         lrmap.save(work / "map.safetensors")
 
