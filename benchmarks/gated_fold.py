@@ -1,0 +1,225 @@
+"""Can a weight edit reproduce the paper form's prefill-only edit? A feasibility measurement.
+
+The paper form edits only the last prompt token; a bias fold adds its offset at every position.
+This script tries a third form that is still an ordinary checkpoint: a rank-1 edit of each steered
+layer's last write into the residual stream (`mlp.down_proj`, or `self_attn.o_proj` with
+`--site attn`), W += m * alpha * n_L * r_L a_L^T, where r_L is the unit steering direction, n_L the
+layer output's mean norm at the last prompt token, and a_L a linear gate fitted without labels
+(weighted ridge regression, no intercept) to read 1 at the last prompt token of a direct prompt
+and 0 at every other position, from the module's own input. Merged into the weights it changes
+nothing else in the model, so any stack serves it; as a PEFT LoRA (A = a_L, B = r_L) it is a plain
+adapter too.
+
+Printed, on held-out prompts (no labels read anywhere): the gate's value at the last prompt token
+and elsewhere (prompt tokens, and the paper form's own continuation, teacher-forced), then for each
+multiplier m: KL(paper || gated) at the answer start, the cross-entropy of the paper form's first
+continuation tokens under the gated model, and the perplexity ratio on plain text, beside the same
+figures for the unsteered model and the bias fold at a given scale.
+
+  python benchmarks/gated_fold.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/r/vectors.safetensors \
+      --fit-count 32 --count 16 --multipliers 0.5,1,2 --bias-scale 0.0884
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SITES = {"mlp": "mlp.down_proj", "attn": "self_attn.o_proj"}
+
+
+def _module(layer: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        layer = getattr(layer, part)
+    return layer
+
+
+@torch.inference_mode()
+def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
+    """Per layer: the site module's input at every real token [rows, d_in] (float32), the row's
+    label (1 at each text's last token), and the layer output's norm at the last token."""
+    from unlock_export.capture import tokenize
+
+    decoder = loaded.arch.decoder_layers(loaded.model)
+    inputs = {layer: [] for layer in layers}
+    norms = {layer: [] for layer in layers}
+    labels = []
+    state = {}
+
+    def pre(layer):
+        def hook(module, args):
+            x = args[0][0]  # one text per pass: no padding
+            inputs[layer].append(x.float().cpu())
+        return hook
+
+    def post(layer):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            norms[layer].append(float(h[0, -1].float().norm()))
+        return hook
+
+    handles = [_module(decoder[layer], SITES[site]).register_forward_pre_hook(pre(layer)) for layer in layers]
+    handles += [decoder[layer].register_forward_hook(post(layer)) for layer in layers]
+    try:
+        for text in texts:
+            enc = tokenize(loaded.tokenizer, [text], loaded.device)
+            n = enc["input_ids"].shape[1]
+            labels.append(torch.cat([torch.zeros(n - 1), torch.ones(1)]))
+            state["n"] = n
+            loaded.model(**enc, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ({layer: torch.cat(rows) for layer, rows in inputs.items()}, torch.cat(labels),
+            {layer: sum(v) / len(v) for layer, v in norms.items()})
+
+
+def fit_gate(x: torch.Tensor, label: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Weighted ridge without intercept, in its dual form (rows < input size): positives weigh as
+    much as all negatives together. a = X^T (W X X^T + lam I)^-1 W g."""
+    x64, g = x.double(), label.double()
+    positives = float(g.sum())
+    weight = torch.where(g > 0, (len(g) - positives) / positives, 1.0).double()
+    gram = x64 @ x64.T
+    lam = ridge * float(gram.diagonal().mean())
+    system = weight[:, None] * gram + lam * torch.eye(len(g), dtype=torch.float64)
+    return (x64.T @ torch.linalg.solve(system, weight * g)).float()
+
+
+@contextlib.contextmanager
+def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.Tensor], site: str):
+    """Hooks equal to merging W += write a^T into each site module (the module has no bias term
+    in the product): output += (x . a) * write."""
+    decoder = loaded.arch.decoder_layers(loaded.model)
+    handles = []
+    for layer, gate in gates.items():
+        module = _module(decoder[layer], SITES[site])
+        a = gate.to(loaded.device, next(module.parameters()).dtype)
+        w = writes[layer].to(loaded.device, a.dtype)
+        store = {}
+        handles.append(module.register_forward_pre_hook(lambda m, args, store=store: store.__setitem__("x", args[0])))
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, store=store, a=a, w=w: out + (store["x"] @ a)[..., None] * w))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--vectors", required=True)
+    parser.add_argument("--alpha", type=float, default=0.1, help="the paper form's strength")
+    parser.add_argument("--site", choices=sorted(SITES), default="mlp")
+    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
+    parser.add_argument("--fit-count", type=int, default=32, help="prompts the gates are fitted on")
+    parser.add_argument("--count", type=int, default=16, help="held-out prompts the forms are compared on")
+    parser.add_argument("--offset", type=int, default=1000, help="skip the prompts the key was computed on")
+    parser.add_argument("--ridge", type=float, default=1e-2, help="ridge strength, relative to the mean row norm^2")
+    parser.add_argument("--multipliers", default="0.5,1,2")
+    parser.add_argument("--bias-scale", type=float, default=None, help="also show the bias fold at this scale")
+    parser.add_argument("--tokens", type=int, default=32, help="continuation tokens scored")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from unlock_export.calibrate import (answer_start_logprobs, continuation_logprobs, greedy_continuations, kl,
+                                         perplexity)
+    from unlock_export.models import load
+    from unlock_export.prompts import apply_template, load_questions
+    from unlock_export.steer import steering
+    from unlock_export.vectors import SteeringVectors
+
+    started = time.perf_counter()
+    vectors = SteeringVectors.load(args.vectors)
+    layers = [layer for layer in vectors.layers if layer != 0]
+    vectors = vectors.select(layers)
+    loaded = load(args.model, dtype="float32")
+    fit_q = load_questions(args.prompts, "question", args.fit_count, args.offset)
+    test_q = load_questions(args.prompts, "question", args.count, args.offset + args.fit_count)
+    fit_texts, texts = apply_template("direct", fit_q), apply_template("direct", test_q)
+    plain = apply_template("plain", test_q[: max(1, args.count // 2)])
+
+    inputs, labels, norms = capture_site_inputs(loaded, fit_texts, layers, args.site)
+    gates = {layer: fit_gate(inputs[layer], labels, args.ridge) for layer in layers}
+    del inputs
+    print(f"gates fitted on {len(fit_texts)} prompts ({len(labels)} positions) at {SITES[args.site]}, "
+          f"{time.perf_counter() - started:.0f} s")
+
+    with steering(loaded, vectors, "paper", args.alpha):
+        reference = answer_start_logprobs(loaded, texts)
+        continuations = greedy_continuations(loaded, texts, args.tokens)
+    decode = lambda lp: [loaded.tokenizer.decode([int(i)]) for i in lp.argmax(-1)]  # noqa: E731
+
+    # the gates on held-out text: prompts, and prompt + the paper form's continuation
+    held_inputs, held_labels, _ = capture_site_inputs(
+        loaded, [t + loaded.tokenizer.decode(c) for t, c in zip(texts, continuations)], layers, args.site)
+    prompt_len = [len(loaded.tokenizer(t)["input_ids"]) for t in texts]
+    gate_rows = []
+    for layer in layers:
+        values = held_inputs[layer] @ gates[layer]
+        start, at_last, in_prompt, in_answer = 0, [], [], []
+        for text_len, n in zip(_lengths(held_labels), prompt_len):
+            row = values[start:start + text_len]
+            at_last.append(float(row[n - 1]))
+            in_prompt.append(float(row[:n - 1].abs().max()) if n > 1 else 0.0)
+            in_answer.append(float(row[n:].abs().max()) if text_len > n else 0.0)
+            start += text_len
+        gate_rows.append({"layer": layer, "at_last_prompt_token": sum(at_last) / len(at_last),
+                          "max_abs_other_prompt_tokens": max(in_prompt), "max_abs_answer_tokens": max(in_answer)})
+    del held_inputs
+    print("| layer | gate at the last prompt token (mean) | max |gate| at other prompt tokens | "
+          "max |gate| in the paper form's answer |")
+    print("|---|---|---|---|")
+    for row in gate_rows:
+        print(f"| {row['layer']} | {row['at_last_prompt_token']:.3f} | {row['max_abs_other_prompt_tokens']:.3f} | "
+              f"{row['max_abs_answer_tokens']:.3f} |")
+
+    base_ppl = perplexity(loaded, plain)
+
+    def measure(label: str, ctx) -> dict:
+        with ctx:
+            first, ce = continuation_logprobs(loaded, texts, continuations)
+            answer_start = answer_start_logprobs(loaded, texts)
+            ppl = perplexity(loaded, plain)
+        row = {"form": label, "kl_to_paper": kl(reference, answer_start), "continuation_ce": ce,
+               "ppl_ratio": ppl / base_ppl, "top_first_tokens": decode(answer_start)[:6]}
+        print(f"| {label} | {row['kl_to_paper']:.3f} | {ce:.3f} | {row['ppl_ratio']:.3f} | {row['top_first_tokens']} |")
+        return row
+
+    print(f"paper form (alpha {args.alpha:g}) top first tokens: {decode(reference)[:6]}")
+    print("| form | KL(paper || form) at the answer start | CE of the paper form's continuation | "
+          "perplexity ratio | top first tokens |")
+    print("|---|---|---|---|---|")
+    rows = [measure("unsteered", contextlib.nullcontext())]
+    if args.bias_scale is not None:
+        rows.append(measure(f"bias fold, scale {args.bias_scale:g}",
+                            steering(loaded, vectors, "additive", args.bias_scale)))
+    for m in [float(x) for x in args.multipliers.split(",")]:
+        writes = {layer: m * args.alpha * norms[layer] * vectors.directions[layer] / vectors.directions[layer].norm()
+                  for layer in layers}
+        rows.append(measure(f"gated edit, m {m:g}", gated_edit(loaded, gates, writes, args.site)))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "gates": gate_rows, "forms": rows,
+                                               "wall_s": time.perf_counter() - started}, indent=2))
+
+
+def _lengths(labels: torch.Tensor) -> list[int]:
+    """Lengths of the texts whose positions `labels` concatenates (each ends in its one 1)."""
+    ends = (labels > 0).nonzero().flatten().tolist()
+    return [end - previous for previous, end in zip([-1] + ends[:-1], ends)]
+
+
+if __name__ == "__main__":
+    main()
