@@ -18,6 +18,11 @@ figures for the unsteered model and the bias fold at a given scale.
 
   python benchmarks/gated_fold.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/r/vectors.safetensors \
       --fit-count 32 --count 16 --multipliers 0.5,1,2 --bias-scale 0.0884
+
+With --eval-count N the script instead scores the gated edit at --eval-multiplier on the first N
+questions of --eval-data (direct prompt, greedy, transformers; the hooks equal the merged weights,
+so they act at every position and decoding step as the edited checkpoint would), optionally paired
+against an earlier `unlock-export eval` run (--baseline).
 """
 
 from __future__ import annotations
@@ -116,6 +121,29 @@ def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.T
             handle.remove()
 
 
+@torch.inference_mode()
+def merge_gap(loaded, gates, writes, site: str, text: str) -> float:
+    """max |logits(hooks) - logits(weights merged W += write a^T)| on one text: the hooks are the
+    checkpoint the edit would be."""
+    from unlock_export.capture import tokenize
+
+    enc = tokenize(loaded.tokenizer, [text], loaded.device)
+    with gated_edit(loaded, gates, writes, site):
+        hooked = loaded.model(**enc).logits.float()
+    decoder = loaded.arch.decoder_layers(loaded.model)
+    saved = {}
+    try:
+        for layer, gate in gates.items():
+            weight = _module(decoder[layer], SITES[site]).weight
+            saved[layer] = weight.detach().clone()
+            weight += torch.outer(writes[layer], gate).to(weight.dtype)
+        merged = loaded.model(**enc).logits.float()
+    finally:
+        for layer, original in saved.items():
+            _module(decoder[layer], SITES[site]).weight.copy_(original)
+    return float((hooked - merged).abs().max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -131,6 +159,12 @@ def main() -> None:
     parser.add_argument("--bias-scale", type=float, default=None, help="also show the bias fold at this scale")
     parser.add_argument("--tokens", type=int, default=32, help="continuation tokens scored")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--eval-count", type=int, default=0, help="score the gated edit on this many questions")
+    parser.add_argument("--eval-multiplier", type=float, default=0.5)
+    parser.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
+    parser.add_argument("--eval-out", default="out/gated-eval")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--baseline", default=None, help="an earlier eval run on the same questions")
     args = parser.parse_args()
 
     from unlock_export.calibrate import (answer_start_logprobs, continuation_logprobs, greedy_continuations, kl,
@@ -155,6 +189,13 @@ def main() -> None:
     del inputs
     print(f"gates fitted on {len(fit_texts)} prompts ({len(labels)} positions) at {SITES[args.site]}, "
           f"{time.perf_counter() - started:.0f} s")
+    unit = {layer: args.alpha * norms[layer] * vectors.directions[layer] / vectors.directions[layer].norm()
+            for layer in layers}
+    print(f"hooks against merged weights (m 1, one prompt): max logit gap "
+          f"{merge_gap(loaded, gates, unit, args.site, fit_texts[0]):.2e}")
+    if args.eval_count:
+        evaluate_gated(loaded, gates, norms, vectors, layers, args)
+        return
 
     with steering(loaded, vectors, "paper", args.alpha):
         reference = answer_start_logprobs(loaded, texts)
@@ -213,6 +254,25 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "gates": gate_rows, "forms": rows,
                                                "wall_s": time.perf_counter() - started}, indent=2))
+
+
+def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:
+    from unlock_export.evaluate import TransformersEngine, evaluate, load_items, read_baseline, render_prompts
+
+    items = load_items(args.eval_data, args.eval_count)
+    texts = render_prompts(items, "direct", loaded.tokenizer)
+    m = args.eval_multiplier
+    writes = {layer: m * args.alpha * norms[layer] * vectors.directions[layer] / vectors.directions[layer].norm()
+              for layer in layers}
+    engine = TransformersEngine(loaded, lambda: gated_edit(loaded, gates, writes, args.site), batch_size=8)
+    label = {"form": "gated edit", "multiplier": m, "alpha": args.alpha, "site": SITES[args.site],
+             "fit_count": args.fit_count, "ridge": args.ridge, "vectors": str(args.vectors)}
+    baseline = read_baseline(args.baseline, items) if args.baseline else None
+    summary = evaluate(items, texts, engine, args.max_new_tokens, Path(args.eval_out), label=label, resume=True,
+                       baseline=baseline)
+    paired = summary.get("paired")
+    versus = f"; {paired['won']} won, {paired['lost']} lost, p = {paired['p_mcnemar_exact']:.2g}" if paired else ""
+    print(f"gated edit, m {m:g}: {summary['correct']}/{summary['n']} = {summary['accuracy']:.1%}{versus}")
 
 
 def _lengths(labels: torch.Tensor) -> list[int]:
