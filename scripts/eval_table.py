@@ -8,6 +8,8 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
   paper-form      transformers hooks: prefill-only last-token edit at alpha (the paper's form);
                   `check-alpha` at that alpha is recorded beside it (does the steered model still write text?)
   folded          llama.cpp, the folded GGUF (route a) with the label-free calibrated scale
+  folded-answer-key  the same, with the key read over the answer's first --answer-tokens tokens
+                  (`key --answer-tokens`, recipe key.answer_tokens) instead of the last prompt token
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
   random          llama.cpp, random directions with the folded vectors' norms and scale
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
@@ -18,7 +20,7 @@ summary is reused, so an interrupted run resumes. The table goes to OUT/table.md
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 32]
-                               [--sweep-scales 0.0442,0.125,0.177]
+                               [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ DIRECTIONS = {
     "0.5b-to-1.5b": ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml",
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
 }
-CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "self-key", "random")
+CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "random")
 
 
 def cli(*args: str) -> None:
@@ -54,8 +56,9 @@ def steerable(vectors):
 
 
 def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 32,
-            self_key: bool = True) -> dict:
-    """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors."""
+            self_key: bool = True, answer_tokens: int = 0) -> dict:
+    """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors; with
+    answer_tokens, also the fold of the key read over the answer's first tokens."""
     import yaml
 
     from unlock_export.calibrate import calibrate_scale
@@ -68,21 +71,35 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     work.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(recipe_path)
     target = recipe.target.model
-    run_dir = work / "recipe"
-    if not (run_dir / "summary.json").exists():
-        data = yaml.safe_load(recipe_path.read_text())
-        data["prompts"]["path"] = str(recipe.prompts.path)
-        data["vectors"]["layers"] = "1--1"
-        data["fold"] = {"mode": "bias", "scale": "auto", "alpha": alpha, "verify": True,
-                        "calibrate_count": calibrate_count}
-        tmp_recipe = work / "recipe.yaml"
-        tmp_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-        cli("--quiet", "run", "--overwrite", tmp_recipe, run_dir)
+
+    def folded_recipe(name: str, answer_tokens: int = 0) -> tuple[Path, Path]:
+        """The recipe with layers 1.., a label-free bias fold and its key read at answer_tokens
+        (0: the last prompt token, as the recipe ships) -> (run folder, folded GGUF)."""
+        run_dir = work / name
+        if not (run_dir / "summary.json").exists():
+            data = yaml.safe_load(recipe_path.read_text())
+            data["prompts"]["path"] = str(recipe.prompts.path)
+            data["vectors"]["layers"] = "1--1"
+            data["fold"] = {"mode": "bias", "scale": "auto", "alpha": alpha, "verify": True,
+                            "calibrate_count": calibrate_count}
+            if answer_tokens:
+                data["key"] = {**data.get("key", {}), "answer_tokens": answer_tokens}
+                data["diagnostics"] = {"enabled": False}
+            tmp_recipe = work / f"{name}.yaml"
+            tmp_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+            cli("--quiet", "run", "--overwrite", tmp_recipe, run_dir)
+        gguf = work / ("folded.gguf" if name == "recipe" else f"folded-{name}.gguf")
+        if not gguf.exists():
+            cli("--quiet", "gguf", run_dir / "model", "-o", gguf)
+        return run_dir, gguf
+
+    run_dir, folded_gguf = folded_recipe("recipe")
     calibration = json.loads((run_dir / "calibration.json").read_text())
     scale = calibration["scale"]
-    folded_gguf = work / "folded.gguf"
-    if not folded_gguf.exists():
-        cli("--quiet", "gguf", run_dir / "model", "-o", folded_gguf)
+    answer = {}
+    if answer_tokens:
+        answer_dir, answer["gguf"] = folded_recipe(f"answer-key-{answer_tokens}", answer_tokens)
+        answer["scale"] = json.loads((answer_dir / "calibration.json").read_text())["scale"]
     vectors = steerable(SteeringVectors.load(run_dir / "vectors.safetensors"))
 
     self_path, random_path = work / "self-key.safetensors", work / "random.safetensors"
@@ -115,7 +132,8 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
             "self_key": self_path,
             "self_scale": json.loads(self_cal_path.read_text())["scale"] if self_cal_path.exists() else None,
-            "random": random_path, "calibration": calibration, "prompts": recipe.prompts.path}
+            "random": random_path, "calibration": calibration, "prompts": recipe.prompts.path,
+            "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale")}
 
 
 def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
@@ -147,6 +165,8 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
             "--strength", prep["alpha"], "--dtype", "float32", "--batch-size", "8", *common)
     elif name == "folded":
         cli("--quiet", "eval", prep["folded_gguf"], *cpp, *common)
+    elif name == "folded-answer-key":
+        cli("--quiet", "eval", prep["answer_gguf"], *cpp, *common)
     elif name == "self-key":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_key"], "--form", "additive",
             "--strength", prep["self_scale"], *common)
@@ -186,6 +206,8 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(DIRECTIONS), default=None)
     parser.add_argument("--calibrate-count", type=int, default=32, help="unlabeled prompts for the label-free scale")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
+    parser.add_argument("--answer-tokens", type=int, default=16,
+                        help="answer tokens the folded-answer-key row's key is read over")
     parser.add_argument("--sweep-scales", default="",
                         help="comma list of extra additive scales (control vector): accuracy against scale")
     args = parser.parse_args()
@@ -206,13 +228,15 @@ def main() -> None:
         if args.only and direction != args.only:
             continue
         t0 = time.perf_counter()
-        prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count, "self-key" in wanted)
+        prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count, "self-key" in wanted,
+                       args.answer_tokens if "folded-answer-key" in wanted else 0)
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()
             rows[name] = run_config(name, prep, args.out / direction, args.count, args.max_new_tokens)
             print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
+                            "answer_key_scale": prep["answer_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
         if "paper-form" in wanted:
             table[direction]["alpha_check"] = alpha_check(prep, args.out / direction)
