@@ -39,13 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SITES = {"mlp": "mlp.down_proj", "attn": "self_attn.o_proj"}
+SITES = {"mlp": "layer_output", "attn": "post_attention"}  # the registry's site of each writer
 
 
-def _module(layer: torch.nn.Module, path: str) -> torch.nn.Module:
-    for part in path.split("."):
-        layer = getattr(layer, part)
-    return layer
+def _writer(loaded, layer: int, site: str) -> torch.nn.Module:
+    """The projection the edit goes into (the architecture registry's writer for the site)."""
+    return loaded.arch.writer_module(loaded.model, layer, SITES[site])
 
 
 @torch.inference_mode()
@@ -72,7 +71,7 @@ def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
             norms[layer].append(float(h[0, -1].float().norm()))
         return hook
 
-    handles = [_module(decoder[layer], SITES[site]).register_forward_pre_hook(pre(layer)) for layer in layers]
+    handles = [_writer(loaded, layer, site).register_forward_pre_hook(pre(layer)) for layer in layers]
     handles += [decoder[layer].register_forward_hook(post(layer)) for layer in layers]
     try:
         for text in texts:
@@ -104,10 +103,9 @@ def fit_gate(x: torch.Tensor, label: torch.Tensor, ridge: float) -> torch.Tensor
 def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.Tensor], site: str):
     """Hooks equal to merging W += write a^T into each site module (the module has no bias term
     in the product): output += (x . a) * write."""
-    decoder = loaded.arch.decoder_layers(loaded.model)
     handles = []
     for layer, gate in gates.items():
-        module = _module(decoder[layer], SITES[site])
+        module = _writer(loaded, layer, site)
         a = gate.to(loaded.device, next(module.parameters()).dtype)
         w = writes[layer].to(loaded.device, a.dtype)
         store = {}
@@ -130,17 +128,16 @@ def merge_gap(loaded, gates, writes, site: str, text: str) -> float:
     enc = tokenize(loaded.tokenizer, [text], loaded.device)
     with gated_edit(loaded, gates, writes, site):
         hooked = loaded.model(**enc).logits.float()
-    decoder = loaded.arch.decoder_layers(loaded.model)
     saved = {}
     try:
         for layer, gate in gates.items():
-            weight = _module(decoder[layer], SITES[site]).weight
+            weight = _writer(loaded, layer, site).weight
             saved[layer] = weight.detach().clone()
             weight += torch.outer(writes[layer], gate).to(weight.dtype)
         merged = loaded.model(**enc).logits.float()
     finally:
         for layer, original in saved.items():
-            _module(decoder[layer], SITES[site]).weight.copy_(original)
+            _writer(loaded, layer, site).weight.copy_(original)
     return float((hooked - merged).abs().max())
 
 
@@ -187,7 +184,7 @@ def main() -> None:
     inputs, labels, norms = capture_site_inputs(loaded, fit_texts, layers, args.site)
     gates = {layer: fit_gate(inputs[layer], labels, args.ridge) for layer in layers}
     del inputs
-    print(f"gates fitted on {len(fit_texts)} prompts ({len(labels)} positions) at {SITES[args.site]}, "
+    print(f"gates fitted on {len(fit_texts)} prompts ({len(labels)} positions) at the {args.site} writer, "
           f"{time.perf_counter() - started:.0f} s")
     unit = {layer: args.alpha * norms[layer] * vectors.directions[layer] / vectors.directions[layer].norm()
             for layer in layers}

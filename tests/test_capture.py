@@ -79,6 +79,29 @@ def test_unknown_family_uses_generic_layers(tiny_model_dir, questions):
     lm.model.config.model_type = "my_new_llama"
     arch = architecture_for(lm.model)
     assert isinstance(arch, GenericArchitecture) and arch.layers_path == "model.layers"
+    with pytest.raises(UserError, match="not in the registry"):
+        arch.writer_module(lm.model, 0, "layer_output")
+
+
+def test_writer_module_is_the_last_residual_write(load_tiny, questions):
+    """A registered family's writer at `layer_output` is the MLP output projection: its output plus
+    the residual after attention is the layer's output, so an edit there is an edit of the layer."""
+    lm = load_tiny("llama")
+    block = lm.arch.decoder_layers(lm.model)[1]
+    writer = lm.arch.writer_module(lm.model, 1, "layer_output")
+    assert writer is block.mlp.down_proj
+    offset = torch.randn(lm.model.config.hidden_size)
+    plain = capture(lm, questions[:3], progress=False)
+    handle = writer.register_forward_hook(lambda module, args, output: output + offset)
+    try:
+        shifted = capture(lm, questions[:3], layers=[1], progress=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(shifted[0] - plain[1], offset.expand_as(shifted[0]), atol=1e-4, rtol=0)
+    assert lm.arch.writer_module(lm.model, 1, "post_attention") is block.self_attn.o_proj
+    assert lm.arch.site_module(lm.model, 1, "post_attention") is block.self_attn.o_proj
+    with pytest.raises(UserError, match="unknown site"):
+        lm.arch.writer_module(lm.model, 1, "embeddings")
 
 
 def test_pad_token_is_added_when_missing(tiny_model_dir, questions):

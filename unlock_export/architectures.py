@@ -96,12 +96,18 @@ class Architecture:
         `layer_output` is the decoder layer itself (its output is the residual stream after the
         layer); `post_attention` is the attention output projection.
         """
-        block = self.decoder_layers(model)[layer]
         if site == "layer_output":
-            return block
-        if site == "post_attention":
-            return _get_path(block, self.attn_out)
-        raise UserError(f"unknown site '{site}': use layer_output or post_attention")
+            return self.decoder_layers(model)[layer]
+        return self.writer_module(model, layer, site)
+
+    def writer_module(self, model: nn.Module, layer: int, site: str) -> nn.Module:
+        """The projection whose output is decoder `layer`'s last write into the residual at `site`:
+        the MLP output projection for `layer_output`, the attention output projection for
+        `post_attention` (where a bias fold, or any edit of that write, goes)."""
+        paths = {"layer_output": self.mlp_out, "post_attention": self.attn_out}
+        if site not in paths:
+            raise UserError(f"unknown site '{site}': use layer_output or post_attention")
+        return _get_path(self.decoder_layers(model)[layer], paths[site])
 
     # -- folding ------------------------------------------------------------------------------
     def bias_plan(self, config: dict, site: str) -> BiasPlan:
@@ -256,6 +262,10 @@ class GenericArchitecture(Architecture):
                 "site is supported for it"
             )
         return super().site_module(model, layer, site)
+
+    def writer_module(self, model, layer, site):
+        raise UserError(f"architecture '{self.model_type}' is not in the registry: where its layers write "
+                        "into the residual stream is unknown")
 
 
 def architecture_for_config(config: dict) -> Architecture:

@@ -1,9 +1,10 @@
 """Activation capture: the residual stream after decoder layers, one row per prompt.
 
 Forward hooks on the decoder layers copy out only the rows that are needed (the last prompt token,
-a masked mean over all tokens, or the mean over each text's last few tokens) into preallocated float32 accumulators, instead of keeping every
-layer's full [batch, tokens, hidden] tensor as `output_hidden_states=True` does. When only the
-first few layers are needed, the forward pass stops after the deepest of them.
+a masked mean over all tokens, or the mean over each text's last few tokens) into preallocated
+float32 accumulators, instead of keeping every layer's full [batch, tokens, hidden] tensor as
+`output_hidden_states=True` does. When only the first few layers are needed, the forward pass
+stops after the deepest of them.
 
 Given a checkpoint folder, a capture saves its finished batches there every few seconds and when
 interrupted; the same capture started again (same model, prompts and settings) continues from the
