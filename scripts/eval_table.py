@@ -12,6 +12,7 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   (`key --answer-tokens`, recipe key.answer_tokens) instead of the last prompt token
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
   random          llama.cpp, random directions with the folded vectors' norms and scale
+  random-answer-key  the same control for folded-answer-key: its vectors' norms and scale
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
                   accuracy against scale, and the scale dev-set accuracy would pick (uses labels)
 
@@ -39,7 +40,8 @@ DIRECTIONS = {
     "0.5b-to-1.5b": ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml",
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
 }
-CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "random")
+CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "random",
+           "random-answer-key")
 
 
 def cli(*args: str) -> None:
@@ -53,6 +55,21 @@ def cli(*args: str) -> None:
 def steerable(vectors):
     """llama.cpp never steers layer 0: every configuration here leaves it out, folded included."""
     return vectors.select([layer for layer in vectors.layers if layer != 0])
+
+
+def random_like(vectors, path: Path) -> Path:
+    """Random directions (seed 0) with the per-layer norms of `vectors`, saved at `path` once."""
+    from unlock_export.vectors import SteeringVectors
+
+    if not path.exists():
+        g = torch.Generator().manual_seed(0)
+        rand = {}
+        for layer, vec in vectors.directions.items():
+            r = torch.randn(vec.shape[0], generator=g)
+            rand[layer] = r / r.norm() * vec.norm()
+        SteeringVectors(rand, vectors.layer_count, vectors.hidden_size, model_hint=vectors.model_hint,
+                        provenance={"kind": "random, same norms as the UNLOCK vectors"}).save(path)
+    return path
 
 
 def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 32,
@@ -100,9 +117,11 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     if answer_tokens:
         answer_dir, answer["gguf"] = folded_recipe(f"answer-key-{answer_tokens}", answer_tokens)
         answer["scale"] = json.loads((answer_dir / "calibration.json").read_text())["scale"]
+        answer["random"] = random_like(steerable(SteeringVectors.load(answer_dir / "vectors.safetensors")),
+                                       work / f"random-answer-key-{answer_tokens}.safetensors")
     vectors = steerable(SteeringVectors.load(run_dir / "vectors.safetensors"))
 
-    self_path, random_path = work / "self-key.safetensors", work / "random.safetensors"
+    self_path = work / "self-key.safetensors"
     self_cal_path = work / "self-key-calibration.json"
     if self_key and (not self_path.exists() or not self_cal_path.exists()):
         from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
@@ -119,21 +138,13 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
                                    apply_template("plain", calib_q), "paper", alpha)
         self_cal_path.write_text(json.dumps(self_cal, indent=2))
         pool.release()
-    if not random_path.exists():
-        g = torch.Generator().manual_seed(0)
-        rand = {}
-        for layer, vec in vectors.directions.items():
-            r = torch.randn(vec.shape[0], generator=g)
-            rand[layer] = r / r.norm() * vec.norm()
-        SteeringVectors(rand, vectors.layer_count, vectors.hidden_size, model_hint=vectors.model_hint,
-                        provenance={"kind": "random, same norms as the UNLOCK vectors"}).save(random_path)
     source = resolve(target)
     return {"target": target, "target_gguf": Path(source.path) / source.gguf_file, "folded_gguf": folded_gguf,
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
             "self_key": self_path,
             "self_scale": json.loads(self_cal_path.read_text())["scale"] if self_cal_path.exists() else None,
-            "random": random_path, "calibration": calibration, "prompts": recipe.prompts.path,
-            "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale")}
+            "random": random_like(vectors, work / "random.safetensors"), "calibration": calibration, "prompts": recipe.prompts.path,
+            "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale"), "answer_random": answer.get("random")}
 
 
 def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
@@ -173,6 +184,9 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
     elif name == "random":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["random"], "--form", "additive",
             "--strength", prep["scale"], *common)
+    elif name == "random-answer-key":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["answer_random"], "--form", "additive",
+            "--strength", prep["answer_scale"], *common)
     elif name.startswith("scale-"):
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["vectors"], "--form", "additive",
             "--strength", name.removeprefix("scale-"), *common)
@@ -229,7 +243,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count, "self-key" in wanted,
-                       args.answer_tokens if "folded-answer-key" in wanted else 0)
+                       args.answer_tokens if {"folded-answer-key", "random-answer-key"} & set(wanted) else 0)
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()
