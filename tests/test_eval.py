@@ -352,3 +352,42 @@ def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp
     capsys.readouterr()
     assert main(args(tmp_path / "cut", "--resume")) == 2
     assert "other prompts or settings" in capsys.readouterr().err
+
+
+def test_answer_ends_at_its_first_end_of_text_token(load_tiny):
+    """A token that ends a text but is not the generation config's EOS (Qwen's `<|endoftext|>`
+    from a GGUF, which is also its pad token) ends the answer: nothing after it is kept or counted."""
+    from unlock_export.evaluate import TransformersEngine
+    from unlock_export.models import end_of_text_ids
+
+    lm = load_tiny("llama")
+    tok = lm.tokenizer
+    text = "Question: What is 2 plus 3?\nAnswer:"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    reference = []
+    with torch.inference_mode():  # cacheless greedy, no stopping rule
+        for _ in range(12):
+            nxt = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+            reference.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    ends = set(end_of_text_ids(lm.model, tok))
+    k = next(k for k in range(2, 12) if reference[k] not in reference[:k])
+    assert not ends & set(reference[:k + 1])  # precondition: nothing ends the text before position k
+    tok.pad_token = tok.convert_ids_to_tokens(reference[k])  # stands for `<|endoftext|>`: pad, and not EOS
+    assert reference[k] in end_of_text_ids(lm.model, tok)
+    [(output, count)] = TransformersEngine(lm).generate([text], 12)
+    assert count == k
+    assert output == tok.decode(reference[:k], skip_special_tokens=True)
+
+
+def test_end_of_text_ids_read_special_tokens_only(load_tiny):
+    from unlock_export.models import end_of_text_ids
+
+    lm = load_tiny("llama")
+    tok = lm.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.add_tokens(["<|endoftext|>"])  # an ordinary token that happens to have the name: not an end
+    ids = end_of_text_ids(lm.model, tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+    assert tok.convert_tokens_to_ids("<|endoftext|>") not in ids
+    assert {tok.eos_token_id, tok.pad_token_id, lm.model.generation_config.eos_token_id} <= set(ids)

@@ -67,10 +67,13 @@ def perplexity(loaded, texts: list[str], batch_size: int = 8) -> float:
 @torch.inference_mode()
 def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int = 8) -> list[list[int]]:
     """Token ids of each text's greedy continuation (at most `tokens`, cut at end of sequence)."""
+    from .models import end_of_text_ids
+
     tok, out = loaded.tokenizer, []
-    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+    stop = end_of_text_ids(loaded.model, tok)
     for enc in _batches(loaded, texts, batch_size):
-        gen = loaded.model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen = loaded.model.generate(**enc, max_new_tokens=tokens, do_sample=False, eos_token_id=stop,
+                                    pad_token_id=tok.pad_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
             out.append(row[:max(cut, 1)])

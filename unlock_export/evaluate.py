@@ -110,7 +110,10 @@ class TransformersEngine:
 
         import torch
 
+        from .models import end_of_text_ids
+
         tok, model = self.loaded.tokenizer, self.loaded.model
+        ends = end_of_text_ids(model, tok)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list = [None] * len(texts)
         context = self.steering() if self.steering else contextlib.nullcontext()
@@ -118,12 +121,13 @@ class TransformersEngine:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.loaded.device)
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=ends,
                                      pad_token_id=tok.pad_token_id, stop_strings=STOP, tokenizer=tok)
                 for row, i in enumerate(idx):
-                    new = gen[row, enc["input_ids"].shape[1]:]
-                    new = new[new != tok.pad_token_id] if tok.pad_token_id is not None else new
-                    out[i] = (tok.decode(new, skip_special_tokens=True), int(new.numel()))
+                    # the answer ends at its first end-of-text token (finished rows are padded after it)
+                    new = gen[row, enc["input_ids"].shape[1]:].tolist()
+                    new = new[:next((k for k, t in enumerate(new) if t in ends), len(new))]
+                    out[i] = (tok.decode(new, skip_special_tokens=True), len(new))
                 if progress:
                     progress(len(idx))
         return out

@@ -158,6 +158,25 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
+# special tokens that end a text in the families we load; llama.cpp ends generation at these too
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<end_of_turn>",
+                      "<|end|>", "<|return|>", "</s>", "<eos>")
+
+
+def end_of_text_ids(model, tokenizer) -> list[int]:
+    """Token ids after which a generated answer is over: the generation config's EOS ids, the
+    tokenizer's EOS and pad tokens, and any of the tokenizer's special tokens that ends a text
+    (END_OF_TEXT_TOKENS). A generation config rebuilt from a GGUF names one EOS only: Qwen's
+    `<|im_end|>`, not its `<|endoftext|>`, after which the model writes a new, unrelated text."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids |= {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    special = set(tokenizer.all_special_tokens) | {added.content for added in tokenizer.added_tokens_decoder.values()
+                                                   if added.special}
+    ids |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TEXT_TOKENS if t in special}
+    return sorted(i for i in ids if i is not None)
+
+
 def ensure_pad_token(tokenizer) -> None:
     """Batching needs a pad token; reuse EOS (or UNK, or add one) when the tokenizer has none."""
     if tokenizer.pad_token is not None:
