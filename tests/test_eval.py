@@ -44,7 +44,9 @@ def test_eval_transformers_writes_predictions_and_summary(steer, tiny_model_dir,
     assert [r["gold"] for r in rows] == ["5", "6", "21", "18"]
     assert summary["correct"] == sum(r["correct"] for r in rows)
     assert 0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1
-    assert all(0 < r["output_tokens"] <= 6 for r in rows)
+    # tokens before the answer's end (an answer whose first token ends it is empty: 0)
+    assert all(0 <= r["output_tokens"] <= 6 for r in rows)
+    assert all(r["cut"] == (r["output_tokens"] == 6) for r in rows)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (summary["steering"] or {}).get("form") == steer
     # results are never overwritten silently
