@@ -393,3 +393,20 @@ def test_end_of_text_ids_read_special_tokens_only(load_tiny):
     assert tok.convert_tokens_to_ids("<|im_end|>") in ids
     assert tok.convert_tokens_to_ids("<|endoftext|>") not in ids
     assert {tok.eos_token_id, tok.pad_token_id, lm.model.generation_config.eos_token_id} <= set(ids)
+
+
+def test_generation_config_names_every_end_of_text_token(load_tiny):
+    """A GGUF's rebuilt generation config names one EOS; the loader names every special
+    end-of-text token, as llama.cpp stops at each (an ordinary token of the same name is left out)."""
+    from unlock_export.models import complete_generation_eos
+
+    lm = load_tiny("llama")
+    tok = lm.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.add_tokens(["<|endoftext|>"])
+    lm.model.resize_token_embeddings(len(tok))
+    before = lm.model.generation_config.eos_token_id
+    complete_generation_eos(lm.model, tok)
+    assert lm.model.generation_config.eos_token_id == sorted({before, tok.convert_tokens_to_ids("<|im_end|>")})
+    complete_generation_eos(lm.model, tok)  # idempotent
+    assert lm.model.generation_config.eos_token_id == sorted({before, tok.convert_tokens_to_ids("<|im_end|>")})

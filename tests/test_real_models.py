@@ -80,7 +80,7 @@ def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
 def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     """zoo GGUF (qwen2) -> CoT vector by prompt contrast -> folded (relabelled llama) checkpoint;
     stock transformers reloads it and matches the hook-steered original within 1e-3 (fp32)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from unlock_export.models import load
     from unlock_export.steer import additive_steering
@@ -107,3 +107,7 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
         got = folded(**enc).logits
     assert (got - reference).abs().max() <= 1e-3
     assert (got - plain).abs().max() > 0.5  # a real, visible steering effect
+    # the exported generation config stops at both of Qwen's end-of-text tokens, as the original
+    # checkpoint's does and llama.cpp does (the GGUF's rebuilt config named <|im_end|> only)
+    saved = GenerationConfig.from_pretrained(out / "model").eos_token_id
+    assert set(original.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])) <= set(saved)

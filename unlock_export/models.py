@@ -163,18 +163,38 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_tex
                       "<|end|>", "<|return|>", "</s>", "<eos>")
 
 
+def _generation_eos(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return {i for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None}
+
+
+def special_end_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens that end a text (END_OF_TEXT_TOKENS), and its EOS."""
+    special = set(tokenizer.all_special_tokens) | {added.content for added in tokenizer.added_tokens_decoder.values()
+                                                   if added.special}
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TEXT_TOKENS if t in special} | {tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
+
+
 def end_of_text_ids(model, tokenizer) -> list[int]:
     """Token ids after which a generated answer is over: the generation config's EOS ids, the
     tokenizer's EOS and pad tokens, and any of the tokenizer's special tokens that ends a text
     (END_OF_TEXT_TOKENS). A generation config rebuilt from a GGUF names one EOS only: Qwen's
     `<|im_end|>`, not its `<|endoftext|>`, after which the model writes a new, unrelated text."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    ids |= {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    special = set(tokenizer.all_special_tokens) | {added.content for added in tokenizer.added_tokens_decoder.values()
-                                                   if added.special}
-    ids |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TEXT_TOKENS if t in special}
-    return sorted(i for i in ids if i is not None)
+    ids = _generation_eos(model) | special_end_ids(tokenizer)
+    if tokenizer.pad_token_id is not None:
+        ids.add(tokenizer.pad_token_id)
+    return sorted(ids)
+
+
+def complete_generation_eos(model, tokenizer) -> None:
+    """Name every end-of-text token of the vocabulary as EOS in the model's generation config, as
+    llama.cpp stops at each of them. A generation config rebuilt from a GGUF names one (Qwen:
+    `<|im_end|>`) where the original checkpoint's names two (`<|im_end|>`, `<|endoftext|>`); without
+    this, `generate` and the checkpoints exported from a GGUF write on past `<|endoftext|>`."""
+    ids = sorted(_generation_eos(model) | special_end_ids(tokenizer))
+    if ids:
+        model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -234,4 +254,6 @@ def load(
     model.requires_grad_(False)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if source.kind == "gguf":
+        complete_generation_eos(model, tokenizer)
     return LoadedModel(model, tokenizer, source, architecture_for(model))
