@@ -17,7 +17,8 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   accuracy against scale, and the scale dev-set accuracy would pick (uses labels)
 
 Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.json}; an existing
-summary is reused, so an interrupted run resumes. The table goes to OUT/table.md and table.json.
+summary is reused, and a configuration stopped part way (its progress.jsonl) resumes from its last
+finished chunk of questions. The table goes to OUT/table.md and table.json.
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 32]
@@ -157,6 +158,17 @@ def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
     return {"alpha": row["alpha"], "fluency_ratio": round(row["fluency_ratio"], 3), "allowed": row["allowed"]}
 
 
+def interrupted(run_dir: Path, count: int) -> bool:
+    """Did an earlier run of this configuration over `count` questions stop part way?"""
+    progress = run_dir / "progress.jsonl"
+    if not progress.is_file():
+        return False
+    try:
+        return json.loads(progress.read_text().splitlines()[0]).get("n") == count
+    except (IndexError, ValueError):
+        return False
+
+
 def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int) -> dict:
     summary_path = out / name / "summary.json"
     if summary_path.exists():
@@ -164,6 +176,8 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
         if summary["n"] == count and summary["max_new_tokens"] == max_new_tokens:
             return summary  # finished earlier with the same settings
     common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
+    if interrupted(out / name, count):
+        common.append("--resume")  # keep its finished chunks of questions
     if name != "unsteered" and (out / "unsteered" / "summary.json").exists():
         common += ["--baseline", out / "unsteered"]  # paired comparison: won, lost, McNemar p
     cpp = ["--engine", "llamacpp", "--parallel", "4"]
