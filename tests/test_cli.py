@@ -248,9 +248,19 @@ def test_version(capsys):
     assert "unlock-export, version" in capsys.readouterr().out
 
 
-def test_shipped_recipes_validate():
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
+def test_shipped_recipes_validate(tmp_path):
+    """Every shipped recipe validates. Their prompts live beside the checkout (../shared/data), which
+    a clone elsewhere lacks: they are validated as copies in a tree that has a prompt file there."""
+    (tmp_path / "repo" / "recipes").mkdir(parents=True)
+    data = tmp_path / "shared" / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+    shipped = sorted((REPO / "recipes").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        copy = tmp_path / "repo" / "recipes" / path.name
+        copy.write_text(path.read_text())
+        recipe = load_recipe(copy)
         assert recipe.source.locked.model and recipe.target.model, path
 
 
