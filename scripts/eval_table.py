@@ -160,7 +160,9 @@ def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
 
 def interrupted(run_dir: Path, count: int) -> bool:
     """Did an earlier run of this configuration over `count` questions stop part way?"""
-    progress = run_dir / "progress.jsonl"
+    from unlock_export.evaluate import PROGRESS
+
+    progress = run_dir / PROGRESS
     if not progress.is_file():
         return False
     try:
