@@ -11,6 +11,7 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
   folded-answer-key  the same, with the key read over the answer's first --answer-tokens tokens
                   (`key --answer-tokens`, recipe key.answer_tokens) instead of the last prompt token
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
+  self-answer-key the same, with the target's own key read over the answer's first --answer-tokens tokens
   random          llama.cpp, random directions with the folded vectors' norms and scale
   random-answer-key  the same control for folded-answer-key: its vectors' norms and scale
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
@@ -41,8 +42,8 @@ DIRECTIONS = {
     "0.5b-to-1.5b": ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml",
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
 }
-CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "random",
-           "random-answer-key")
+CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "self-answer-key",
+           "random", "random-answer-key")
 
 
 def cli(*args: str) -> None:
@@ -122,28 +123,34 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
                                        work / f"random-answer-key-{answer_tokens}.safetensors")
     vectors = steerable(SteeringVectors.load(run_dir / "vectors.safetensors"))
 
-    self_path = work / "self-key.safetensors"
-    self_cal_path = work / "self-key-calibration.json"
-    if self_key and (not self_path.exists() or not self_cal_path.exists()):
-        from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
+    def own_key(name: str, answer_tokens: int = 0) -> tuple[Path, float | None]:
+        """The target's own CoT key (the recipe's key stage with the target as its source: `key` then
+        `project --self`), read at answer_tokens, and its label-free scale -> (vectors, scale)."""
+        path, cal_path = work / f"{name}.safetensors", work / f"{name}-calibration.json"
+        if not path.exists() or not cal_path.exists():
+            from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
 
-        # the recipe's own key stage, with the target as its source: `key` then `project --self`
-        pool = ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
-        questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
-                                   recipe.prompts.offset)
-        key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method)
-        own = self_vectors(key, vectors.layers)
-        own.save(self_path)
-        calib_q = questions[:calibrate_count]
-        self_cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
-                                   apply_template("plain", calib_q), "paper", alpha)
-        self_cal_path.write_text(json.dumps(self_cal, indent=2))
-        pool.release()
+            pool = ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
+            questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
+                                       recipe.prompts.offset)
+            key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method,
+                                 answer_tokens=answer_tokens)
+            own = self_vectors(key, vectors.layers)
+            own.save(path)
+            calib_q = questions[:calibrate_count]
+            cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
+                                  apply_template("plain", calib_q), "paper", alpha)
+            cal_path.write_text(json.dumps(cal, indent=2))
+            pool.release()
+        return path, json.loads(cal_path.read_text())["scale"]
+
+    self_path, self_scale = own_key("self-key") if self_key else (work / "self-key.safetensors", None)
+    own_answer = own_key(f"self-answer-key-{answer_tokens}", answer_tokens) if self_key and answer_tokens else (None, None)
     source = resolve(target)
     return {"target": target, "target_gguf": Path(source.path) / source.gguf_file, "folded_gguf": folded_gguf,
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
-            "self_key": self_path,
-            "self_scale": json.loads(self_cal_path.read_text())["scale"] if self_cal_path.exists() else None,
+            "self_key": self_path, "self_scale": self_scale,
+            "self_answer_key": own_answer[0], "self_answer_scale": own_answer[1],
             "random": random_like(vectors, work / "random.safetensors"), "calibration": calibration, "prompts": recipe.prompts.path,
             "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale"), "answer_random": answer.get("random")}
 
@@ -197,6 +204,9 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
     elif name == "self-key":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_key"], "--form", "additive",
             "--strength", prep["self_scale"], *common)
+    elif name == "self-answer-key":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_answer_key"], "--form", "additive",
+            "--strength", prep["self_answer_scale"], *common)
     elif name == "random":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["random"], "--form", "additive",
             "--strength", prep["scale"], *common)
@@ -258,14 +268,17 @@ def main() -> None:
         if args.only and direction != args.only:
             continue
         t0 = time.perf_counter()
-        prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count, "self-key" in wanted,
-                       args.answer_tokens if {"folded-answer-key", "random-answer-key"} & set(wanted) else 0)
+        answer_rows = {"folded-answer-key", "random-answer-key", "self-answer-key"}
+        prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count,
+                       bool({"self-key", "self-answer-key"} & set(wanted)),
+                       args.answer_tokens if answer_rows & set(wanted) else 0)
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()
             rows[name] = run_config(name, prep, args.out / direction, args.count, args.max_new_tokens)
             print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
+                            "self_answer_key_scale": prep["self_answer_scale"],
                             "answer_key_scale": prep["answer_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
         if "paper-form" in wanted:
