@@ -12,6 +12,7 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   (`key --answer-tokens`, recipe key.answer_tokens) instead of the last prompt token
   self-key        llama.cpp, the target's own CoT key as a control vector, same calibration
   self-answer-key the same, with the target's own key read over the answer's first --answer-tokens tokens
+                  (a self key whose calibration picks 0 runs at the largest scale the perplexity guard allows)
   random          llama.cpp, random directions with the folded vectors' norms and scale
   random-answer-key  the same control for folded-answer-key: its vectors' norms and scale
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
@@ -72,6 +73,15 @@ def random_like(vectors, path: Path) -> Path:
         SteeringVectors(rand, vectors.layer_count, vectors.hidden_size, model_hint=vectors.model_hint,
                         provenance={"kind": "random, same norms as the UNLOCK vectors"}).save(path)
     return path
+
+
+def own_scale(calibration: dict) -> float:
+    """The scale a self-key row runs at: the label-free one; where no scale brings the additive form
+    closer to the paper form than unsteered (scale 0), the largest that the perplexity guard allows,
+    so the row still says what the target's own direction does."""
+    if calibration["scale"] > 0:
+        return calibration["scale"]
+    return max((row["scale"] for row in calibration["table"] if row["allowed"]), default=0.0)
 
 
 def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 32,
@@ -142,7 +152,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
                                   apply_template("plain", calib_q), "paper", alpha)
             cal_path.write_text(json.dumps(cal, indent=2))
             pool.release()
-        return path, json.loads(cal_path.read_text())["scale"]
+        return path, own_scale(json.loads(cal_path.read_text()))
 
     self_path, self_scale = own_key("self-key") if self_key else (work / "self-key.safetensors", None)
     own_answer = own_key(f"self-answer-key-{answer_tokens}", answer_tokens) if self_key and answer_tokens else (None, None)

@@ -111,3 +111,10 @@ def test_a_finished_row_is_reused_and_a_stopped_one_resumes(eval_table, monkeypa
     (out / "unsteered" / "summary.json").write_text("{}")
     [args] = _run(eval_table, monkeypatch, "cot-prompt", prep, out)
     assert args[args.index("--baseline") + 1] == str(out / "unsteered")  # paired comparison
+
+
+def test_a_self_key_the_calibration_cannot_place_runs_at_the_largest_allowed_scale(eval_table):
+    table = [{"scale": 0.0, "allowed": True}, {"scale": 0.02, "allowed": True}, {"scale": 0.04, "allowed": True},
+             {"scale": 0.06, "allowed": False}]
+    assert eval_table.own_scale({"scale": 0.02, "table": table}) == 0.02  # the label-free scale when there is one
+    assert eval_table.own_scale({"scale": 0.0, "table": table}) == 0.04
