@@ -1,5 +1,6 @@
 """The command line end to end on tiny models, and one-line errors with exit code 2."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -398,3 +399,26 @@ def test_answer_token_key_in_a_recipe_matches_the_key_command(capsys, tmp_path, 
     recipe["key"]["answer_tokens"] = -2
     path.write_text(yaml.safe_dump(recipe))
     assert_one_line_error(capsys, ["run", path, tmp_path / "out2"], "key.answer_tokens")
+
+
+def test_quiet_silences_the_gguf_dequantization_bar_too(capsys):
+    """transformers' GGUF loader calls tqdm directly; while loading, it follows transformers' switch."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from unlock_export.models import _gguf_progress_follows_transformers
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        with _gguf_progress_follows_transformers():
+            assert isinstance(gguf_utils.tqdm, functools.partial)
+            list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+        assert "de-quantizing" not in capsys.readouterr().err
+        assert not isinstance(gguf_utils.tqdm, functools.partial)  # restored after loading
+        hf_logging.enable_progress_bar()
+        with _gguf_progress_follows_transformers():
+            list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
+        assert "de-quantizing" in capsys.readouterr().err  # shown when progress is on
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

@@ -92,6 +92,7 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    assert "de-quantizing" not in capsys.readouterr().err  # --quiet: no GGUF loading bar either
     vec = SteeringVectors.load(out / "vectors.safetensors")
     assert vec.layers == list(range(1, 24)) and vec.hidden_size == 896
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -208,6 +210,28 @@ def ensure_pad_token(tokenizer) -> None:
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
 
 
+@contextlib.contextmanager
+def _gguf_progress_follows_transformers():
+    """transformers' GGUF dequantization calls tqdm directly, past `logging.disable_progress_bar()`
+    (what --quiet sets): while loading, give it a tqdm that obeys that switch."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load(
     spec: str,
     dtype: str = "auto",
@@ -233,7 +257,8 @@ def load(
         kwargs.update(use_safetensors=False, weights_only=True)  # allowed above; never a full unpickle
     try:
         tokenizer = load_tokenizer(source, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        with _gguf_progress_follows_transformers():
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except UserError:
         raise
     except pickle.UnpicklingError as exc:
