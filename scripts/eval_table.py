@@ -133,16 +133,19 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
                                        work / f"random-answer-key-{answer_tokens}.safetensors")
     vectors = steerable(SteeringVectors.load(run_dir / "vectors.safetensors"))
 
-    def own_key(name: str, answer_tokens: int = 0) -> tuple[Path, float | None]:
+    pool = None  # one load of the target serves both self keys
+    questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
+                               recipe.prompts.offset)
+
+    def own_key(name: str, answer_tokens: int = 0) -> tuple[Path, float]:
         """The target's own CoT key (the recipe's key stage with the target as its source: `key` then
         `project --self`), read at answer_tokens, and its label-free scale -> (vectors, scale)."""
+        nonlocal pool
         path, cal_path = work / f"{name}.safetensors", work / f"{name}-calibration.json"
         if not path.exists() or not cal_path.exists():
             from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
 
-            pool = ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
-            questions = load_questions(recipe.prompts.path, recipe.prompts.field, recipe.prompts.key_count,
-                                       recipe.prompts.offset)
+            pool = pool or ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
             key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method,
                                  answer_tokens=answer_tokens)
             own = self_vectors(key, vectors.layers)
@@ -151,11 +154,14 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
                                   apply_template("plain", calib_q), "paper", alpha)
             cal_path.write_text(json.dumps(cal, indent=2))
-            pool.release()
         return path, own_scale(json.loads(cal_path.read_text()))
 
-    self_path, self_scale = own_key("self-key") if self_key else (work / "self-key.safetensors", None)
-    own_answer = own_key(f"self-answer-key-{answer_tokens}", answer_tokens) if self_key and answer_tokens else (None, None)
+    try:
+        self_path, self_scale = own_key("self-key") if self_key else (None, None)
+        own_answer = own_key(f"self-answer-key-{answer_tokens}", answer_tokens) if self_key and answer_tokens else (None, None)
+    finally:
+        if pool is not None:
+            pool.release()
     source = resolve(target)
     return {"target": target, "target_gguf": Path(source.path) / source.gguf_file, "folded_gguf": folded_gguf,
             "vectors": run_dir / "vectors.safetensors", "scale": scale, "alpha": alpha,
