@@ -15,8 +15,12 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   (a self key whose calibration picks 0 runs at the largest scale the perplexity guard allows)
   random          llama.cpp, random directions with the folded vectors' norms and scale
   random-answer-key  the same control for folded-answer-key: its vectors' norms and scale
+  tuned-answer-key  llama.cpp, the folded-answer-key vectors as a control vector at the scale that
+                  dev-set accuracy picks (uses labels, unlike every other row): 0 and TUNE_FACTORS x the
+                  label-free scale are each scored on --tune-count dev questions held out from the table
+                  (the ones after its first COUNT), in OUT/<direction>/tune-answer-key/; the most accurate wins
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
-                  accuracy against scale, and the scale dev-set accuracy would pick (uses labels)
+                  accuracy against scale on the table's own questions (in-sample)
 
 Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.json}; an existing
 summary is reused, and a configuration stopped part way (its progress.jsonl) resumes from its last
@@ -24,7 +28,7 @@ finished chunk of questions. The table goes to OUT/table.md and table.json.
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 32]
-                               [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16]
+                               [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16] [--tune-count 64]
 """
 
 from __future__ import annotations
@@ -44,7 +48,16 @@ DIRECTIONS = {
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
 }
 CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "self-answer-key",
-           "random", "random-answer-key")
+           "random", "random-answer-key", "tuned-answer-key")
+ANSWER_ROWS = {"folded-answer-key", "random-answer-key", "self-answer-key", "tuned-answer-key"}
+# rows that steer the target's own GGUF with a control vector: (prep key of the vectors, prep key of the scale)
+CONTROL_VECTOR_ROWS = {"self-key": ("self_key", "self_scale"), "self-answer-key": ("self_answer_key", "self_answer_scale"),
+                       "random": ("random", "scale"), "random-answer-key": ("answer_random", "answer_scale"),
+                       "tuned-answer-key": ("answer_vectors", "tuned_answer_scale")}
+# sweep rows 'PREFIX-S': (prep key of the vectors) at scale S
+SWEEP_ROWS = {"scale-": "vectors", "answer-scale-": "answer_vectors"}
+# multiples of the answer key's label-free scale that tuned-answer-key tries (sqrt(2) steps), besides 0
+TUNE_FACTORS = (0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 
 def cli(*args: str) -> None:
@@ -128,6 +141,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     answer = {}
     if answer_tokens:
         answer_dir, answer["gguf"] = folded_recipe(f"answer-key-{answer_tokens}", answer_tokens)
+        answer["vectors"] = answer_dir / "vectors.safetensors"
         answer["scale"] = json.loads((answer_dir / "calibration.json").read_text())["scale"]
         answer["random"] = random_like(steerable(SteeringVectors.load(answer_dir / "vectors.safetensors")),
                                        work / f"random-answer-key-{answer_tokens}.safetensors")
@@ -168,7 +182,8 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             "self_key": self_path, "self_scale": self_scale,
             "self_answer_key": own_answer[0], "self_answer_scale": own_answer[1],
             "random": random_like(vectors, work / "random.safetensors"), "calibration": calibration, "prompts": recipe.prompts.path,
-            "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale"), "answer_random": answer.get("random")}
+            "answer_gguf": answer.get("gguf"), "answer_scale": answer.get("scale"), "answer_random": answer.get("random"),
+            "answer_vectors": answer.get("vectors")}
 
 
 def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
@@ -194,19 +209,39 @@ def interrupted(run_dir: Path, count: int) -> bool:
         return False
 
 
-def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int) -> dict:
+def control_vector(name: str, prep: dict) -> tuple[Path, float] | None:
+    """(vectors, scale) of a row that steers the target's GGUF with a control vector; None for other rows."""
+    if name in CONTROL_VECTOR_ROWS:
+        vectors, scale = CONTROL_VECTOR_ROWS[name]
+        return prep[vectors], prep[scale]
+    for prefix, vectors in SWEEP_ROWS.items():
+        if name.startswith(prefix):
+            return prep[vectors], float(name.removeprefix(prefix))
+    return None
+
+
+def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int, offset: int = 0) -> dict:
+    """Row `name` over `count` dev questions from `offset` -> its summary (reused when already finished)."""
     summary_path = out / name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary["n"] == count and summary["max_new_tokens"] == max_new_tokens:
+        if (summary["n"] == count and summary["max_new_tokens"] == max_new_tokens
+                and summary.get("offset", 0) == offset):
             return summary  # finished earlier with the same settings
     common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
+    if offset:
+        common += ["--offset", offset]
     if interrupted(out / name, count):
         common.append("--resume")  # keep its finished chunks of questions
     if name != "unsteered" and (out / "unsteered" / "summary.json").exists():
         common += ["--baseline", out / "unsteered"]  # paired comparison: won, lost, McNemar p
     cpp = ["--engine", "llamacpp", "--parallel", "4"]
-    if name == "unsteered":
+    steering = control_vector(name, prep)
+    if steering is not None:
+        vectors, scale = steering
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", vectors, "--form", "additive",
+            "--strength", scale, *common)
+    elif name == "unsteered":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, *common)
     elif name == "cot-prompt":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--template", "cot", *common)
@@ -217,40 +252,48 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
         cli("--quiet", "eval", prep["folded_gguf"], *cpp, *common)
     elif name == "folded-answer-key":
         cli("--quiet", "eval", prep["answer_gguf"], *cpp, *common)
-    elif name == "self-key":
-        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_key"], "--form", "additive",
-            "--strength", prep["self_scale"], *common)
-    elif name == "self-answer-key":
-        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["self_answer_key"], "--form", "additive",
-            "--strength", prep["self_answer_scale"], *common)
-    elif name == "random":
-        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["random"], "--form", "additive",
-            "--strength", prep["scale"], *common)
-    elif name == "random-answer-key":
-        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["answer_random"], "--form", "additive",
-            "--strength", prep["answer_scale"], *common)
-    elif name.startswith("scale-"):
-        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", prep["vectors"], "--form", "additive",
-            "--strength", name.removeprefix("scale-"), *common)
     return json.loads(summary_path.read_text())
 
 
+def pick_by_accuracy(points: list[dict], label_free_scale: float, png: Path, title: str) -> dict:
+    """The most accurate of `points` ({scale, accuracy, ci95}; the smaller scale on a tie): the scale
+    dev-set accuracy picks (it reads labels, unlike the calibration), with `png` plotting them all."""
+    best = max(points, key=lambda p: (p["accuracy"], -p["scale"]))
+    from unlock_export.diagnostics import plot_accuracy_vs_scale, plots_available
+
+    if plots_available():
+        plot_accuracy_vs_scale(points, png, title)
+    return {"scale": best["scale"], "accuracy": best["accuracy"], "label_free_scale": label_free_scale,
+            "points": sorted(({"scale": p["scale"], "accuracy": p["accuracy"], "ci95": p["ci95"]} for p in points),
+                             key=lambda p: p["scale"])}
+
+
 def accuracy_vs_scale(rows: dict, label_free_scale: float, out: Path) -> dict:
-    """Accuracy against the additive scale (0 = unsteered, the folded scale, the sweep), the scale that
-    dev-set accuracy picks (it reads labels, unlike the calibration) and accuracy_vs_scale.png."""
+    """Accuracy against the additive scale on the table's own questions (0 = unsteered, the folded
+    scale, the --sweep-scales rows) and accuracy_vs_scale.png."""
     points = [{"scale": float(name.removeprefix("scale-")), **rows[name]} for name in rows if name.startswith("scale-")]
     if "unsteered" in rows:
         points.append({"scale": 0.0, **rows["unsteered"]})
     if "folded" in rows:
         points.append({"scale": label_free_scale, **rows["folded"]})
-    best = max(points, key=lambda p: (p["accuracy"], -p["scale"]))
-    from unlock_export.diagnostics import plot_accuracy_vs_scale, plots_available
+    return pick_by_accuracy(points, label_free_scale, out / "accuracy_vs_scale.png",
+                            "accuracy vs additive scale (folded = label-free)")
 
-    if plots_available():
-        plot_accuracy_vs_scale(points, out / "accuracy_vs_scale.png", "accuracy vs additive scale (folded = label-free)")
-    return {"scale": best["scale"], "accuracy": best["accuracy"], "label_free_scale": label_free_scale,
-            "points": sorted(({"scale": p["scale"], "accuracy": p["accuracy"], "ci95": p["ci95"]} for p in points),
-                             key=lambda p: p["scale"])}
+
+def tune_answer_scale(prep: dict, out: Path, count: int, tune_count: int, max_new_tokens: int) -> dict:
+    """The answer key's scale that dev-set accuracy picks: 0 (unsteered) and TUNE_FACTORS x its label-free
+    scale, each scored on the `tune_count` dev questions after the table's first `count` (held out: the
+    table's own questions never choose the scale), rows in OUT/tune-answer-key/."""
+    tune_dir = out / "tune-answer-key"
+    label_free = prep["answer_scale"]
+    points = [{"scale": 0.0, **run_config("unsteered", prep, tune_dir, tune_count, max_new_tokens, offset=count)}]
+    for factor in TUNE_FACTORS:
+        scale = round(label_free * factor, 4)
+        summary = run_config(f"answer-scale-{scale:g}", prep, tune_dir, tune_count, max_new_tokens, offset=count)
+        points.append({"scale": scale, **summary})
+    picked = pick_by_accuracy(points, label_free, tune_dir / "accuracy_vs_scale.png",
+                              f"answer-start key: accuracy vs scale, dev questions {count}-{count + tune_count - 1}")
+    return {**picked, "questions": [count, count + tune_count]}
 
 
 def main() -> None:
@@ -266,6 +309,8 @@ def main() -> None:
                         help="answer tokens the folded-answer-key row's key is read over")
     parser.add_argument("--sweep-scales", default="",
                         help="comma list of extra additive scales (control vector): accuracy against scale")
+    parser.add_argument("--tune-count", type=int, default=64,
+                        help="held-out dev questions (after the table's) on which tuned-answer-key picks its scale")
     args = parser.parse_args()
     if not DEV.is_file():
         raise SystemExit(f"{DEV} not found: the GSM8K dev split lives in ../shared/data/gsm8k/")
@@ -278,16 +323,23 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--sweep-scales takes numbers separated by commas, not {args.sweep_scales!r}") from None
     wanted += [f"scale-{s:g}" for s in sweep]
+    available = sum(1 for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip())
+    if "tuned-answer-key" in wanted and (args.tune_count < 1 or args.count + args.tune_count > available):
+        raise SystemExit(f"tuned-answer-key picks its scale on --tune-count questions after the table's {args.count}, "
+                         f"and {DEV.name} holds {available}: lower --count or --tune-count")
     started = time.perf_counter()
     table = {}
     for direction, recipe_path in DIRECTIONS.items():
         if args.only and direction != args.only:
             continue
         t0 = time.perf_counter()
-        answer_rows = {"folded-answer-key", "random-answer-key", "self-answer-key"}
         prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count,
                        bool({"self-key", "self-answer-key"} & set(wanted)),
-                       args.answer_tokens if answer_rows & set(wanted) else 0)
+                       args.answer_tokens if ANSWER_ROWS & set(wanted) else 0)
+        tuned = None
+        if "tuned-answer-key" in wanted:
+            tuned = tune_answer_scale(prep, args.out / direction, args.count, args.tune_count, args.max_new_tokens)
+            prep["tuned_answer_scale"] = tuned["scale"]
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()
@@ -297,6 +349,8 @@ def main() -> None:
                             "self_answer_key_scale": prep["self_answer_scale"],
                             "answer_key_scale": prep["answer_scale"],
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+        if tuned:
+            table[direction]["tuned_answer_key"] = tuned
         if "paper-form" in wanted:
             table[direction]["alpha_check"] = alpha_check(prep, args.out / direction)
         if sweep:
@@ -321,6 +375,12 @@ def main() -> None:
             lines.append(f"\n{direction}: check-alpha at {a['alpha']:g}: the paper form's continuations score "
                          f"x{a['fluency_ratio']:.2f} the unsteered perplexity "
                          f"({'passes' if a['allowed'] else 'FAILS: its text is broken'})")
+        if "tuned_answer_key" in d:
+            t = d["tuned_answer_key"]
+            lines.append(f"\n{direction}: on dev questions {t['questions'][0]}-{t['questions'][1] - 1} (held out from the "
+                         f"table; uses labels) accuracy picks the answer key's scale {t['scale']:g} "
+                         f"({t['accuracy']:.1%}); the label-free calibration picked {t['label_free_scale']:g}; by scale: "
+                         + ", ".join(f"{p['scale']:g} {p['accuracy']:.1%}" for p in t["points"]))
         if "by_accuracy" in d:
             b = d["by_accuracy"]
             lines.append(f"\n{direction}: dev-set accuracy (uses labels) picks scale {b['scale']:g} "

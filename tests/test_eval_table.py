@@ -56,7 +56,8 @@ def prep(tmp_path):
             "self_key": tmp_path / "self.safetensors", "self_scale": 0.02,
             "self_answer_key": tmp_path / "self16.safetensors", "self_answer_scale": 0.3,
             "random": tmp_path / "r.safetensors", "answer_gguf": tmp_path / "f16.gguf", "answer_scale": 0.42,
-            "answer_random": tmp_path / "r16.safetensors"}
+            "answer_random": tmp_path / "r16.safetensors", "answer_vectors": tmp_path / "v16.safetensors",
+            "tuned_answer_scale": 0.59}
 
 
 def _run(eval_table, monkeypatch, name, prep, out, count=200):
@@ -84,6 +85,8 @@ def _run(eval_table, monkeypatch, name, prep, out, count=200):
      ["--vectors", "self_answer_key", "--form", "additive", "--strength", "self_answer_scale"]),
     ("random", "target_gguf", ["--vectors", "random", "--form", "additive", "--strength", "scale"]),
     ("random-answer-key", "target_gguf", ["--vectors", "answer_random", "--form", "additive", "--strength", "answer_scale"]),
+    ("tuned-answer-key", "target_gguf",
+     ["--vectors", "answer_vectors", "--form", "additive", "--strength", "tuned_answer_scale"]),
 ])
 def test_each_row_evaluates_its_own_model_and_steering(eval_table, monkeypatch, tmp_path, prep, name, model, steering):
     assert name in eval_table.CONFIGS
@@ -118,3 +121,54 @@ def test_a_self_key_the_calibration_cannot_place_runs_at_the_largest_allowed_sca
              {"scale": 0.06, "allowed": False}]
     assert eval_table.own_scale({"scale": 0.02, "table": table}) == 0.02  # the label-free scale when there is one
     assert eval_table.own_scale({"scale": 0.0, "table": table}) == 0.04
+
+
+def _fake_eval_by_scale(eval_table, monkeypatch, accuracy_at):
+    """A fake `eval` whose accuracy is accuracy_at(scale) (scale 0 when unsteered); records its calls."""
+    calls = []
+
+    def fake_cli(*args):
+        args = [str(a) for a in args]
+        calls.append(args)
+        scale = float(args[args.index("--strength") + 1]) if "--vectors" in args else 0.0
+        out_dir = Path(args[args.index("-o") + 1])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        offset = int(args[args.index("--offset") + 1]) if "--offset" in args else 0
+        acc = accuracy_at(scale)
+        (out_dir / "summary.json").write_text(json.dumps({
+            "n": int(args[args.index("--count") + 1]), "max_new_tokens": 256, "offset": offset,
+            "accuracy": acc, "ci95": [max(acc - 0.1, 0), min(acc + 0.1, 1)]}))
+
+    monkeypatch.setattr(eval_table, "cli", fake_cli)
+    return calls
+
+
+def test_tuning_scores_held_out_questions_and_picks_the_most_accurate_scale(eval_table, monkeypatch, tmp_path, prep):
+    by_scale = {0.0: 0.25, 0.21: 0.30, 0.297: 0.45, 0.42: 0.40, 0.594: 0.45, 0.84: 0.10}
+    calls = _fake_eval_by_scale(eval_table, monkeypatch, lambda s: by_scale[round(s, 4)])
+    tuned = eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256)
+    assert len(calls) == 1 + len(eval_table.TUNE_FACTORS)
+    for args in calls:  # every tuning run: the held-out questions after the table's 200, never the table's own
+        assert args[args.index("--offset") + 1] == "200" and args[args.index("--count") + 1] == "64"
+        assert Path(args[args.index("-o") + 1]).parent == tmp_path / "tune-answer-key"
+        assert args[2] == str(prep["target_gguf"])
+        if "--vectors" in args:
+            assert args[args.index("--vectors") + 1] == str(prep["answer_vectors"])
+    assert sorted(p["scale"] for p in tuned["points"]) == sorted(by_scale)  # 0 and each factor x 0.42
+    assert tuned["scale"] == 0.297  # the best accuracy; on the tie with 0.594 the smaller scale
+    assert tuned["accuracy"] == 0.45 and tuned["label_free_scale"] == 0.42 and tuned["questions"] == [200, 264]
+    again = eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256)
+    assert again == tuned and len(calls) == 1 + len(eval_table.TUNE_FACTORS)  # finished runs reused, none rerun
+
+
+def test_tuning_reruns_a_row_finished_over_other_questions(eval_table, monkeypatch, tmp_path, prep):
+    calls = _fake_eval_by_scale(eval_table, monkeypatch, lambda s: 0.5)
+    eval_table.run_config("unsteered", prep, tmp_path, 64, 256)  # the first 64 questions
+    assert len(calls) == 1 and "--offset" not in calls[0]
+    eval_table.run_config("unsteered", prep, tmp_path, 64, 256, offset=200)  # same count, other questions
+    assert len(calls) == 2 and calls[1][calls[1].index("--offset") + 1] == "200"
+
+
+def test_tuning_that_prefers_no_steering_picks_zero(eval_table, monkeypatch, tmp_path, prep):
+    _fake_eval_by_scale(eval_table, monkeypatch, lambda s: 0.3 if s == 0 else 0.2)
+    assert eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256)["scale"] == 0.0
