@@ -27,7 +27,7 @@ summary is reused, and a configuration stopped part way (its progress.jsonl) res
 finished chunk of questions. The table goes to OUT/table.md and table.json.
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
-                               [--configs unsteered,folded,...] [--calibrate-count 32]
+                               [--configs unsteered,folded,...] [--calibrate-count 8]
                                [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16] [--tune-count 64]
 """
 
@@ -97,7 +97,7 @@ def own_scale(calibration: dict) -> float:
     return max((row["scale"] for row in calibration["table"] if row["allowed"]), default=0.0)
 
 
-def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 32,
+def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 8,
             self_key: bool = True, answer_tokens: int = 0) -> dict:
     """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors; with
     answer_tokens, also the fold of the key read over the answer's first tokens."""
@@ -303,7 +303,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--only", choices=sorted(DIRECTIONS), default=None)
-    parser.add_argument("--calibrate-count", type=int, default=32, help="unlabeled prompts for the label-free scale")
+    parser.add_argument("--calibrate-count", type=int, default=8,
+                        help="unlabeled prompts for the label-free scale (the README tables used 8)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
     parser.add_argument("--answer-tokens", type=int, default=16,
                         help="answer tokens the folded-answer-key row's key is read over")
