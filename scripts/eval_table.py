@@ -29,6 +29,7 @@ finished chunk of questions. The table goes to OUT/table.md and table.json.
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 8]
                                [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16] [--tune-count 64]
+                               [--tune-factors 0.5,0.7071,1,1.4142,2]
 """
 
 from __future__ import annotations
@@ -280,14 +281,15 @@ def accuracy_vs_scale(rows: dict, label_free_scale: float, out: Path) -> dict:
                             "accuracy vs additive scale (folded = label-free)")
 
 
-def tune_answer_scale(prep: dict, out: Path, count: int, tune_count: int, max_new_tokens: int) -> dict:
-    """The answer key's scale that dev-set accuracy picks: 0 (unsteered) and TUNE_FACTORS x its label-free
+def tune_answer_scale(prep: dict, out: Path, count: int, tune_count: int, max_new_tokens: int,
+                      factors: tuple[float, ...] = TUNE_FACTORS) -> dict:
+    """The answer key's scale that dev-set accuracy picks: 0 (unsteered) and `factors` x its label-free
     scale, each scored on the `tune_count` dev questions after the table's first `count` (held out: the
     table's own questions never choose the scale), rows in OUT/tune-answer-key/."""
     tune_dir = out / "tune-answer-key"
     label_free = prep["answer_scale"]
     points = [{"scale": 0.0, **run_config("unsteered", prep, tune_dir, tune_count, max_new_tokens, offset=count)}]
-    for factor in TUNE_FACTORS:
+    for factor in factors:
         scale = round(label_free * factor, 4)
         summary = run_config(f"answer-scale-{scale:g}", prep, tune_dir, tune_count, max_new_tokens, offset=count)
         points.append({"scale": scale, **summary})
@@ -312,6 +314,8 @@ def main() -> None:
                         help="comma list of extra additive scales (control vector): accuracy against scale")
     parser.add_argument("--tune-count", type=int, default=64,
                         help="held-out dev questions (after the table's) on which tuned-answer-key picks its scale")
+    parser.add_argument("--tune-factors", default=",".join(f"{f:g}" for f in TUNE_FACTORS),
+                        help="multiples of the answer key's label-free scale that tuned-answer-key tries, besides 0")
     args = parser.parse_args()
     if not DEV.is_file():
         raise SystemExit(f"{DEV} not found: the GSM8K dev split lives in ../shared/data/gsm8k/")
@@ -323,6 +327,12 @@ def main() -> None:
         sweep = [float(s) for s in args.sweep_scales.split(",") if s]
     except ValueError:
         raise SystemExit(f"--sweep-scales takes numbers separated by commas, not {args.sweep_scales!r}") from None
+    try:
+        factors = tuple(float(f) for f in args.tune_factors.split(",") if f)
+    except ValueError:
+        raise SystemExit(f"--tune-factors takes numbers separated by commas, not {args.tune_factors!r}") from None
+    if not factors or min(factors) <= 0:
+        raise SystemExit(f"--tune-factors takes positive multiples of the label-free scale, not {args.tune_factors!r}")
     wanted += [f"scale-{s:g}" for s in sweep]
     available = sum(1 for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip())
     if "tuned-answer-key" in wanted and (args.tune_count < 1 or args.count + args.tune_count > available):
@@ -339,7 +349,8 @@ def main() -> None:
                        args.answer_tokens if ANSWER_ROWS & set(wanted) else 0)
         tuned = None
         if "tuned-answer-key" in wanted:
-            tuned = tune_answer_scale(prep, args.out / direction, args.count, args.tune_count, args.max_new_tokens)
+            tuned = tune_answer_scale(prep, args.out / direction, args.count, args.tune_count, args.max_new_tokens,
+                                      factors)
             prep["tuned_answer_scale"] = tuned["scale"]
         rows = {}
         for name in wanted:

@@ -172,3 +172,10 @@ def test_tuning_reruns_a_row_finished_over_other_questions(eval_table, monkeypat
 def test_tuning_that_prefers_no_steering_picks_zero(eval_table, monkeypatch, tmp_path, prep):
     _fake_eval_by_scale(eval_table, monkeypatch, lambda s: 0.3 if s == 0 else 0.2)
     assert eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256)["scale"] == 0.0
+
+
+def test_tuning_tries_the_factors_it_is_given(eval_table, monkeypatch, tmp_path, prep):
+    calls = _fake_eval_by_scale(eval_table, monkeypatch, lambda s: 0.5 - abs(s - 0.42))
+    tuned = eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256, factors=(1.0, 1.4142, 0.7071))
+    assert [p["scale"] for p in tuned["points"]] == [0.0, 0.297, 0.42, 0.594] and len(calls) == 4
+    assert tuned["scale"] == 0.42
