@@ -19,6 +19,7 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   dev-set accuracy picks (uses labels, unlike every other row): 0 and TUNE_FACTORS x the
                   label-free scale are each scored on --tune-count dev questions held out from the table
                   (the ones after its first COUNT), in OUT/<direction>/tune-answer-key/; the most accurate wins
+                  (when that is the label-free scale, the folded-answer-key run is the row)
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
                   accuracy against scale on the table's own questions (in-sample)
 
@@ -221,6 +222,14 @@ def control_vector(name: str, prep: dict) -> tuple[Path, float] | None:
     return None
 
 
+def same_run(name: str, prep: dict) -> str:
+    """The configuration whose run answers row `name`: tuned-answer-key at the label-free scale is the
+    folded-answer-key model itself (same vectors, same scale), so that row's run serves it."""
+    if name == "tuned-answer-key" and prep.get("tuned_answer_scale") == prep.get("answer_scale"):
+        return "folded-answer-key"
+    return name
+
+
 def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int, offset: int = 0) -> dict:
     """Row `name` over `count` dev questions from `offset` -> its summary (reused when already finished)."""
     summary_path = out / name / "summary.json"
@@ -355,7 +364,7 @@ def main() -> None:
         rows = {}
         for name in wanted:
             c0 = time.perf_counter()
-            rows[name] = run_config(name, prep, args.out / direction, args.count, args.max_new_tokens)
+            rows[name] = run_config(same_run(name, prep), prep, args.out / direction, args.count, args.max_new_tokens)
             print(f"{direction} {name}: {rows[name]['accuracy']:.1%} ({time.perf_counter() - c0:.0f} s)", flush=True)
         table[direction] = {"target": prep["target"], "scale": prep["scale"], "self_scale": prep["self_scale"],
                             "self_answer_key_scale": prep["self_answer_scale"],

@@ -179,3 +179,9 @@ def test_tuning_tries_the_factors_it_is_given(eval_table, monkeypatch, tmp_path,
     tuned = eval_table.tune_answer_scale(prep, tmp_path, 200, 64, 256, factors=(1.0, 1.4142, 0.7071))
     assert [p["scale"] for p in tuned["points"]] == [0.0, 0.297, 0.42, 0.594] and len(calls) == 4
     assert tuned["scale"] == 0.42
+
+
+def test_a_tuned_scale_equal_to_the_label_free_one_reuses_the_folded_answer_key_run(eval_table, prep):
+    assert eval_table.same_run("tuned-answer-key", {**prep, "tuned_answer_scale": prep["answer_scale"]}) == "folded-answer-key"
+    assert eval_table.same_run("tuned-answer-key", prep) == "tuned-answer-key"  # another scale: its own run
+    assert eval_table.same_run("random", prep) == "random"
