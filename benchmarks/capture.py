@@ -31,7 +31,9 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ours", "reference", "reference-keep1", "plain", "ours-half")
+PROMPTS = "builtin:gsm8k-train"  # GSM8K train questions, shipped inside the package
 # config.json fields of the real models (from the Hub); random weights of these shapes
 RANDOM_CONFIGS = {
     "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
@@ -77,17 +79,15 @@ def load_model(spec: str, dtype: str, device: str, num_layers: int | None):
 
     source = models.ModelSource(spec, "random", spec)
     return models.LoadedModel(model, _Vocab(), source, models.architecture_for(model))
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def make_batches(tokenizer, n: int, tokens: int, batch: int, device):
-    """n prompts of exactly `tokens` tokens (GSM8K questions joined, or builtin ones)."""
+    """n prompts of exactly `tokens` tokens (GSM8K train questions joined)."""
     import torch
 
     from unlock_export import prompts
 
-    source = str(GSM8K) if GSM8K.is_file() else "builtin:arithmetic"
-    questions = prompts.load_questions(source, count=max(n * 8, 64))
+    questions = prompts.load_questions(PROMPTS, count=max(n * 8, 64))
     stream = tokenizer("\n".join(questions), add_special_tokens=False).input_ids
     need = n * tokens
     while len(stream) < need:
@@ -207,7 +207,8 @@ def main():
     parser.add_argument("--num-layers", type=int, default=0, help="random:NAME only: keep the first K layers")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method, interleaved; the median is kept")
-    parser.add_argument("--json", default="benchmarks/results/capture.json", help="where to write the results")
+    parser.add_argument("--json", default=str(ROOT / "reports" / "results" / "capture.json"),
+                        help="where to write the results")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.method:
@@ -247,8 +248,12 @@ def main():
         if "ours-half" in by:
             print(f"early exit (layers < N/2): {by['ours-half']['seconds'] / by['ours']['seconds']:.0%} "
                   "of the full-depth capture time")
+    from unlock_export.provenance import run_record
+
+    if any(r["device"].startswith("cuda") for r in results):
+        import torch  # noqa: F401  (the children ran on the GPU: let the record name it)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    Path(args.json).write_text(json.dumps({"provenance": run_record(), "results": results}, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-e2e")
     parser.add_argument("--reuse", type=Path, default=None, help="read the timings of an existing run's summary.json")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "end_to_end.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "reports" / "results" / "end_to_end.json")
     args = parser.parse_args()
     wall = None
     if args.reuse:
@@ -47,9 +47,12 @@ def main() -> None:
     for stage, seconds in timings.items():
         print(f"{stage.removesuffix('_s'):<14} {seconds:>8.1f} {seconds / total:>6.0%}")
     print(f"{'stages total':<14} {total:>8.1f}" + (f"   (run_recipe wall {wall} s)" if wall else ""))
+    from unlock_export.provenance import run_record
+
     record = {"recipe": summary["recipe"], "from": source, "timings_s": timings, "stages_total_s": round(total, 1),
               "run_recipe_wall_s": wall, "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "device": "cuda" if _cuda() else "cpu"}
+    record["provenance"] = run_record()  # after _cuda(): torch is imported, so the record names a GPU
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.json}")

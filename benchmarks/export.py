@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=20,
               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
 
@@ -30,7 +31,7 @@ def build(src: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build_tokenizer
 
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def timed(cmd: list[str]) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/unlock-export/bench-export"))
-    parser.add_argument("--json", default="benchmarks/results/export.json")
+    parser.add_argument("--json", default=str(ROOT / "reports" / "results" / "export.json"))
     args = parser.parse_args()
     cache = Path(args.cache)
     src = cache / "llama-2.4g"
@@ -99,8 +100,11 @@ def main():
     print(f"checkpoint {size / 2**30:.2f} GiB in {len(shards)} shards (largest {largest / 2**20:.0f} MiB)")
     print(f"fold / cp time: {fold['seconds'] / cp['seconds']:.2f}x;  --link: {link['seconds']:.2f} s;  "
           f"fold peak RSS / largest shard: {fold['peak_rss_mib'] * 2**20 / largest:.2f}x")
+    from unlock_export.provenance import run_record
+
+    results["provenance"] = run_record()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

@@ -8,7 +8,7 @@ labels are read. A band's scales stop once perplexity rises past x1.5.
 
   python benchmarks/fold_bands.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/eval-table/.../vectors.safetensors \
       --bands 1-27,1-9,5-13,10-18,14-22,19-27 --scales 0.0884,0.177,0.354,0.707 --count 16 --offset 1000 \
-      --json benchmarks/results/fold_bands_qwen1.5b.json
+      --json reports/results/fold_bands_qwen1.5b.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1, help="the paper form's strength")
     parser.add_argument("--bands", default="1-27,1-9,10-18,19-27")
     parser.add_argument("--scales", default="0.0884,0.177,0.354")
-    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
+    parser.add_argument("--prompts", default="builtin:gsm8k-train")
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--offset", type=int, default=1000, help="skip the prompts the key was computed on")
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -77,10 +77,13 @@ def main() -> None:
                 break
     print(f"wall {time.perf_counter() - started:.0f} s")
     if args.json:
+        from unlock_export.provenance import run_record
+
         Path(args.json).write_text(json.dumps({"model": args.model, "vectors": args.vectors, "alpha": args.alpha,
                                                "prompts": len(texts), "offset": args.offset,
                                                "kl_unsteered_to_paper": kl(reference, unsteered),
-                                               "paper_top_first_tokens": decode(reference), "rows": rows},
+                                               "paper_top_first_tokens": decode(reference), "rows": rows,
+                                               "provenance": run_record()},
                                               indent=1) + "\n")
 
 

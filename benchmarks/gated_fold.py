@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--vectors", required=True)
     parser.add_argument("--alpha", type=float, default=0.1, help="the paper form's strength")
     parser.add_argument("--site", choices=sorted(SITES), default="mlp")
-    parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
+    parser.add_argument("--prompts", default="builtin:gsm8k-train")
     parser.add_argument("--fit-count", type=int, default=32, help="prompts the gates are fitted on")
     parser.add_argument("--count", type=int, default=16, help="held-out prompts the forms are compared on")
     parser.add_argument("--offset", type=int, default=1000, help="skip the prompts the key was computed on")
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--eval-count", type=int, default=0, help="score the gated edit on this many questions")
     parser.add_argument("--eval-multiplier", type=float, default=0.5)
-    parser.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
+    parser.add_argument("--eval-data", default="builtin:gsm8k-dev")
     parser.add_argument("--eval-out", default="out/gated-eval")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--baseline", default=None, help="an earlier eval run on the same questions")
@@ -249,8 +249,11 @@ def main() -> None:
         rows.append(measure(f"gated edit, m {m:g}", gated_edit(loaded, gates, writes, args.site)))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
+        from unlock_export.provenance import run_record
+
         Path(args.json).write_text(json.dumps({"args": vars(args), "gates": gate_rows, "forms": rows,
-                                               "wall_s": time.perf_counter() - started}, indent=2))
+                                               "wall_s": time.perf_counter() - started,
+                                               "provenance": run_record()}, indent=2) + "\n")
 
 
 def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from unlock_export.align import LowRankMap, layer_map
+from unlock_export.provenance import run_record
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (num_hidden_layers, hidden_size) from the models' config.json on the Hub
 CONFIGS = {
@@ -44,7 +47,7 @@ def measure(source: str, target: str, rank: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "map_storage.json"))
+    parser.add_argument("--out", default=str(ROOT / "reports" / "results" / "map_storage.json"))
     args = parser.parse_args()
     rows = [measure(s, t, args.rank) for s, t in PAIRS]
     print(f"| source -> target | rank | our factors | dense maps (paper code) | smaller by |")
@@ -53,7 +56,7 @@ def main() -> None:
         print(f"| {r['source'].split('/')[1]} -> {r['target'].split('/')[1]} | {r['rank']} | "
               f"{r['factor_bytes'] / 2**20:.1f} MiB | {r['dense_bytes'] / 2**20:,.0f} MiB | {r['ratio']:g}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"provenance": run_record(), "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

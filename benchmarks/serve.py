@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "results" / "serve.json")
     args = parser.parse_args()
 
     base, patched, cvec = prepare(args.cache)
@@ -100,6 +100,9 @@ def main() -> None:
     for name, figures in result["configs"].items():
         figures["prompt_vs_unsteered"] = round(figures["prompt_tok_s"] / ref["prompt_tok_s"], 4)
         figures["gen_vs_unsteered"] = round(figures["gen_tok_s"] / ref["gen_tok_s"], 4)
+    from unlock_export.provenance import run_record
+
+    result["provenance"] = run_record()
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
