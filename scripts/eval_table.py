@@ -25,7 +25,8 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
 
 Every configuration writes OUT/<direction>/<config>/{predictions.jsonl,summary.json}; an existing
 summary is reused, and a configuration stopped part way (its progress.jsonl) resumes from its last
-finished chunk of questions. The table goes to OUT/table.md and table.json.
+finished chunk of questions. The table goes to OUT/table.md and table.json (with its provenance:
+command, commit, versions, machine, date). Questions: the packaged GSM8K dev split (builtin:gsm8k-dev).
 
   python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 8]
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+DEV = "builtin:gsm8k-dev"  # the GSM8K dev split, shipped inside the package
 DIRECTIONS = {
     "0.5b-to-1.5b": ROOT / "recipes" / "zoo-qwen0.5b-to-1.5b-cot.yaml",
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
@@ -326,8 +327,6 @@ def main() -> None:
     parser.add_argument("--tune-factors", default=",".join(f"{f:g}" for f in TUNE_FACTORS),
                         help="multiples of the answer key's label-free scale that tuned-answer-key tries, besides 0")
     args = parser.parse_args()
-    if not DEV.is_file():
-        raise SystemExit(f"{DEV} not found: the GSM8K dev split lives in ../shared/data/gsm8k/")
     wanted = [c for c in args.configs.split(",") if c]
     unknown = set(wanted) - set(CONFIGS)
     if unknown:
@@ -343,10 +342,12 @@ def main() -> None:
     if not factors or min(factors) <= 0:
         raise SystemExit(f"--tune-factors takes positive multiples of the label-free scale, not {args.tune_factors!r}")
     wanted += [f"scale-{s:g}" for s in sweep]
-    available = sum(1 for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip())
+    from unlock_export.evaluate import load_items
+
+    available = len(load_items(DEV))
     if "tuned-answer-key" in wanted and (args.tune_count < 1 or args.count + args.tune_count > available):
         raise SystemExit(f"tuned-answer-key picks its scale on --tune-count questions after the table's {args.count}, "
-                         f"and {DEV.name} holds {available}: lower --count or --tune-count")
+                         f"and {DEV} holds {available}: lower --count or --tune-count")
     started = time.perf_counter()
     table = {}
     for direction, recipe_path in DIRECTIONS.items():
@@ -376,8 +377,10 @@ def main() -> None:
             table[direction]["alpha_check"] = alpha_check(prep, args.out / direction)
         if sweep:
             table[direction]["by_accuracy"] = accuracy_vs_scale(rows, prep["scale"], args.out / direction)
-    result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": str(DEV),
-              "wall_s": round(time.perf_counter() - started, 1), "directions": table}
+    from unlock_export.provenance import run_record
+
+    result = {"count": args.count, "max_new_tokens": args.max_new_tokens, "data": DEV,
+              "wall_s": round(time.perf_counter() - started, 1), "directions": table, "provenance": run_record()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(result, indent=2))
     lines = ["| direction | configuration | accuracy | 95% CI | mean output tokens | answers cut | states the answer "

@@ -100,6 +100,7 @@ def test_each_row_evaluates_its_own_model_and_steering(eval_table, monkeypatch, 
         assert "--vectors" not in args
     assert ("--engine" in args) is (name != "paper-form")  # the paper form needs hooks: transformers
     assert args[args.index("--count") + 1] == "200" and "--resume" not in args
+    assert args[args.index("--data") + 1] == "builtin:gsm8k-dev"  # the packaged dev split, no file beside the clone
 
 
 def test_a_finished_row_is_reused_and_a_stopped_one_resumes(eval_table, monkeypatch, tmp_path, prep):
