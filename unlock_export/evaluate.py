@@ -41,31 +41,28 @@ class Item:
     gold: object  # Fraction
 
 
-def load_items(path: str | Path, count: int | None = None, offset: int = 0, field: str = "question",
+def load_items(source: str | Path, count: int | None = None, offset: int = 0, field: str = "question",
                answer_field: str = "answer") -> list[Item]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"eval data '{path}' not found: pass a JSONL file with '{field}' and '{answer_field}'")
+    """Questions with gold answers from a JSONL file (plain or gzip) or a packaged set (builtin:gsm8k-dev);
+    `offset` skips that many lines, and an item's index is its line number from 0."""
     items = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-            if not line.strip():
-                continue
-            if n < offset:
-                continue
-            try:
-                row = json.loads(line)
-                question, answer = row[field], row[answer_field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n + 1}: expected a JSON object with '{field}' and '{answer_field}'")
-            gold = gold_answer(answer)
-            if gold is None:
-                raise UserError(f"{path}:{n + 1}: answer {str(answer)[-40:]!r} has no number (GSM8K: '... #### N')")
-            items.append(Item(n, str(question), gold))
-            if count is not None and len(items) >= count:
-                break
+    for lineno, line in prompt_mod.jsonl_lines(source, "eval data"):
+        n = lineno - 1
+        if not line.strip() or n < offset:
+            continue
+        try:
+            row = json.loads(line)
+            question, answer = row[field], row[answer_field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{source}:{lineno}: expected a JSON object with '{field}' and '{answer_field}'")
+        gold = gold_answer(answer)
+        if gold is None:
+            raise UserError(f"{source}:{lineno}: answer {str(answer)[-40:]!r} has no number (GSM8K: '... #### N')")
+        items.append(Item(n, str(question), gold))
+        if count is not None and len(items) >= count:
+            break
     if not items:
-        raise UserError(f"eval data '{path}' holds no questions after offset {offset}")
+        raise UserError(f"eval data '{source}' holds no questions after offset {offset}")
     return items
 
 

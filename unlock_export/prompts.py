@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
@@ -59,7 +62,39 @@ def builtin_arithmetic(count: int, seed: int = 0) -> list[str]:
     return out
 
 
+# Data sets shipped inside the package (unlock_export/data, GSM8K under its MIT licence, LICENSE-GSM8K):
+# name -> (file, what it holds). Train: questions only (unlabeled prompts); dev: questions and answers.
+BUILTIN_FILES: dict[str, tuple[str, str]] = {
+    "gsm8k-train": ("gsm8k-train.jsonl.gz", "GSM8K train questions (7,473, no answers)"),
+    "gsm8k-dev": ("gsm8k-dev.jsonl.gz", "GSM8K dev split (400 questions with answers)"),
+}
 BUILTIN_SETS = {"arithmetic": builtin_arithmetic}
+BUILTIN_NAMES = tuple(BUILTIN_PREFIX + n for n in (*BUILTIN_SETS, *BUILTIN_FILES))
+
+
+def is_builtin(source: str | Path) -> bool:
+    return str(source).startswith(BUILTIN_PREFIX)
+
+
+def builtin_file(name: str) -> Path:
+    """The packaged file behind `builtin:NAME` (gsm8k-train, gsm8k-dev)."""
+    if name not in BUILTIN_FILES:
+        raise UserError(f"unknown builtin data set '{BUILTIN_PREFIX}{name}': use {', '.join(BUILTIN_NAMES)}")
+    return Path(str(resources.files("unlock_export") / "data" / BUILTIN_FILES[name][0]))
+
+
+def jsonl_lines(source: str | Path, what: str = "prompt file") -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file, plain or gzip, or of a packaged `builtin:` data set."""
+    source = str(source)
+    if is_builtin(source):
+        path = builtin_file(source[len(BUILTIN_PREFIX):])
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{what} '{source}' not found: pass a JSONL file or one of {', '.join(BUILTIN_NAMES)}")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        yield from enumerate(fh, 1)
 
 
 def load_questions(source: str | Path, field: str = "question", count: int | None = None,
@@ -68,34 +103,28 @@ def load_questions(source: str | Path, field: str = "question", count: int | Non
     source = str(source)
     if count is not None and count < 1:
         raise UserError(f"prompt count must be at least 1, got {count}")
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_SETS:
-            raise UserError(f"unknown builtin prompt set '{name}': use {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)}")
+    name = source[len(BUILTIN_PREFIX):] if is_builtin(source) else None
+    if name in BUILTIN_SETS:
         return BUILTIN_SETS[name]((count or 256) + offset)[offset:]
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"prompt file '{source}' not found: pass a JSONL file or {BUILTIN_PREFIX}arithmetic")
     questions: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
-            if isinstance(record, str):
-                text = record
-            elif isinstance(record, dict) and isinstance(record.get(field), str):
-                text = record[field]
-            else:
-                raise UserError(f"{path}:{lineno} has no string field '{field}': pass --field with the prompt field's name")
-            if text.strip():
-                questions.append(text)
-            if count is not None and len(questions) >= offset + count:
-                break
+    for lineno, line in jsonl_lines(source):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+        if isinstance(record, str):
+            text = record
+        elif isinstance(record, dict) and isinstance(record.get(field), str):
+            text = record[field]
+        else:
+            raise UserError(f"{source}:{lineno} has no string field '{field}': pass --field with the prompt field's name")
+        if text.strip():
+            questions.append(text)
+        if count is not None and len(questions) >= offset + count:
+            break
     questions = questions[offset:]
     if not questions:
         raise UserError(f"prompt file '{source}' holds no prompts (after offset {offset}): give a non-empty JSONL file")
