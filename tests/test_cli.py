@@ -249,20 +249,62 @@ def test_version(capsys):
     assert "unlock-export, version" in capsys.readouterr().out
 
 
-def test_shipped_recipes_validate(tmp_path):
-    """Every shipped recipe validates. Their prompts live beside the checkout (../shared/data), which
-    a clone elsewhere lacks: they are validated as copies in a tree that has a prompt file there."""
-    (tmp_path / "repo" / "recipes").mkdir(parents=True)
-    data = tmp_path / "shared" / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+def test_shipped_recipes_validate_and_plan(capsys, tmp_path):
+    """Every shipped recipe validates and its dry run resolves every input (zoo models need not be
+    fetched: the plan says what would be), with no data file beside the checkout."""
     shipped = sorted((REPO / "recipes").glob("*.yaml"))
-    assert shipped
+    assert len(shipped) >= 5
     for path in shipped:
-        copy = tmp_path / "repo" / "recipes" / path.name
-        copy.write_text(path.read_text())
-        recipe = load_recipe(copy)
+        recipe = load_recipe(path)
         assert recipe.source.locked.model and recipe.target.model, path
+        assert recipe.prompts.path.startswith("builtin:"), path
+        code, out, err = run_cli(capsys, "--json", "run", "--dry-run", path, tmp_path / path.stem)
+        assert code == 0, (path, err)
+        plan = json.loads(out)
+        assert plan["recipe"] == recipe.name and plan["prompts"]["key"] == recipe.prompts.key_count
+        assert not (tmp_path / path.stem).exists()
+
+
+def test_dry_run_plans_without_loading_or_writing(capsys, tmp_path, tiny_recipe, monkeypatch):
+    import unlock_export.models as models_mod
+
+    path, raw = tiny_recipe
+    raw = {**raw, "key": {"answer_tokens": 2}, "fold": {"mode": "bias", "scale": "auto", "calibrate_count": 4},
+           "diagnostics": {"heldout_count": 4}}
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(models_mod, "load", lambda *a, **k: pytest.fail("a dry run loaded a model"))
+    out = tmp_path / "out"
+    code, text, err = run_cli(capsys, "--json", "run", "--dry-run", path, out)
+    assert code == 0, err
+    plan = json.loads(text)
+    assert [s["name"] for s in plan["stages"]] == ["key", "align", "project", "diagnostics", "calibrate", "fold"]
+    source, target = raw["source"]["locked"]["model"], raw["target"]["model"]
+    assert plan["models"][source]["layers"] == 4 and plan["models"][target]["layers"] == 3  # from config.json
+    assert plan["prompts"] == {"source": "builtin:arithmetic", "offset": 0, "key": 16, "align": 16, "heldout": 4}
+    # the source: two key captures of 16 prompts (the unlocked one after writing 2 tokens each), a fresh
+    # align capture (the key read the answer, so its capture is not reused) and the held-out 4
+    assert plan["models"][source]["prompt_passes"] == 16 + 16 + 16 + 16 + 4
+    assert plan["models"][source]["generated_tokens"] == 16 * 2
+    assert "model/" in plan["outputs"] and "calibration.json" in plan["outputs"]
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    # the text form names the stages and models
+    code, text, _ = run_cli(capsys, "run", "--dry-run", path, out)
+    assert code == 0 and "1. key" in text and target in text and "nothing loaded, fetched or written" in text
+
+
+def test_dry_run_refuses_what_the_run_would(capsys, tmp_path, tiny_recipe):
+    path, raw = tiny_recipe
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"question": f"q{i}?"}) + "\n" for i in range(10)))
+    path.write_text(yaml.safe_dump({**raw, "prompts": {"path": str(few), "key_count": 16}}))
+    assert_one_line_error(capsys, ["run", "--dry-run", path, tmp_path / "o"], "holds 10 prompts")
+    path.write_text(yaml.safe_dump({**raw, "target": {"model": "zoo:no-such-model"}}))
+    assert_one_line_error(capsys, ["run", "--dry-run", path, tmp_path / "o"], "no-such-model")
+    path.write_text(yaml.safe_dump({**raw, "prompts": {"path": "builtin:gsm8k-test"}}))
+    assert_one_line_error(capsys, ["run", "--dry-run", path, tmp_path / "o"], "unknown builtin data set")
+    path.write_text(yaml.safe_dump(raw))
+    (tmp_path / "o").mkdir()
+    assert_one_line_error(capsys, ["run", "--dry-run", path, tmp_path / "o"], "exists")
 
 
 # -- bad input: one line, exit code 2 ---------------------------------------------------------
@@ -371,7 +413,8 @@ def test_run_help_names_every_recipe_key(capsys):
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     specs = {"fold": recipe_mod.FoldSpec, "diagnostics": recipe_mod.DiagnosticsSpec, "push": recipe_mod.PushSpec,
-             "runtime": recipe_mod.RuntimeSpec, "vectors": recipe_mod.VectorsSpec, "prompts": recipe_mod.PromptSpec}
+             "runtime": recipe_mod.RuntimeSpec, "vectors": recipe_mod.VectorsSpec, "prompts": recipe_mod.PromptSpec,
+             "gguf": recipe_mod.GgufSpec}
     missing = [f"{section}.{key}" for section, spec in specs.items() for key in spec.model_fields
                if key not in text.split(f"{section}.", 1)[-1]]
     assert not missing, missing

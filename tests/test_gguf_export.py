@@ -4,6 +4,8 @@ checks of the same files live in test_serve_llamacpp.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,64 @@ def test_patch_route_refuses_mismatched_base(tiny_model_dir, tmp_path, capsys):
     assert "--base" in capsys.readouterr().err
     assert main(["gguf", str(folded), "--route", "convert", "--llama-cpp", str(tmp_path), "-o", str(out)]) == 2
     assert "convert_hf_to_gguf.py" in capsys.readouterr().err and not out.exists()
+
+
+def test_recipe_gguf_step_writes_the_patched_gguf_and_control_vector(tiny_recipe, tmp_path, capsys):
+    """A recipe with fold and gguf writes model.gguf (the fold patched into the target's GGUF) and
+    control-vector.gguf (the folded vectors at the fold's scale), and prints how to serve each; the
+    printed transformers command runs as it is."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    import yaml
+
+    path, raw = tiny_recipe
+    config = json.loads((Path(raw["target"]["model"]) / "config.json").read_text())
+    base = tmp_path / "target.gguf"
+    _fake_qwen2_gguf(base, config, quantized=False)  # hidden 48: not a whole number of Q8_0 blocks
+    raw = {**raw, "vectors": {"layers": "1--1"}, "fold": {"mode": "bias", "scale": 2.5},
+           "gguf": {"model": True, "control_vector": True, "base": str(base)}, "diagnostics": {"enabled": False}}
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    vec = SteeringVectors.load(out / "vectors.safetensors")
+    assert vec.layers == [1, 2]
+
+    _, model_fields = _fields(out / "model.gguf")
+    reader, cv_fields = _fields(out / "control-vector.gguf")
+    assert cv_fields["general.architecture"] == "controlvector" and cv_fields["controlvector.layer_count"] == 2
+    directions = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert set(directions) == {"direction.1", "direction.2"}
+    patched = {t.name: np.asarray(t.data) for t in _fields(out / "model.gguf")[0].tensors}
+    for layer in (1, 2):
+        want = vec.directions[layer].numpy() * 2.5
+        np.testing.assert_allclose(directions[f"direction.{layer}"], want, rtol=1e-6)
+        np.testing.assert_allclose(patched[f"blk.{layer}.ffn_down.bias"], want, rtol=1e-6)
+    assert "blk.0.ffn_down.bias" not in patched
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gguf"]["control_vector"] == {"scale": 2.5, "layers": [1, 2], "dropped_layer_0": False}
+    serve = {(row["engine"], row["artifact"]): row["command"] for row in summary["serve"]}
+    assert serve[("llama.cpp", str(out / "model.gguf"))] == f"llama-server -m {out / 'model.gguf'} --port 8080"
+    assert serve[("llama.cpp", str(out / "control-vector.gguf"))] == (
+        f"llama-server -m {base} --control-vector {out / 'control-vector.gguf'} --port 8080")
+    assert serve[("vllm", str(out / "model"))] == f"vllm serve {out / 'model'}"
+    command = shlex.split(serve[("transformers", str(out / "model"))])
+    assert command[0] == "python"
+    done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.startswith("Question: What is 12 * 7 + 5?"), done.stderr[-500:]
+
+
+def test_recipe_gguf_model_needs_a_bias_fold(tiny_recipe, capsys):
+    import yaml
+
+    path, raw = tiny_recipe
+    path.write_text(yaml.safe_dump({**raw, "gguf": {"model": True}}))
+    assert main(["--quiet", "run", "--dry-run", str(path), "unused"]) == 2
+    assert "gguf.model patches a bias fold" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**raw, "gguf": {"control_vector": True}}))
+    assert main(["--quiet", "run", "--dry-run", str(path), "unused"]) == 2
+    assert "gguf.control_vector needs a scale" in capsys.readouterr().err

@@ -51,7 +51,8 @@ def _runtime_options(fn):
 def _prompt_options(fn):
     options = [
         click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True,
-                     help="JSONL file of unlabeled prompts, or builtin:arithmetic."),
+                     help="builtin:gsm8k-train, builtin:gsm8k-dev, builtin:arithmetic (packaged), or a JSONL file "
+                          "(plain or .gz) of unlabeled prompts."),
         click.option("--field", default="question", show_default=True, help="JSONL field holding the prompt."),
         click.option("--count", default=256, show_default=True, type=int, help="Number of prompts."),
         click.option("--offset", default=0, show_default=True, type=int, help="Skip this many prompts first."),
@@ -220,7 +221,7 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
     Example (CoT direction by prompt contrast on one model):
       unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct \\
           --locked-template direct --unlocked-template cot \\
-          --prompts ../shared/data/gsm8k/train.jsonl --count 64 -o key.safetensors
+          --prompts builtin:gsm8k-train --count 64 -o key.safetensors
     """
     from . import prompts as prompts_mod
     from ._io import progress_folder
@@ -476,8 +477,9 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
 # -- evaluation -----------------------------------------------------------------------------------
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL with question and answer (GSM8K '#### N', or a plain number).")
+@click.option("--data", "data_path", required=True,
+              help="builtin:gsm8k-dev (packaged), or a JSONL file (plain or .gz) with question and answer "
+                   "(GSM8K '#### N', or a plain number).")
 @click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
 @click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
 @click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
@@ -517,10 +519,10 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
 
     \b
     Example:
-      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data ../shared/data/gsm8k/dev.jsonl --count 200 -o ev/plain
-      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data dev.jsonl --vectors v.safetensors \\
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data builtin:gsm8k-dev --count 200 -o ev/plain
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data builtin:gsm8k-dev --vectors v.safetensors \\
           --form paper --strength 0.1 -o ev/paper
-      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data dev.jsonl --baseline ev/plain -o ev/folded
+      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
     """
     from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, read_baseline, render_prompts
     from .models import resolve
@@ -634,7 +636,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
     \b
     Example:
       unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
-          --alpha 0.1 --prompts ../shared/data/gsm8k/train.jsonl --count 64
+          --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
     from .calibrate import DEFAULT_SCALES, calibrate_scale
     from .prompts import apply_template
@@ -676,8 +678,7 @@ def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prom
                 dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle, output):
     """Check, without labels, which paper-form alphas leave MODEL writing text.
 
-    Too large an alpha breaks a model's text (on the zoo's Qwen models every alpha up to 0.3
-    passes; an edit that leaks into decode steps fails at 0.1). For each alpha the paper form's greedy continuations (--tokens) are scored by the unsteered model,
+    Too large an alpha breaks a model's text. For each alpha the paper form's greedy continuations (--tokens) are scored by the unsteered model,
     after their first token (the opening the steering is meant to change); an alpha passes when
     that perplexity is within --margin of the unsteered model's on its own continuations. Prints
     the largest alpha that passes; exit code 0 either way (the JSON says which failed).
@@ -685,7 +686,7 @@ def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prom
     \b
     Example:
       unlock-export check-alpha zoo:qwen2.5-coder-0.5b-instruct --vectors out/r/vectors.safetensors \\
-          --prompts ../shared/data/gsm8k/train.jsonl --count 8
+          --prompts builtin:gsm8k-train --count 8
     """
     from .calibrate import DEFAULT_ALPHAS, check_alphas
     from .prompts import apply_template
@@ -756,20 +757,29 @@ def inspect_cmd(ctx, artifact):
 @cli.command()
 @click.argument("recipe_path", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True,
+              help="Check the recipe and every input, print the stages, models, prompts, outputs and an estimate "
+                   "of the work; load, fetch and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run: finished captures and batches kept in .OUT_DIR.partial are reused.")
 @click.pass_context
-def run(ctx, recipe_path, out_dir, overwrite, resume):
-    """Run a whole recipe (key -> align -> project); writes key, map, vectors and summary.json.
+def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
+    """Run a whole recipe: key -> align -> project, then the optional fold, GGUF files and push.
+
+    Writes key, map and vectors files and summary.json into OUT_DIR (with fold: the checkpoint in
+    OUT_DIR/model; with gguf: model.gguf and control-vector.gguf), then prints how to serve them.
 
     \b
     Example:
-      unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
-    Recipe keys: name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
+      unlock-export run --dry-run recipes/demo.yaml out/demo
+      unlock-export run recipes/demo.yaml out/demo
+    Recipe keys (docs/recipes.md has each key's type, default and meaning):
+    name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,objective,continuation_tokens,calibrate_count,
     ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
+    gguf.{model,base,control_vector,scale} (optional: llama.cpp files),
     diagnostics.{enabled,heldout_count,target_key},
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
@@ -777,10 +787,23 @@ def run(ctx, recipe_path, out_dir, overwrite, resume):
     from .recipe import load_recipe, run_recipe
 
     recipe = load_recipe(recipe_path)
+    if dry_run:
+        from .plan import format_plan, plan_recipe
+
+        if out_dir.exists() and not (overwrite or resume):
+            raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
+        plan = plan_recipe(recipe, out_dir)
+        click.echo(json.dumps(plan.as_dict()) if ctx.obj["json"] else format_plan(plan))  # printed even with --quiet
+        return
     summary = run_recipe(recipe, out_dir, overwrite=overwrite, progress=not ctx.obj["quiet"],
                          recipe_text=recipe_path.read_text(encoding="utf-8"), resume=resume)
-    _emit(ctx, summary, "\n".join([f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
-                                  + [f"  {name}: {path}" for name, path in summary["outputs"].items()]))
+    lines = [f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
+    lines += [f"  {name}: {path}" for name, path in summary["outputs"].items()]
+    if summary["serve"]:
+        from .serving import ServeCommand, format_commands
+
+        lines += ["serve with:", format_commands([ServeCommand(**row) for row in summary["serve"]])]
+    _emit(ctx, summary, "\n".join(lines))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,8 +16,7 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import diagnostics, prompts
-from ._io import progress_folder
+from . import prompts
 from .errors import UserError
 
 
@@ -25,9 +24,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _doc(text: str, **kwargs):
+    """A field with its documentation (docs/recipes.md is generated from these)."""
+    return Field(description=text, **kwargs)
+
+
 class Variant(_Strict):
-    model: str
-    template: str = "direct"
+    model: str = _doc("Model: a local folder with config.json, a .gguf file, zoo:NAME or a Hub id.")
+    template: str = _doc("Prompt template: direct, cot, plain, or a format string containing {question}.",
+                         default="direct")
 
     @field_validator("template")
     @classmethod
@@ -37,74 +42,124 @@ class Variant(_Strict):
 
 
 class SourceSpec(_Strict):
-    locked: Variant
-    unlocked: Variant
+    """The two source variants whose difference is the Master Key."""
+
+    locked: Variant = _doc("The capability-absent variant (a base checkpoint, or the direct prompt).")
+    unlocked: Variant = _doc("The capability-present variant (the post-trained checkpoint, or the CoT prompt).")
 
 
 class TargetSpec(_Strict):
-    model: str
-    template: Optional[str] = None  # default: the source's locked template
+    """The model that receives the capability."""
+
+    model: str = _doc("Model: a local folder with config.json, a .gguf file, zoo:NAME or a Hub id.")
+    template: Optional[str] = _doc("Template of the target's prompts (default: the source's locked template).",
+                                   default=None)
 
 
 class PromptSpec(_Strict):
-    path: str = "builtin:arithmetic"
-    field: str = "question"
-    key_count: int = Field(256, ge=1)
-    align_count: Optional[int] = Field(None, ge=1)  # default: key_count (same prompts reused)
-    offset: int = Field(0, ge=0)
+    """Unlabeled prompts shared by the key and the alignment (answers are never read)."""
+
+    path: str = _doc("builtin:gsm8k-train, builtin:gsm8k-dev, builtin:arithmetic, or a JSONL file (plain or .gz).",
+                     default="builtin:arithmetic")
+    field: str = _doc("JSONL field holding the prompt text.", default="question")
+    key_count: int = _doc("Prompts for the Master Key.", default=256, ge=1)
+    align_count: Optional[int] = _doc("Prompts for the alignment (default: key_count, the same prompts reused).",
+                                      default=None, ge=1)
+    offset: int = _doc("Skip this many prompts first.", default=0, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _builtin(cls, value: str) -> str:
+        if prompts.is_builtin(value) and value not in prompts.BUILTIN_NAMES:
+            raise ValueError(f"unknown builtin data set '{value}': use {', '.join(prompts.BUILTIN_NAMES)}")
+        return value
 
 
 class KeySpec(_Strict):
-    method: Literal["mean", "pca"] = "mean"
-    answer_tokens: int = Field(0, ge=0)  # 0: the last prompt token (paper); K: the answer's first K tokens
+    """How the Master Key is read."""
+
+    method: Literal["mean", "pca"] = _doc("Aggregate the differences by their mean, or their first principal "
+                                          "direction with a sign fix.", default="mean")
+    answer_tokens: int = _doc("0: the last prompt token (the paper's key). K > 0: the mean over the last prompt "
+                              "token and the unlocked variant's first K greedy answer tokens.", default=0, ge=0)
 
 
 class AlignSpec(_Strict):
-    rank: int = Field(16, ge=1)
+    """The per-layer low-rank map from source to target."""
+
+    rank: int = _doc("Subspace rank k of each layer's map.", default=16, ge=1)
 
 
 class VectorsSpec(_Strict):
-    layers: Union[str, list[int]] = "all"
-    site: Literal["layer_output", "post_attention"] = "layer_output"
+    """Which target layers get a steering vector, and where it is added."""
+
+    layers: Union[str, list[int]] = _doc("all, A-B (negative counts from the end: 1--1 is every layer but 0), "
+                                         "or a list of layer numbers.", default="all")
+    site: Literal["layer_output", "post_attention"] = _doc("Where the vector is added in each layer.",
+                                                           default="layer_output")
 
 
 class FoldSpec(_Strict):
-    """Optional last step: fold the vectors into the target (written to OUT_DIR/model)."""
+    """Optional: fold the vectors into the target's weights (written to OUT_DIR/model), verified."""
 
-    mode: Literal["bias", "adapter"] = "bias"
-    # "auto": label-free calibration (closest to the paper form at `alpha` by `objective`,
-    # perplexity within `ppl_margin`); or a number
-    scale: Union[float, Literal["auto"]] = "auto"
-    alpha: float = Field(0.1, gt=0)
-    objective: Literal["answer-start", "continuation"] = "answer-start"
-    continuation_tokens: int = Field(32, ge=1)
-    calibrate_count: int = Field(32, ge=1)
-    ppl_margin: float = Field(0.10, ge=0)
-    # before calibrating: does the paper form at `alpha` still write text? (`check-alpha`, 8 prompts)
-    check_alpha: bool = True
-    alpha_margin: float = Field(1.0, ge=0)
-    rank: int = Field(8, ge=1)
-    layers: Optional[Union[str, list[int]]] = None
-    verify: bool = True
-    tolerance: float = Field(1e-3, gt=0)
+    mode: Literal["bias", "adapter"] = _doc("bias: a standalone checkpoint; adapter: a PEFT LoRA with lora_bias.",
+                                            default="bias")
+    scale: Union[float, Literal["auto"]] = _doc(
+        "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
+        "`objective`, perplexity within `ppl_margin`).", default="auto")
+    alpha: float = _doc("The paper form's strength that the calibration matches.", default=0.1, gt=0)
+    objective: Literal["answer-start", "continuation"] = _doc(
+        "answer-start: KL of the next-token distribution at the last prompt token; continuation: cross-entropy "
+        "of the paper form's greedy continuations.", default="answer-start")
+    continuation_tokens: int = _doc("continuation: tokens of each paper-form continuation scored.", default=32, ge=1)
+    calibrate_count: int = _doc("Prompts (the first of the key's) the calibration reads.", default=32, ge=1)
+    ppl_margin: float = _doc("Allowed relative rise of perplexity on the plain prompts (0.10 = +10%).",
+                             default=0.10, ge=0)
+    check_alpha: bool = _doc("Before calibrating, check that the paper form at `alpha` still writes text "
+                             "(`check-alpha` on 8 prompts); refuse to calibrate against it if not.", default=True)
+    alpha_margin: float = _doc("check_alpha: allowed relative rise of the continuations' perplexity.",
+                               default=1.0, ge=0)
+    rank: int = _doc("adapter: LoRA rank.", default=8, ge=1)
+    layers: Optional[Union[str, list[int]]] = _doc("Fold only these layers of the vectors (default: all of them).",
+                                                   default=None)
+    verify: bool = _doc("Reload the export with the stock library and compare its logits with the hooks.",
+                        default=True)
+    tolerance: float = _doc("verify: largest |dlogit| allowed (float32).", default=1e-3, gt=0)
+
+
+class GgufSpec(_Strict):
+    """Optional: llama.cpp files written beside the outputs."""
+
+    model: bool = _doc("OUT_DIR/model.gguf: the folded checkpoint patched into the target's GGUF (quantization "
+                       "kept); needs fold.mode bias, and a GGUF or zoo target or `base`.", default=False)
+    base: Optional[str] = _doc("model: the target's GGUF file (default: the target itself when it is a GGUF or "
+                               "zoo model).", default=None)
+    control_vector: bool = _doc("OUT_DIR/control-vector.gguf: the vectors as a llama.cpp control vector at the "
+                                "fold's scale (or `scale`), on the folded layers except layer 0.", default=False)
+    scale: Optional[float] = _doc("control_vector: the scale baked in (default: the fold's, calibrated or given; "
+                                  "required without a fold step).", default=None)
 
 
 class DiagnosticsSpec(_Strict):
     """Per-layer diagnostics written beside the outputs (diagnostics.json, diagnostics.png)."""
 
-    enabled: bool = True
-    heldout_count: int = Field(32, ge=2)  # prompts after the key/align ones, never used to fit the map
-    target_key: bool = True  # the target's own key by the same prompt contrast (prompt-contrast keys only)
+    enabled: bool = _doc("Write the diagnostics.", default=True)
+    heldout_count: int = _doc("Prompts after the key/align ones, never used to fit the map, for the held-out fit.",
+                              default=32, ge=2)
+    target_key: bool = _doc("Also compute the target's own key by the same prompt contrast, to compare directions "
+                            "(prompt-contrast keys only).", default=True)
 
 
 class PushSpec(_Strict):
     """Optional last step: push the folded model (or the vectors file) to the Hugging Face Hub."""
 
-    repo_id: str
-    artifact: Literal["model", "vectors"] = "model"
-    private: bool = False
-    revision: Optional[str] = None
-    base_model: Optional[str] = None  # Hub id for the card (default: the target's, zoo models included)
+    repo_id: str = _doc("Hub repo USER/NAME (created if missing).")
+    artifact: Literal["model", "vectors"] = _doc("What to push: the folded model folder or the vectors file.",
+                                                 default="model")
+    private: bool = _doc("Create the repo as private.", default=False)
+    revision: Optional[str] = _doc("Branch to commit to (default main).", default=None)
+    base_model: Optional[str] = _doc("Hub id for the card's base_model (default: the target's, zoo models "
+                                     "included).", default=None)
 
     @field_validator("repo_id")
     @classmethod
@@ -115,10 +170,13 @@ class PushSpec(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: Optional[str] = None
-    batch_size: Union[Literal["auto"], int] = 8  # auto: from free memory and the longest prompt
+    """How models run."""
+
+    dtype: str = _doc("auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.", default="auto")
+    device: str = _doc("auto (cuda if present), cpu, cuda, cuda:N.", default="auto")
+    device_map: Optional[str] = _doc("accelerate placement, e.g. auto for models larger than one GPU.", default=None)
+    batch_size: Union[Literal["auto"], int] = _doc("Prompts per forward pass, or auto (from free memory and the "
+                                                   "longest prompt).", default=8)
 
     @field_validator("batch_size")
     @classmethod
@@ -126,24 +184,28 @@ class RuntimeSpec(_Strict):
         if value != "auto" and value < 1:
             raise ValueError("must be a positive integer or auto")
         return value
-    max_length: Optional[int] = Field(None, ge=1)
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    max_length: Optional[int] = _doc("Truncate prompts to their last N tokens.", default=None, ge=1)
+    trust_remote_code: bool = _doc("Allow a model's own Python code to run.", default=False)
+    allow_pickle: bool = _doc("Load .bin-only model folders (torch weights_only=True).", default=False)
 
 
 class Recipe(_Strict):
-    name: str = Field("unlock", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    description: str = ""
-    source: SourceSpec
-    target: TargetSpec
-    prompts: PromptSpec = PromptSpec()
-    key: KeySpec = KeySpec()
-    align: AlignSpec = AlignSpec()
-    vectors: VectorsSpec = VectorsSpec()
-    fold: Optional[FoldSpec] = None
-    diagnostics: DiagnosticsSpec = DiagnosticsSpec()
-    push: Optional[PushSpec] = None
-    runtime: RuntimeSpec = RuntimeSpec()
+    """A whole run: key -> align -> project, then optionally fold, GGUF files and a Hub push."""
+
+    name: str = _doc("Recipe name (letters, digits, . _ -), recorded in the outputs.", default="unlock",
+                     pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    description: str = _doc("Free text.", default="")
+    source: SourceSpec = _doc("The source variants.")
+    target: TargetSpec = _doc("The target model.")
+    prompts: PromptSpec = _doc("The unlabeled prompts.", default=PromptSpec())
+    key: KeySpec = _doc("The Master Key.", default=KeySpec())
+    align: AlignSpec = _doc("The alignment.", default=AlignSpec())
+    vectors: VectorsSpec = _doc("The projected steering vectors.", default=VectorsSpec())
+    fold: Optional[FoldSpec] = _doc("Fold step (off when absent).", default=None)
+    gguf: Optional[GgufSpec] = _doc("llama.cpp files (off when absent).", default=None)
+    diagnostics: DiagnosticsSpec = _doc("Diagnostics.", default=DiagnosticsSpec())
+    push: Optional[PushSpec] = _doc("Hub push (off when absent).", default=None)
+    runtime: RuntimeSpec = _doc("How models run.", default=RuntimeSpec())
 
 
 def _first_error(exc: ValidationError, path: Path) -> str:
@@ -214,18 +276,30 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(_first_error(exc, path))
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
+    g = recipe.gguf
+    if g is not None and g.model and (recipe.fold is None or recipe.fold.mode != "bias"):
+        raise UserError(f"recipe {path}: gguf.model patches a bias fold into the target's GGUF; add fold: with "
+                        "mode: bias, or set gguf.model: false")
+    if g is not None and g.control_vector and g.scale is None and recipe.fold is None:
+        raise UserError(f"recipe {path}: gguf.control_vector needs a scale: add gguf.scale or a fold step")
+    if g is not None and g.control_vector and recipe.vectors.site != "layer_output":
+        raise UserError(f"recipe {path}: gguf.control_vector needs vectors.site layer_output (llama.cpp adds "
+                        "control vectors to layer outputs)")
     base = path.parent
     if not recipe.prompts.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(recipe.prompts.path):
         recipe.prompts.path = str((base / recipe.prompts.path).resolve())  # always a file, never a Hub id
     for variant in (recipe.source.locked, recipe.source.unlocked):
         variant.model = _resolve_path(variant.model, base)
     recipe.target.model = _resolve_path(recipe.target.model, base)
+    if g is not None and g.base is not None:
+        g.base = _resolve_path(g.base, base)
     _check_inputs(recipe, path, data)
     return recipe
 
 
 def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
     """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
+    from . import diagnostics
     from .pipeline import capture_states, compute_key
 
     d, p = recipe.diagnostics, recipe.prompts
@@ -271,6 +345,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     failed run leaves no partial output. Captures keep their progress in `.OUT.partial` beside it;
     with `resume`, an interrupted run continues from there (see capture.CaptureCheckpoint).
     """
+    from ._io import progress_folder
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
@@ -284,6 +360,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
 
 
 def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None, checkpoint_dir: Path) -> dict:
+    from . import diagnostics
     from .pipeline import ModelPool, Runtime, compute_key, compute_map, project
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -327,6 +404,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
             card_extra["diagnostics"] = diagnostics.summary_line(diag)
             timings["diagnostics_s"] = time.perf_counter() - t0
         fold_info = None
+        chosen, scale = vectors, None
         if recipe.fold is None:
             pool.release()
         else:
@@ -375,6 +453,12 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
             timings["fold_s"] = time.perf_counter() - t0
             outputs.append("model")
             fold_info = {**result.as_dict(), "out": str(out_dir / "model")}
+        gguf_info = None
+        if recipe.gguf is not None:
+            t0 = time.perf_counter()
+            gguf_info = _llamacpp_files(recipe.gguf, work, chosen, scale)
+            outputs += list(gguf_info["files"])
+            timings["gguf_s"] = time.perf_counter() - t0
         summary = {
             "recipe": recipe.name,
             "outputs": {name: str(out_dir / name) for name in outputs},
@@ -388,7 +472,9 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
             "map_bytes": {"factors": lrmap.factor_bytes(), "dense_equivalent": lrmap.dense_bytes()},
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "fold": fold_info,
+            "gguf": gguf_info,
             "diagnostics": diagnostics.summary_line(diag) if diag else None,
+            "serve": [c.as_dict() for c in _serve(recipe, out_dir, outputs, gguf_info)],
         }
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
@@ -398,6 +484,50 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
         shutil.rmtree(work, ignore_errors=True)
         raise
     return summary
+
+
+def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) -> dict:
+    """The gguf step: the fold patched into the target's GGUF, and the vectors as a control vector."""
+    from .gguf_export import patch_gguf, write_control_vector
+
+    info: dict = {"files": []}
+    if g.model:
+        patched = patch_gguf(work / "model", work / "model.gguf", base=g.base)
+        info["model"] = {"base": patched["base"], "biases_added": len(patched["biases_added"])}
+        info["files"].append("model.gguf")
+    if g.control_vector:
+        scale = g.scale if g.scale is not None else fold_scale
+        steered = [layer for layer in vectors.layers if layer != 0]  # llama.cpp never steers layer 0
+        if not steered:
+            raise UserError("gguf.control_vector: the vectors steer only layer 0, which llama.cpp never steers; "
+                            "set vectors.layers to include layers from 1")
+        written = write_control_vector(vectors.select(steered), work / "control-vector.gguf", scale=scale)
+        info["control_vector"] = {"scale": scale, "layers": written["layers"],
+                                  "dropped_layer_0": 0 in vectors.layers}
+        info["files"].append("control-vector.gguf")
+    return info
+
+
+def _target_gguf(recipe: Recipe) -> str | None:
+    """The unsteered target's GGUF, which a control vector is served with (None when it has none)."""
+    from . import zoo
+
+    model = recipe.target.model
+    if model.startswith(zoo.ZOO_PREFIX) or model in zoo.ZOO:
+        return str(zoo.model_path(zoo.lookup(model)))
+    if model.endswith(".gguf"):
+        return model
+    return recipe.gguf.base if recipe.gguf is not None else None
+
+
+def _serve(recipe: Recipe, out_dir: Path, outputs: list[str], gguf_info: dict | None):
+    from .serving import serve_commands
+
+    return serve_commands(
+        model_dir=out_dir / "model" if "model" in outputs else None,
+        model_gguf=out_dir / "model.gguf" if "model.gguf" in outputs else None,
+        control_vector=out_dir / "control-vector.gguf" if "control-vector.gguf" in outputs else None,
+        target_gguf=_target_gguf(recipe), adapter=recipe.fold is not None and recipe.fold.mode == "adapter")
 
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:
