@@ -44,6 +44,9 @@ demo: setup
 	$(BIN)/unlock-export zoo fetch qwen2.5-coder-1.5b-instruct
 	$(BIN)/unlock-export run --overwrite recipes/demo.yaml $(DEMO_OUT)
 
+clean-demo:
+	rm -rf $(DEMO_OUT)
+
 bench: setup
 	$(BIN)/python benchmarks/capture.py
 

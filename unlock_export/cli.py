@@ -512,7 +512,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
              device, device_map, batch_size, max_length, trust_remote_code, allow_pickle):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
 
-    MODEL is anything `fold` accepts, or an exported folder / folded GGUF (loaded as it is). The
+    MODEL is anything `fold` accepts, or a bias export folder / folded GGUF (loaded as it is). The
     summary has accuracy with a 95% Wilson interval, mean output length, the rates of answers that
     show intermediate steps, that state the answer ("the answer is N", \\boxed, ####) and that were
     cut at --max-new-tokens, and with --baseline a paired comparison (won, lost, McNemar p).

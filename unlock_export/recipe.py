@@ -212,7 +212,7 @@ def _first_error(exc: ValidationError, path: Path) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"recipe {path}: unknown key '{where}'; check the spelling against recipes/README or `unlock-export run --help`"
+        return f"recipe {path}: unknown key '{where}'; check the spelling against docs/recipes.md or `unlock-export run --help`"
     if err["type"] == "missing":
         return f"recipe {path}: missing required key '{where}'"
     return f"recipe {path}: '{where}': {err['msg']}"

@@ -39,17 +39,14 @@ def transformers_command(model_dir: str | Path) -> str:
 def serve_commands(model_dir: str | Path | None = None, model_gguf: str | Path | None = None,
                    control_vector: str | Path | None = None, target_gguf: str | Path | None = None,
                    adapter: bool = False) -> list[ServeCommand]:
-    """How each written artifact is served. `model_dir` is a fold's output folder (a checkpoint, or a
-    PEFT adapter when `adapter`), `model_gguf` its patched GGUF, `control_vector` a control-vector GGUF
-    for `target_gguf` (the unsteered target's GGUF; a placeholder when unknown)."""
+    """How each written artifact is served. `model_dir` is a fold's output folder (a checkpoint; no
+    command for a PEFT adapter, which loads onto the base model the caller has), `model_gguf` its
+    patched GGUF, `control_vector` a control-vector GGUF for `target_gguf` (the unsteered target's
+    GGUF; a placeholder when unknown)."""
     rows: list[ServeCommand] = []
     if model_dir is not None and not adapter:
         rows.append(ServeCommand(str(model_dir), "transformers", transformers_command(model_dir)))
         rows.append(ServeCommand(str(model_dir), "vllm", f"vllm serve {_q(model_dir)}"))
-    if model_dir is not None and adapter:
-        code = (f"from peft import AutoPeftModelForCausalLM; "
-                f"model = AutoPeftModelForCausalLM.from_pretrained({str(model_dir)!r})")
-        rows.append(ServeCommand(str(model_dir), "peft", f"python -c {_q(code)}"))
     if model_gguf is not None:
         rows.append(ServeCommand(str(model_gguf), "llama.cpp", f"llama-server -m {_q(model_gguf)} --port 8080"))
     if control_vector is not None:
