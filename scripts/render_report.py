@@ -144,7 +144,11 @@ class Doc:
         return node
 
     def has(self, *keys) -> bool:
-        return self.get(*keys, default=MISSING_VALUE) is not MISSING_VALUE
+        try:
+            self.get(*keys)
+        except KeyError:
+            return False
+        return True
 
     def records(self) -> tuple[list, tuple]:
         """(rows, key prefix) of a file that is a list of rows, bare (older files) or under 'results'."""
@@ -156,8 +160,6 @@ class Doc:
     def provenance(self) -> dict | None:
         return self.data.get("provenance") if isinstance(self.data, dict) else None
 
-
-MISSING_VALUE = object()
 
 
 def load(results: Path, out: Path, name: str) -> Doc | None:
@@ -244,8 +246,9 @@ class Report:
         return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def source_line(doc: Doc, extra: str = "") -> str:
-    return f"Source: [{code(doc.link)}]({doc.link}); each row's key in its `source` column{extra}."
+def source_line(doc: Doc, extra: str = "", column: str | None = "source") -> str:
+    per_row = f"; each row's key in its `{column}` column" if column else ""
+    return f"Source: [{code(doc.link)}]({doc.link}){per_row}{extra}."
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def calibration_details(report: Report, doc: Doc, entries: list[tuple[str, tuple
                 for r in grid]
         table_key = key(*path, "table") if isinstance(c, dict) else key(*path)
         report.add("<details>", f"<summary>{label}: every scale tried (<code>{table_key}</code>)</summary>", "")
-        report.table(headers, rows)
+        report.table(headers, rows, source_line(doc, f", {code(table_key)}", column=None))
         report.add("</details>", "")
 
 
@@ -726,7 +729,8 @@ def tuning_section(report: Report, doc: Doc, tuning: dict) -> None:
                                                   "from the 200-question table"))
     report.table(["", "scale", "source"],
                  [["label-free (calibration)", general(tuning.get("label_free_scale")), code(key(*path, "label_free_scale"))],
-                  ["picked by held-out accuracy", general(tuning.get("picked_scale")), code(key(*path, "picked_scale"))]])
+                  ["picked by held-out accuracy", general(tuning.get("picked_scale")), code(key(*path, "picked_scale"))]],
+                 source_line(doc))
     report.note(doc, *path, "note")
     calibration_details(report, doc, [("answer-start vectors, this session's calibration",
                                        (*path, "calibration_table"))])
@@ -749,7 +753,7 @@ def bands_section(report: Report, doc: Doc) -> None:
              ["the unsteered model's top first tokens",
               " ".join(token(t) for t in doc.get("unsteered_top_first_tokens", default=[])),
               code("unsteered_top_first_tokens")]]
-    report.table(["", "value", "source"], facts)
+    report.table(["", "value", "source"], facts, source_line(doc))
     report.table(["layers", "scale", "KL to the paper form", "mass on the paper form's top token", "top-1 agreement",
                   "perplexity ratio", "top first tokens (first 6 prompts)", "source"], rows, source_line(doc))
     report.note(doc, "note")
@@ -775,7 +779,7 @@ def gated_section(report: Report, doc: Doc) -> None:
                       ["max |gate| at their other prompt tokens", span("max_abs_other_prompt_tokens"),
                        code("gates[*].max_abs_other_prompt_tokens")],
                       ["max |gate| in the paper form's answers", span("max_abs_answer_tokens"),
-                       code("gates[*].max_abs_answer_tokens")]])
+                       code("gates[*].max_abs_answer_tokens")]], source_line(doc))
     args = doc.get("args", default={})
     facts = [[label, general(args.get(k)), code(key("args", k))] for label, k in
              [("gates fitted on prompts", "fit_count"), ("forms compared on prompts", "count"),
@@ -783,7 +787,7 @@ def gated_section(report: Report, doc: Doc) -> None:
     if doc.get("wall_s", default=None) is not None:
         facts.append(["wall time", minutes(doc.get("wall_s")), code("wall_s")])
     if facts:
-        report.table(["setting", "value", "source"], facts)
+        report.table(["setting", "value", "source"], facts, source_line(doc))
     report.note(doc, "note")
     if doc.has("accuracy_m_0.5"):
         report.para("Accuracy of the gated edit at m 0.5 (first 64 dev questions, transformers):")
@@ -860,7 +864,7 @@ def reverse_sections(report: Report, doc: Doc) -> None:
         if isinstance(before, dict):
             report.table(["model", "check-alpha ratio at alpha 0.1, before the fix", "source"],
                          [[k.removesuffix(" fluency_ratio"), f"x{num(v, 2)}", code(key(*sup, "check_alpha_before_fix", k))]
-                          for k, v in before.items() if isinstance(v, (int, float))])
+                          for k, v in before.items() if isinstance(v, (int, float))], source_line(doc))
         report.para(f"> Recorded reason (`{key(*sup, 'why')}`): {doc.get(*sup, 'why', default='-')}")
 
 
@@ -871,7 +875,7 @@ def recipe_section(report: Report, doc: Doc, recipe: dict) -> None:
     if rows:
         total = sum((recipe.get("timings_s") or {}).values())
         rows.append(["total", num(total), "sum of the above"])
-        report.table(["stage", "seconds", "source"], rows)
+        report.table(["stage", "seconds", "source"], rows, source_line(doc))
     fold = recipe.get("fold") or {}
     ver = fold.get("verification") or {}
     if ver:
@@ -908,7 +912,8 @@ def diagnostics_section(report: Report, doc: Doc, diag: dict) -> None:
     report.add("<details>", "<summary>Per layer (<code>diagnostics</code>): " + "; ".join(summary) + "</summary>", "")
     report.table(["target layer"] + [c[0] for c in cols], rows,
                  source_line(doc, f"; columns {', '.join(code('diagnostics.' + c[1]) for c in cols)}, "
-                                  f"{general(diag.get('heldout_prompts'))} held-out prompts, rank {general(diag.get('rank'))}"))
+                                  f"{general(diag.get('heldout_prompts'))} held-out prompts, rank {general(diag.get('rank'))}",
+                             column=None))
     report.add("</details>", "")
 
 
@@ -980,7 +985,7 @@ def capture_section(report: Report, doc: Doc) -> None:
                                f"{num(by['ours']['tokens_per_s'] / by[other]['tokens_per_s'], 2)}x",
                                f"{code('tokens_per_s')} of both rows"])
     if ratios:
-        report.table(["ratio", "value", "from"], ratios)
+        report.table(["ratio", "value", "from"], ratios, source_line(doc, column="from"))
 
 
 def overhead_section(report: Report, doc: Doc) -> None:
@@ -1004,7 +1009,7 @@ def overhead_section(report: Report, doc: Doc) -> None:
         ratios.append(["early exit: median seconds, ours-half / ours", pct(by["ours-half"]["seconds"] / by["ours"]["seconds"], 0),
                        f"{code('seconds')} of both rows"])
     if ratios:
-        report.table(["ratio", "value", "from"], ratios)
+        report.table(["ratio", "value", "from"], ratios, source_line(doc, column="from"))
 
 
 def end_to_end_section(report: Report, doc: Doc) -> None:
@@ -1019,7 +1024,7 @@ def end_to_end_section(report: Report, doc: Doc) -> None:
     facts = [[label, cell(general(doc.get(k, default=None))), code(k)] for label, k in
              [("recipe", "recipe"), ("timings read from", "from"), ("run_recipe wall time (s)", "run_recipe_wall_s"),
               ("CPU count", "cpu_count"), ("machine", "machine"), ("device", "device")] if doc.has(k)]
-    report.table(["setting", "value", "source"], facts)
+    report.table(["setting", "value", "source"], facts, source_line(doc))
 
 
 def map_section(report: Report, doc: Doc) -> None:
@@ -1053,7 +1058,7 @@ def export_section(report: Report, doc: Doc) -> None:
     if largest is not None:
         facts.append(["largest shard", f"{num(largest / 2**20)} MiB", code("largest_shard_bytes")])
     if facts:
-        report.table(["checkpoint (random Llama shape, float32)", "value", "source"], facts)
+        report.table(["checkpoint (random Llama shape, float32)", "value", "source"], facts, source_line(doc))
     report.table(["command", "wall time", "peak RSS", "source"],
                  [[code(name), f"{num(v['seconds'], 2)} s", f"{num(v['peak_rss_mib'])} MiB", code(key(name))]
                   for name, v in runs], source_line(doc))
@@ -1069,7 +1074,7 @@ def export_section(report: Report, doc: Doc) -> None:
         ratios.append(["fold peak RSS / largest shard", f"{num(by['fold (copy)']['peak_rss_mib'] * 2**20 / largest, 2)}x",
                        f"{code(key('fold (copy)', 'peak_rss_mib'))}, {code('largest_shard_bytes')}"])
     if ratios:
-        report.table(["ratio", "value", "from"], ratios)
+        report.table(["ratio", "value", "from"], ratios, source_line(doc, column="from"))
 
 
 def serve_section(report: Report, doc: Doc) -> None:
@@ -1092,7 +1097,7 @@ def serve_section(report: Report, doc: Doc) -> None:
              [("model", "model"), ("runs per configuration (median kept)", "repeats"),
               ("prompt tokens requested", "prompt_tokens_requested"), ("generated tokens", "gen_tokens"),
               ("threads", "threads")] if doc.has(k)]
-    report.table(["setting", "value", "source"], facts)
+    report.table(["setting", "value", "source"], facts, source_line(doc))
 
 
 # -- command line -------------------------------------------------------------------------------
