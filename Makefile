@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table
+.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table report docs
 
 setup: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: setup
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# reports/*.md and the README's results block from reports/results/*.json; docs/commands.md and
+# docs/recipes.md from the CLI and the recipe schema (the test suite fails while either is stale)
+report: setup
+	$(BIN)/python scripts/render_report.py
+
+docs: setup
+	$(BIN)/python scripts/render_docs.py
 
 bench: setup
 	$(BIN)/python benchmarks/capture.py

@@ -1100,6 +1100,56 @@ def serve_section(report: Report, doc: Doc) -> None:
     report.table(["setting", "value", "source"], facts, source_line(doc))
 
 
+# -- the README's results block ----------------------------------------------------------------
+
+README = ROOT / "README.md"
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+README_ROWS = [  # (config in table_200_questions, label)
+    ("unsteered", "unsteered"),
+    ("cot-prompt", "CoT prompt on the target (the prompting baseline)"),
+    ("paper-form", "UNLOCK, the paper's form (hooks, last prompt token, alpha 0.1)"),
+    ("folded-answer-key", "**UNLOCK folded, key over the answer's first 16 tokens, label-free scale (patched GGUF)**"),
+    ("random-answer-key", "random directions at that fold's norms and scale (control)"),
+    ("folded", "UNLOCK folded, the paper's last-token key, label-free scale"),
+]
+
+
+def readme_results(results: Path = RESULTS) -> str:
+    """The README's headline table: rows of table_200_questions in the forward results file."""
+    doc = load(results, ROOT, FORWARD)
+    if doc is None:
+        raise SystemExit(f"{results / FORWARD} not found: the README's results block is rendered from it")
+    configs = ("table_200_questions", "configs")
+    base = doc.get(*configs, "unsteered")
+    rows = []
+    for name, label in README_ROWS:
+        run = doc.get(*configs, name)
+        check_counts(doc, (*configs, name), run)
+        lo, hi = wilson(run["correct"], run["n"])
+        versus = "-"
+        if name != "unsteered":
+            paired = paired_indices(run["correct_indices"], base["correct_indices"], range(run["n"]))
+            check_paired(f"{doc.name} {key(*configs, name)}", run.get("paired"), paired["won"], paired["lost"],
+                         paired["p_mcnemar_exact"])
+            versus = f"{paired['won']} / {paired['lost']}, p = {pvalue(paired['p_mcnemar_exact'])}"
+        engine = {"llamacpp": "llama.cpp"}.get(run.get("engine"), run.get("engine") or "-")
+        rows.append([label, engine, f"{run['correct']}/{run['n']}", f"{pct(run['correct'] / run['n'])} "
+                     f"({interval(lo, hi)})", versus])
+    lines = table(["configuration", "engine", "correct", "accuracy (95% CI)", "vs unsteered: won / lost, McNemar p"],
+                  rows)
+    source = (f"Rendered by `python scripts/render_report.py` from `table_200_questions` in "
+              f"[reports/results/{FORWARD}](reports/results/{FORWARD}); every row, both directions: "
+              f"[reports/{GSM8K_REPORT}](reports/{GSM8K_REPORT}).")
+    return "\n".join([README_START, *lines, "", source, README_END])
+
+
+def readme_with_results(text: str, block: str) -> str:
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"README.md has no {README_START} ... {README_END} block")
+    return text[:start] + block + text[end + len(README_END):]
+
+
 # -- command line -------------------------------------------------------------------------------
 
 def render(results: Path = RESULTS, out: Path = OUT) -> dict[str, str]:
@@ -1112,21 +1162,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of results JSON (reports/results)")
     parser.add_argument("--out", type=Path, default=OUT, help="where the reports go (reports)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale or missing report")
+    parser.add_argument("--readme", type=Path, default=README,
+                        help="the README whose results block is rendered too (README.md); --readme '' skips it")
     args = parser.parse_args(argv)
     try:
-        reports = render(args.results.resolve(), args.out.resolve())
+        reports = {args.out / name: text for name, text in render(args.results.resolve(), args.out.resolve()).items()}
+        if str(args.readme):
+            readme = args.readme
+            current = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+            reports[readme] = readme_with_results(current, readme_results(args.results.resolve()))
     except Inconsistent as exc:
         print(f"render_report: inconsistent results: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        stale = [name for name, text in reports.items()
-                 if not (args.out / name).is_file() or (args.out / name).read_text(encoding="utf-8") != text]
-        for name in stale:
-            print(f"stale: {args.out / name} (run python scripts/render_report.py)", file=sys.stderr)
+        stale = [path for path, text in reports.items()
+                 if not path.is_file() or path.read_text(encoding="utf-8") != text]
+        for path in stale:
+            print(f"stale: {path} (run python scripts/render_report.py)", file=sys.stderr)
         return 1 if stale else 0
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in reports.items():
-        path = args.out / name
+    for path, text in reports.items():
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path}")
