@@ -777,7 +777,7 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     Recipe keys (docs/recipes.md has each key's type, default and meaning):
     name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
-    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,objective,continuation_tokens,calibrate_count,
+    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,scales,objective,continuation_tokens,calibrate_count,
     ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
     gguf.{model,base,control_vector,scale} (optional: llama.cpp files),
     diagnostics.{enabled,heldout_count,target_key},

@@ -108,6 +108,9 @@ class FoldSpec(_Strict):
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
     alpha: float = _doc("The paper form's strength that the calibration matches.", default=0.1, gt=0)
+    scales: Optional[list[float]] = _doc("scale auto: the grid searched, ascending, then refined around the best "
+                                         "(default: 0, then 1/256 to 64 in sqrt(2) steps).", default=None,
+                                         min_length=1)
     objective: Literal["answer-start", "continuation"] = _doc(
         "answer-start: KL of the next-token distribution at the last prompt token; continuation: cross-entropy "
         "of the paper form's greedy continuations.", default="answer-start")
@@ -427,6 +430,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                 alpha_check = _check_reference_alpha(target_loaded, vectors, calib_texts[:8], f, batch_size)
                 calibration = calibrate_scale(target_loaded, vectors, calib_texts,
                                               prompts.apply_template("plain", calib_questions), "paper", f.alpha,
+                                              **({"scales": tuple(f.scales)} if f.scales else {}),
                                               ppl_margin=f.ppl_margin, progress=progress, additive_layers=chosen.layers,
                                               objective=f.objective, continuation_tokens=f.continuation_tokens,
                                               batch_size=batch_size)
