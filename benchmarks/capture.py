@@ -1,7 +1,7 @@
 """Capture benchmark: our hook capture against the reference approach, same model, prompts, batch.
 
 Methods (each runs in its own process so memory figures do not mix):
-  ours            hook capture of the last prompt token at every layer (unlock_export.capture)
+  ours            hook capture of the last prompt token at every layer (unlock_export.method.capture)
   reference       the paper code's way: forward with output_hidden_states=True (full logits),
                   then slice the last token of every layer
   reference-keep1 the same, but with logits_to_keep=1 (isolates hidden-state retention)
@@ -55,7 +55,7 @@ def load_model(spec: str, dtype: str, device: str, num_layers: int | None):
     """unlock_export's loader, or a random-initialised model of a real config for `random:NAME`."""
     import torch
 
-    from unlock_export import models
+    from unlock_export.models import loading as models
 
     if not spec.startswith("random:"):
         return models.load(spec, dtype=dtype, device=device)
@@ -174,7 +174,7 @@ def capture_ids(lm, batches, layers=None):
     """Run unlock_export's hook capture on pre-tokenized batches (no padding)."""
     import torch
 
-    from unlock_export import capture as cap
+    from unlock_export.method import capture as cap
 
     texts_ids = torch.cat(batches)
 

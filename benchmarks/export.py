@@ -44,7 +44,7 @@ def build(src: Path) -> None:
 def vectors(path: Path) -> None:
     import torch
 
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.method.vectors import SteeringVectors
 
     n, d = CONFIG["num_hidden_layers"], CONFIG["hidden_size"]
     SteeringVectors({L: torch.randn(d) for L in range(1, n)}, n, d, "layer_output", "llama").save(path)

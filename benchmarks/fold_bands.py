@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
 
-    from unlock_export.calibrate import answer_start_logprobs, kl, perplexity
-    from unlock_export.models import load
+    from unlock_export.evaluation.calibrate import answer_start_logprobs, kl, perplexity
+    from unlock_export.models.loading import load
     from unlock_export.prompts import apply_template, load_questions
-    from unlock_export.steer import steering
-    from unlock_export.vectors import SteeringVectors, parse_layers
+    from unlock_export.method.steer import steering
+    from unlock_export.method.vectors import SteeringVectors, parse_layers
 
     vectors = SteeringVectors.load(args.vectors)
     vectors = vectors.select([layer for layer in vectors.layers if layer != 0])

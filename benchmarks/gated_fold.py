@@ -51,7 +51,7 @@ def _writer(loaded, layer: int, site: str) -> torch.nn.Module:
 def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
     """Per layer: the site module's input at every real token [rows, d_in] (float32), the row's
     label (1 at each text's last token), and the layer output's norm at the last token."""
-    from unlock_export.capture import tokenize
+    from unlock_export.method.capture import tokenize
 
     decoder = loaded.arch.decoder_layers(loaded.model)
     inputs = {layer: [] for layer in layers}
@@ -123,7 +123,7 @@ def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.T
 def merge_gap(loaded, gates, writes, site: str, text: str) -> float:
     """max |logits(hooks) - logits(weights merged W += write a^T)| on one text: the hooks are the
     checkpoint the edit would be."""
-    from unlock_export.capture import tokenize
+    from unlock_export.method.capture import tokenize
 
     enc = tokenize(loaded.tokenizer, [text], loaded.device)
     with gated_edit(loaded, gates, writes, site):
@@ -164,12 +164,12 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="an earlier eval run on the same questions")
     args = parser.parse_args()
 
-    from unlock_export.calibrate import (answer_start_logprobs, continuation_logprobs, greedy_continuations, kl,
+    from unlock_export.evaluation.calibrate import (answer_start_logprobs, continuation_logprobs, greedy_continuations, kl,
                                          perplexity)
-    from unlock_export.models import load
+    from unlock_export.models.loading import load
     from unlock_export.prompts import apply_template, load_questions
-    from unlock_export.steer import steering
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.method.steer import steering
+    from unlock_export.method.vectors import SteeringVectors
 
     started = time.perf_counter()
     vectors = SteeringVectors.load(args.vectors)
@@ -257,7 +257,7 @@ def main() -> None:
 
 
 def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:
-    from unlock_export.evaluate import TransformersEngine, evaluate, load_items, read_baseline, render_prompts
+    from unlock_export.evaluation.run import TransformersEngine, evaluate, load_items, read_baseline, render_prompts
 
     items = load_items(args.eval_data, args.eval_count)
     texts = render_prompts(items, "direct", loaded.tokenizer)

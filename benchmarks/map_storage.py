@@ -2,7 +2,7 @@
 saves, for the paper's model pairs, computed from the models' configs (no weights needed).
 
 The factors are built for real (random SVD-shaped tensors of the exact shapes, on the meta device
-so nothing is allocated) through unlock_export.align.LowRankMap, so the byte counts are the ones
+so nothing is allocated) through unlock_export.method.align.LowRankMap, so the byte counts are the ones
 `align` writes; the dense size is target_layers x d_s x d_t in float32.
 
   python benchmarks/map_storage.py [--rank 16]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unlock_export.align import LowRankMap, layer_map
+from unlock_export.method.align import LowRankMap, layer_map
 from unlock_export.provenance import run_record
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ def prepare(cache: Path) -> tuple[Path, Path, Path]:
     import torch
 
     from unlock_export.cli import main
-    from unlock_export.models import resolve
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.models.loading import resolve
+    from unlock_export.method.vectors import SteeringVectors
 
     source = resolve(ZOO)
     base = Path(source.path) / source.gguf_file

@@ -78,7 +78,7 @@ def steerable(vectors):
 
 def random_like(vectors, path: Path) -> Path:
     """Random directions (seed 0) with the per-layer norms of `vectors`, saved at `path` once."""
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.method.vectors import SteeringVectors
 
     if not path.exists():
         g = torch.Generator().manual_seed(0)
@@ -106,11 +106,11 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     answer_tokens, also the fold of the key read over the answer's first tokens."""
     import yaml
 
-    from unlock_export.calibrate import calibrate_scale
-    from unlock_export.models import resolve
+    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.models.loading import resolve
     from unlock_export.prompts import apply_template, load_questions
-    from unlock_export.recipe import load_recipe
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.recipe.spec import load_recipe
+    from unlock_export.method.vectors import SteeringVectors
 
     work = out / direction
     work.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
         nonlocal pool
         path, cal_path = work / f"{name}.safetensors", work / f"{name}-calibration.json"
         if not path.exists() or not cal_path.exists():
-            from unlock_export.pipeline import ModelPool, Runtime, compute_key, self_vectors
+            from unlock_export.method.pipeline import ModelPool, Runtime, compute_key, self_vectors
 
             pool = pool or ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
             key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method,
@@ -201,7 +201,7 @@ def alpha_check(prep: dict, out: Path, count: int = 8) -> dict:
 
 def interrupted(run_dir: Path, count: int) -> bool:
     """Did an earlier run of this configuration over `count` questions stop part way?"""
-    from unlock_export.evaluate import PROGRESS
+    from unlock_export.evaluation.run import PROGRESS
 
     progress = run_dir / PROGRESS
     if not progress.is_file():
@@ -270,7 +270,7 @@ def pick_by_accuracy(points: list[dict], label_free_scale: float, png: Path, tit
     """The most accurate of `points` ({scale, accuracy, ci95}; the smaller scale on a tie): the scale
     dev-set accuracy picks (it reads labels, unlike the calibration), with `png` plotting them all."""
     best = max(points, key=lambda p: (p["accuracy"], -p["scale"]))
-    from unlock_export.diagnostics import plot_accuracy_vs_scale, plots_available
+    from unlock_export.evaluation.diagnostics import plot_accuracy_vs_scale, plots_available
 
     if plots_available():
         plot_accuracy_vs_scale(points, png, title)
@@ -342,7 +342,7 @@ def main() -> None:
     if not factors or min(factors) <= 0:
         raise SystemExit(f"--tune-factors takes positive multiples of the label-free scale, not {args.tune_factors!r}")
     wanted += [f"scale-{s:g}" for s in sweep]
-    from unlock_export.evaluate import load_items
+    from unlock_export.evaluation.run import load_items
 
     available = len(load_items(DEV))
     if "tuned-answer-key" in wanted and (args.tune_count < 1 or args.count + args.tune_count > available):

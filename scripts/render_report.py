@@ -5,8 +5,8 @@
   python scripts/render_report.py --results DIR --out DIR
 
 Every figure in a report is read from a results file or computed from the counts there with the
-package's own functions: the 95% intervals with `unlock_export.evaluate.wilson`, questions won and
-lost and the exact McNemar p with `unlock_export.evaluate.paired_comparison` (from both runs'
+package's own functions: the 95% intervals with `unlock_export.evaluation.run.wilson`, questions won and
+lost and the exact McNemar p with `unlock_export.evaluation.run.paired_comparison` (from both runs'
 `correct_indices` where the file records them, else from the recorded won / lost counts). Each
 table names its file under it and each row's key in its `source` column. A recorded accuracy,
 interval, paired count or p-value that disagrees with the counts it was computed from stops the
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not (it needs no torch here)
 
-from unlock_export.evaluate import paired_comparison, wilson  # noqa: E402
+from unlock_export.evaluation.run import paired_comparison, wilson  # noqa: E402
 
 RESULTS = ROOT / "reports" / "results"
 OUT = ROOT / "reports"
@@ -548,10 +548,10 @@ def gsm8k_report(results: Path, out: Path) -> str:
     bands = report.use(BANDS, load(results, out, BANDS))
     gated = report.use(GATED, load(results, out, GATED))
     report.para("How the figures are made: accuracy is correct / n; the 95% interval is the Wilson interval of "
-                "those counts (`unlock_export.evaluate.wilson`); won / lost count the questions only one of the "
+                "those counts (`unlock_export.evaluation.run.wilson`); won / lost count the questions only one of the "
                 "two runs gets right, from both runs' recorded `correct_indices` where the file has them (checked "
                 "against the recorded counts), and the exact two-sided McNemar p comes from "
-                "`unlock_export.evaluate.paired_comparison`. Mean output tokens, the cut rate (answers that reach "
+                "`unlock_export.evaluation.run.paired_comparison`. Mean output tokens, the cut rate (answers that reach "
                 "the token limit), \"says the answer is\" and \"states the answer\" (\"the answer is N\", "
                 "\"Answer: N\", `\\boxed{}` or `#### N`) are as the file records them; \"-\" where it does not. "
                 "Which runs two corrections touched: [CHANGELOG.md](../CHANGELOG.md).")

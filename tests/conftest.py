@@ -111,7 +111,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def load_tiny(tiny_model_dir):
-    from unlock_export.models import load
+    from unlock_export.models.loading import load
 
     def make(arch: str = "llama", **kwargs):
         return load(str(tiny_model_dir(arch, **kwargs)), dtype="float32", device="cpu")
@@ -132,7 +132,7 @@ SERVED_TEXTS = ["Question: Tom has 3 apples and buys 4 more. How many apples doe
 def _zoo_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    from unlock_export.models import resolve
+    from unlock_export.models.loading import resolve
 
     source = resolve(f"zoo:{name}")
     return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -160,7 +160,7 @@ def served_tiny(tmp_path_factory):
             tokenizer = tokenizers[zoo_name]
             model_dir = build_tiny_model(arch, root / "hf", tokenizer=tokenizer, hidden=64, layers=4,
                                          num_attention_heads=2, num_key_value_heads=1, **extra)
-            from unlock_export.vectors import SteeringVectors
+            from unlock_export.method.vectors import SteeringVectors
 
             generator = torch.Generator().manual_seed(7)
             vectors = SteeringVectors({layer: torch.randn(64, generator=generator) * 2.0 for layer in (1, 2, 3)},

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from unlock_export.gguf_export import default_llama_cpp, engines_dir
-from unlock_export.vectors import SteeringVectors
+from unlock_export.export.gguf import default_llama_cpp, engines_dir
+from unlock_export.method.vectors import SteeringVectors
 
 SCRIPTS = Path(__file__).parent / "engine_scripts"
 
@@ -90,8 +90,8 @@ def llama_completion(model: Path, prompt: str, n_predict: int, cvec: Path | None
 def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[list[int]], generate: int = 0):
     """transformers float32 logits at every position (additive steering hooks when vectors are
     given), and greedy continuations."""
-    from unlock_export.models import load
-    from unlock_export.steer import additive_steering
+    from unlock_export.models.loading import load
+    from unlock_export.method.steer import additive_steering
 
     loaded = load(str(model_dir), dtype="float32", device="cpu")
     logits, continuations = [], []

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from unlock_export.answers import extract_prediction, gold_answer, shows_steps, states_answer, to_fraction
+from unlock_export.evaluation.answers import extract_prediction, gold_answer, shows_steps, states_answer, to_fraction
 
 
 @pytest.mark.parametrize("text,expected", [

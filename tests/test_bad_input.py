@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from unlock_export.cli import main
-from unlock_export.models import load
-from unlock_export.vectors import SteeringVectors
+from unlock_export.models.loading import load
+from unlock_export.method.vectors import SteeringVectors
 
 
 def run(capsys, *args):
@@ -101,7 +101,7 @@ def test_corrupted_shard_header_is_refused(capsys, tmp_path, tiny_model_dir, vec
 
 
 def test_truncated_gguf_is_refused(capsys, tmp_path, vectors_file):
-    from unlock_export.gguf_export import write_control_vector
+    from unlock_export.export.gguf import write_control_vector
 
     cvec = tmp_path / "steer.gguf"
     write_control_vector(SteeringVectors.load(vectors_file), cvec)
@@ -182,7 +182,7 @@ def test_vectors_with_nan_are_refused_by_fold(capsys, tmp_path, tiny_model_dir, 
 
 # -- disk full --------------------------------------------------------------------------------
 def test_disk_full_during_export_removes_partial_output(capsys, tmp_path, tiny_model_dir, vectors_file, monkeypatch):
-    import unlock_export.checkpoint as ckpt_mod
+    import unlock_export.models.checkpoint as ckpt_mod
 
     def full_disk(tensors, filename, metadata=None):
         with open(filename, "wb") as fh:

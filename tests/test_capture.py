@@ -7,7 +7,7 @@ import torch
 
 from conftest import ARCHS
 from unlock_export import prompts
-from unlock_export.capture import capture
+from unlock_export.method.capture import capture
 from unlock_export.errors import UserError
 
 
@@ -72,8 +72,8 @@ def test_early_exit_gives_identical_rows(load_tiny, questions):
 
 
 def test_unknown_family_uses_generic_layers(tiny_model_dir, questions):
-    from unlock_export.architectures import GenericArchitecture, architecture_for
-    from unlock_export.models import load
+    from unlock_export.models.architectures import GenericArchitecture, architecture_for
+    from unlock_export.models.loading import load
 
     lm = load(str(tiny_model_dir("llama")), dtype="float32", device="cpu")
     lm.model.config.model_type = "my_new_llama"
@@ -105,7 +105,7 @@ def test_writer_module_is_the_last_residual_write(load_tiny, questions):
 
 
 def test_pad_token_is_added_when_missing(tiny_model_dir, questions):
-    from unlock_export.models import load
+    from unlock_export.models.loading import load
 
     lm = load(str(tiny_model_dir("llama", with_pad=False)), dtype="float32", device="cpu")
     assert lm.tokenizer.pad_token is not None
@@ -114,7 +114,7 @@ def test_pad_token_is_added_when_missing(tiny_model_dir, questions):
 
 
 def test_batch_size_chooser_follows_free_memory(load_tiny):
-    from unlock_export.capture import activation_bytes_per_row, choose_batch_size
+    from unlock_export.method.capture import activation_bytes_per_row, choose_batch_size
 
     lm = load_tiny("llama")
     per_row = activation_bytes_per_row(lm.model.config, 64, 4)

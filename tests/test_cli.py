@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from unlock_export.cli import main
-from unlock_export.recipe import load_recipe
-from unlock_export.vectors import SteeringVectors
+from unlock_export.recipe.spec import load_recipe
+from unlock_export.method.vectors import SteeringVectors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_run_recipe_end_to_end(capsys, tmp_path, tiny_recipe):
 
 
 def test_interrupted_run_resumes_captures_with_identical_outputs(capsys, tmp_path, tiny_recipe, monkeypatch):
-    import unlock_export.capture as capture_mod
+    import unlock_export.method.capture as capture_mod
 
     path, _ = tiny_recipe
     real, calls = capture_mod.tokenize, []
@@ -132,7 +132,7 @@ def test_recipe_writes_diagnostics_and_plots(capsys, tmp_path, tiny_recipe):
 
 
 def test_accuracy_vs_scale_plot(tmp_path):
-    from unlock_export.diagnostics import plot_accuracy_vs_scale
+    from unlock_export.evaluation.diagnostics import plot_accuracy_vs_scale
 
     path = plot_accuracy_vs_scale([{"scale": s, "accuracy": a, "ci95": [a - 0.1, a + 0.1]}
                                    for s, a in [(0, 0.3), (2, 0.45), (4, 0.5), (8, 0.2)]], tmp_path / "acc.png")
@@ -141,7 +141,7 @@ def test_accuracy_vs_scale_plot(tmp_path):
 
 def test_recipe_without_matplotlib_writes_json_and_says_how_to_get_plots(capsys, caplog, tmp_path, tiny_recipe,
                                                                          monkeypatch):
-    from unlock_export import diagnostics
+    from unlock_export.evaluation import diagnostics
 
     monkeypatch.setattr(diagnostics, "plots_available", lambda: False)
     path, _ = tiny_recipe
@@ -208,7 +208,7 @@ def test_stage_commands_match_the_recipe(capsys, tmp_path, tiny_recipe):
     for layer in staged.layers:
         assert torch.allclose(staged.directions[layer], whole.directions[layer], atol=1e-5)
     # --self: the key as vectors for its own model (4 layers, hidden 64), exactly the key's rows
-    from unlock_export.key import MasterKey
+    from unlock_export.method.key import MasterKey
 
     assert run_cli(capsys, "project", "--key", tmp_path / "k.st", "--self", "--layers", "1-3",
                    "-o", tmp_path / "self.st")[0] == 0
@@ -266,7 +266,7 @@ def test_shipped_recipes_validate_and_plan(capsys, tmp_path):
 
 
 def test_dry_run_plans_without_loading_or_writing(capsys, tmp_path, tiny_recipe, monkeypatch):
-    import unlock_export.models as models_mod
+    import unlock_export.models.loading as models_mod
 
     path, raw = tiny_recipe
     raw = {**raw, "key": {"answer_tokens": 2}, "fold": {"mode": "bias", "scale": "auto", "calibrate_count": 4},
@@ -408,7 +408,7 @@ def test_unknown_option_is_one_line(capsys):
 
 def test_run_help_names_every_recipe_key(capsys):
     """`run --help` lists the recipe keys: none may be missing when a spec gains a field."""
-    from unlock_export import recipe as recipe_mod
+    from unlock_export.recipe import spec as recipe_mod
 
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
@@ -430,7 +430,7 @@ def test_answer_token_key_in_a_recipe_matches_the_key_command(capsys, tmp_path, 
                            "--count", "16", "--dtype", "float32", "--device", "cpu", "--batch-size", "4",
                            "-o", tmp_path / "k.st")
     assert code == 0, err
-    from unlock_export.key import MasterKey
+    from unlock_export.method.key import MasterKey
 
     staged, whole = MasterKey.load(tmp_path / "k.st"), MasterKey.load(tmp_path / "out" / "key.safetensors")
     assert staged.provenance["answer_tokens"] == whole.provenance["answer_tokens"] == "3"
@@ -449,7 +449,7 @@ def test_quiet_silences_the_gguf_dequantization_bar_too(capsys):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from unlock_export.models import _gguf_progress_follows_transformers
+    from unlock_export.models.loading import _gguf_progress_follows_transformers
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     try:

@@ -15,7 +15,7 @@ import pytest
 from unlock_export import prompts
 from unlock_export.cli import main
 from unlock_export.errors import UserError
-from unlock_export.evaluate import load_items
+from unlock_export.evaluation.run import load_items
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unlock_export.cli import main
-from unlock_export.vectors import SteeringVectors
+from unlock_export.method.vectors import SteeringVectors
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_eval_steering_changes_outputs(tiny_model_dir, math_set, tmp_path, capsy
 
 def test_paired_comparison_exact_mcnemar():
     from unlock_export.errors import UserError
-    from unlock_export.evaluate import paired_comparison
+    from unlock_export.evaluation.run import paired_comparison
 
     def rows(correct):
         return [{"index": i, "correct": c} for i, c in enumerate(correct)]
@@ -127,7 +127,7 @@ def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
 
 def test_calibration_recovers_a_known_scale(load_tiny, questions):
     """Reference = the additive form itself at scale 3: the KL minimum must be exactly there."""
-    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import calibrate_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -149,7 +149,7 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
 def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
     """Scales run in ascending order whatever order they are given in. The search stops once two in a
     row fail the perplexity guard, and it tries every scale with stop_after_rejected=0."""
-    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import calibrate_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -171,7 +171,7 @@ def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
 def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
     """additive_layers restricts only the additive form: with the other layers' vectors zero the band
     recovers the known scale exactly; with another layer non-zero the reference still holds it."""
-    from unlock_export.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import calibrate_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -193,10 +193,10 @@ def test_continuation_objective(load_tiny, questions):
     """Teacher-forced scoring is independent of padding and batch size and agrees with the
     answer-start pass; the paper form's own continuations are likelier under the additive form at
     the reference's scale than unsteered."""
-    from unlock_export.calibrate import (answer_start_logprobs, calibrate_scale, continuation_logprobs,
+    from unlock_export.evaluation.calibrate import (answer_start_logprobs, calibrate_scale, continuation_logprobs,
                                          greedy_continuations)
     from unlock_export.prompts import apply_template
-    from unlock_export.steer import steering
+    from unlock_export.method.steer import steering
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", [questions[0], questions[1] + " and more words here", questions[2]])
@@ -223,9 +223,9 @@ def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_
     their first token) over that of its own: checked against a forward pass per prompt without
     padding; a negligible alpha changes nothing (ratio 1); the search stops at the first failure and
     the largest passing alpha is chosen."""
-    from unlock_export.calibrate import check_alphas, greedy_continuations
+    from unlock_export.evaluation.calibrate import check_alphas, greedy_continuations
     from unlock_export.prompts import apply_template
-    from unlock_export.steer import steering
+    from unlock_export.method.steer import steering
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", [questions[0], questions[1] + " and a longer tail here", questions[2]])
@@ -311,7 +311,7 @@ def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
 
 
 def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import unlock_export.evaluate as ev
+    import unlock_export.evaluation.run as ev
 
     rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(1, 6) for b in range(2)]
     data = tmp_path / "ten.jsonl"
@@ -359,8 +359,8 @@ def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp
 def test_answer_ends_at_its_first_end_of_text_token(load_tiny):
     """A token that ends a text but is not the generation config's EOS (Qwen's `<|endoftext|>`
     from a GGUF, which is also its pad token) ends the answer: nothing after it is kept or counted."""
-    from unlock_export.evaluate import TransformersEngine
-    from unlock_export.models import end_of_text_ids
+    from unlock_export.evaluation.run import TransformersEngine
+    from unlock_export.models.loading import end_of_text_ids
 
     lm = load_tiny("llama")
     tok = lm.tokenizer
@@ -383,7 +383,7 @@ def test_answer_ends_at_its_first_end_of_text_token(load_tiny):
 
 
 def test_end_of_text_ids_read_special_tokens_only(load_tiny):
-    from unlock_export.models import end_of_text_ids
+    from unlock_export.models.loading import end_of_text_ids
 
     lm = load_tiny("llama")
     tok = lm.tokenizer
@@ -398,7 +398,7 @@ def test_end_of_text_ids_read_special_tokens_only(load_tiny):
 def test_generation_config_names_every_end_of_text_token(load_tiny):
     """A GGUF's rebuilt generation config names one EOS; the loader names every special
     end-of-text token, as llama.cpp stops at each (an ordinary token of the same name is left out)."""
-    from unlock_export.models import complete_generation_eos
+    from unlock_export.models.loading import complete_generation_eos
 
     lm = load_tiny("llama")
     tok = lm.tokenizer

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlock_export.evaluate import PROGRESS
-from unlock_export.vectors import SteeringVectors
+from unlock_export.evaluation.run import PROGRESS
+from unlock_export.method.vectors import SteeringVectors
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_table.py"
 

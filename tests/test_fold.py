@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unlock_export.cli import main
-from unlock_export.models import load
-from unlock_export.steer import additive_steering
-from unlock_export.vectors import SteeringVectors
+from unlock_export.models.loading import load
+from unlock_export.method.steer import additive_steering
+from unlock_export.method.vectors import SteeringVectors
 
 TEXTS = ["Question: Ava has 3 apples and buys 4 more. How many apples?\nAnswer:",
          "Question: Ben shares 12 coins among 3 friends.\nAnswer: Let's think step by step.\n"]
@@ -215,7 +215,7 @@ def test_verify_command_detects_a_tampered_export(tmp_path, capsys, tiny_model_d
 
 SLOW_WRITER = """
 import sys, time
-import unlock_export.checkpoint as ck
+import unlock_export.models.checkpoint as ck
 real = ck._place
 def slow(src, dst, link):
     real(src, dst, link)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unlock_export.cli import main
-from unlock_export.vectors import SteeringVectors
+from unlock_export.method.vectors import SteeringVectors
 
 
 def _vectors(layers=(1, 2, 3), hint="qwen2", hidden=64, site="layer_output"):
@@ -102,7 +102,7 @@ def _fake_qwen2_gguf(path, config: dict, quantized: bool = True):
 def test_patch_route_keeps_bytes_relabels_and_permutes(tiny_model_dir, tmp_path):
     import json
 
-    from unlock_export.gguf_export import _neox_to_llama_rows
+    from unlock_export.export.gguf import _neox_to_llama_rows
 
     model_dir = tiny_model_dir("qwen2")
     config = json.loads((model_dir / "config.json").read_text())
@@ -140,7 +140,7 @@ def test_patch_route_keeps_bytes_relabels_and_permutes(tiny_model_dir, tmp_path)
 
 def test_neox_permutation_matches_llama_converter_convention():
     """Rows [h0: x0..x3 | y0..y3] (rotate-half pairs x_i, y_i) become interleaved x0 y0 x1 y1 ..."""
-    from unlock_export.gguf_export import _neox_to_llama_rows
+    from unlock_export.export.gguf import _neox_to_llama_rows
 
     perm = _neox_to_llama_rows(16, 2)
     assert perm[:8].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]

@@ -11,8 +11,8 @@ import yaml
 
 from hub_server import FakeHub
 from unlock_export.cli import main
-from unlock_export.models import load
-from unlock_export.vectors import SteeringVectors
+from unlock_export.models.loading import load
+from unlock_export.method.vectors import SteeringVectors
 
 TOKEN = "hf_test_secret_token_0123456789"
 
@@ -26,7 +26,7 @@ def cli(capsys, *args):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_dir):
     """A bias checkpoint, an adapter, a vectors file and a control-vector GGUF of a tiny qwen2."""
-    from unlock_export.gguf_export import write_control_vector
+    from unlock_export.export.gguf import write_control_vector
 
     root = tmp_path_factory.mktemp("push")
     src = tiny_model_dir("qwen2")

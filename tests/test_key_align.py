@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from unlock_export import align, prompts
-from unlock_export.capture import capture
+from unlock_export.method import align
+
+from unlock_export import prompts
+from unlock_export.method.capture import capture
 from unlock_export.errors import UserError
-from unlock_export.key import MasterKey, master_key
+from unlock_export.method.key import MasterKey, master_key
 
 
 def test_mean_key_is_mean_difference():
@@ -112,7 +114,7 @@ def _text_tail_mean(lm, prompt: str, answer: str) -> torch.Tensor:
 
 
 def test_answer_token_key_reads_the_unlocked_opening_in_both_variants(tiny_model_dir):
-    from unlock_export.pipeline import ModelPool, Runtime, compute_key
+    from unlock_export.method.pipeline import ModelPool, Runtime, compute_key
 
     spec, k = str(tiny_model_dir("llama")), 5
     qs = prompts.builtin_arithmetic(6, seed=11)

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from unlock_export.cli import main
-from unlock_export.vectors import SteeringVectors
+from unlock_export.method.vectors import SteeringVectors
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ PROMPTS = str(GSM8K_TRAIN) if GSM8K_TRAIN.is_file() else "builtin:arithmetic"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from unlock_export.models import load
+    from unlock_export.models.loading import load
 
     return load("zoo:smollm2-135m-instruct", dtype="float32", device="cpu")
 
@@ -36,7 +36,7 @@ def self_cot_recipe(zoo_name: str, key_count: int, rank: int, **extra) -> dict:
 
 
 def test_smollm2_capture_matches_hidden_states(smollm2):
-    from unlock_export.capture import capture
+    from unlock_export.method.capture import capture
     from unlock_export.prompts import apply_template, load_questions
 
     texts = apply_template("direct", load_questions(PROMPTS, count=3))
@@ -61,8 +61,8 @@ def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
     assert all(n > 0 for n in norms.values())
     # self-alignment with rank = number of prompts: the core is the identity and the projected
     # key is exactly the key's orthogonal projection onto the span of the locked activations
-    from unlock_export.align import LowRankMap
-    from unlock_export.key import MasterKey
+    from unlock_export.method.align import LowRankMap
+    from unlock_export.method.key import MasterKey
 
     key = MasterKey.load(tmp_path / "out" / "key.safetensors").vectors
     lrmap = LowRankMap.load(tmp_path / "out" / "map.safetensors")
@@ -82,8 +82,8 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     stock transformers reloads it and matches the hook-steered original within 1e-3 (fp32)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from unlock_export.models import load
-    from unlock_export.steer import additive_steering
+    from unlock_export.models.loading import load
+    from unlock_export.method.steer import additive_steering
 
     recipe = self_cot_recipe("qwen2.5-coder-0.5b-instruct", key_count=16, rank=16,
                              vectors={"layers": "1-23"},

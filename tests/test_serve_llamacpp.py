@@ -28,7 +28,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def served(served_tiny):
     """served(arch) -> served_tiny(arch) plus `base`: its float32 GGUF from llama.cpp's converter."""
-    from unlock_export.gguf_export import convert_gguf
+    from unlock_export.export.gguf import convert_gguf
 
     def make(arch):
         m = served_tiny(arch)
@@ -47,7 +47,7 @@ def max_diff(a, b) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp_path):
     from unlock_export.cli import main
-    from unlock_export.gguf_export import convert_gguf, patch_gguf, write_control_vector
+    from unlock_export.export.gguf import convert_gguf, patch_gguf, write_control_vector
 
     m = served(arch)
     vec_path = m["vectors"].save(tmp_path / "v.safetensors")
@@ -83,7 +83,7 @@ def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp
 def test_control_vector_cli_equals_reference_text(arch, served, tmp_path):
     """llama-completion --control-vector gives the transformers reference's greedy text (and, for
     foldable families, the folded GGUF's)."""
-    from unlock_export.gguf_export import patch_gguf, write_control_vector
+    from unlock_export.export.gguf import patch_gguf, write_control_vector
 
     m = served(arch)
     cvec = tmp_path / "steer.gguf"
@@ -108,7 +108,7 @@ def test_gemma3_control_vector_binding_matches_reference(served, tmp_path):
     through a float16 lookup table in ggml, so the conversion itself is off by a few 1e-4 here: the
     steered run must be no further from the steered reference than the plain run is from the plain
     reference (plus 1e-4)."""
-    from unlock_export.gguf_export import write_control_vector
+    from unlock_export.export.gguf import write_control_vector
 
     m = served("gemma3")
     cvec = tmp_path / "steer.gguf"
@@ -133,7 +133,7 @@ def test_llama_server_serves_folded_gguf(served, tmp_path):
     """llama-server on 127.0.0.1 with a patched GGUF: the OpenAI-compatible API's greedy completion
     equals the transformers reference text. The server is bounded in time and always stopped."""
     from unlock_export.cli import main
-    from unlock_export.gguf_export import patch_gguf
+    from unlock_export.export.gguf import patch_gguf
 
     m = served("qwen2")
     vec_path = m["vectors"].save(tmp_path / "v.safetensors")

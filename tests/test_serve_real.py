@@ -14,7 +14,7 @@ import torch
 
 from engines import hf_reference, llama_cpp_src, llama_logits, run_script
 from unlock_export.cli import main
-from unlock_export.vectors import SteeringVectors
+from unlock_export.method.vectors import SteeringVectors
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ TEXTS = ["Question: Natalia sold clips to 48 of her friends in April, and then s
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from unlock_export.models import load, resolve
+    from unlock_export.models.loading import load, resolve
 
     root = tmp_path_factory.mktemp("real-serve")
     source = resolve(ZOO)
@@ -78,7 +78,7 @@ def test_real_patched_q4km_gguf_in_llama_cpp(real, tmp_path, capsys):
 
 
 def test_real_converted_f32_gguf_in_llama_cpp(real, tmp_path):
-    from unlock_export.gguf_export import convert_gguf
+    from unlock_export.export.gguf import convert_gguf
 
     converted = tmp_path / "converted.gguf"
     convert_gguf(real["folded"], converted, llama_cpp=llama_cpp_src(), outtype="f32")

@@ -64,7 +64,7 @@ def test_vllm_serves_folded_checkpoint(arch, served_tiny, tmp_path):
 def test_vllm_qwen3_post_attention_fold(served_tiny, tmp_path):
     """A qwen3 fold puts the offset on o_proj's bias (post_attention site). vLLM's own qwen3 model
     has no o_proj bias; its transformers backend runs the checkpoint as transformers does."""
-    from unlock_export.vectors import SteeringVectors
+    from unlock_export.method.vectors import SteeringVectors
 
     m = served_tiny("qwen3")
     vectors = SteeringVectors(m["vectors"].directions, 4, 64, site="post_attention", model_hint="qwen3")

@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from unlock_export import prompts
 from unlock_export.errors import UserError
-from unlock_export.steer import additive_steering, paper_steering
-from unlock_export.vectors import SteeringVectors
+from unlock_export.method.steer import additive_steering, paper_steering
+from unlock_export.method.vectors import SteeringVectors
 
 
 def vectors_for(lm, layers, site="layer_output", seed=0, scale=1.0):
@@ -48,7 +48,7 @@ def test_additive_equals_hand_written_forward(load_tiny):
 
 def test_post_attention_site_equals_o_proj_bias(tiny_model_dir):
     """The post_attention site is what a bias on the attention output projection does."""
-    from unlock_export.models import load
+    from unlock_export.models.loading import load
 
     lm = load(str(tiny_model_dir("llama")), dtype="float32", device="cpu")
     biased = load(str(tiny_model_dir("llama")), dtype="float32", device="cpu")
@@ -177,7 +177,7 @@ def test_paper_form_in_generate_equals_a_cacheless_reference(load_tiny):
 
 
 def test_prefill_is_told_by_the_cache_under_either_name_or_by_positions():
-    from unlock_export.steer import _is_prefill
+    from unlock_export.method.steer import _is_prefill
 
     empty, filled = DynamicCache(), DynamicCache()
     filled.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unlock_export.errors import UserError
-from unlock_export.vectors import FORMAT, SteeringVectors, parse_layers
+from unlock_export.method.vectors import FORMAT, SteeringVectors, parse_layers
 
 
 def make(layers=(1, 2), n=4, d=8, site="layer_output"):

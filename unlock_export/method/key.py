@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_save, read_safetensors
-from .errors import UserError
+from .._io import atomic_save, read_safetensors
+from ..errors import UserError
 
 FORMAT = "unlock-export/master-key"
 METHODS = ("mean", "pca")

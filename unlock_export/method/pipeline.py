@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import align, capture, models, prompts
+from . import align
+from . import capture
+from ..models import loading as models
+from .. import prompts
 from .key import MasterKey, master_key
 from .vectors import SteeringVectors, parse_layers
 
@@ -75,7 +78,7 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
 
 def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[str], tokens: int) -> list[str]:
     """The first `tokens` tokens of each question's greedy answer under `template`, as text."""
-    from .calibrate import greedy_continuations
+    from ..evaluation.calibrate import greedy_continuations
 
     loaded = pool.get(spec)
     ids = greedy_continuations(loaded, prompts.apply_template(template, questions), tokens, pool.runtime.batch_size)
@@ -93,7 +96,7 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     teacher-forced on that same opening after their own prompt, and each difference is the mean
     over the last prompt token and the K tokens after it: a direction present at every position of
     the answer's start, which is what a fold (a constant offset) applies."""
-    from .errors import UserError
+    from ..errors import UserError
 
     if locked == unlocked and locked_template == unlocked_template:
         raise UserError("locked and unlocked variants are identical: give two models, two templates, or both")

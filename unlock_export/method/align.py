@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_save, json_meta, read_safetensors
-from .errors import UserError
+from .._io import atomic_save, json_meta, read_safetensors
+from ..errors import UserError
 
 FORMAT = "unlock-export/low-rank-map"
 

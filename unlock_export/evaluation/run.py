@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import prompts as prompt_mod
+from .. import prompts as prompt_mod
 from .answers import extract_prediction, gold_answer, shows_steps, states_answer
-from .errors import UserError
+from ..errors import UserError
 
 STOP = ["\nQuestion:", "\n\nQuestion"]
 ENGINES = ("transformers", "llamacpp")
@@ -107,7 +107,7 @@ class TransformersEngine:
 
         import torch
 
-        from .models import end_of_text_ids
+        from ..models.loading import end_of_text_ids
 
         tok, model = self.loaded.tokenizer, self.loaded.model
         ends = end_of_text_ids(model, tok)
@@ -134,7 +134,7 @@ def find_llama_server(path: str | None = None) -> Path:
     """--llama-server, else $UNLOCK_LLAMA_SERVER, else the engines cache, else PATH."""
     import shutil
 
-    from .gguf_export import engines_dir
+    from ..export.gguf import engines_dir
 
     for candidate in (path, os.environ.get(LLAMA_SERVER_ENV)):
         if candidate:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 _REGISTRY: dict[str, type["Architecture"]] = {}
 

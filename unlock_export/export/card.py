@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .vectors import SteeringVectors
+from .. import __version__
+from ..method.vectors import SteeringVectors
 
 
 def _base_license(source_dir: Path) -> str | None:
@@ -30,7 +30,7 @@ def _base_license(source_dir: Path) -> str | None:
 
 def _base_model_id(target: str) -> str:
     """What the Hub's base_model field can link: an id as given, a zoo model's upstream id, else the name."""
-    from .zoo import ZOO, ZOO_PREFIX
+    from ..models.zoo import ZOO, ZOO_PREFIX
 
     if target.count("/") == 1 and not Path(target).exists():
         return target

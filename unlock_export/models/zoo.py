@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

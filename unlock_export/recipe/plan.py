@@ -12,8 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import prompts, zoo
-from .errors import UserError
+from .. import prompts
+from ..models import zoo
+from ..errors import UserError
 
 CHARS_PER_TOKEN = 4
 CHECK_ALPHA_PROMPTS, CHECK_ALPHA_TOKENS = 8, 32  # recipe._check_reference_alpha: check-alpha's defaults
@@ -53,7 +54,7 @@ class Plan:
 
 
 def _gguf_layers(path: Path) -> int | None:
-    from .gguf_header import block_count
+    from ..export.gguf_fields import block_count
 
     return block_count(path)
 

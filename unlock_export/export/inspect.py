@@ -7,8 +7,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
-from .vectors import FORMAT as VECTORS_FORMAT
+from ..errors import UserError
+from ..method.vectors import FORMAT as VECTORS_FORMAT
 
 
 def _ranges(layers: list[int]) -> str:
@@ -26,9 +26,9 @@ def _safetensors_meta(path: Path) -> dict[str, str]:
 
 
 def _describe_safetensors(path: Path) -> dict:
-    from .align import FORMAT as MAP_FORMAT, LowRankMap
-    from .key import FORMAT as KEY_FORMAT, MasterKey
-    from .vectors import SteeringVectors
+    from ..method.align import FORMAT as MAP_FORMAT, LowRankMap
+    from ..method.key import FORMAT as KEY_FORMAT, MasterKey
+    from ..method.vectors import SteeringVectors
 
     fmt = _safetensors_meta(path).get("format")
     if fmt == VECTORS_FORMAT:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_save, read_safetensors
-from .errors import UserError
+from .._io import atomic_save, read_safetensors
+from ..errors import UserError
 
 FORMAT = "unlock-export/steering-vectors"
 SITES = ("layer_output", "post_attention")

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .architectures import config_size
-from .errors import UserError
+from ..errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

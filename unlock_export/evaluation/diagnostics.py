@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .align import LowRankMap, fit_r2
-from .errors import UserError
-from .key import MasterKey
-from .vectors import SteeringVectors
+from ..method.align import LowRankMap, fit_r2
+from ..errors import UserError
+from ..method.key import MasterKey
+from ..method.vectors import SteeringVectors
 
 log = logging.getLogger(__name__)
 

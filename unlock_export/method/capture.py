@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import config_size, layer_output_tensor
-from .errors import UserError
-from .models import LoadedModel
+from ..models.architectures import config_size, layer_output_tensor
+from ..errors import UserError
+from ..models.loading import LoadedModel
 
 POSITIONS = ("last", "mean", "tail")
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class CaptureCheckpoint:
         return time.monotonic() - self._last >= self.every_s
 
     def save(self, rows: torch.Tensor, batches_done: int) -> None:
-        from ._io import atomic_save
+        from .._io import atomic_save
 
         atomic_save({"rows": rows, "batches_done": torch.tensor(batches_done)}, self.path,
                     {"format": "unlock-export/capture-checkpoint"})

@@ -16,8 +16,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import prompts
-from .errors import UserError
+from .. import prompts
+from ..errors import UserError
 
 
 class _Strict(BaseModel):
@@ -167,7 +167,7 @@ class PushSpec(_Strict):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, value: str) -> str:
-        from .hub import validate_repo_id
+        from ..export.hub import validate_repo_id
 
         return validate_repo_id(value)
 
@@ -302,8 +302,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
     """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
-    from . import diagnostics
-    from .pipeline import capture_states, compute_key
+    from ..evaluation import diagnostics
+    from ..method.pipeline import capture_states, compute_key
 
     d, p = recipe.diagnostics, recipe.prompts
     locked, unlocked = recipe.source.locked, recipe.source.unlocked
@@ -327,7 +327,7 @@ def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec
     that breaks the target's text is refused, not matched."""
     if not f.check_alpha:
         return None
-    from .calibrate import check_alphas
+    from ..evaluation.calibrate import check_alphas
 
     result = check_alphas(target_loaded, vectors, texts, (f.alpha,), f.alpha_margin, batch_size=batch_size)
     row = result["table"][0]
@@ -348,7 +348,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     failed run leaves no partial output. Captures keep their progress in `.OUT.partial` beside it;
     with `resume`, an interrupted run continues from there (see capture.CaptureCheckpoint).
     """
-    from ._io import progress_folder
+    from .._io import progress_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -363,8 +363,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
 
 
 def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None, checkpoint_dir: Path) -> dict:
-    from . import diagnostics
-    from .pipeline import ModelPool, Runtime, compute_key, compute_map, project
+    from ..evaluation import diagnostics
+    from ..method.pipeline import ModelPool, Runtime, compute_key, compute_map, project
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -411,17 +411,17 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
         if recipe.fold is None:
             pool.release()
         else:
-            from .fold import fold
-            from .vectors import parse_layers
+            from ..export.fold import fold
+            from ..method.vectors import parse_layers
 
             f = recipe.fold
             t0 = time.perf_counter()
             chosen = vectors if f.layers is None else vectors.select(parse_layers(f.layers, vectors.layer_count))
             scale = f.scale
             if scale == "auto":
-                from .calibrate import calibrate_scale
+                from ..evaluation.calibrate import calibrate_scale
 
-                from .capture import resolve_batch_size
+                from ..method.capture import resolve_batch_size
 
                 calib_questions = key_questions[:f.calibrate_count]
                 calib_texts = prompts.apply_template(target_template, calib_questions)
@@ -492,7 +492,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
 
 def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) -> dict:
     """The gguf step: the fold patched into the target's GGUF, and the vectors as a control vector."""
-    from .gguf_export import patch_gguf, write_control_vector
+    from ..export.gguf import patch_gguf, write_control_vector
 
     info: dict = {"files": []}
     if g.model:
@@ -514,7 +514,7 @@ def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) 
 
 def _target_gguf(recipe: Recipe) -> str | None:
     """The unsteered target's GGUF, which a control vector is served with (None when it has none)."""
-    from . import zoo
+    from ..models import zoo
 
     model = recipe.target.model
     if model.startswith(zoo.ZOO_PREFIX) or model in zoo.ZOO:
@@ -525,7 +525,7 @@ def _target_gguf(recipe: Recipe) -> str | None:
 
 
 def _serve(recipe: Recipe, out_dir: Path, outputs: list[str], gguf_info: dict | None):
-    from .serving import serve_commands
+    from ..export.serving import serve_commands
 
     return serve_commands(
         model_dir=out_dir / "model" if "model" in outputs else None,
@@ -536,9 +536,9 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str], gguf_info: dict | 
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:
     """The push step runs after the outputs are in place: a failed push keeps them, and says how to retry."""
-    from .card import _base_model_id
-    from .errors import ExportFailure
-    from .hub import push
+    from ..export.card import _base_model_id
+    from ..errors import ExportFailure
+    from ..export.hub import push
 
     artifact = out_dir / ("model" if spec.artifact == "model" else "vectors.safetensors")
     base_model = spec.base_model

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .architectures import Architecture, architecture_for, config_size, layer_output_tensor, replace_layer_output
+from ..models.architectures import Architecture, architecture_for, config_size, layer_output_tensor, replace_layer_output
 from .capture import last_token_index
-from .errors import UserError
+from ..errors import UserError
 from .vectors import SteeringVectors
 
 FORMS = ("additive", "paper")

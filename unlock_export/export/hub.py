@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .errors import ExportFailure, UserError
+from .. import __version__
+from ..errors import ExportFailure, UserError
 
 # What the Hub accepts: namespace/name, letters, digits, '-', '_', '.', no '--' or '..', <= 96 chars
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -103,7 +103,7 @@ def _recipe_output_card(path: Path, base_model: str | None) -> str:
     import json
 
     from .card import _base_model_id
-    from .vectors import SteeringVectors
+    from ..method.vectors import SteeringVectors
 
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     vectors = SteeringVectors.load(path / "vectors.safetensors")

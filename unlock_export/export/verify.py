@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import prompts
-from .errors import ExportFailure, UserError
-from .models import load
-from .steer import additive_steering
-from .vectors import SteeringVectors
+from .. import prompts
+from ..errors import ExportFailure, UserError
+from ..models.loading import load
+from ..method.steer import additive_steering
+from ..method.vectors import SteeringVectors
 
 DEFAULT_PROMPTS = 4
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 
 DEFAULT_PROMPTS = "builtin:arithmetic"
 
@@ -63,7 +63,7 @@ def _prompt_options(fn):
 
 
 def _pool(ctx, dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle=False):
-    from .pipeline import ModelPool, Runtime
+    from ..method.pipeline import ModelPool, Runtime
 
     return ModelPool(Runtime(dtype, device, device_map, batch_size, max_length, trust_remote_code,
                              progress=not ctx.obj["quiet"], allow_pickle=allow_pickle))
@@ -93,9 +93,9 @@ def _number_list(value: str | None, option: str) -> tuple[float, ...] | None:
 
 def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime):
     """(loaded MODEL, its vectors, the prompts' questions, the batch size) for calibrate and check-alpha."""
-    from .capture import resolve_batch_size
-    from .prompts import apply_template, load_questions
-    from .vectors import SteeringVectors
+    from ..method.capture import resolve_batch_size
+    from ..prompts import apply_template, load_questions
+    from ..method.vectors import SteeringVectors
 
     dtype, device, device_map, batch_size, max_length, trust_remote_code, allow_pickle = runtime
     vectors = SteeringVectors.load(vectors_path)
@@ -108,7 +108,7 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
 
 def _write_json(output: Path | None, payload: dict) -> None:
     if output:
-        from .evaluate import _atomic_text
+        from ..evaluation.run import _atomic_text
 
         output.parent.mkdir(parents=True, exist_ok=True)
         _atomic_text(output, json.dumps(payload, indent=2) + "\n")
@@ -160,7 +160,7 @@ def zoo():
 @click.pass_context
 def zoo_list(ctx):
     """List the zoo models and whether they are fetched."""
-    from . import zoo as zoo_mod
+    from ..models import zoo as zoo_mod
 
     rows = []
     for model in zoo_mod.ZOO.values():
@@ -185,7 +185,7 @@ def zoo_fetch(ctx, name):
     Example:
       unlock-export zoo fetch smollm2-135m-instruct
     """
-    from . import zoo as zoo_mod
+    from ..models import zoo as zoo_mod
 
     path = zoo_mod.fetch(name, progress=not ctx.obj["quiet"])
     if ctx.obj["json"]:
@@ -223,9 +223,9 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
           --locked-template direct --unlocked-template cot \\
           --prompts builtin:gsm8k-train --count 64 -o key.safetensors
     """
-    from . import prompts as prompts_mod
-    from ._io import progress_folder
-    from .pipeline import compute_key
+    from .. import prompts as prompts_mod
+    from .._io import progress_folder
+    from ..method.pipeline import compute_key
 
     _refuse_existing(output, overwrite)
     questions = prompts_mod.load_questions(prompts_path, field, count, offset)
@@ -262,9 +262,9 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
       unlock-export align --source zoo:qwen2.5-coder-0.5b-instruct \\
           --target zoo:qwen2.5-coder-1.5b-instruct --rank 16 --count 64 -o map.safetensors
     """
-    from . import prompts as prompts_mod
-    from ._io import progress_folder
-    from .pipeline import compute_map
+    from .. import prompts as prompts_mod
+    from .._io import progress_folder
+    from ..method.pipeline import compute_map
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
@@ -302,9 +302,9 @@ def project(ctx, key_path, map_path, self_steer, layers, site, output, overwrite
       unlock-export project --key key.safetensors --map map.safetensors --layers 1-27 -o vectors.safetensors
       unlock-export project --key own-key.safetensors --self --layers 1-27 -o self-vectors.safetensors
     """
-    from .align import LowRankMap
-    from .key import MasterKey
-    from .pipeline import project as project_vectors, self_vectors
+    from ..method.align import LowRankMap
+    from ..method.key import MasterKey
+    from ..method.pipeline import project as project_vectors, self_vectors
 
     if bool(map_path) == self_steer:
         raise UserError("pass --map MAP (from `align`) to carry the key into a target, or --self to steer the "
@@ -353,8 +353,8 @@ def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tol
           --scale 4 -o out/qwen1.5b-cot
       unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter --rank 8 -o out/adapter
     """
-    from .fold import fold as fold_model
-    from .vectors import SteeringVectors, parse_layers
+    from ..export.fold import fold as fold_model
+    from ..method.vectors import SteeringVectors, parse_layers
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
@@ -386,9 +386,9 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     Example:
       unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
     """
-    from .fold import read_unlock_json
-    from .vectors import SteeringVectors
-    from .verify import verify_export
+    from ..export.fold import read_unlock_json
+    from ..method.vectors import SteeringVectors
+    from ..export.verify import verify_export
 
     info = read_unlock_json(export_dir)
     base = base or info.get("target")
@@ -427,8 +427,8 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
       unlock-export cvec --vectors out/demo/vectors.safetensors --scale 4 --layers 1-27 -o steer.gguf
       llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
     """
-    from .gguf_export import write_control_vector
-    from .vectors import SteeringVectors, parse_layers
+    from ..export.gguf import write_control_vector
+    from ..method.vectors import SteeringVectors, parse_layers
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
@@ -461,7 +461,7 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
       unlock-export gguf out/qwen1.5b-cot --base target-q4_k_m.gguf -o folded.gguf
       unlock-export gguf out/qwen1.5b-cot --route convert --llama-cpp ~/llama.cpp -o folded-f16.gguf --outtype f16
     """
-    from .gguf_export import convert_gguf, patch_gguf
+    from ..export.gguf import convert_gguf, patch_gguf
 
     if route == "patch":
         info = patch_gguf(folded, output, base=base, overwrite=overwrite)
@@ -524,9 +524,9 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
           --form paper --strength 0.1 -o ev/paper
       unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
     """
-    from .evaluate import LlamaServerEngine, TransformersEngine, evaluate, load_items, read_baseline, render_prompts
-    from .models import resolve
-    from .vectors import SteeringVectors, parse_layers
+    from ..evaluation.run import LlamaServerEngine, TransformersEngine, evaluate, load_items, read_baseline, render_prompts
+    from ..models.loading import resolve
+    from ..method.vectors import SteeringVectors, parse_layers
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -553,11 +553,11 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
         texts = render_prompts(items, template, loaded.tokenizer, chat)
         steer = None
         if vectors is not None:
-            from .steer import steering
+            from ..method.steer import steering
 
             vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
             steer = lambda: steering(loaded, vectors, form, strength)  # noqa: E731
-        from .capture import resolve_batch_size
+        from ..method.capture import resolve_batch_size
 
         batch_size = resolve_batch_size(batch_size, loaded, texts, max_length, extra_tokens=max_new_tokens)
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), max_new_tokens, output,
@@ -571,7 +571,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
             raise UserError("llama.cpp runs only the additive form: pass --form additive, or --engine transformers")
         tokenizer = None
         if chat:
-            from .models import load_tokenizer
+            from ..models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(source)
         texts = render_prompts(items, template, tokenizer, chat)
@@ -580,7 +580,7 @@ def eval_cmd(ctx, model, data_path, count, offset, template, chat, engine, vecto
         with tempfile.TemporaryDirectory() as tmp:
             cvec = Path(control_vector) if control_vector else None
             if vectors is not None:
-                from .gguf_export import write_control_vector
+                from ..export.gguf import write_control_vector
 
                 cvec = Path(tmp) / "steer.gguf"
                 write_control_vector(vectors, cvec, scale=strength)
@@ -638,9 +638,9 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
       unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
-    from .calibrate import DEFAULT_SCALES, calibrate_scale
-    from .prompts import apply_template
-    from .vectors import parse_layers
+    from ..evaluation.calibrate import DEFAULT_SCALES, calibrate_scale
+    from ..prompts import apply_template
+    from ..method.vectors import parse_layers
 
     grid = _number_list(scales, "--scales") or DEFAULT_SCALES
     loaded, vectors, questions, batch_size = _steering_inputs(
@@ -688,8 +688,8 @@ def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prom
       unlock-export check-alpha zoo:qwen2.5-coder-0.5b-instruct --vectors out/r/vectors.safetensors \\
           --prompts builtin:gsm8k-train --count 8
     """
-    from .calibrate import DEFAULT_ALPHAS, check_alphas
-    from .prompts import apply_template
+    from ..evaluation.calibrate import DEFAULT_ALPHAS, check_alphas
+    from ..prompts import apply_template
 
     grid = _number_list(alphas, "--alphas") or DEFAULT_ALPHAS
     loaded, vectors, questions, batch_size = _steering_inputs(
@@ -726,7 +726,7 @@ def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run
       unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
       unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
     """
-    from .hub import format_plan, push as push_artifact
+    from ..export.hub import format_plan, push as push_artifact
 
     report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
                            message=message, dry_run=dry_run)
@@ -747,7 +747,7 @@ def inspect_cmd(ctx, artifact):
       unlock-export inspect out/demo/vectors.safetensors
       unlock-export inspect out/demo/model
     """
-    from .inspect_artifact import describe, format_description
+    from ..export.inspect import describe, format_description
 
     info = describe(artifact)
     click.echo(json.dumps(info) if ctx.obj["json"] else format_description(info))
@@ -784,11 +784,11 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
     """
-    from .recipe import load_recipe, run_recipe
+    from ..recipe.spec import load_recipe, run_recipe
 
     recipe = load_recipe(recipe_path)
     if dry_run:
-        from .plan import format_plan, plan_recipe
+        from ..recipe.plan import format_plan, plan_recipe
 
         if out_dir.exists() and not (overwrite or resume):
             raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
@@ -800,7 +800,7 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     lines = [f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
     lines += [f"  {name}: {path}" for name, path in summary["outputs"].items()]
     if summary["serve"]:
-        from .serving import ServeCommand, format_commands
+        from ..export.serving import ServeCommand, format_commands
 
         lines += ["serve with:", format_commands([ServeCommand(**row) for row in summary["serve"]])]
     _emit(ctx, summary, "\n".join(lines))

@@ -13,7 +13,7 @@ import torch
 
 from . import zoo
 from .architectures import Architecture, architecture_for, config_size
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .architectures import architecture_for_config
-from .checkpoint import Checkpoint
-from .errors import ExportFailure, UserError
-from .vectors import SteeringVectors
+from ..models.architectures import architecture_for_config
+from ..models.checkpoint import Checkpoint
+from ..errors import ExportFailure, UserError
+from ..method.vectors import SteeringVectors
 
 CVEC_ARCH = "controlvector"
 # llama.cpp's tensor name for the module that carries an offset at each site
@@ -122,7 +122,7 @@ def _neox_to_llama_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def _base_gguf(folded: Path, info: dict, base: str | None) -> Path:
-    from .models import resolve
+    from ..models.loading import resolve
 
     spec = base or info.get("target")
     if not spec:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .architectures import BiasPlan, architecture_for_config
-from .checkpoint import Checkpoint, check_output_path, staging_dir, write_checkpoint
-from .errors import ExportFailure, UserError
-from .models import ModelSource, resolve
-from .vectors import SteeringVectors
+from ..models.architectures import BiasPlan, architecture_for_config
+from ..models.checkpoint import Checkpoint, check_output_path, staging_dir, write_checkpoint
+from ..errors import ExportFailure, UserError
+from ..models.loading import ModelSource, resolve
+from ..method.vectors import SteeringVectors
 
 MODES = ("bias", "adapter")
 
@@ -50,7 +50,7 @@ def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[P
     """A local safetensors directory for `spec`. GGUF files are dequantized into `scratch`
     (transformers' GGUF loader), pickle-only folders (when allowed) converted there; Hub ids are
     fetched with huggingface_hub."""
-    from .models import check_weights, pickle_only
+    from ..models.loading import check_weights, pickle_only
 
     source = resolve(spec)
     check_weights(source, allow_pickle)
@@ -64,7 +64,7 @@ def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[P
                 "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"])), source
         except Exception as exc:  # network or auth errors come in many types
             raise UserError(f"cannot download '{spec}' from the Hub ({type(exc).__name__}); pass a local directory")
-    from .models import load
+    from ..models.loading import load
 
     loaded = load(spec, dtype="float32", device="cpu", allow_pickle=allow_pickle)
     target = scratch / "dequantized"
@@ -139,7 +139,8 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
          rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
          verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True) -> FoldResult:
     """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
-    from . import card, verify as verify_mod
+    from . import card
+    from . import verify as verify_mod
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}': use {' or '.join(MODES)}")

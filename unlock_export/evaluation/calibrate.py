@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from .errors import UserError
-from .steer import require_paper_site, steering
-from .vectors import SteeringVectors
+from ..errors import UserError
+from ..method.steer import require_paper_site, steering
+from ..method.vectors import SteeringVectors
 
 # 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
 # one at every steered layer, so useful scales run from about 1/(steered layers) upwards.
@@ -32,7 +32,7 @@ DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-16, 13))
 
 
 def _batches(loaded, texts: list[str], batch_size: int | str):
-    from .capture import resolve_batch_size
+    from ..method.capture import resolve_batch_size
 
     batch_size = resolve_batch_size(batch_size, loaded, texts)
     tok = loaded.tokenizer
@@ -67,7 +67,7 @@ def perplexity(loaded, texts: list[str], batch_size: int = 8) -> float:
 @torch.inference_mode()
 def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int = 8) -> list[list[int]]:
     """Token ids of each text's greedy continuation (at most `tokens`, cut at end of sequence)."""
-    from .models import end_of_text_ids
+    from ..models.loading import end_of_text_ids
 
     tok, out = loaded.tokenizer, []
     stop = end_of_text_ids(loaded.model, tok)
@@ -85,7 +85,7 @@ def continuation_logprobs(loaded, texts: list[str], continuations: list[list[int
                           batch_size: int = 8, skip: int = 0) -> tuple[torch.Tensor, float]:
     """Teacher-forced on prompt + continuation: (log p(next token) at the last prompt token [n, vocab],
     mean NLL per continuation token, leaving out each continuation's first `skip` tokens)."""
-    from .capture import resolve_batch_size
+    from ..method.capture import resolve_batch_size
 
     tok, model = loaded.tokenizer, loaded.model
     batch_size = resolve_batch_size(batch_size, loaded, texts)

@@ -1,0 +1,7 @@
+"""python -m unlock_export.cli"""
+
+import sys
+
+from . import main
+
+sys.exit(main())

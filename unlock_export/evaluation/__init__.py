@@ -1,0 +1,1 @@
+"""Measurement: accuracy (eval), label-free calibration, diagnostics."""

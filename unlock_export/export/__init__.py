@@ -1,0 +1,1 @@
+"""Export: fold, verify, model card, GGUF files, Hub push, inspect."""

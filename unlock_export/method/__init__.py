@@ -1,0 +1,1 @@
+"""The UNLOCK method: capture, key, alignment, vectors, steering hooks."""

@@ -1,0 +1,1 @@
+"""Loading models: specs, the zoo, the architecture registry, checkpoint files."""

@@ -1,0 +1,1 @@
+"""Recipes: the schema, the dry-run plan, the runner."""
