@@ -160,16 +160,18 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
         nonlocal pool
         path, cal_path = work / f"{name}.safetensors", work / f"{name}-calibration.json"
         if not path.exists() or not cal_path.exists():
-            from unlock_export.method.pipeline import ModelPool, Runtime, compute_key, self_vectors
+            from unlock_export.method.pipeline import compute_key, self_vectors
+            from unlock_export.models.pool import ModelPool
+            from unlock_export.models.runtime import RuntimeOptions
 
-            pool = pool or ModelPool(Runtime(dtype="float32", device="cpu", progress=False))
+            pool = pool or ModelPool(RuntimeOptions(dtype="float32", device="cpu"), progress=False)
             key, _ = compute_key(pool, target, target, "direct", "cot", questions, recipe.key.method,
                                  answer_tokens=answer_tokens)
             own = self_vectors(key, vectors.layers)
             own.save(path)
             calib_q = questions[:calibrate_count]
             cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
-                                  apply_template("plain", calib_q), "paper", alpha)
+                                  apply_template("plain", calib_q), "paper", alpha).as_dict()
             cal_path.write_text(json.dumps(cal, indent=2))
         return path, own_scale(json.loads(cal_path.read_text()))
 

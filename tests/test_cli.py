@@ -413,7 +413,7 @@ def test_run_help_names_every_recipe_key(capsys):
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     specs = {"fold": recipe_mod.FoldSpec, "diagnostics": recipe_mod.DiagnosticsSpec, "push": recipe_mod.PushSpec,
-             "runtime": recipe_mod.RuntimeSpec, "vectors": recipe_mod.VectorsSpec, "prompts": recipe_mod.PromptSpec,
+             "runtime": recipe_mod.RuntimeOptions, "vectors": recipe_mod.VectorsSpec, "prompts": recipe_mod.PromptSpec,
              "gguf": recipe_mod.GgufSpec}
     missing = [f"{section}.{key}" for section, spec in specs.items() for key in spec.model_fields
                if key not in text.split(f"{section}.", 1)[-1]]

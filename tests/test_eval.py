@@ -135,15 +135,15 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
     result = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
                              reference_form="additive", reference_strength=3.0,
                              scales=(0.5, 1.0, 2.0, 3.0, 4.0, 8.0), ppl_margin=100.0)
-    assert result["scale"] == 3.0 and result["kl_to_reference"] < 1e-9
-    kls = {r["scale"]: r["kl_to_reference"] for r in result["table"]}
-    assert kls[2.0] > 0 and kls[4.0] > 0 and result["kl_unsteered_to_reference"] > kls[2.0]
+    assert result.scale == 3.0 and result.kl_to_reference < 1e-9
+    kls = {r["scale"]: r["kl_to_reference"] for r in result.table}
+    assert kls[2.0] > 0 and kls[4.0] > 0 and result.kl_unsteered_to_reference > kls[2.0]
     # a zero perplexity margin rules out every scale that raises perplexity
     strict = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
                              reference_form="additive", reference_strength=3.0, scales=(1.0, 3.0, 8.0),
                              ppl_margin=0.0, refine=False)
-    assert all(r["allowed"] == (r["perplexity_ratio"] <= 1.0) for r in strict["table"])
-    assert strict["scale"] in [r["scale"] for r in strict["table"] if r["allowed"]] + [0.0]
+    assert all(r["allowed"] == (r["perplexity_ratio"] <= 1.0) for r in strict.table)
+    assert strict.scale in [r["scale"] for r in strict.table if r["allowed"]] + [0.0]
 
 
 def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
@@ -158,14 +158,14 @@ def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
     every = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                             reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
                             stop_after_rejected=0)
-    assert [r["scale"] for r in every["table"]] == sorted(scales)
-    allowed = [r["allowed"] for r in every["table"]]
+    assert [r["scale"] for r in every.table] == sorted(scales)
+    allowed = [r["allowed"] for r in every.table]
     first_stop = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
     early = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                             reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False)
     assert first_stop < len(scales) - 1  # the case must actually stop early
-    assert [r["scale"] for r in early["table"]] == sorted(scales)[:first_stop + 1]
-    assert early["table"] == every["table"][:first_stop + 1]
+    assert [r["scale"] for r in early.table] == sorted(scales)[:first_stop + 1]
+    assert early.table == every.table[:first_stop + 1]
 
 
 def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
@@ -182,11 +182,11 @@ def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
     kwargs = dict(reference_form="additive", reference_strength=3.0, scales=(1.0, 2.0, 3.0, 4.0), ppl_margin=100.0,
                   refine=False, additive_layers=[2])
     exact = calibrate_scale(loaded, only_two, texts, questions[:6], **kwargs)
-    assert exact["scale"] == 3.0 and exact["kl_to_reference"] < 1e-9
-    assert exact["layers"] == [2] and exact["reference"]["layers"] == [1, 2, 3]
+    assert exact.scale == 3.0 and exact.kl_to_reference < 1e-9
+    assert exact.layers == [2] and exact.reference["layers"] == [1, 2, 3]
     kept = calibrate_scale(loaded, SteeringVectors({**only_two.directions, 1: full.directions[1]}, 4, full.hidden_size),
                            texts, questions[:6], **kwargs)
-    assert min(r["kl_to_reference"] for r in kept["table"]) > 1e-6
+    assert min(r["kl_to_reference"] for r in kept.table) > 1e-6
 
 
 def test_continuation_objective(load_tiny, questions):
@@ -213,9 +213,9 @@ def test_continuation_objective(load_tiny, questions):
     result = calibrate_scale(loaded, vectors, texts, questions[:4], reference_form="additive", reference_strength=3.0,
                              scales=(0.0, 3.0), ppl_margin=100.0, refine=False, objective="continuation",
                              continuation_tokens=5)
-    ce = {r["scale"]: r["continuation_ce"] for r in result["table"]}
-    assert result["scale"] == 3.0 and ce[3.0] < ce[0.0] == result["continuation_ce_unsteered"]
-    assert result["objective"] == "continuation" and result["continuation_tokens"] == 5
+    ce = {r["scale"]: r["continuation_ce"] for r in result.table}
+    assert result.scale == 3.0 and ce[3.0] < ce[0.0] == result.details["continuation_ce_unsteered"]
+    assert result.objective == "continuation" and result.details["continuation_tokens"] == 5
 
 
 def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_tiny, questions):

@@ -60,7 +60,7 @@ def test_identity_alignment_keeps_the_key(load_tiny):
     unlocked = capture(lm, prompts.apply_template("cot", qs), progress=False, batch_size=32)
     key = master_key(locked, unlocked)
     lrmap = align.fit(locked, locked, rank=64)
-    projected = lrmap.project(key)
+    projected = lrmap.map_key(key)
     cos = torch.nn.functional.cosine_similarity(projected, key, dim=-1)
     assert (cos > 0.99).all(), cos
     assert torch.allclose(projected.norm(dim=-1), key.norm(dim=-1), rtol=1e-2)
@@ -73,12 +73,12 @@ def test_cross_model_map_shapes_and_storage(tmp_path):
     assert lrmap.layer_map == [0, 1, 3, 5]
     assert lrmap.source_basis.shape == (4, 8, 32) and lrmap.core.shape == (4, 8, 8)
     assert lrmap.target_basis.shape == (4, 8, 48)
-    assert lrmap.project(torch.randn(6, 32)).shape == (4, 48)
+    assert lrmap.map_key(torch.randn(6, 32)).shape == (4, 48)
     assert lrmap.factor_bytes() < lrmap.dense_bytes()
     lrmap.save(tmp_path / "m.safetensors")
     back = align.LowRankMap.load(tmp_path / "m.safetensors")
     key = torch.randn(6, 32)
-    assert torch.allclose(back.project(key), lrmap.project(key))
+    assert torch.allclose(back.map_key(key), lrmap.map_key(key))
 
 
 def test_map_recovers_a_known_linear_relation():
@@ -91,7 +91,7 @@ def test_map_recovers_a_known_linear_relation():
     lrmap = align.fit(xs[None], xb[None], rank=3)
     assert align.fit_r2(lrmap, {0: xs}, xb[None])[0] > 0.999
     key = torch.randn(1, 3) @ basis
-    assert torch.allclose(lrmap.project(key), key @ w, atol=1e-3 * float((key @ w).abs().max()))
+    assert torch.allclose(lrmap.map_key(key), key @ w, atol=1e-3 * float((key @ w).abs().max()))
 
 
 def test_rank_below_one_is_refused():
@@ -114,11 +114,13 @@ def _text_tail_mean(lm, prompt: str, answer: str) -> torch.Tensor:
 
 
 def test_answer_token_key_reads_the_unlocked_opening_in_both_variants(tiny_model_dir):
-    from unlock_export.method.pipeline import ModelPool, Runtime, compute_key
+    from unlock_export.method.pipeline import compute_key
+    from unlock_export.models.pool import ModelPool
+    from unlock_export.models.runtime import RuntimeOptions
 
     spec, k = str(tiny_model_dir("llama")), 5
     qs = prompts.builtin_arithmetic(6, seed=11)
-    pool = ModelPool(Runtime(dtype="float32", device="cpu", batch_size=1, progress=False))
+    pool = ModelPool(RuntimeOptions(dtype="float32", device="cpu", batch_size=1), progress=False)
     key, reusable = compute_key(pool, spec, spec, "direct", "cot", qs, "mean", answer_tokens=k)
     assert reusable is None  # the map must capture the last prompt token itself
     assert key.provenance["answer_tokens"] == "5"

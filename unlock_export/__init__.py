@@ -1,3 +1,39 @@
-"""unlock-export: training-free capability transfer (UNLOCK) exported as ordinary weights."""
+"""unlock-export: carry a capability from one language model into another without training (UNLOCK,
+arXiv 2604.06377), and export it as files stock stacks load.
+
+    import unlock_export as ux
+    key = ux.master_key("zoo:qwen2.5-coder-0.5b-instruct", prompts="builtin:gsm8k-train", count=64)
+
+The names below load on first use: importing the package imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "master_key": "api", "fit_map": "api", "fold": "api", "write_control_vector": "api",
+    "additive_steering": "api", "paper_steering": "api", "calibrate_scale": "api", "evaluate": "api",
+    "load_model": "api",
+    "MasterKey": "method.key", "LowRankMap": "method.align", "SteeringVectors": "method.vectors",
+    "FoldResult": "export.fold", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",
+    "LoadedModel": "models.loading", "RuntimeOptions": "models.runtime",
+    "UserError": "errors", "ExportFailure": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'unlock_export' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,5 @@
-"""Atomic writes and checked reads of the safetensors files the pipeline passes between stages."""
+"""Atomic writes (files, text, safetensors) and checked reads of the safetensors files the pipeline
+passes between stages: the one place for atomicity."""
 
 from __future__ import annotations
 
@@ -10,31 +11,52 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import torch
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp"):
+    """Yield a temporary path beside `path`; it is renamed onto `path` only when the block succeeds,
+    and removed when it fails or is interrupted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in metadata.items()})
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
+    return Path(path)
 
 
 def read_safetensors(path: str | Path, kind: str, format_tag: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor and the metadata, checking the file is the expected kind of artifact."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{kind} file '{path}' not found")

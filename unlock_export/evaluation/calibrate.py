@@ -18,16 +18,17 @@ be calibrated against that.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..choices import OBJECTIVES
 from ..errors import UserError
 from ..method.steer import require_paper_site, steering
 from ..method.vectors import SteeringVectors
 
 # 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
 # one at every steered layer, so useful scales run from about 1/(steered layers) upwards.
-OBJECTIVES = ("answer-start", "continuation")
 DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-16, 13))
 
 
@@ -65,19 +66,13 @@ def perplexity(loaded, texts: list[str], batch_size: int = 8) -> float:
 
 
 @torch.inference_mode()
-def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int = 8) -> list[list[int]]:
-    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of sequence)."""
-    from ..models.loading import end_of_text_ids
+def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int | str = 8) -> list[list[int]]:
+    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of text, at least one)."""
+    from ..method.capture import resolve_batch_size
+    from ..method.generate import greedy
 
-    tok, out = loaded.tokenizer, []
-    stop = end_of_text_ids(loaded.model, tok)
-    for enc in _batches(loaded, texts, batch_size):
-        gen = loaded.model.generate(**enc, max_new_tokens=tokens, do_sample=False, eos_token_id=stop,
-                                    pad_token_id=tok.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            out.append(row[:max(cut, 1)])
-    return out
+    batch_size = resolve_batch_size(batch_size, loaded, texts, extra_tokens=tokens)
+    return greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)
 
 
 @torch.inference_mode()
@@ -113,12 +108,37 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """A label-free scale search: the chosen scale, how close it brings the additive form to the
+    reference, and every scale tried (`table`). `as_dict()` is calibration.json."""
+
+    scale: float
+    objective: str
+    kl_to_reference: float
+    kl_unsteered_to_reference: float
+    layers: list[int]
+    reference: dict
+    prompts: int
+    table: list[dict]
+    details: dict
+
+    @classmethod
+    def from_dict(cls, result: dict) -> "Calibration":
+        return cls(result["scale"], result["objective"], result["kl_to_reference"],
+                   result["kl_unsteered_to_reference"], result["layers"], result["reference"], result["prompts"],
+                   result["table"], result)
+
+    def as_dict(self) -> dict:
+        return dict(self.details)
+
+
 def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
                     stop_after_rejected: int = 2, additive_layers: list[int] | None = None,
-                    objective: str = "answer-start", continuation_tokens: int = 32) -> dict:
+                    objective: str = "answer-start", continuation_tokens: int = 32) -> "Calibration":
     """Pick the additive scale closest to `reference_form` at `reference_strength` by `objective`
     (see the module docstring), subject to perplexity <= (1 + ppl_margin) x unsteered.
 
@@ -200,7 +220,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         result.update(continuation_tokens=continuation_tokens,
                       continuation_ce=chosen["continuation_ce"] if chosen else plain_ce,
                       continuation_ce_unsteered=plain_ce)
-    return result
+    return Calibration.from_dict(result)
 
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)

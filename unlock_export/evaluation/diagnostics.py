@@ -36,7 +36,7 @@ def transfer_diagnostics(key: MasterKey, lrmap: LowRankMap, vectors: SteeringVec
                          target_key: torch.Tensor | None = None) -> dict:
     """heldout: (source states [S, N, d_s], target states [B, N, d_t]) of prompts the map never saw;
     target_key: the target's own key [B, d_t]."""
-    projected = lrmap.project(key.vectors)
+    projected = lrmap.map_key(key.vectors)
     layers = list(range(lrmap.target_layer_count))
     out = {
         "layers": layers,

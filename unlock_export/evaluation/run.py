@@ -27,10 +27,11 @@ from pathlib import Path
 
 from .. import prompts as prompt_mod
 from .answers import extract_prediction, gold_answer, shows_steps, states_answer
+from .._io import atomic_write_text
+from ..choices import ENGINES
 from ..errors import UserError
 
 STOP = ["\nQuestion:", "\n\nQuestion"]
-ENGINES = ("transformers", "llamacpp")
 LLAMA_SERVER_ENV = "UNLOCK_LLAMA_SERVER"
 
 
@@ -105,29 +106,13 @@ class TransformersEngine:
     def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
         import contextlib
 
-        import torch
+        from ..method.generate import greedy
 
-        from ..models.loading import end_of_text_ids
-
-        tok, model = self.loaded.tokenizer, self.loaded.model
-        ends = end_of_text_ids(model, tok)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list = [None] * len(texts)
+        tok = self.loaded.tokenizer
         context = self.steering() if self.steering else contextlib.nullcontext()
-        with context, torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(self.loaded.device)
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=ends,
-                                     pad_token_id=tok.pad_token_id, stop_strings=STOP, tokenizer=tok)
-                for row, i in enumerate(idx):
-                    # the answer ends at its first end-of-text token (finished rows are padded after it)
-                    new = gen[row, enc["input_ids"].shape[1]:].tolist()
-                    new = new[:next((k for k, t in enumerate(new) if t in ends), len(new))]
-                    out[i] = (tok.decode(new, skip_special_tokens=True), len(new))
-                if progress:
-                    progress(len(idx))
-        return out
+        with context:
+            rows = greedy(self.loaded, texts, max_new_tokens, self.batch_size, stop_strings=STOP, on_batch=progress)
+        return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in rows]
 
 
 def find_llama_server(path: str | None = None) -> Path:
@@ -280,6 +265,13 @@ def read_baseline(run_dir: str | Path, items: list[Item]) -> list[dict]:
     return rows
 
 
+def mcnemar_exact(won: int, lost: int) -> float:
+    """The exact two-sided McNemar p-value: a binomial test of `won` against `lost` at 1/2."""
+    n = won + lost
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1))
+    return min(1.0, 2 * tail / 2 ** n) if n else 1.0
+
+
 def paired_comparison(rows: list[dict], baseline: list[dict]) -> dict:
     """Paired comparison on the same questions: how many this run gets right that the baseline got
     wrong (won) and the reverse (lost), with the exact two-sided McNemar p-value (a binomial test of
@@ -287,10 +279,7 @@ def paired_comparison(rows: list[dict], baseline: list[dict]) -> dict:
     theirs = _by_index([r["index"] for r in rows], baseline)
     won = sum(r["correct"] and not theirs[r["index"]]["correct"] for r in rows)
     lost = sum(theirs[r["index"]]["correct"] and not r["correct"] for r in rows)
-    n = won + lost
-    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1))
-    p = min(1.0, 2 * tail / 2 ** n) if n else 1.0
-    return {"n": len(rows), "won": won, "lost": lost, "p_mcnemar_exact": p,
+    return {"n": len(rows), "won": won, "lost": lost, "p_mcnemar_exact": mcnemar_exact(won, lost),
             "baseline_accuracy": sum(theirs[r["index"]]["correct"] for r in rows) / len(rows)}
 
 
@@ -311,7 +300,7 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
     progress_path = out_dir / PROGRESS
     done = _read_progress(progress_path, fingerprint) if resume and progress_path.exists() else {}
     if not done:
-        _atomic_text(progress_path, json.dumps({"fingerprint": fingerprint, "n": len(texts)}) + "\n")
+        atomic_write_text(progress_path, json.dumps({"fingerprint": fingerprint, "n": len(texts)}) + "\n")
     resumed = len(done)
     bar = tqdm(total=len(texts), initial=resumed, desc="eval", unit="q", disable=not progress)
     start = time.perf_counter()
@@ -352,18 +341,147 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
                if wall and not resumed else None}
     if baseline is not None:
         summary["paired"] = paired_comparison(rows, baseline)
-    _atomic_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     progress_path.unlink(missing_ok=True)
     return summary
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+# -- the library's eval: a request, the engine it names, a typed summary --------------------------
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate: the questions, the prompt, the engine, the steering strength and the budget."""
+
+    data: str = "builtin:gsm8k-dev"
+    count: int | None = None
+    offset: int = 0
+    template: str = "direct"
+    chat: bool = False
+    engine: str = "transformers"
+    form: str = "paper"
+    scale: float = 1.0  # the additive form's strength
+    alpha: float = 0.1  # the paper form's strength
+    layers: str | list[int] | None = None
+    control_vector: str | None = None  # llamacpp: a control-vector GGUF
+    llama_server: str | None = None
+    parallel: int = 4
+    max_new_tokens: int = 256
+    overwrite: bool = False
+    resume: bool = False
+    baseline: str | None = None  # the output folder of an earlier eval on the same questions
+
+    @property
+    def strength(self) -> float:
+        return self.alpha if self.form == "paper" else self.scale
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The figures of an eval run; `as_dict()` is its summary.json."""
+
+    accuracy: float
+    correct: int
+    n: int
+    ci95: tuple[float, float]
+    mean_output_tokens: float
+    cut_rate: float
+    steps_rate: float
+    states_answer_rate: float
+    out: Path
+    paired: dict | None
+    details: dict
+
+    @classmethod
+    def from_summary(cls, summary: dict, out: Path) -> "EvalSummary":
+        return cls(summary["accuracy"], summary["correct"], summary["n"], tuple(summary["ci95"]),
+                   summary["mean_output_tokens"], summary["cut_rate"], summary["steps_rate"],
+                   summary["states_answer_rate"], Path(out), summary.get("paired"), summary)
+
+    def as_dict(self) -> dict:
+        return dict(self.details)
+
+
+def _steering_label(request: EvalRequest, vectors, vectors_name: str | None) -> dict | None:
+    if vectors is None:
+        return None
+    strength = {"alpha": request.alpha} if request.form == "paper" else {"scale": request.scale}
+    return {"vectors": vectors_name, "form": request.form, **strength, "layers": vectors.layers}
+
+
+def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name: str | None = None,
+             options=None, progress: bool = True) -> EvalSummary:
+    """Evaluate `model` (a spec, a LoadedModel or a (model, tokenizer) pair) as `request` says, on its
+    engine, writing predictions.jsonl and summary.json into `out`."""
+    from ..method.vectors import parse_layers
+    from ..models.pool import ModelPool, describe
+    from ..models.runtime import RuntimeOptions
+
+    options = options or RuntimeOptions()
+    out = Path(out)
+    if request.engine not in ENGINES:
+        raise UserError(f"unknown engine '{request.engine}': use {' or '.join(ENGINES)}")
+    if request.max_new_tokens < 1:
+        raise UserError("max_new_tokens must be at least 1")
+    if (out / "summary.json").exists() and not request.overwrite:
+        raise UserError(f"'{out}' already holds results: choose another folder or pass --overwrite")
+    if (out / PROGRESS).exists() and not (request.resume or request.overwrite):
+        raise UserError(f"'{out}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
+    items = load_items(request.data, request.count, request.offset)
+    baseline_rows = read_baseline(request.baseline, items) if request.baseline else None
+    if request.layers and vectors is None:
+        raise UserError("layers selects layers of the vectors: pass vectors too")
+    if request.layers:
+        vectors = vectors.select(parse_layers(request.layers, vectors.layer_count))
+    label = {"model": describe(model), "engine": request.engine, "template": request.template,
+             "chat": request.chat, "data": str(request.data), "offset": request.offset,
+             "steering": _steering_label(request, vectors, vectors_name)}
+    if request.engine == "transformers":
+        if request.control_vector:
+            raise UserError("a control vector is for the llamacpp engine; with transformers pass vectors")
+        loaded = ModelPool(options, progress=progress).get(model)
+        texts = render_prompts(items, request.template, loaded.tokenizer, request.chat)
+        steer = None
+        if vectors is not None:
+            from ..method.steer import steering
+
+            vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
+            steer = lambda: steering(loaded, vectors, request.form, request.strength)  # noqa: E731
+        from ..method.capture import resolve_batch_size
+
+        batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length,
+                                        extra_tokens=request.max_new_tokens)
+        summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), request.max_new_tokens, out,
+                           label, progress, resume=request.resume, baseline=baseline_rows)
+        return EvalSummary.from_summary(summary, out)
+    return _run_llamacpp(model, request, out, items, vectors, label, baseline_rows, progress)
+
+
+def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress):
+    from ..models.loading import load_tokenizer, resolve
+
+    if not isinstance(model, (str, Path)):
+        raise UserError("the llamacpp engine serves a GGUF file: pass its path, not a loaded model")
+    source = resolve(str(model))
+    if source.kind != "gguf":
+        raise UserError(f"the llamacpp engine needs a GGUF model; '{model}' is not one (convert it with `gguf`)")
+    gguf_path = Path(source.path) / source.gguf_file
+    if vectors is not None and request.form != "additive":
+        raise UserError("llama.cpp runs only the additive form: pass --form additive, or --engine transformers")
+    tokenizer = load_tokenizer(source) if request.chat else None
+    texts = render_prompts(items, request.template, tokenizer, request.chat)
+    with tempfile.TemporaryDirectory() as tmp:
+        cvec = Path(request.control_vector) if request.control_vector else None
+        if vectors is not None:
+            from ..export.gguf import write_control_vector
+
+            cvec = Path(tmp) / "steer.gguf"
+            write_control_vector(vectors, cvec, scale=request.scale)
+        with LlamaServerEngine(gguf_path, cvec, request.llama_server, parallel=request.parallel,
+                               ctx_per_slot=request.max_new_tokens + 768) as server:
+            summary = evaluate(items, texts, server, request.max_new_tokens, out,
+                               {**label, "control_vector": request.control_vector}, progress,
+                               resume=request.resume, baseline=baseline_rows)
+    return EvalSummary.from_summary(summary, out)

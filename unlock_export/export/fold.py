@@ -19,11 +19,11 @@ import torch
 
 from ..models.architectures import BiasPlan, architecture_for_config
 from ..models.checkpoint import Checkpoint, check_output_path, staging_dir, write_checkpoint
+from ..choices import MODES
 from ..errors import ExportFailure, UserError
 from ..models.loading import ModelSource, resolve
 from ..method.vectors import SteeringVectors
 
-MODES = ("bias", "adapter")
 
 
 @dataclass

@@ -24,6 +24,8 @@ import numpy as np
 
 from ..models.architectures import architecture_for_config
 from ..models.checkpoint import Checkpoint
+from .._io import atomic_path
+from ..choices import OUTTYPES
 from ..errors import ExportFailure, UserError
 from ..method.vectors import SteeringVectors
 
@@ -32,7 +34,6 @@ CVEC_ARCH = "controlvector"
 SITE_TENSOR = {"layer_output": "ffn_down", "post_attention": "attn_output"}
 LLAMA_CPP_ENV = "UNLOCK_LLAMA_CPP"
 CONVERT_SCRIPT = "convert_hf_to_gguf.py"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 
 
 def engines_dir() -> Path:
@@ -52,15 +53,8 @@ def _atomic_file(out: Path, overwrite: bool):
         raise UserError(f"output '{out}' is a directory: name a .gguf file")
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' exists: choose another name or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out, suffix=".partial") as tmp:
+        yield tmp
 
 
 # -- control vectors --------------------------------------------------------------------------

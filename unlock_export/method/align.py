@@ -60,8 +60,30 @@ class LowRankMap:
     def target_hidden(self) -> int:
         return self.target_basis.shape[2]
 
-    def project(self, key: torch.Tensor) -> torch.Tensor:
-        """Map a source key [S, d_s] to target space [B, d_t]."""
+    def project(self, key, layers: str | list[int] | None = "all", site: str = "layer_output"):
+        """The key (a MasterKey) in the target: a SteeringVectors file of the selected target `layers`
+        (all, A-B, 1,4,7, or a list), added at `site` (layer_output or post_attention)."""
+        from .vectors import SteeringVectors, parse_layers
+
+        directions = self.map_key(key.vectors)
+        chosen = parse_layers(layers, self.target_layer_count)
+        provenance = {
+            "source": key.provenance.get("unlocked_model", ""),
+            "source_locked": key.provenance.get("locked_model", ""),
+            "target": self.provenance.get("target_model", ""),
+            "method": key.provenance.get("method", ""),
+            "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
+            "n_prompts_key": key.provenance.get("n_prompts", ""),
+            "key_answer_tokens": key.provenance.get("answer_tokens", "0"),
+            "n_prompts_align": self.provenance.get("n_prompts", ""),
+            "rank": str(self.rank),
+            "layer_map": ",".join(map(str, self.layer_map)),
+        }
+        return SteeringVectors({b: directions[b] for b in chosen}, self.target_layer_count, self.target_hidden,
+                               site, self.provenance.get("target_model_type", ""), provenance)
+
+    def map_key(self, key: torch.Tensor) -> torch.Tensor:
+        """Map a source key tensor [S, d_s] to target space [B, d_t]."""
         if key.dim() != 2 or key.shape[0] != self.source_layer_count or key.shape[1] != self.source_hidden:
             raise UserError(
                 f"key shape {tuple(key.shape)} does not fit the map (source has {self.source_layer_count} "

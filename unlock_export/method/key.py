@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_save, read_safetensors
+from ..choices import METHODS
 from ..errors import UserError
 
 FORMAT = "unlock-export/master-key"
-METHODS = ("mean", "pca")
 
 
 def master_key(locked: torch.Tensor, unlocked: torch.Tensor, method: str = "mean") -> torch.Tensor:

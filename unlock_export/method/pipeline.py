@@ -1,4 +1,5 @@
-"""The stages wired together: key, map, projection. Used by the CLI commands and by recipes."""
+"""The stages wired together over a ModelPool: key, map, projection. Used by the public API, the CLI
+commands and recipes. Model arguments are specs or models the caller loaded (see models.pool)."""
 
 from __future__ import annotations
 
@@ -13,48 +14,11 @@ from . import align
 from . import capture
 from ..models import loading as models
 from .. import prompts
+from ..models.pool import ModelPool, describe
 from .key import MasterKey, master_key
 from .vectors import SteeringVectors, parse_layers
 
 log = logging.getLogger("unlock_export")
-
-
-@dataclass
-class Runtime:
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    batch_size: int = 8
-    max_length: int | None = None
-    trust_remote_code: bool = False
-    progress: bool = True
-    allow_pickle: bool = False
-    checkpoint_dir: Path | None = None  # captures save their progress here (see capture.CaptureCheckpoint)
-
-
-class ModelPool:
-    """Keeps the most recently used model loaded, so a model used by two stages loads once,
-    and releases it before loading another (only one model in memory at a time)."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-        self._spec: str | None = None
-        self._loaded: models.LoadedModel | None = None
-
-    def get(self, spec: str) -> models.LoadedModel:
-        if spec != self._spec:
-            self.release()
-            log.info("loading %s", spec)
-            rt = self.runtime
-            self._loaded = models.load(spec, rt.dtype, rt.device, rt.device_map, rt.trust_remote_code, rt.allow_pickle)
-            self._spec = spec
-        return self._loaded
-
-    def release(self) -> None:
-        self._loaded, self._spec = None, None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def capture_states(pool: ModelPool, spec: str, template: str, questions: list[str], desc: str,
@@ -62,7 +26,6 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
     """The residual at the last prompt token; with `answers` (one text per question, appended to
     its prompt) the mean over the last prompt token and the answer's tokens after it."""
     loaded = pool.get(spec)
-    rt = pool.runtime
     texts = prompts.apply_template(template, questions)
     tail = None
     if answers is not None:
@@ -72,17 +35,19 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
         tail = [max(1, len(tok(f)["input_ids"]) - len(tok(t)["input_ids"]) + 1) for t, f in zip(texts, full)]
         texts = full
     return capture.capture(loaded, texts, layers=layers, position="last" if tail is None else "tail",
-                           batch_size=rt.batch_size, max_length=rt.max_length, progress=rt.progress, desc=desc,
-                           checkpoint_dir=rt.checkpoint_dir, tail_tokens=tail)
+                           batch_size=pool.options.batch_size, max_length=pool.options.max_length,
+                           progress=pool.progress, desc=desc, checkpoint_dir=pool.checkpoint_dir, tail_tokens=tail)
 
 
 def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[str], tokens: int) -> list[str]:
     """The first `tokens` tokens of each question's greedy answer under `template`, as text."""
-    from ..evaluation.calibrate import greedy_continuations
+    from .capture import resolve_batch_size
+    from .generate import greedy
 
     loaded = pool.get(spec)
-    ids = greedy_continuations(loaded, prompts.apply_template(template, questions), tokens, pool.runtime.batch_size)
-    return [loaded.tokenizer.decode(row) for row in ids]
+    texts = prompts.apply_template(template, questions)
+    batch_size = resolve_batch_size(pool.options.batch_size, loaded, texts, pool.options.max_length, extra_tokens=tokens)
+    return [loaded.tokenizer.decode(row) for row in greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)]
 
 
 def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,
@@ -108,7 +73,7 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)",
                                    answers=answers)
     key = MasterKey(master_key(locked_states, unlocked_states, method), {
-        "locked_model": locked, "unlocked_model": unlocked,
+        "locked_model": describe(locked), "unlocked_model": describe(unlocked),
         "locked_template": locked_template, "unlocked_template": unlocked_template,
         "method": method, "n_prompts": str(len(questions)), "answer_tokens": str(answer_tokens),
         "model_hint": pool.get(unlocked).model.config.model_type,
@@ -124,10 +89,10 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
         source_states = capture_states(pool, source, source_template, questions, "capture source (align)")
     target_loaded = pool.get(target)
     target_states = capture_states(pool, target, target_template, questions, "capture target (align)")
-    device = models.choose_device(pool.runtime.device)
+    device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
-        "source_model": source, "target_model": target,
+        "source_model": describe(source), "target_model": describe(target),
         "source_template": source_template, "target_template": target_template,
         "target_model_type": target_loaded.model.config.model_type,
     })
@@ -136,23 +101,8 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
 
 def project(key: MasterKey, lrmap: align.LowRankMap, layers: str | list[int] | None = "all",
             site: str = "layer_output") -> SteeringVectors:
-    """Project the key into target space and keep the selected target layers."""
-    directions = lrmap.project(key.vectors)
-    chosen = parse_layers(layers, lrmap.target_layer_count)
-    provenance = {
-        "source": key.provenance.get("unlocked_model", ""),
-        "source_locked": key.provenance.get("locked_model", ""),
-        "target": lrmap.provenance.get("target_model", ""),
-        "method": key.provenance.get("method", ""),
-        "key_templates": f"{key.provenance.get('locked_template', '')} -> {key.provenance.get('unlocked_template', '')}",
-        "n_prompts_key": key.provenance.get("n_prompts", ""),
-        "key_answer_tokens": key.provenance.get("answer_tokens", "0"),
-        "n_prompts_align": lrmap.provenance.get("n_prompts", ""),
-        "rank": str(lrmap.rank),
-        "layer_map": ",".join(map(str, lrmap.layer_map)),
-    }
-    return SteeringVectors({b: directions[b] for b in chosen}, lrmap.target_layer_count, lrmap.target_hidden,
-                           site, lrmap.provenance.get("target_model_type", ""), provenance)
+    """Project the key into target space and keep the selected target layers (LowRankMap.project)."""
+    return lrmap.project(key, layers, site)
 
 
 def self_vectors(key: MasterKey, layers: str | list[int] | None = "all", site: str = "layer_output") -> SteeringVectors:

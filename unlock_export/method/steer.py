@@ -17,10 +17,10 @@ from torch import nn
 
 from ..models.architectures import Architecture, architecture_for, config_size, layer_output_tensor, replace_layer_output
 from .capture import last_token_index
+from ..choices import FORMS
 from ..errors import UserError
 from .vectors import SteeringVectors
 
-FORMS = ("additive", "paper")
 
 
 def _resolve(model) -> tuple[nn.Module, Architecture]:

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_save, read_safetensors
+from ..choices import SITES
 from ..errors import UserError
 
 FORMAT = "unlock-export/steering-vectors"
-SITES = ("layer_output", "post_attention")
 CONVENTION = (
     "additive: h += scale * direction; "
     "paper: h <- |h| * normalize(h/|h| + alpha * direction/|direction|) at the last prompt token in prefill"

@@ -18,7 +18,6 @@ from ..errors import UserError
 
 _REGISTRY: dict[str, type["Architecture"]] = {}
 
-SITES = ("layer_output", "post_attention")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .. import prompts
 from ..errors import UserError
+from ..models.runtime import RuntimeOptions
 
 
 class _Strict(BaseModel):
@@ -172,26 +173,6 @@ class PushSpec(_Strict):
         return validate_repo_id(value)
 
 
-class RuntimeSpec(_Strict):
-    """How models run."""
-
-    dtype: str = _doc("auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.", default="auto")
-    device: str = _doc("auto (cuda if present), cpu, cuda, cuda:N.", default="auto")
-    device_map: Optional[str] = _doc("accelerate placement, e.g. auto for models larger than one GPU.", default=None)
-    batch_size: Union[Literal["auto"], int] = _doc("Prompts per forward pass, or auto (from free memory and the "
-                                                   "longest prompt).", default=8)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be a positive integer or auto")
-        return value
-    max_length: Optional[int] = _doc("Truncate prompts to their last N tokens.", default=None, ge=1)
-    trust_remote_code: bool = _doc("Allow a model's own Python code to run.", default=False)
-    allow_pickle: bool = _doc("Load .bin-only model folders (torch weights_only=True).", default=False)
-
-
 class Recipe(_Strict):
     """A whole run: key -> align -> project, then optionally fold, GGUF files and a Hub push."""
 
@@ -208,7 +189,8 @@ class Recipe(_Strict):
     gguf: Optional[GgufSpec] = _doc("llama.cpp files (off when absent).", default=None)
     diagnostics: DiagnosticsSpec = _doc("Diagnostics.", default=DiagnosticsSpec())
     push: Optional[PushSpec] = _doc("Hub push (off when absent).", default=None)
-    runtime: RuntimeSpec = _doc("How models run.", default=RuntimeSpec())
+    runtime: RuntimeOptions = _doc("How models run (the same settings as the CLI's runtime flags).",
+                                   default=RuntimeOptions())
 
 
 def _first_error(exc: ValidationError, path: Path) -> str:
@@ -364,14 +346,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
 
 def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None, checkpoint_dir: Path) -> dict:
     from ..evaluation import diagnostics
-    from ..method.pipeline import ModelPool, Runtime, compute_key, compute_map, project
+    from ..method.pipeline import compute_key, compute_map, project
+    from ..models.pool import ModelPool
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         timings: dict[str, float] = {}
         rt = recipe.runtime
-        pool = ModelPool(Runtime(rt.dtype, rt.device, rt.device_map, rt.batch_size, rt.max_length,
-                                 rt.trust_remote_code, progress, rt.allow_pickle, checkpoint_dir))
+        pool = ModelPool(rt, progress=progress, checkpoint_dir=checkpoint_dir)
         p = recipe.prompts
         key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
         align_count = p.align_count or p.key_count
@@ -433,7 +415,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
                                               **({"scales": tuple(f.scales)} if f.scales else {}),
                                               ppl_margin=f.ppl_margin, progress=progress, additive_layers=chosen.layers,
                                               objective=f.objective, continuation_tokens=f.continuation_tokens,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size).as_dict()
                 if alpha_check is not None:
                     calibration["alpha_check"] = alpha_check
                 (work / "calibration.json").write_text(json.dumps(calibration, indent=2))

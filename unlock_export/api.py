@@ -1,0 +1,199 @@
+"""The public Python API, re-exported by `unlock_export` (see its __all__).
+
+Every model argument takes a spec string (a local folder, a .gguf file, zoo:NAME, a Hub id), a
+`(model, tokenizer)` pair the caller already loaded, or a LoadedModel: a model already in memory is
+used as it is and never loaded again. Prompts are a list of strings or a source name
+(`builtin:gsm8k-train`, a JSONL file) with `count`. Results are small frozen dataclasses with
+`as_dict()`; bad arguments raise `UserError` with a one-line message that names the argument.
+
+    import unlock_export as ux
+    key = ux.master_key("zoo:qwen2.5-coder-0.5b-instruct", prompts="builtin:gsm8k-train", count=64)
+    lrmap = ux.fit_map("zoo:qwen2.5-coder-0.5b-instruct", "zoo:qwen2.5-coder-1.5b-instruct",
+                       prompts="builtin:gsm8k-train", count=64)
+    vectors = lrmap.project(key, layers="1--1")
+    result = ux.fold("zoo:qwen2.5-coder-1.5b-instruct", vectors, "out/folded", scale=0.42)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+from . import prompts as prompt_sources
+from .errors import UserError
+from .evaluation.calibrate import Calibration
+from .evaluation.run import EvalSummary
+from .export.fold import FoldResult
+from .method.align import LowRankMap
+from .method.key import MasterKey
+from .method.vectors import SteeringVectors
+from .models.loading import LoadedModel
+from .models.pool import ModelPool, as_loaded
+from .models.runtime import RuntimeOptions
+
+ModelLike = Union[str, Path, LoadedModel, tuple]
+Prompts = Union[str, Sequence[str]]
+
+
+def _questions(prompts: Prompts, count: int | None, offset: int = 0, field: str = "question") -> list[str]:
+    if isinstance(prompts, (str, Path)):
+        return prompt_sources.load_questions(str(prompts), field, count, offset)
+    questions = [str(q) for q in prompts][offset:]
+    questions = questions[:count] if count is not None else questions
+    if not questions:
+        raise UserError("prompts is empty: pass a list of prompt strings or a source like builtin:gsm8k-train")
+    return questions
+
+
+def _pool(options: RuntimeOptions | None, progress: bool) -> ModelPool:
+    return ModelPool(options or RuntimeOptions(), progress=progress)
+
+
+def load_model(spec: str | Path, options: RuntimeOptions | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer (eval mode) from a spec; `options` sets dtype, device and so on."""
+    return ModelPool(options or RuntimeOptions(), progress=False).get(str(spec))
+
+
+def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts: Prompts, count: int | None = None,
+               locked_template: str = "direct", unlocked_template: str = "cot", method: str = "mean",
+               answer_tokens: int = 0, options: RuntimeOptions | None = None, progress: bool = False) -> MasterKey:
+    """The Master Key: per-layer mean (or first principal direction) of unlocked - locked residuals.
+
+    Args:
+        locked: the capability-absent source (a base checkpoint, or the model under `locked_template`).
+        unlocked: the capability-present source (default: `locked`, contrasted by template).
+        prompts: prompt strings or a source name; `count` of them.
+        locked_template, unlocked_template: `direct`, `cot`, `plain` or a format string with {question}.
+        method: `mean` or `pca`.
+        answer_tokens: 0 reads the last prompt token (the paper's key); K reads the answer's first K tokens.
+    """
+    from .method.pipeline import compute_key
+
+    questions = _questions(prompts, count)
+    key, _ = compute_key(_pool(options, progress), locked, unlocked if unlocked is not None else locked,
+                         locked_template, unlocked_template, questions, method, answer_tokens)
+    return key
+
+
+def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: int | None = None, rank: int = 16,
+            source_template: str = "direct", target_template: str | None = None,
+            options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
+    """The per-layer low-rank map from `source` to `target` on shared unlabeled prompts.
+
+    Args:
+        source: the source model the key was read on (its locked variant).
+        target: the model that receives the capability.
+        prompts: prompt strings or a source name; `count` of them.
+        rank: the subspace rank k of each layer's map.
+        target_template: the target's template (default: `source_template`).
+    """
+    from .method.pipeline import compute_map
+
+    if rank < 1:
+        raise UserError(f"rank must be >= 1, got {rank}")
+    return compute_map(_pool(options, progress), source, target, source_template, target_template or source_template,
+                       _questions(prompts, count), rank)
+
+
+def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
+         rank: int = 8, layers: str | list[int] | None = None, verify: bool = True, tolerance: float = 1e-3,
+         overwrite: bool = False, link: bool = False, progress: bool = False) -> FoldResult:
+    """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`) or a PEFT adapter
+    (mode `adapter`) in `out`, verified against the hooks before it is written.
+
+    A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
+    from .export.fold import fold as fold_files
+    from .method.vectors import parse_layers
+
+    if layers is not None:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
+                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress)
+
+
+def _files_of(model: ModelLike) -> str:
+    """The spec of the files behind a model (a fold and a GGUF patch read files, not modules)."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    loaded = as_loaded(model)
+    if loaded.source.kind == "loaded":
+        raise UserError("target: this model was loaded elsewhere and its files are unknown: pass the folder it "
+                        "was loaded from (its name_or_path is not a local folder)")
+    return loaded.source.spec
+
+
+def write_control_vector(vectors: SteeringVectors, path: str | Path, *, scale: float = 1.0,
+                         model_hint: str | None = None, overwrite: bool = False) -> dict:
+    """`scale * vectors` as a llama.cpp control-vector GGUF (direction.N, added to the output of layer N)."""
+    from .export.gguf import write_control_vector as write
+
+    return write(vectors, path, scale=scale, model_hint=model_hint, overwrite=overwrite)
+
+
+def additive_steering(model: ModelLike, vectors: SteeringVectors, scale: float = 1.0):
+    """Context manager: h += scale * direction[L] after each steered layer, at every position (what a
+    fold or a control vector computes). `model` is a LoadedModel, a (model, tokenizer) pair or a module."""
+    from .method.steer import additive_steering as hooks
+
+    return hooks(_module(model), vectors, scale)
+
+
+def paper_steering(model: ModelLike, vectors: SteeringVectors, alpha: float = 0.1):
+    """Context manager: the paper's form, the last prompt token in prefill only, norm-preserving, at `alpha`."""
+    from .method.steer import paper_steering as hooks
+
+    return hooks(_module(model), vectors, alpha)
+
+
+def _module(model):
+    if isinstance(model, tuple):
+        return model[0]
+    if isinstance(model, (str, Path)):
+        raise UserError("model: steering hooks go on a loaded model; pass a LoadedModel or a (model, tokenizer) "
+                        "pair (ux.load_model(spec) loads one)")
+    return model
+
+
+def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts, count: int | None = 8,
+                    alpha: float = 0.1, template: str = "direct", objective: str = "answer-start",
+                    scales: Sequence[float] | None = None, ppl_margin: float = 0.10,
+                    layers: str | list[int] | None = None, continuation_tokens: int = 32,
+                    options: RuntimeOptions | None = None, progress: bool = False) -> Calibration:
+    """The additive (folded) scale closest to the paper form at `alpha`, without labels, among the
+    scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's."""
+    from .evaluation.calibrate import DEFAULT_SCALES
+    from .evaluation.calibrate import calibrate_scale as search
+    from .method.capture import resolve_batch_size
+    from .method.vectors import parse_layers
+
+    options = options or RuntimeOptions()
+    loaded = _pool(options, progress).get(model)
+    vectors.check_fits(loaded.n_layers, loaded.hidden_size, "model")
+    questions = _questions(prompts, count)
+    texts = prompt_sources.apply_template(template, questions)
+    band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
+    return search(loaded, vectors, texts, prompt_sources.apply_template("plain", questions), "paper", alpha,
+                     tuple(scales) if scales else DEFAULT_SCALES, ppl_margin,
+                     resolve_batch_size(options.batch_size, loaded, texts, options.max_length), progress=progress,
+                     additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
+
+
+def evaluate(model: ModelLike, *, data: str = "builtin:gsm8k-dev", count: int | None = None, offset: int = 0,
+             vectors: SteeringVectors | None = None, form: str = "additive", scale: float = 1.0, alpha: float = 0.1,
+             template: str = "direct", max_new_tokens: int = 256, engine: str = "transformers",
+             out: str | Path | None = None, options: RuntimeOptions | None = None, progress: bool = False,
+             **request) -> EvalSummary:
+    """Greedy accuracy on a numeric-answer math set, optionally steered by `vectors` (`form` additive at
+    `scale`, or paper at `alpha`), on `engine` (transformers, or llamacpp for a GGUF file). Writes
+    predictions.jsonl and summary.json into `out` (a temporary folder when None). Further settings of
+    evaluation.run.EvalRequest (chat, layers, baseline, resume, llama_server, parallel) pass through."""
+    from .evaluation.run import EvalRequest, run_eval
+
+    ask = EvalRequest(data=data, count=count, offset=offset, template=template, engine=engine, form=form,
+                      scale=scale, alpha=alpha, max_new_tokens=max_new_tokens, **request)
+    if out is not None:
+        return run_eval(model, ask, Path(out), vectors=vectors, options=options, progress=progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_eval(model, ask, Path(tmp) / "eval", vectors=vectors, options=options, progress=progress)

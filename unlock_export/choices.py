@@ -1,0 +1,11 @@
+"""The names each choice of the library accepts, in one torch-free place: the modules that use them
+import them from here, and the CLI builds its click choices from them."""
+
+METHODS = ("mean", "pca")  # how the Master Key aggregates the differences (method.key)
+SITES = ("layer_output", "post_attention")  # where a vector is added in a layer (method.vectors)
+FORMS = ("additive", "paper")  # the two steering forms (method.steer)
+MODES = ("bias", "adapter")  # what a fold writes (export.fold)
+ROUTES = ("patch", "convert")  # how a fold becomes a GGUF (export.gguf)
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")  # the convert route's tensor types (export.gguf)
+OBJECTIVES = ("answer-start", "continuation")  # what the calibration matches (evaluation.calibrate)
+ENGINES = ("transformers", "llamacpp")  # what eval runs on (evaluation.run)

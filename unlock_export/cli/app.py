@@ -1,0 +1,96 @@
+"""The click group, its global options, and the helpers every command shares."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import UserError
+
+DEFAULT_PROMPTS = "builtin:arithmetic"
+
+
+def prompt_options(fn):
+    options = [
+        click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True,
+                     help="builtin:gsm8k-train, builtin:gsm8k-dev, builtin:arithmetic (packaged), or a JSONL file "
+                          "(plain or .gz) of unlabeled prompts."),
+        click.option("--field", default="question", show_default=True, help="JSONL field holding the prompt."),
+        click.option("--count", default=256, show_default=True, type=int, help="Number of prompts."),
+        click.option("--offset", default=0, show_default=True, type=int, help="Skip this many prompts first."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def pool_for(ctx, runtime, checkpoint_dir=None):
+    """A ModelPool with the command's RuntimeOptions; progress bars unless --quiet."""
+    from ..models.pool import ModelPool
+
+    return ModelPool(runtime, progress=not ctx.obj["quiet"], checkpoint_dir=checkpoint_dir)
+
+
+def emit(ctx, payload: dict, text: str) -> None:
+    if ctx.obj["json"]:
+        click.echo(json.dumps(payload))
+    elif not ctx.obj["quiet"]:
+        click.echo(text)
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"'{path}' exists: choose another output or pass --overwrite")
+
+
+def number_list(value: str | None, option: str) -> tuple[float, ...] | None:
+    """'0.1,0.2' -> (0.1, 0.2); None or empty -> None."""
+    if not value:
+        return None
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{option} '{value}' is not a comma list of numbers")
+
+
+def write_json(output: Path | None, payload: dict) -> None:
+    if output:
+        from .._io import atomic_write_text
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, json.dumps(payload, indent=2) + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="unlock-export")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as one JSON object.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging verbosity.")
+@click.pass_context
+def cli(ctx, quiet, as_json, log_level):
+    """Transfer a capability between language models without training (UNLOCK), and export it.
+
+    \b
+    Pipeline:  key -> align -> project   (or all at once: run RECIPE.yaml OUT_DIR)
+    Export:    fold (checkpoint/adapter), gguf (llama.cpp), cvec (llama.cpp control vector)
+    Measure:   eval (accuracy, transformers or llama.cpp), calibrate (label-free folded scale),
+               check-alpha (label-free guard for the paper form's alpha)
+    Share:     push (Hugging Face Hub), inspect (what a file or folder holds)
+    Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
+    Exit codes: 0 ok, 1 failure, 2 bad input.
+    """
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    if as_json:
+        quiet = True
+    ctx.obj = {"quiet": quiet, "json": as_json}
+    if quiet:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+
+

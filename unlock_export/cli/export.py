@@ -1,0 +1,218 @@
+"""Export and share: `fold`, `verify`, `cvec`, `gguf`, `push`, `inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .app import cli, emit
+from ..choices import MODES, OUTTYPES, ROUTES
+from .options import choice
+
+
+# -- fold ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("target")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file from `project` (or `run`).")
+@click.option("--scale", default=1.0, show_default=True, type=float, help="Offset = scale * direction.")
+@click.option("--mode", type=choice(MODES), default="bias", show_default=True,
+              help="bias: standalone checkpoint; adapter: PEFT LoRA with lora_bias.")
+@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank (adapter mode).")
+@click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
+@click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Reload the export with the stock library and compare logits with the hook-steered original.")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed by --verify (float32).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
+@click.pass_context
+def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tolerance, output, overwrite,
+         allow_pickle):
+    """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
+
+    TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
+    on the last write into the residual stream of each steered layer (down_proj for Llama-like
+    blocks; Qwen2 and Mistral are relabelled as Llama). Families where no bias equals a residual
+    offset (Gemma 2/3, OLMo 2, unknown) are refused: use a llama.cpp control vector for those.
+
+    \b
+    Example:
+      unlock-export fold zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
+          --scale 4 -o out/qwen1.5b-cot
+      unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter --rank 8 -o out/adapter
+    """
+    from ..export.fold import fold as fold_model
+    from ..method.vectors import SteeringVectors, parse_layers
+
+    vectors = SteeringVectors.load(vectors_path)
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
+                        overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
+                        card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"])
+    ver = result.verification
+    check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
+             f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
+    emit(ctx, result.as_dict(), f"wrote {output} ({mode}, {result.exported_model_type}, "
+                                 f"{len(result.layers)} layers, scale {scale:g}); {check}")
+
+
+@cli.command("verify")
+@click.argument("export_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The steering-vectors file the export was made from.")
+@click.option("--scale", default=None, type=float, help="Scale used by fold (default: from unlock.json).")
+@click.option("--base", default=None, help="The original target (default: from unlock.json).")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed (float32).")
+@click.pass_context
+def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
+    """Reload EXPORT_DIR with the stock library and compare its logits with the hook-steered original.
+
+    Exits 1 when max |dlogit| is above the tolerance.
+
+    \b
+    Example:
+      unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
+    """
+    from ..export.fold import read_unlock_json
+    from ..method.vectors import SteeringVectors
+    from ..export.verify import verify_export
+
+    info = read_unlock_json(export_dir)
+    base = base or info.get("target")
+    scale = scale if scale is not None else info.get("scale", 1.0)
+    if not base:
+        raise UserError(f"'{export_dir}' has no unlock.json naming its base model: pass --base")
+    vectors = SteeringVectors.load(vectors_path)
+    if info.get("layers") is not None:
+        vectors = vectors.select(info["layers"])
+    report = verify_export(export_dir, vectors, scale, base, tolerance)
+    emit(ctx, report, f"ok: max |dlogit| {report['max_abs_dlogit']:.3g} <= {tolerance:g}, top-1 agreement "
+                       f"{report['top1_agreement']:.1%} on {report['prompts']} prompts "
+                       f"(steering moves logits by up to {report['steering_effect_max_abs_dlogit']:.3g})")
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file from `project` or `run`.")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="Baked into the tensors (llama.cpp can scale again with --control-vector-scaled).")
+@click.option("--layers", default=None, help="Keep only these layers (all, A-B, 1,4,7); layer 0 is never steered.")
+@click.option("--model-hint", default=None, help="controlvector.model_hint (default: the target's llama.cpp architecture).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
+    """Write a llama.cpp control-vector GGUF (direction.N tensors) from a steering-vectors file.
+
+    llama.cpp adds direction.N to the output of layer N at every position, the additive form;
+    it works for every architecture llama.cpp runs (Gemma 3 included). It never steers layer 0,
+    so a vectors file with a non-zero layer 0 is refused: pass --layers 1-N.
+
+    \b
+    Example:
+      unlock-export cvec --vectors out/demo/vectors.safetensors --scale 4 --layers 1-27 -o steer.gguf
+      llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
+    """
+    from ..export.gguf import write_control_vector
+    from ..method.vectors import SteeringVectors, parse_layers
+
+    vectors = SteeringVectors.load(vectors_path)
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    info = write_control_vector(vectors, output, scale=scale, model_hint=model_hint, overwrite=overwrite)
+    emit(ctx, info, f"wrote {output} (control vector for {info['model_hint']}, layers "
+                     f"{info['layers'][0]}-{info['layers'][-1]} ({len(info['layers'])}), scale {scale:g})")
+
+
+@cli.command("gguf")
+@click.argument("folded", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--route", type=choice(ROUTES), default="patch", show_default=True,
+              help="patch: add the biases to the target's existing GGUF (quantization kept byte for byte); "
+                   "convert: llama.cpp's convert_hf_to_gguf.py on FOLDED.")
+@click.option("--base", default=None,
+              help="patch: the target's GGUF file (default: the fold's target when it was a GGUF or zoo model).")
+@click.option("--llama-cpp", "llama_cpp", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="convert: llama.cpp source tree (default: $UNLOCK_LLAMA_CPP, else the engines cache).")
+@click.option("--outtype", default="f32", show_default=True, type=choice(OUTTYPES),
+              help="convert: tensor type of the GGUF.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
+    """Turn FOLDED (a bias export from `fold`) into a GGUF that stock llama.cpp runs.
+
+    \b
+    Example:
+      unlock-export gguf out/qwen1.5b-cot -o qwen1.5b-cot.gguf           # patch the zoo GGUF
+      unlock-export gguf out/qwen1.5b-cot --base target-q4_k_m.gguf -o folded.gguf
+      unlock-export gguf out/qwen1.5b-cot --route convert --llama-cpp ~/llama.cpp -o folded-f16.gguf --outtype f16
+    """
+    from ..export.gguf import convert_gguf, patch_gguf
+
+    if route == "patch":
+        info = patch_gguf(folded, output, base=base, overwrite=overwrite)
+        extra = f", relabelled {info['relabelled_from']} -> {info['architecture']}" if info["relabelled_from"] else ""
+        text = (f"wrote {output} (patched {info['base']}: {len(info['biases_added'])} biases added, "
+                f"{len(info['biases_replaced'])} replaced{extra})")
+    else:
+        info = convert_gguf(folded, output, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
+        text = f"wrote {output} (converted with {info['llama_cpp']}, {outtype})"
+    emit(ctx, info, text)
+
+
+# -- push / inspect --------------------------------------------------------------------------
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Hub repo USER/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing; default main).")
+@click.option("--base-model", default=None, help="Hub id of the base model for the card's base_model (e.g. Qwen/Qwen2.5-1.5B).")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded (path, size, sha256); upload nothing.")
+@click.pass_context
+def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run):
+    """Push an export folder (checkpoint or adapter) or an artifact file to the Hugging Face Hub.
+
+    One repo create (if missing) and one commit. The token comes from HF_TOKEN or the login cache
+    (`hf auth login`) and is never printed or written; HF_ENDPOINT picks another Hub.
+
+    \b
+    Example:
+      unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
+      unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
+    """
+    from ..export.hub import format_plan, push as push_artifact
+
+    report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
+                           message=message, dry_run=dry_run)
+    if ctx.obj["json"]:
+        click.echo(json.dumps(report))
+    elif dry_run or not ctx.obj["quiet"]:
+        click.echo(format_plan(report))
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.pass_context
+def inspect_cmd(ctx, artifact):
+    """Show what a key, map, vectors file, GGUF (model or control vector), adapter or export holds.
+
+    \b
+    Example:
+      unlock-export inspect out/demo/vectors.safetensors
+      unlock-export inspect out/demo/model
+    """
+    from ..export.inspect import describe, format_description
+
+    info = describe(artifact)
+    click.echo(json.dumps(info) if ctx.obj["json"] else format_description(info))
+
+

@@ -1,0 +1,213 @@
+"""Measure: `eval`, `calibrate`, `check-alpha`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .app import cli, emit, number_list, pool_for, prompt_options, refuse_existing, write_json
+from ..choices import ENGINES, FORMS, OBJECTIVES
+from .options import choice, runtime_from, runtime_options
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime):
+    """(loaded MODEL, its vectors, the prompts' questions, the batch size) for calibrate and check-alpha."""
+    from ..method.capture import resolve_batch_size
+    from ..method.vectors import SteeringVectors
+    from ..prompts import apply_template, load_questions
+
+    vectors = SteeringVectors.load(vectors_path)
+    loaded = pool_for(ctx, runtime).get(model)
+    vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    questions = load_questions(prompts_path, field=field, count=count, offset=offset)
+    batch_size = resolve_batch_size(runtime.batch_size, loaded, apply_template(template, questions), runtime.max_length)
+    return loaded, vectors, questions, batch_size
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", "data_path", required=True,
+              help="builtin:gsm8k-dev (packaged), or a JSONL file (plain or .gz) with question and answer "
+                   "(GSM8K '#### N', or a plain number).")
+@click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
+@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
+@click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
+@click.option("--engine", type=choice(ENGINES), default="transformers", show_default=True,
+              help="transformers (hooks, both forms) or llamacpp (a stock llama-server; GGUF models).")
+@click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
+@click.option("--form", type=choice(FORMS), default="paper", show_default=True,
+              help="paper: prefill-only last-token norm-preserving edit at --alpha; additive: h += scale * v "
+                   "everywhere, at --scale.")
+@click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength.")
+@click.option("--scale", default=1.0, show_default=True, type=float, help="The additive form's strength.")
+@click.option("--strength", default=None, type=float, hidden=True,
+              help="Deprecated: --alpha (paper) or --scale (additive).")
+@click.option("--layers", default=None,
+              help="Steer only these layers of --vectors (all, A-B, 1,4,7), as `fold --layers` would.")
+@click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="llamacpp: a control-vector GGUF from `cvec`.")
+@click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
+@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp: requests in flight.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.jsonl and summary.json.")
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
+@click.option("--baseline", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="OUTPUT folder of an earlier eval on the same questions (the unsteered run, say): the summary "
+                   "adds questions won and lost against it and the exact McNemar p-value.")
+@runtime_options
+@click.pass_context
+def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
+    """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
+
+    MODEL is anything `fold` accepts, or a bias export folder / folded GGUF (loaded as it is). The
+    summary has accuracy with a 95% Wilson interval, mean output length, the rates of answers that
+    show intermediate steps, that state the answer ("the answer is N", \\boxed, ####) and that were
+    cut at --max-new-tokens, and with --baseline a paired comparison (won, lost, McNemar p).
+
+    \b
+    Example:
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data builtin:gsm8k-dev --count 200 -o ev/plain
+      unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data builtin:gsm8k-dev --vectors v.safetensors \\
+          --form paper --alpha 0.1 -o ev/paper
+      unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
+    """
+    from ..evaluation.run import EvalRequest, run_eval
+    from ..method.vectors import SteeringVectors
+
+    runtime = runtime_from(options)
+    if options["layers"] and not vectors_path:
+        raise UserError("--layers selects layers of --vectors: pass --vectors too")
+    if options["max_new_tokens"] < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if strength is not None:
+        click.echo("warning: --strength is deprecated: use --alpha (paper form) or --scale (additive form)", err=True)
+        options["alpha" if options["form"] == "paper" else "scale"] = strength
+    for name in ("control_vector", "baseline"):
+        options[name] = str(options[name]) if options[name] else None
+    request = EvalRequest(data=data_path, **options)
+    vectors = SteeringVectors.load(vectors_path) if vectors_path else None
+    summary = run_eval(model, request, output, vectors=vectors, vectors_name=str(vectors_path) if vectors_path else None,
+                       options=runtime, progress=not ctx.obj["quiet"])
+    lo, hi = summary.ci95
+    paired = summary.paired
+    emit(ctx, summary.as_dict(), f"accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.n}, 95% CI "
+                                 f"{lo:.1%}-{hi:.1%}), mean {summary.mean_output_tokens:.0f} tokens, steps shown "
+                                 f"{summary.steps_rate:.0%}, answer stated {summary.states_answer_rate:.0%}, cut at "
+                                 f"{request.max_new_tokens} tokens {summary.cut_rate:.0%}"
+                                 + (f"; against the baseline {paired['won']} won, {paired['lost']} lost "
+                                    f"(McNemar p = {paired['p_mcnemar_exact']:.2g})" if paired else "")
+                                 + f"; wrote {output}/predictions.jsonl and summary.json")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file for MODEL.")
+@click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength to match.")
+@click.option("--scales", default=None, help="Comma list of additive scales to try (default 0, then 1/256..64 in sqrt(2) steps); tried in ascending order, stopping after two in a row fail the perplexity guard, then refined around the best.")
+@click.option("--ppl-margin", default=0.10, show_default=True, type=float,
+              help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
+@click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
+@click.option("--layers", default=None,
+              help="Calibrate a fold of only these layers (all, A-B, 1,4,7): the additive form steers them, "
+                   "the paper-form reference keeps every layer of --vectors.")
+@click.option("--objective", type=choice(OBJECTIVES), default="answer-start",
+              show_default=True,
+              help="answer-start: KL of the next-token distribution at the last prompt token; continuation: "
+                   "cross-entropy of the paper form's greedy continuations under the additive form.")
+@click.option("--continuation-tokens", default=32, show_default=True, type=int,
+              help="continuation: tokens of each paper-form continuation to score.")
+@prompt_options
+@runtime_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@click.pass_context
+def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, layers, objective, continuation_tokens,
+              prompts_path, field, count, offset, output, **runtime):
+    """Pick the additive (folded) scale without labels: the one closest to the paper form.
+
+    The additive form adds the vector at every position, the paper form edits only the last prompt
+    token in prefill, so their strengths differ. The chosen scale brings the additive form closest
+    to the paper form at --alpha (--objective answer-start: KL of the next-token distribution at
+    the answer start; continuation: cross-entropy of the paper form's own greedy continuations),
+    among scales that keep perplexity on the plain prompts within --ppl-margin of the unsteered
+    model's.
+
+    \b
+    Example:
+      unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
+          --alpha 0.1 --prompts builtin:gsm8k-train --count 64
+    """
+    from ..evaluation.calibrate import DEFAULT_SCALES, calibrate_scale
+    from ..prompts import apply_template
+    from ..method.vectors import parse_layers
+
+    grid = number_list(scales, "--scales") or DEFAULT_SCALES
+    loaded, vectors, questions, batch_size = _steering_inputs(
+        ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
+    band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
+    result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
+                             "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
+                             additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
+    result = result.as_dict()
+    write_json(output, result)
+    ratio = next((r["perplexity_ratio"] for r in result["table"] if r["scale"] == result["scale"]), 1.0)
+    closeness = (f"continuation cross-entropy {result['continuation_ce']:.4g} (unsteered "
+                 f"{result['continuation_ce_unsteered']:.4g})" if objective == "continuation" else
+                 f"KL at the answer start {result['kl_to_reference']:.4g} (unsteered {result['kl_unsteered_to_reference']:.4g})")
+    emit(ctx, result, f"scale {result['scale']:g} for the paper form at alpha {alpha:g}: {closeness}, "
+                       f"perplexity x{ratio:.3f}")
+
+
+@cli.command("check-alpha")
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file for MODEL.")
+@click.option("--alphas", default=None,
+              help="Comma list of paper-form alphas to check (default 0.01,0.02,0.05,0.1,0.2); tried in ascending "
+                   "order, stopping at the first that fails.")
+@click.option("--margin", default=1.0, show_default=True, type=float,
+              help="Allowed relative rise of the continuations' perplexity (1.0 = up to twice the unsteered's).")
+@click.option("--tokens", default=32, show_default=True, type=int, help="Greedy tokens generated per prompt.")
+@click.option("--template", default="direct", show_default=True, help="Prompt template.")
+@prompt_options
+@runtime_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
+@click.pass_context
+def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prompts_path, field, count, offset,
+                output, **runtime):
+    """Check, without labels, which paper-form alphas leave MODEL writing text.
+
+    Too large an alpha breaks a model's text. For each alpha the paper form's greedy continuations (--tokens) are scored by the unsteered model,
+    after their first token (the opening the steering is meant to change); an alpha passes when
+    that perplexity is within --margin of the unsteered model's on its own continuations. Prints
+    the largest alpha that passes; exit code 0 either way (the JSON says which failed).
+
+    \b
+    Example:
+      unlock-export check-alpha zoo:qwen2.5-coder-0.5b-instruct --vectors out/r/vectors.safetensors \\
+          --prompts builtin:gsm8k-train --count 8
+    """
+    from ..evaluation.calibrate import DEFAULT_ALPHAS, check_alphas
+    from ..prompts import apply_template
+
+    grid = number_list(alphas, "--alphas") or DEFAULT_ALPHAS
+    loaded, vectors, questions, batch_size = _steering_inputs(
+        ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
+    result = check_alphas(loaded, vectors, apply_template(template, questions), grid, margin, tokens,
+                          batch_size=batch_size, progress=not ctx.obj["quiet"])
+    write_json(output, result)
+    verdicts = ", ".join(f"{r['alpha']:g} x{r['fluency_ratio']:.2f}{'' if r['allowed'] else ' (breaks the text)'}"
+                         for r in result["table"])
+    best = (f"largest alpha that keeps the text: {result['alpha']:g}" if result["alpha"] is not None
+            else "no alpha tried keeps the text: try smaller --alphas")
+    emit(ctx, result, f"{best}; continuation perplexity against unsteered (margin x{1 + margin:g}): {verdicts}")
+
+

@@ -1,0 +1,193 @@
+"""The method's stages: `key`, `align`, `project`, and `run` (a whole recipe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .app import cli, emit, number_list, pool_for, prompt_options, refuse_existing, write_json
+from ..choices import METHODS, SITES
+from .options import choice, runtime_from, runtime_options
+
+
+# -- key -------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--locked", required=True, help="Capability-absent source model (dir, .gguf, zoo:NAME, Hub id).")
+@click.option("--unlocked", default=None, help="Capability-present source model (default: same as --locked).")
+@click.option("--locked-template", default="direct", show_default=True, help="Template for the locked variant.")
+@click.option("--unlocked-template", default="cot", show_default=True, help="Template for the unlocked variant.")
+@prompt_options
+@click.option("--method", type=choice(METHODS), default="mean", show_default=True,
+              help="Aggregate the differences by their mean or first principal direction.")
+@click.option("--answer-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: read the last prompt token (the paper's key). K > 0: read the answer's start instead: the "
+                   "unlocked variant writes its first K tokens (greedy), both variants read that same text after "
+                   "their own prompt, and the key is the mean difference over the last prompt token and those K.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
+@runtime_options
+@click.pass_context
+def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, method,
+        answer_tokens, output, overwrite, resume, **runtime):
+    """Compute the Master Key: per-layer difference between unlocked and locked source states.
+
+    \b
+    Example (CoT direction by prompt contrast on one model):
+      unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct \\
+          --locked-template direct --unlocked-template cot \\
+          --prompts builtin:gsm8k-train --count 64 -o key.safetensors
+    """
+    from .. import prompts as prompts_mod
+    from .._io import progress_folder
+    from ..method.pipeline import compute_key
+
+    refuse_existing(output, overwrite)
+    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
+    pool = pool_for(ctx, runtime_from(runtime))
+    with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
+        master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
+                                method, answer_tokens)
+        master.save(output)
+    norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
+    emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
+          f"wrote {output}: key for {len(norms)} layers, norms {min(norms):.3g}..{max(norms):.3g}")
+
+
+# -- align -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--source", required=True, help="Source model (the locked variant the key was computed on).")
+@click.option("--target", required=True, help="Target model that receives the capability.")
+@click.option("--source-template", default="direct", show_default=True)
+@click.option("--target-template", default="direct", show_default=True)
+@prompt_options
+@click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
+@runtime_options
+@click.pass_context
+def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, rank,
+          output, overwrite, resume, **runtime):
+    """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
+
+    \b
+    Example:
+      unlock-export align --source zoo:qwen2.5-coder-0.5b-instruct \\
+          --target zoo:qwen2.5-coder-1.5b-instruct --rank 16 --count 64 -o map.safetensors
+    """
+    from .. import prompts as prompts_mod
+    from .._io import progress_folder
+    from ..method.pipeline import compute_map
+
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    refuse_existing(output, overwrite)
+    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
+    pool = pool_for(ctx, runtime_from(runtime))
+    with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
+        lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank)
+        lrmap.save(output)
+    emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
+                "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},
+          f"wrote {output}: rank {lrmap.rank}, {lrmap.target_layer_count} target layers, "
+          f"{lrmap.factor_bytes() / 2**20:.2f} MiB (dense maps would be {lrmap.dense_bytes() / 2**20:.1f} MiB)")
+
+
+# -- project ---------------------------------------------------------------------------------
+@cli.command()
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file from `key`.")
+@click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Map file from `align`.")
+@click.option("--self", "self_steer", is_flag=True,
+              help="No map: the key steers the model it was computed on (self-steering, the upper reference).")
+@click.option("--layers", default="all", show_default=True, help="Target layers to steer: all, A-B, or 1,4,7.")
+@click.option("--site", type=choice(SITES), default="layer_output", show_default=True,
+              help="Where the vector is added in each layer.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Vectors file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def project(ctx, key_path, map_path, self_steer, layers, site, output, overwrite):
+    """Project the key into the target through the map: writes the steering-vectors file.
+
+    With --self instead of --map, the key becomes vectors for the model it was computed on.
+
+    \b
+    Example:
+      unlock-export project --key key.safetensors --map map.safetensors --layers 1-27 -o vectors.safetensors
+      unlock-export project --key own-key.safetensors --self --layers 1-27 -o self-vectors.safetensors
+    """
+    from ..method.align import LowRankMap
+    from ..method.key import MasterKey
+    from ..method.pipeline import project as project_vectors, self_vectors
+
+    if bool(map_path) == self_steer:
+        raise UserError("pass --map MAP (from `align`) to carry the key into a target, or --self to steer the "
+                        "key's own model, not both or neither")
+    refuse_existing(output, overwrite)
+    key = MasterKey.load(key_path)
+    vectors = self_vectors(key, layers, site) if self_steer else project_vectors(key, LowRankMap.load(map_path),
+                                                                                 layers, site)
+    vectors.save(output)
+    norms = vectors.norms()
+    emit(ctx, {"output": str(output), "layers": vectors.layers, "norms": norms},
+          f"wrote {output}: {len(norms)} layers, norms {min(norms.values()):.3g}..{max(norms.values()):.3g}")
+
+
+# -- run -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("recipe_path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True,
+              help="Check the recipe and every input, print the stages, models, prompts, outputs and an estimate "
+                   "of the work; load, fetch and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: finished captures and batches kept in .OUT_DIR.partial are reused.")
+@click.pass_context
+def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
+    """Run a whole recipe: key -> align -> project, then the optional fold, GGUF files and push.
+
+    Writes key, map and vectors files and summary.json into OUT_DIR (with fold: the checkpoint in
+    OUT_DIR/model; with gguf: model.gguf and control-vector.gguf), then prints how to serve them.
+
+    \b
+    Example:
+      unlock-export run --dry-run recipes/demo.yaml out/demo
+      unlock-export run recipes/demo.yaml out/demo
+    Recipe keys (docs/recipes.md has each key's type, default and meaning):
+    name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
+    prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
+    vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,scales,objective,continuation_tokens,calibrate_count,
+    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
+    gguf.{model,base,control_vector,scale} (optional: llama.cpp files),
+    diagnostics.{enabled,heldout_count,target_key},
+    push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
+    runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
+    """
+    from ..recipe.spec import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    if dry_run:
+        from ..recipe.plan import format_plan, plan_recipe
+
+        if out_dir.exists() and not (overwrite or resume):
+            raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
+        plan = plan_recipe(recipe, out_dir)
+        click.echo(json.dumps(plan.as_dict()) if ctx.obj["json"] else format_plan(plan))  # printed even with --quiet
+        return
+    summary = run_recipe(recipe, out_dir, overwrite=overwrite, progress=not ctx.obj["quiet"],
+                         recipe_text=recipe_path.read_text(encoding="utf-8"), resume=resume)
+    lines = [f"recipe {summary['recipe']} done in {sum(summary['timings_s'].values()):.1f} s"]
+    lines += [f"  {name}: {path}" for name, path in summary["outputs"].items()]
+    if summary["serve"]:
+        from ..export.serving import ServeCommand, format_commands
+
+        lines += ["serve with:", format_commands([ServeCommand(**row) for row in summary["serve"]])]
+    emit(ctx, summary, "\n".join(lines))
+
+

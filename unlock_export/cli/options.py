@@ -1,0 +1,54 @@
+"""Click options generated from the library's settings (RuntimeOptions), so a flag's name, default,
+type and help are defined once, in the field."""
+
+from __future__ import annotations
+
+import typing
+
+import click
+from pydantic import ValidationError
+
+from ..errors import UserError
+from ..models.runtime import RuntimeOptions
+
+RUNTIME_FIELDS = tuple(RuntimeOptions.model_fields)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option(name: str, field) -> typing.Callable:
+    annotation = field.annotation
+    help_text = field.description
+    if annotation is bool:
+        return click.option(_flag(name), name, is_flag=True, default=field.default, help=help_text)
+    args = typing.get_args(annotation)
+    if int in args and type(None) in args:  # Optional[int]
+        return click.option(_flag(name), name, type=int, default=field.default, help=help_text)
+    default = None if field.default is None else str(field.default)
+    return click.option(_flag(name), name, default=default, show_default=default is not None, help=help_text)
+
+
+def runtime_options(fn):
+    """Add one flag per RuntimeOptions field; the command receives them as keyword arguments."""
+    for name in reversed(RUNTIME_FIELDS):
+        fn = _option(name, RuntimeOptions.model_fields[name])(fn)
+    return fn
+
+
+def runtime_from(kwargs: dict) -> RuntimeOptions:
+    """Pop the runtime flags out of a command's keyword arguments as one RuntimeOptions; a bad value is a
+    one-line error naming the flag."""
+    values = {name: kwargs.pop(name) for name in RUNTIME_FIELDS if name in kwargs}
+    try:
+        return RuntimeOptions(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        raise UserError(f"{_flag(name)} '{values.get(name)}': {err['msg']}") from None
+
+
+def choice(values) -> click.Choice:
+    """A click choice from the library's own constant (so the CLI never lists choices of its own)."""
+    return click.Choice(list(values))
