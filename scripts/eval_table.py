@@ -253,14 +253,14 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
     if steering is not None:
         vectors, scale = steering
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--vectors", vectors, "--form", "additive",
-            "--strength", scale, *common)
+            "--scale", scale, *common)
     elif name == "unsteered":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, *common)
     elif name == "cot-prompt":
         cli("--quiet", "eval", prep["target_gguf"], *cpp, "--template", "cot", *common)
     elif name == "paper-form":
         cli("--quiet", "eval", prep["target"], "--vectors", prep["vectors"], "--form", "paper",
-            "--strength", prep["alpha"], "--dtype", "float32", "--batch-size", "8", *common)
+            "--alpha", prep["alpha"], "--dtype", "float32", "--batch-size", "8", *common)
     elif name == "folded":
         cli("--quiet", "eval", prep["folded_gguf"], *cpp, *common)
     elif name == "folded-answer-key":

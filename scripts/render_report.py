@@ -390,8 +390,10 @@ def eval_row(doc: Doc, row: Row) -> list | None:
     scale, scale_key = None, None
     if row.scale:
         scale, scale_key = doc.get(*row.scale, default=None), row.scale
-    elif isinstance(run.get("steering"), dict) and run["steering"].get("strength") is not None:
-        scale, scale_key = run["steering"]["strength"], (*row.path, "steering", "strength")
+    elif isinstance(run.get("steering"), dict) and any(run["steering"].get(k) is not None
+                                                       for k in ("scale", "alpha", "strength")):
+        word = next(k for k in ("scale", "alpha", "strength") if run["steering"].get(k) is not None)
+        scale, scale_key = run["steering"][word], (*row.path, "steering", word)
     elif run.get("strength") is not None:
         scale, scale_key = run["strength"], (*row.path, "strength")
     elif run.get("scale") is not None:

@@ -167,7 +167,7 @@ def test_recipe_fold_scale_auto_is_calibrated_without_labels(objective, capsys, 
     calibration = json.loads((out / "calibration.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     # the fold steers layers 1-2; the paper-form reference it is matched to keeps every vector layer
-    assert calibration["reference"] == {"form": "paper", "strength": 0.5, "layers": [0, 1, 2]}
+    assert calibration["reference"] == {"form": "paper", "alpha": 0.5, "layers": [0, 1, 2]}
     assert calibration["layers"] == [1, 2] and calibration["objective"] == objective
     card = (out / "model" / "README.md").read_text()
     assert ("continuations" in card) == (objective == "continuation")

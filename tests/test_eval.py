@@ -36,7 +36,7 @@ def test_eval_transformers_writes_predictions_and_summary(steer, tiny_model_dir,
             "-o", str(out)]
     if steer:
         args += ["--vectors", str(_vectors().save(tmp_path / "v.safetensors")), "--form", steer,
-                 "--strength", "0.5" if steer == "paper" else "2"]
+                 *(["--alpha", "0.5"] if steer == "paper" else ["--scale", "2"])]
     assert main(args) == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -57,11 +57,27 @@ def test_eval_steering_changes_outputs(tiny_model_dir, math_set, tmp_path, capsy
     model = tiny_model_dir("llama")
     outputs = {}
     for name, extra in [("plain", []), ("steered", ["--vectors", str(_vectors(scale=3).save(tmp_path / "v.safetensors")),
-                                                    "--form", "additive", "--strength", "1"])]:
+                                                    "--form", "additive", "--scale", "1"])]:
         assert main(["--quiet", "eval", str(model), "--data", str(math_set), "--max-new-tokens", "6",
                      "-o", str(tmp_path / name), *extra]) == 0
         outputs[name] = [json.loads(x)["output"] for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
     assert outputs["plain"] != outputs["steered"]
+
+
+def test_deprecated_strength_is_the_forms_own_word(tiny_model_dir, math_set, tmp_path, capsys):
+    """--strength (deprecated) is --scale for the additive form and --alpha for the paper form, with a warning."""
+    model = tiny_model_dir("llama")
+    vec = str(_vectors(scale=3).save(tmp_path / "v.safetensors"))
+    common = ["eval", str(model), "--data", str(math_set), "--max-new-tokens", "6", "--vectors", vec]
+    for form, word in (("additive", "--scale"), ("paper", "--alpha")):
+        assert main(["--quiet", *common, "--form", form, word, "0.7", "-o", str(tmp_path / f"{form}-new")]) == 0
+        capsys.readouterr()
+        assert main(["--quiet", *common, "--form", form, "--strength", "0.7", "-o", str(tmp_path / f"{form}-old")]) == 0
+        assert "--strength is deprecated" in capsys.readouterr().err
+        new, old = ((tmp_path / f"{form}-{k}" / "predictions.jsonl").read_text() for k in ("new", "old"))
+        assert new == old
+        steering = json.loads((tmp_path / f"{form}-new" / "summary.json").read_text())["steering"]
+        assert steering[word[2:]] == 0.7 and "strength" not in steering
 
 
 def test_paired_comparison_exact_mcnemar():
@@ -90,7 +106,7 @@ def test_eval_against_a_baseline(tiny_model_dir, math_set, tmp_path, capsys):
     common = ["eval", model, "--data", str(math_set), "--max-new-tokens", "6"]
     assert main(["--quiet", *common, "-o", str(tmp_path / "plain")]) == 0
     steer = ["--vectors", str(_vectors(scale=3).save(tmp_path / "v.safetensors")), "--form", "additive",
-             "--strength", "1"]
+             "--scale", "1"]
     assert main(["--json", *common, *steer, "--baseline", str(tmp_path / "plain"), "-o", str(tmp_path / "s")]) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = [json.loads(x) for x in (tmp_path / "s" / "predictions.jsonl").read_text().splitlines()]
@@ -304,7 +320,7 @@ def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
     assert main(["--quiet", "calibrate", str(tiny_model_dir("llama")), "--vectors", str(vec_path), "--alpha", "0.5",
                  "--count", "6", "--scales", "0.5,1,2,4", "--ppl-margin", "10", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["reference"] == {"form": "paper", "strength": 0.5, "layers": [1, 2, 3]}
+    assert result["reference"] == {"form": "paper", "alpha": 0.5, "layers": [1, 2, 3]}
     assert result["layers"] == [1, 2, 3]
     assert result["scale"] in [r["scale"] for r in result["table"]]
     assert result["kl_to_reference"] <= result["kl_unsteered_to_reference"]

@@ -77,16 +77,16 @@ def _run(eval_table, monkeypatch, name, prep, out, count=200):
 @pytest.mark.parametrize("name, model, steering", [
     ("unsteered", "target_gguf", None),
     ("cot-prompt", "target_gguf", ["--template", "cot"]),
-    ("paper-form", "target", ["--vectors", "vectors", "--form", "paper", "--strength", "alpha"]),
+    ("paper-form", "target", ["--vectors", "vectors", "--form", "paper", "--alpha", "alpha"]),
     ("folded", "folded_gguf", None),
     ("folded-answer-key", "answer_gguf", None),
-    ("self-key", "target_gguf", ["--vectors", "self_key", "--form", "additive", "--strength", "self_scale"]),
+    ("self-key", "target_gguf", ["--vectors", "self_key", "--form", "additive", "--scale", "self_scale"]),
     ("self-answer-key", "target_gguf",
-     ["--vectors", "self_answer_key", "--form", "additive", "--strength", "self_answer_scale"]),
-    ("random", "target_gguf", ["--vectors", "random", "--form", "additive", "--strength", "scale"]),
-    ("random-answer-key", "target_gguf", ["--vectors", "answer_random", "--form", "additive", "--strength", "answer_scale"]),
+     ["--vectors", "self_answer_key", "--form", "additive", "--scale", "self_answer_scale"]),
+    ("random", "target_gguf", ["--vectors", "random", "--form", "additive", "--scale", "scale"]),
+    ("random-answer-key", "target_gguf", ["--vectors", "answer_random", "--form", "additive", "--scale", "answer_scale"]),
     ("tuned-answer-key", "target_gguf",
-     ["--vectors", "answer_vectors", "--form", "additive", "--strength", "tuned_answer_scale"]),
+     ["--vectors", "answer_vectors", "--form", "additive", "--scale", "tuned_answer_scale"]),
 ])
 def test_each_row_evaluates_its_own_model_and_steering(eval_table, monkeypatch, tmp_path, prep, name, model, steering):
     assert name in eval_table.CONFIGS

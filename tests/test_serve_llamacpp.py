@@ -187,7 +187,7 @@ def test_eval_llamacpp_engine_matches_transformers(served, tmp_path, capsys):
                                          ("Tom has 3 apples and buys 4 more. How many?", 7)]))
     vec_path = m["vectors"].save(tmp_path / "v.safetensors")
     common = ["--data", str(data), "--max-new-tokens", "8", "--vectors", str(vec_path), "--form", "additive",
-              "--strength", "1", "--template", "plain"]
+              "--scale", "1", "--template", "plain"]
     assert main(["--quiet", "eval", str(m["base"]), "--engine", "llamacpp", "--parallel", "2", *common,
                  "-o", str(tmp_path / "cpp")]) == 0, capsys.readouterr().err
     assert main(["--quiet", "eval", str(m["dir"]), *common, "-o", str(tmp_path / "hf")]) == 0
