@@ -11,21 +11,28 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..method.vectors import SteeringVectors
+from ..method.vectors import SteeringVectors, format_layers
 
 
 def _base_license(source_dir: Path) -> str | None:
     readme = source_dir / "README.md"
     if readme.is_file():
-        match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-        if match:
-            try:
-                meta = yaml.safe_load(match.group(1)) or {}
-                if isinstance(meta, dict) and meta.get("license"):
-                    return str(meta["license"])
-            except yaml.YAMLError:
-                pass
+        meta = front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+        if meta.get("license"):
+            return str(meta["license"])
     return None
+
+
+def front_matter(text: str) -> dict:
+    """The YAML front matter of a model card ({} when it has none or it does not parse)."""
+    match = re.match(r"^---\n(.*?)\n---", text, re.S)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _base_model_id(target: str) -> str:
@@ -112,7 +119,7 @@ of each steered decoder layer, stored as the bias of `{result.carrier}`.
 | key | {prov.get('method', '?')}, templates {prov.get('key_templates', '?')}, N = {prov.get('n_prompts_key', '?')} |
 | alignment | rank {prov.get('rank', '?')}, N = {prov.get('n_prompts_align', '?')} |
 | target | `{target}` |
-| layers | {_ranges(result.layers)} ({len(result.layers)} of {vectors.layer_count}) |
+| layers | {format_layers(result.layers)} ({len(result.layers)} of {vectors.layer_count}) |
 | site | {result.site} |
 | scale | {result.scale:g} |
 | vector norms (x scale) | {min(norms.values()) * abs(result.scale):.4g} .. {max(norms.values()) * abs(result.scale):.4g} |
@@ -135,15 +142,3 @@ intervention from the paper's own prefill-only, last-token edit; the scale was c
     (work / "README.md").write_text(card, encoding="utf-8")
 
 
-def _ranges(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    parts, start, prev = [], layers[0], layers[0]
-    for x in layers[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(parts)

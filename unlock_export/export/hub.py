@@ -19,6 +19,7 @@ import yaml
 
 from .. import __version__
 from ..errors import ExportFailure, UserError
+from .card import front_matter
 
 # What the Hub accepts: namespace/name, letters, digits, '-', '_', '.', no '--' or '..', <= 96 chars
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -56,14 +57,7 @@ def _sha256(path: Path) -> str:
 
 
 def _card_front(text: str) -> dict:
-    match = re.match(r"^---\n(.*?)\n---", text, re.S)
-    if not match:
-        return {}
-    try:
-        meta = yaml.safe_load(match.group(1)) or {}
-    except yaml.YAMLError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    return front_matter(text)
 
 
 def _with_front(text: str, updates: dict) -> str:
@@ -85,13 +79,9 @@ def _artifact_kind(path: Path) -> str:
                         "(adapter_config.json) nor a `run` output (summary.json, vectors.safetensors): "
                         "push one of those or a single artifact file")
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
+        from ..models.gguf_fields import read_fields
 
-        try:
-            arch = GGUFReader(str(path)).fields.get("general.architecture")
-        except Exception as exc:  # noqa: BLE001 - any parse failure means a broken file
-            raise UserError(f"'{path}' is not a readable GGUF file ({exc}): re-create it") from exc
-        name = bytes(arch.parts[-1]).decode() if arch is not None else ""
+        name = read_fields(path, {"general.architecture"}).get("general.architecture", "")
         return "control-vector" if name == "controlvector" else "gguf"
     if path.suffix == ".safetensors":
         return "vectors"

@@ -9,12 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..method.vectors import FORMAT as VECTORS_FORMAT
-
-
-def _ranges(layers: list[int]) -> str:
-    from .card import _ranges as ranges
-
-    return ranges(layers)
+from ..method.vectors import format_layers
 
 
 def _safetensors_meta(path: Path) -> dict[str, str]:
@@ -36,7 +31,7 @@ def _describe_safetensors(path: Path) -> dict:
         norms = vectors.norms()
         return {"kind": "steering vectors", "model_hint": vectors.model_hint, "site": vectors.site,
                 "layer_count": vectors.layer_count, "hidden_size": vectors.hidden_size,
-                "layers": _ranges(vectors.layers), "norms": {str(k): round(v, 6) for k, v in norms.items()},
+                "layers": format_layers(vectors.layers), "norms": {str(k): round(v, 6) for k, v in norms.items()},
                 "provenance": vectors.provenance}
     if fmt == KEY_FORMAT:
         key = MasterKey.load(path)
@@ -63,14 +58,12 @@ def _describe_gguf(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - any parse failure means a broken file
         raise UserError(f"'{path}' is not a readable GGUF file ({exc}); write it again") from exc
 
+    from ..models.gguf_fields import read_fields
+
+    fields = read_fields(path)
+
     def field(name):
-        f = reader.fields.get(name)
-        if f is None:
-            return None
-        value = f.parts[f.data[0]] if f.data else None
-        if value is None:
-            return None
-        return bytes(value).decode("utf-8", "replace") if value.dtype == np.uint8 else value.tolist()[0]
+        return fields.get(name)
 
     arch = field("general.architecture")
     if arch == "controlvector":
@@ -80,12 +73,12 @@ def _describe_gguf(path: Path) -> dict:
                 norms[tensor.name.split(".")[1]] = round(float(np.linalg.norm(np.asarray(tensor.data, dtype=np.float64))), 6)
         layers = sorted(int(k) for k in norms)
         return {"kind": "llama.cpp control vector", "model_hint": field("controlvector.model_hint"),
-                "layer_count": field("controlvector.layer_count"), "layers": _ranges(layers),
+                "layer_count": field("controlvector.layer_count"), "layers": format_layers(layers),
                 "norms": {str(k): norms[str(k)] for k in layers}}
     biases = sorted(int(t.name.split(".")[1]) for t in reader.tensors if t.name.endswith("ffn_down.bias"))
     return {"kind": "GGUF model", "architecture": arch, "name": field("general.name"),
             "block_count": field(f"{arch}.block_count"), "embedding_length": field(f"{arch}.embedding_length"),
-            "tensors": len(reader.tensors), "folded_layers (ffn_down.bias)": _ranges(biases) if biases else "none",
+            "tensors": len(reader.tensors), "folded_layers (ffn_down.bias)": format_layers(biases) if biases else "none",
             "bytes": path.stat().st_size}
 
 
@@ -111,7 +104,7 @@ def _describe_folder(path: Path) -> dict:
         prov = json.loads(provenance.read_text())
         info.update({"unlock": {k: prov.get(k) for k in ("mode", "target", "site", "layers", "scale",
                                                          "carrier_module", "verification", "command")}})
-        info["unlock"]["layers"] = _ranges(prov.get("layers") or [])
+        info["unlock"]["layers"] = format_layers(prov.get("layers") or [])
     info["files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     return info
 

@@ -60,8 +60,8 @@ def parse_layers(spec: str | list[int] | None, layer_count: int) -> list[int]:
     return sorted(layers)
 
 
-def _span(layers: list[int]) -> str:
-    """[3, 4, 5, 9] -> '3-5,9'."""
+def format_layers(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'; [] -> 'none'."""
     parts, start = [], None
     for i, layer in enumerate(layers):
         if start is None:
@@ -69,7 +69,7 @@ def _span(layers: list[int]) -> str:
         if i + 1 == len(layers) or layers[i + 1] != layer + 1:
             parts.append(str(start) if start == layer else f"{start}-{layer}")
             start = None
-    return ",".join(parts)
+    return ", ".join(parts) if parts else "none"
 
 
 def _index(i: int, layer_count: int) -> int:
@@ -111,8 +111,8 @@ class SteeringVectors:
     def select(self, layers: list[int]) -> "SteeringVectors":
         if self.directions and not set(layers) & set(self.directions):
             held = self.layers
-            raise UserError(f"the vectors file holds no vector for layers {_span(sorted(layers))} "
-                            f"(it holds layers {_span(held)}): choose layers among those")
+            raise UserError(f"the vectors file holds no vector for layers {format_layers(sorted(layers))} "
+                            f"(it holds layers {format_layers(held)}): choose layers among those")
         return SteeringVectors({k: v for k, v in self.directions.items() if k in set(layers)},
                                self.layer_count, self.hidden_size, self.site, self.model_hint, dict(self.provenance))
 

@@ -105,14 +105,13 @@ def resolve(spec: str, fetch_zoo: bool = True) -> ModelSource:
 
 def gguf_architecture(path: str | Path) -> str:
     """general.architecture of a GGUF file, read from its header without loading tensors."""
-    import gguf
+    from .gguf_fields import read_fields
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except (KeyError, ValueError, OSError) as exc:
-        raise UserError(f"'{path}' is not a readable GGUF file ({exc}); check the file or fetch it again")
+    arch = read_fields(path, {"general.architecture"}, complete=True).get("general.architecture")
+    if not arch:
+        raise UserError(f"'{path}' is not a readable GGUF file (no general.architecture); check the file or "
+                        "fetch it again")
+    return arch
 
 
 def _check_gguf_supported(source: ModelSource) -> None:

@@ -54,7 +54,7 @@ class Plan:
 
 
 def _gguf_layers(path: Path) -> int | None:
-    from ..export.gguf_fields import block_count
+    from ..models.gguf_fields import block_count
 
     return block_count(path)
 

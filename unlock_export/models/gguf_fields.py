@@ -48,9 +48,10 @@ class _Reader:
         raise ValueError(f"unknown value type {kind}")
 
 
-def read_fields(path: str | Path, keys: set[str] | None = None) -> dict:
+def read_fields(path: str | Path, keys: set[str] | None = None, complete: bool = False) -> dict:
     """{key: value} of the header's scalar and string fields (arrays are None); only `keys` when given,
-    stopping as soon as all of them are read."""
+    stopping as soon as all of them are read. With `complete`, every field is read and the tensor
+    table too, and a file shorter than its tensors need (a truncated download) is refused."""
     fields: dict = {}
     try:
         with open(path, "rb") as fh:
@@ -60,17 +61,37 @@ def read_fields(path: str | Path, keys: set[str] | None = None) -> dict:
             version = r.take("<I")
             if version < 2:
                 raise ValueError(f"GGUF version {version} is not supported")
-            r.take("<Q")  # tensor count
+            tensors = r.take("<Q")
             for _ in range(r.take("<Q")):
                 key = r.string()
                 value = r.value(r.take("<I"))
-                if keys is None or key in keys:
+                if keys is None or complete or key in keys:
                     fields[key] = value
-                    if keys is not None and len(fields) == len(keys):
+                    if keys is not None and not complete and len(fields) == len(keys):
                         break
+            if complete:
+                _check_size(r, fh, tensors, int(fields.get("general.alignment") or 32), Path(path).stat().st_size)
     except (OSError, ValueError, struct.error) as exc:
         raise UserError(f"'{path}' is not a readable GGUF file ({exc}); check the file or fetch it again")
-    return fields
+    return {k: v for k, v in fields.items() if keys is None or k in keys}
+
+
+def _check_size(r: _Reader, fh, tensors: int, alignment: int, size: int) -> None:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    end = 0
+    for _ in range(tensors):
+        r.string()
+        dims = [r.take("<Q") for _ in range(r.take("<I"))]
+        kind, offset = r.take("<I"), r.take("<Q")
+        block, block_bytes = GGML_QUANT_SIZES.get(kind, (1, 0))
+        count = 1
+        for d in dims:
+            count *= d
+        end = max(end, offset + count // block * block_bytes)
+    start = -(-fh.tell() // alignment) * alignment
+    if start + end > size:
+        raise ValueError(f"truncated: its tensors need {start + end} bytes, the file has {size}")
 
 
 def block_count(path: str | Path) -> int | None:
