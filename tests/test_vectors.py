@@ -71,3 +71,21 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         make().save(tmp_path / "v.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (owner-only); what lands has the umask's permissions."""
+    import os
+
+    from unlock_export._io import atomic_write_text, staging_dir
+
+    old = os.umask(0o022)
+    try:
+        saved = make().save(tmp_path / "v.safetensors")
+        text = atomic_write_text(tmp_path / "s.json", "{}")
+        with staging_dir(tmp_path / "folder") as work:
+            (work / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert oct(saved.stat().st_mode & 0o777) == oct(0o644) and oct(text.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "folder").stat().st_mode & 0o777) == oct(0o755)

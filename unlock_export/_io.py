@@ -19,19 +19,52 @@ if TYPE_CHECKING:
     import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp"):
     """Yield a temporary path beside `path`; it is renamed onto `path` only when the block succeeds,
-    and removed when it fails or is interrupted."""
+    and removed when it fails or is interrupted. The file gets the permissions a plain `open` would
+    give it (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staging_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure (an
+    exception, Ctrl-C) it is removed and `out` is left as it was. The folder gets the permissions a
+    plain `mkdir` would give it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(work, 0o777 & ~_umask())
+    try:
+        yield work
+        if out.exists():
+            if not overwrite:
+                raise UserError(f"output '{out}' appeared while writing: choose another folder or pass --overwrite")
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
         raise
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..models.architectures import BiasPlan, architecture_for_config
-from ..models.checkpoint import Checkpoint, check_output_path, staging_dir, write_checkpoint
+from .._io import staging_dir
+from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
 from ..choices import MODES
 from ..errors import ExportFailure, UserError
 from ..models.loading import ModelSource, resolve

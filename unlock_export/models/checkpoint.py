@@ -140,28 +140,6 @@ def check_output_path(out: Path, source: Path, overwrite: bool) -> None:
         raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
 
 
-@contextmanager
-def staging_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure
-    (an exception, Ctrl-C) it is removed and `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield work
-        if out.exists():
-            if not overwrite:
-                raise UserError(f"output '{out}' appeared while writing: choose another folder or pass --overwrite")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(work, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
 def _place(src: Path, dst: Path, link: bool) -> None:
     if link:
         try:
