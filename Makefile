@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: setup test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table report docs
+.PHONY: setup lint test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table report docs
 
 setup: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# torch first: the pinned CPU build (on disk here); an unpinned torch would pull a CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,plots,convert]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,plots,convert,lint]'
 	touch $(STAMP)
+
+# ruff: pyflakes, import order, unused code (pyproject.toml [tool.ruff])
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow and not engines"

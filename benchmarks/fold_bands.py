@@ -37,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from unlock_export.evaluation.calibrate import answer_start_logprobs, kl, perplexity
-    from unlock_export.models.loading import load
-    from unlock_export.prompts import apply_template, load_questions
     from unlock_export.method.steer import steering
     from unlock_export.method.vectors import SteeringVectors, parse_layers
+    from unlock_export.models.loading import load
+    from unlock_export.prompts import apply_template, load_questions
 
     vectors = SteeringVectors.load(args.vectors)
     vectors = vectors.select([layer for layer in vectors.layers if layer != 0])

@@ -164,12 +164,17 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="an earlier eval run on the same questions")
     args = parser.parse_args()
 
-    from unlock_export.evaluation.calibrate import (answer_start_logprobs, continuation_logprobs, greedy_continuations, kl,
-                                         perplexity)
-    from unlock_export.models.loading import load
-    from unlock_export.prompts import apply_template, load_questions
+    from unlock_export.evaluation.calibrate import (
+        answer_start_logprobs,
+        continuation_logprobs,
+        greedy_continuations,
+        kl,
+        perplexity,
+    )
     from unlock_export.method.steer import steering
     from unlock_export.method.vectors import SteeringVectors
+    from unlock_export.models.loading import load
+    from unlock_export.prompts import apply_template, load_questions
 
     started = time.perf_counter()
     vectors = SteeringVectors.load(args.vectors)

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "reports" / "results" / "map_storage.json"))
     args = parser.parse_args()
     rows = [measure(s, t, args.rank) for s, t in PAIRS]
-    print(f"| source -> target | rank | our factors | dense maps (paper code) | smaller by |")
+    print("| source -> target | rank | our factors | dense maps (paper code) | smaller by |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['source'].split('/')[1]} -> {r['target'].split('/')[1]} | {r['rank']} | "

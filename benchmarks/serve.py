@@ -32,8 +32,8 @@ def prepare(cache: Path) -> tuple[Path, Path, Path]:
     import torch
 
     from unlock_export.cli import main
-    from unlock_export.models.loading import resolve
     from unlock_export.method.vectors import SteeringVectors
+    from unlock_export.models.loading import resolve
 
     source = resolve(ZOO)
     base = Path(source.path) / source.gguf_file
@@ -69,7 +69,7 @@ def run_once(model: Path, prompt: str, gen_tokens: int, cvec: Path | None) -> di
     found = {kind: (float(ms), int(n)) for kind, ms, n in _TIMING.findall(proc.stderr)}
     # llama.cpp resets its prompt timer when a control vector is applied, so the prompt time is
     # taken as total - generation for every configuration alike
-    (total_ms, total_n), (eval_ms, eval_n) = found["total"], found["eval"]
+    total_ms, (eval_ms, eval_n) = found["total"][0], found["eval"]
     prompt_n = found["prompt eval"][1]
     return {"prompt_tok_s": prompt_n / ((total_ms - eval_ms) / 1000), "gen_tok_s": eval_n / (eval_ms / 1000),
             "prompt_tokens": prompt_n}

@@ -107,10 +107,10 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     import yaml
 
     from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.method.vectors import SteeringVectors
     from unlock_export.models.loading import resolve
     from unlock_export.prompts import apply_template, load_questions
     from unlock_export.recipe.spec import load_recipe
-    from unlock_export.method.vectors import SteeringVectors
 
     work = out / direction
     work.mkdir(parents=True, exist_ok=True)

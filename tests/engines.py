@@ -90,8 +90,8 @@ def llama_completion(model: Path, prompt: str, n_predict: int, cvec: Path | None
 def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[list[int]], generate: int = 0):
     """transformers float32 logits at every position (additive steering hooks when vectors are
     given), and greedy continuations."""
-    from unlock_export.models.loading import load
     from unlock_export.method.steer import additive_steering
+    from unlock_export.models.loading import load
 
     loaded = load(str(model_dir), dtype="float32", device="cpu")
     logits, continuations = [], []

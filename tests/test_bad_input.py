@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from unlock_export.cli import main
-from unlock_export.models.loading import load
 from unlock_export.method.vectors import SteeringVectors
+from unlock_export.models.loading import load
 
 
 def run(capsys, *args):

@@ -4,11 +4,11 @@ import functools
 
 import pytest
 import torch
-
 from conftest import ARCHS
+
 from unlock_export import prompts
-from unlock_export.method.capture import capture
 from unlock_export.errors import UserError
+from unlock_export.method.capture import capture
 
 
 def reference_last_token(lm, texts):

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from unlock_export.cli import main
-from unlock_export.recipe.spec import load_recipe
 from unlock_export.method.vectors import SteeringVectors
+from unlock_export.recipe.spec import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -209,10 +209,14 @@ def test_continuation_objective(load_tiny, questions):
     """Teacher-forced scoring is independent of padding and batch size and agrees with the
     answer-start pass; the paper form's own continuations are likelier under the additive form at
     the reference's scale than unsteered."""
-    from unlock_export.evaluation.calibrate import (answer_start_logprobs, calibrate_scale, continuation_logprobs,
-                                         greedy_continuations)
-    from unlock_export.prompts import apply_template
+    from unlock_export.evaluation.calibrate import (
+        answer_start_logprobs,
+        calibrate_scale,
+        continuation_logprobs,
+        greedy_continuations,
+    )
     from unlock_export.method.steer import steering
+    from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", [questions[0], questions[1] + " and more words here", questions[2]])
@@ -240,8 +244,8 @@ def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_
     padding; a negligible alpha changes nothing (ratio 1); the search stops at the first failure and
     the largest passing alpha is chosen."""
     from unlock_export.evaluation.calibrate import check_alphas, greedy_continuations
-    from unlock_export.prompts import apply_template
     from unlock_export.method.steer import steering
+    from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", [questions[0], questions[1] + " and a longer tail here", questions[2]])

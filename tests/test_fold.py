@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unlock_export.cli import main
-from unlock_export.models.loading import load
 from unlock_export.method.steer import additive_steering
 from unlock_export.method.vectors import SteeringVectors
+from unlock_export.models.loading import load
 
 TEXTS = ["Question: Ava has 3 apples and buys 4 more. How many apples?\nAnswer:",
          "Question: Ben shares 12 coins among 3 friends.\nAnswer: Let's think step by step.\n"]

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 import yaml
-
 from hub_server import FakeHub
+
 from unlock_export.cli import main
-from unlock_export.models.loading import load
 from unlock_export.method.vectors import SteeringVectors
+from unlock_export.models.loading import load
 
 TOKEN = "hf_test_secret_token_0123456789"
 
@@ -130,7 +130,7 @@ def test_dry_run_lists_paths_sizes_and_hashes_and_sends_nothing(capsys, hub, art
     assert hub.requests == [] and hub.commits == []
     weights = next(p for p in export.iterdir() if p.suffix == ".safetensors")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    line = next(l for l in out.splitlines() if l.rstrip().endswith(weights.name))
+    line = next(row for row in out.splitlines() if row.rstrip().endswith(weights.name))
     assert digest in line and f"{weights.stat().st_size:,}" in line
     assert out.splitlines()[0].startswith("would push checkpoint to me/dry@main")
 

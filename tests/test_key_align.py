@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from unlock_export.method import align
-
 from unlock_export import prompts
-from unlock_export.method.capture import capture
 from unlock_export.errors import UserError
+from unlock_export.method import align
+from unlock_export.method.capture import capture
 from unlock_export.method.key import MasterKey, master_key
 
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unlock_export.errors import UserError
-from unlock_export.recipe.spec import load_recipe
 from unlock_export.method.vectors import FORMAT, SteeringVectors
+from unlock_export.recipe.spec import load_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

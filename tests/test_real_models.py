@@ -82,8 +82,8 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     stock transformers reloads it and matches the hook-steered original within 1e-3 (fp32)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from unlock_export.models.loading import load
     from unlock_export.method.steer import additive_steering
+    from unlock_export.models.loading import load
 
     recipe = self_cot_recipe("qwen2.5-coder-0.5b-instruct", key_count=16, rank=16,
                              vectors={"layers": "1-23"},

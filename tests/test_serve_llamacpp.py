@@ -12,11 +12,9 @@ import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SERVED_TEXTS as TEXTS
 from engines import hf_reference, llama_bin, llama_completion, llama_cpp_src, llama_logits
 

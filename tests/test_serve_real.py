@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from engines import hf_reference, llama_cpp_src, llama_logits, run_script
+
 from unlock_export.cli import main
 from unlock_export.method.vectors import SteeringVectors
 

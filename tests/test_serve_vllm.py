@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from engines import hf_reference, run_script
+
 from unlock_export.cli import main
 
 pytestmark = pytest.mark.engines

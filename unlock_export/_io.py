@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import UserError

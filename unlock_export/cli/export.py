@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..choices import MODES, OUTTYPES, ROUTES
 from ..errors import UserError
 from .app import cli, emit
-from ..choices import MODES, OUTTYPES, ROUTES
 from .options import choice
 
 
@@ -81,8 +81,8 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
       unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
     """
     from ..export.fold import read_unlock_json
-    from ..method.vectors import SteeringVectors
     from ..export.verify import verify_export
+    from ..method.vectors import SteeringVectors
 
     info = read_unlock_json(export_dir)
     base = base or info.get("target")
@@ -189,7 +189,8 @@ def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run
       unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
       unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
     """
-    from ..export.hub import format_plan, push as push_artifact
+    from ..export.hub import format_plan
+    from ..export.hub import push as push_artifact
 
     report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
                            message=message, dry_run=dry_run)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .app import cli, emit, number_list, pool_for, prompt_options, refuse_existing, write_json
 from ..choices import ENGINES, FORMS, OBJECTIVES
+from ..errors import UserError
+from .app import cli, emit, number_list, pool_for, prompt_options, write_json
 from .options import choice, runtime_from, runtime_options
 
 
@@ -146,8 +145,8 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
     from ..evaluation.calibrate import DEFAULT_SCALES, calibrate_scale
-    from ..prompts import apply_template
     from ..method.vectors import parse_layers
+    from ..prompts import apply_template
 
     grid = number_list(scales, "--scales") or DEFAULT_SCALES
     loaded, vectors, questions, batch_size = _steering_inputs(

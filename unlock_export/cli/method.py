@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .app import cli, emit, number_list, pool_for, prompt_options, refuse_existing, write_json
 from ..choices import METHODS, SITES
+from ..errors import UserError
+from .app import cli, emit, pool_for, prompt_options, refuse_existing
 from .options import choice, runtime_from, runtime_options
 
 
@@ -123,7 +123,8 @@ def project(ctx, key_path, map_path, self_steer, layers, site, output, overwrite
     """
     from ..method.align import LowRankMap
     from ..method.key import MasterKey
-    from ..method.pipeline import project as project_vectors, self_vectors
+    from ..method.pipeline import project as project_vectors
+    from ..method.pipeline import self_vectors
 
     if bool(map_path) == self_steer:
         raise UserError("pass --map MAP (from `align`) to carry the key into a target, or --self to steer the "

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..method.align import LowRankMap, fit_r2
 from ..errors import UserError
+from ..method.align import LowRankMap, fit_r2
 from ..method.key import MasterKey
 from ..method.vectors import SteeringVectors
 

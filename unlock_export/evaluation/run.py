@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import prompts as prompt_mod
-from .answers import extract_prediction, gold_answer, shows_steps, states_answer
 from .._io import atomic_write_text
 from ..choices import ENGINES
 from ..errors import UserError
+from .answers import extract_prediction, gold_answer, shows_steps, states_answer
 
 STOP = ["\nQuestion:", "\n\nQuestion"]
 LLAMA_SERVER_ENV = "UNLOCK_LLAMA_SERVER"

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..models.architectures import BiasPlan, architecture_for_config
 from .._io import staging_dir
-from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
 from ..choices import MODES
 from ..errors import ExportFailure, UserError
-from ..models.loading import ModelSource, resolve
 from ..method.vectors import SteeringVectors
-
+from ..models.architectures import BiasPlan, architecture_for_config
+from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
+from ..models.loading import ModelSource, resolve
 
 
 @dataclass

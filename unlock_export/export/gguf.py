@@ -16,18 +16,17 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from ..models.architectures import architecture_for_config
-from ..models.checkpoint import Checkpoint
 from .._io import atomic_path
 from ..choices import OUTTYPES
 from ..errors import ExportFailure, UserError
 from ..method.vectors import SteeringVectors
+from ..models.architectures import architecture_for_config
+from ..models.checkpoint import Checkpoint
 
 CVEC_ARCH = "controlvector"
 # llama.cpp's tensor name for the module that carries an offset at each site

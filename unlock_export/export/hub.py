@@ -92,8 +92,8 @@ def _recipe_output_card(path: Path, base_model: str | None) -> str:
     """Card of a `run` output: what the steering vectors are for and how to apply them."""
     import json
 
-    from .card import _base_model_id
     from ..method.vectors import SteeringVectors
+    from .card import _base_model_id
 
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     vectors = SteeringVectors.load(path / "vectors.safetensors")

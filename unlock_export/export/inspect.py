@@ -21,8 +21,10 @@ def _safetensors_meta(path: Path) -> dict[str, str]:
 
 
 def _describe_safetensors(path: Path) -> dict:
-    from ..method.align import FORMAT as MAP_FORMAT, LowRankMap
-    from ..method.key import FORMAT as KEY_FORMAT, MasterKey
+    from ..method.align import FORMAT as MAP_FORMAT
+    from ..method.align import LowRankMap
+    from ..method.key import FORMAT as KEY_FORMAT
+    from ..method.key import MasterKey
     from ..method.vectors import SteeringVectors
 
     fmt = _safetensors_meta(path).get("format")

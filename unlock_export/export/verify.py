@@ -9,9 +9,9 @@ import torch
 
 from .. import prompts
 from ..errors import ExportFailure, UserError
-from ..models.loading import load
 from ..method.steer import additive_steering
 from ..method.vectors import SteeringVectors
+from ..models.loading import load
 
 DEFAULT_PROMPTS = 4
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.architectures import config_size, layer_output_tensor
 from ..errors import UserError
+from ..models.architectures import config_size, layer_output_tensor
 from ..models.loading import LoadedModel
 
 POSITIONS = ("last", "mean", "tail")

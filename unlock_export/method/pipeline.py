@@ -3,18 +3,14 @@ commands and recipes. Model arguments are specs or models the caller loaded (see
 
 from __future__ import annotations
 
-import gc
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from . import align
-from . import capture
-from ..models import loading as models
 from .. import prompts
+from ..models import loading as models
 from ..models.pool import ModelPool, describe
+from . import align, capture
 from .key import MasterKey, master_key
 from .vectors import SteeringVectors, parse_layers
 

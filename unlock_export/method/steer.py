@@ -15,12 +15,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models.architectures import Architecture, architecture_for, config_size, layer_output_tensor, replace_layer_output
-from .capture import last_token_index
 from ..choices import FORMS
 from ..errors import UserError
+from ..models.architectures import (
+    Architecture,
+    architecture_for,
+    config_size,
+    layer_output_tensor,
+    replace_layer_output,
+)
+from .capture import last_token_index
 from .vectors import SteeringVectors
-
 
 
 def _resolve(model) -> tuple[nn.Module, Architecture]:

@@ -10,16 +10,14 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .architectures import config_size
 from ..errors import UserError
+from .architectures import config_size
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from . import zoo
 from .architectures import Architecture, architecture_for, config_size
-from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import prompts
-from ..models import zoo
 from ..errors import UserError
+from ..models import zoo
 
 CHARS_PER_TOKEN = 4
 CHECK_ALPHA_PROMPTS, CHECK_ALPHA_TOKENS = 8, 32  # recipe._check_reference_alpha: check-alpha's defaults

@@ -402,7 +402,6 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, recipe_text: str | None,
             scale = f.scale
             if scale == "auto":
                 from ..evaluation.calibrate import calibrate_scale
-
                 from ..method.capture import resolve_batch_size
 
                 calib_questions = key_questions[:f.calibrate_count]
@@ -518,8 +517,8 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str], gguf_info: dict | 
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:
     """The push step runs after the outputs are in place: a failed push keeps them, and says how to retry."""
-    from ..export.card import _base_model_id
     from ..errors import ExportFailure
+    from ..export.card import _base_model_id
     from ..export.hub import push
 
     artifact = out_dir / ("model" if spec.artifact == "model" else "vectors.safetensors")
