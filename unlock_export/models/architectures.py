@@ -37,10 +37,6 @@ class BiasPlan:
     config_set: dict = field(default_factory=dict)
     config_drop: tuple[str, ...] = ()
 
-    @property
-    def relabels(self) -> bool:
-        return "model_type" in self.config_set
-
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -111,6 +107,11 @@ class Architecture:
     # -- folding ------------------------------------------------------------------------------
     def bias_plan(self, config: dict, site: str) -> BiasPlan:
         """Where an offset at `site` can live exactly as a bias, or a UserError saying why not."""
+        if self.post_sublayer_norm:
+            raise UserError(
+                f"cannot fold into a {self.model_type} model: a norm follows each sublayer before the residual "
+                "add, so no bias equals a residual offset; use `unlock-export cvec` (llama.cpp control vector) instead"
+            )
         raise UserError(
             f"cannot fold into a '{self.model_type}' model: no bias in it equals a residual offset "
             "(not in the architecture registry); use `unlock-export cvec` for llama.cpp instead"
@@ -197,13 +198,7 @@ class Qwen3Architecture(Architecture):
 
 
 class _PostNormArchitecture(Architecture):
-    post_sublayer_norm = True
-
-    def bias_plan(self, config, site):
-        raise UserError(
-            f"cannot fold into a {self.model_type} model: a norm follows each sublayer before the residual add, "
-            "so no bias equals a residual offset; use `unlock-export cvec` (llama.cpp control vector) instead"
-        )
+    post_sublayer_norm = True  # Architecture.bias_plan refuses it
 
 
 @register("gemma2")

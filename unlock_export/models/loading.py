@@ -18,16 +18,13 @@ from .architectures import Architecture, architecture_for, config_size
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model spec points. `kind` is 'dir', 'gguf' or 'hub'."""
+    """Where a model spec points. `kind` is 'dir', 'gguf', 'hub', or 'loaded' (a model the caller loaded,
+    whose files are unknown)."""
 
     spec: str
     kind: str
     path: str  # directory for 'dir', the directory holding the file for 'gguf', the id for 'hub'
     gguf_file: str | None = None
-
-    @property
-    def display(self) -> str:
-        return self.spec
 
 
 @dataclass

@@ -33,10 +33,6 @@ class ZooModel:
     license: str
     hub_id: str = ""  # the upstream model on the Hub (the card's base_model)
 
-    @property
-    def requirements(self) -> list[str]:
-        return [req for req, _ in self.pieces]
-
 
 def _split(prefix: str, module: str, version: str, count: int, member: str) -> tuple:
     return tuple(
