@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 ENGINE = re.compile(r"llama-server|vllm |--engine llamacpp|llama-cli")
@@ -87,3 +89,45 @@ def test_the_python_quickstart_compiles():
     assert blocks
     for code in blocks:
         compile(code, "README.md", "exec")
+
+
+def _python_quickstart() -> str:
+    return next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "ux." in b)
+
+
+def _tiny(script: str, source: str, target: str) -> str:
+    return (script.replace('"zoo:qwen2.5-coder-0.5b-instruct"', repr(source))
+            .replace('"zoo:qwen2.5-coder-1.5b-instruct"', repr(target)))
+
+
+def test_the_python_quickstart_runs_with_tiny_models(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The README's Python quickstart as written, on tiny models: key by prompt contrast, map, project,
+    calibrate, fold (verified), a stock reload equal to the additive hooks within 1e-4."""
+    monkeypatch.chdir(tmp_path)
+    source, target = tiny_model_dir("llama"), tiny_model_dir("qwen2", hidden=48, layers=3)
+    exec(compile(_tiny(_python_quickstart(), str(source), str(target)), "README.md", "exec"), {})
+    verified, stock = map(float, capsys.readouterr().out.split())
+    assert verified <= 1e-3 and stock <= 1e-4
+    assert (tmp_path / "out" / "folded" / "unlock.json").is_file()
+
+
+def test_the_python_quickstart_with_models_the_caller_loaded_loads_nothing(tmp_path, tiny_model_dir, monkeypatch,
+                                                                           capsys):
+    """The same script with (model, tokenizer) pairs the caller loaded: no stage loads a model again (the
+    fold's check reloads only the export, with stock transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import unlock_export.models.loading as loading
+
+    monkeypatch.chdir(tmp_path)
+    pairs = {}
+    for name, path in (("source", tiny_model_dir("llama")), ("target", tiny_model_dir("qwen2", hidden=48, layers=3))):
+        pairs[name] = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail(f"a model was loaded again: {a}"))
+    script = _tiny(_python_quickstart(), "SOURCE", "TARGET").replace("'SOURCE'", "pairs['source']").replace(
+        "'TARGET'", "pairs['target']")
+    script = script.replace("model = ux.load_model(target)", "model = target")
+    script = script.replace("model.tokenizer(", "model[1](").replace("model.model(", "model[0](")
+    exec(compile(script, "README.md", "exec"), {"pairs": pairs})
+    verified, stock = map(float, capsys.readouterr().out.split())
+    assert verified <= 1e-3 and stock <= 1e-4

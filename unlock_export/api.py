@@ -109,8 +109,9 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
 
     if layers is not None:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
     return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
-                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress)
+                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference)
 
 
 def _files_of(model: ModelLike) -> str:

@@ -26,8 +26,10 @@ from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
 from ..models.loading import ModelSource, resolve
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldResult:
+    """What a fold wrote: the folder, mode, layers, scale, the carrier module, and the verification."""
+
     out: Path
     mode: str
     model_type: str
@@ -137,7 +139,8 @@ def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, 
 
 def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
          rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
-         verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True) -> FoldResult:
+         verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True,
+         reference=None) -> FoldResult:
     """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
     from . import card
     from . import verify as verify_mod
@@ -157,22 +160,24 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
         vectors.check_fits(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")
         arch = architecture_for_config(ckpt.config)
         plan = arch.bias_plan(ckpt.config, vectors.site)
-        result = FoldResult(out, mode, arch.model_type, arch.model_type, vectors.layers, scale, vectors.site, plan.carrier)
+        exported_type, shards, verification = arch.model_type, {}, None
         with staging_dir(out, overwrite) as work:
             if mode == "bias":
                 added, changed = fold_tensors(ckpt, plan, vectors, scale, arch.layers_path)
                 config = _folded_config(ckpt.config, plan)
-                result.exported_model_type = config.get("model_type", arch.model_type)
-                result.shards = write_checkpoint(ckpt, work, config, added, changed,
-                                                 link=link or source.kind == "gguf", progress=progress)
+                exported_type = config.get("model_type", arch.model_type)
+                shards = write_checkpoint(ckpt, work, config, added, changed,
+                                          link=link or source.kind == "gguf", progress=progress)
             else:
                 _write_adapter(ckpt, work, plan, vectors, scale, rank, arch.layers_path, target)
             if verify:
                 try:
-                    result.verification = verify_mod.verify_export(work, vectors, scale, base=str(source_dir),
-                                                                   tolerance=tolerance)
+                    verification = verify_mod.verify_export(work, vectors, scale, base=str(source_dir),
+                                                            tolerance=tolerance, reference=reference)
                 except ExportFailure as exc:
                     raise ExportFailure(f"{exc}; no output was written")
+            result = FoldResult(out, mode, arch.model_type, exported_type, vectors.layers, scale, vectors.site,
+                                plan.carrier, shards, verification)
             card.write(work, result, vectors, target=target, source_dir=source_dir, mode=mode, rank=rank,
                        context=card_context or {})
         return result

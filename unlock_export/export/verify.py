@@ -34,13 +34,18 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]
 
 
 def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base: str,
-                  tolerance: float = 1e-3, texts: list[str] | None = None, raise_on_fail: bool = True) -> dict:
-    """Compare the export in `out` with `base` steered by `scale * vectors` (additive form), in float32."""
+                  tolerance: float = 1e-3, texts: list[str] | None = None, raise_on_fail: bool = True,
+                  reference=None) -> dict:
+    """Compare the export in `out` with `base` steered by `scale * vectors` (additive form), in float32.
+    `reference`: the base already loaded (a float32 LoadedModel) is used instead of loading it again;
+    an adapter is always checked on a fresh load, since PEFT wraps the model it is given."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
     texts = texts or prompts.apply_template("direct", prompts.builtin_arithmetic(DEFAULT_PROMPTS, seed=11))
-    reference_model = load(base, dtype="float32", device="cpu")
+    usable = (reference is not None and not (out / "adapter_config.json").is_file()
+              and next(reference.model.parameters()).dtype == torch.float32)
+    reference_model = reference if usable else load(base, dtype="float32", device="cpu")
     tokenizer = reference_model.tokenizer
     plain = _logits(reference_model.model, tokenizer, texts)
     with additive_steering(reference_model, vectors, scale):
@@ -53,6 +58,7 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     else:
         try:
             exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+            exported.to(reference_model.device)
         except (OSError, ValueError) as exc:
             raise UserError(f"transformers cannot load '{out}': {str(exc).splitlines()[0][:300]}")
         kind = "checkpoint"
