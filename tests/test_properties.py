@@ -40,9 +40,12 @@ def test_recipe_loader_random_mappings(tmp_path, data):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     try:
-        load_recipe(path)
+        recipe = load_recipe(path)
     except UserError as exc:
         assert "\n" not in str(exc).strip()
+    else:  # accepted: what it holds is what the file said
+        assert recipe.source.locked.model == data["source"]["locked"]["model"]
+        assert recipe.target.model == data["target"]["model"]
 
 
 @SETTINGS
@@ -66,9 +69,11 @@ def test_recipe_loader_random_bytes(tmp_path, raw):
     path = tmp_path / "r.yaml"
     path.write_bytes(raw)
     try:
-        load_recipe(path)
-    except UserError:
-        pass
+        recipe = load_recipe(path)
+    except UserError as exc:
+        assert "\n" not in str(exc).strip() and str(exc).startswith(f"recipe {path}"), str(exc)
+    else:  # random bytes that happen to be a valid recipe: it round-trips through the schema
+        assert type(recipe).model_validate(recipe.model_dump()) == recipe
 
 
 def _vectors_bytes(tensors: dict, meta: dict) -> bytes:
@@ -95,9 +100,13 @@ def test_vectors_reader_valid_or_refused(tmp_path, layers, layer_count, hidden, 
         vectors = SteeringVectors.load(path)
     except UserError as exc:
         assert "\n" not in str(exc)
-    else:
+    else:  # accepted: exactly the tensors written, with the metadata given
         assert all(torch.isfinite(v).all() and v.shape == (vectors.hidden_size,) for v in vectors.directions.values())
         assert all(0 <= k < vectors.layer_count for k in vectors.directions)
+        assert vectors.layer_count == int(layer_count) and vectors.hidden_size == int(hidden) and vectors.site == site
+        assert sorted(vectors.directions) == sorted(layers)
+        for layer, vector in vectors.directions.items():
+            assert torch.equal(vector, tensors[f"direction.{layer}"])
 
 
 @SETTINGS
@@ -112,9 +121,12 @@ def test_vectors_reader_damaged_bytes(tmp_path, cut, flips):
     path = tmp_path / "v.safetensors"
     path.write_bytes(bytes(data[: max(0, len(data) - cut)] if cut else data))
     try:
-        SteeringVectors.load(path)
-    except UserError:
-        pass
+        vectors = SteeringVectors.load(path)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+    else:  # damage that left a valid file (bytes in padding, say): every vector has the declared size
+        assert all(v.shape == (vectors.hidden_size,) and torch.isfinite(v).all() for v in vectors.directions.values())
+        assert set(vectors.directions) <= set(range(vectors.layer_count))
 
 
 def test_header_length_overflow_is_refused(tmp_path):

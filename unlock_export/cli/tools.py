@@ -25,7 +25,13 @@ def zoo():
 @zoo.command("list")
 @click.pass_context
 def zoo_list(ctx):
-    """List the zoo models and whether they are fetched."""
+    """List the zoo models and whether they are fetched.
+
+    \b
+    Example:
+      unlock-export zoo list
+      unlock-export --json zoo list
+    """
     from ..models import zoo as zoo_mod
 
     rows = []

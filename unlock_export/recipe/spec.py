@@ -252,7 +252,8 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}")
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the reader says
+        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}")
     if not isinstance(data, dict):
         raise UserError(f"recipe {path} must be a YAML mapping with source, target, ... keys")
     try:
