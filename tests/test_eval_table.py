@@ -1,4 +1,4 @@
-"""scripts/eval_table.py (`make eval-table`): its controls, resume and per-row commands, without models."""
+"""experiments/eval_table.py (`make eval-table`): its controls, resume and per-row commands, without models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from unlock_export.evaluation.run import PROGRESS
 from unlock_export.method.vectors import SteeringVectors
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_table.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "eval_table.py"
 
 
 @pytest.fixture(scope="module")

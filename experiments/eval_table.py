@@ -28,7 +28,7 @@ summary is reused, and a configuration stopped part way (its progress.jsonl) res
 finished chunk of questions. The table goes to OUT/table.md and table.json (with its provenance:
 command, commit, versions, machine, date). Questions: the packaged GSM8K dev split (builtin:gsm8k-dev).
 
-  python scripts/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
+  python experiments/eval_table.py [--out DIR] [--count 200] [--max-new-tokens 256] [--only DIRECTION]
                                [--configs unsteered,folded,...] [--calibrate-count 8]
                                [--sweep-scales 0.0442,0.125,0.177] [--answer-tokens 16] [--tune-count 64]
                                [--tune-factors 0.5,0.7071,1,1.4142,2]

@@ -6,7 +6,7 @@ token, the additive form's probability mass on the paper form's top token, how o
 tokens agree, the perplexity ratio on plain text, and the additive form's top first tokens. No
 labels are read. A band's scales stop once perplexity rises past x1.5.
 
-  python benchmarks/fold_bands.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/eval-table/.../vectors.safetensors \
+  python experiments/fold_bands.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/eval-table/.../vectors.safetensors \
       --bands 1-27,1-9,5-13,10-18,14-22,19-27 --scales 0.0884,0.177,0.354,0.707 --count 16 --offset 1000 \
       --json reports/results/fold_bands_qwen1.5b.json
 """

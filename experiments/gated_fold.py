@@ -16,7 +16,7 @@ multiplier m: KL(paper || gated) at the answer start, the cross-entropy of the p
 continuation tokens under the gated model, and the perplexity ratio on plain text, beside the same
 figures for the unsteered model and the bias fold at a given scale.
 
-  python benchmarks/gated_fold.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/r/vectors.safetensors \
+  python experiments/gated_fold.py zoo:qwen2.5-coder-1.5b-instruct --vectors out/r/vectors.safetensors \
       --fit-count 32 --count 16 --multipliers 0.5,1,2 --bias-scale 0.0884
 
 With --eval-count N the script instead scores the gated edit at --eval-multiplier on the first N
