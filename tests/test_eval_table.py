@@ -131,7 +131,7 @@ def _fake_eval_by_scale(eval_table, monkeypatch, accuracy_at):
     def fake_cli(*args):
         args = [str(a) for a in args]
         calls.append(args)
-        scale = float(args[args.index("--strength") + 1]) if "--vectors" in args else 0.0
+        scale = float(args[args.index("--scale") + 1]) if "--vectors" in args else 0.0
         out_dir = Path(args[args.index("-o") + 1])
         out_dir.mkdir(parents=True, exist_ok=True)
         offset = int(args[args.index("--offset") + 1]) if "--offset" in args else 0
