@@ -170,7 +170,8 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
     """
-    from ..recipe.spec import load_recipe, run_recipe
+    from ..recipe.runner import run_recipe
+    from ..recipe.spec import load_recipe
 
     recipe = load_recipe(recipe_path)
     if dry_run:
