@@ -133,6 +133,27 @@ class Calibration:
         return dict(self.details)
 
 
+def _search(measure, table: dict, scales, key: str, refine: bool, stop_after_rejected: int, progress: bool) -> None:
+    """Measure the grid in ascending order, stopping once `stop_after_rejected` scales in a row fail the
+    perplexity guard; then one finer pass around the best allowed grid point. Fills `table`."""
+    from tqdm.auto import tqdm
+
+    rejected = 0
+    for scale in tqdm(sorted(scales), desc="calibrate scales", unit="scale", disable=not progress):
+        rejected = 0 if measure(scale)["allowed"] else rejected + 1
+        if stop_after_rejected and rejected >= stop_after_rejected:
+            break
+    if not refine:
+        return
+    allowed = sorted(s for s, r in table.items() if r["allowed"])
+    if allowed:
+        best = min(allowed, key=lambda s: table[s][key])
+        for factor in (0.7071, 0.8409, 1.1892, 1.4142):
+            candidate = round(best * factor, 4)
+            if candidate > 0 and all(abs(candidate - s) > 0.005 * candidate for s in table):
+                measure(candidate)  # a grid point within 0.5% was measured already
+
+
 def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
@@ -184,22 +205,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         return table[scale]
 
     key = "kl_to_reference" if continuations is None else "continuation_ce"
-
-    from tqdm.auto import tqdm
-
-    rejected = 0
-    for scale in tqdm(sorted(scales), desc="calibrate scales", unit="scale", disable=not progress):
-        rejected = 0 if measure(scale)["allowed"] else rejected + 1
-        if stop_after_rejected and rejected >= stop_after_rejected:
-            break
-    if refine:  # one finer pass around the best allowed grid point
-        allowed = sorted(s for s, r in table.items() if r["allowed"])
-        if allowed:
-            best = min(allowed, key=lambda s: table[s][key])
-            for factor in (0.7071, 0.8409, 1.1892, 1.4142):
-                candidate = round(best * factor, 4)
-                if candidate > 0 and all(abs(candidate - s) > 0.005 * candidate for s in table):
-                    measure(candidate)  # a grid point within 0.5% was measured already
+    _search(measure, table, scales, key, refine, stop_after_rejected, progress)
     allowed = [r for r in table.values() if r["allowed"]]
     chosen = min(allowed, key=lambda r: r[key]) if allowed else None
     result = {

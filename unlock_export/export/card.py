@@ -70,22 +70,37 @@ def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: i
 
 def write(work: Path, result, vectors: SteeringVectors, target: str, source_dir: Path, mode: str, rank: int,
           context: dict) -> None:
+    """unlock.json and the model card (README.md with Hub front matter) of an export in `work`."""
     info = provenance(result, vectors, target, mode, rank, context)
     (work / "unlock.json").write_text(json.dumps(info, indent=2))
+    card = "---\n" + yaml.safe_dump(_front(target, mode, source_dir), sort_keys=False) + "---\n"
+    (work / "README.md").write_text(card + _body(result, vectors, target, mode, context, info), encoding="utf-8")
+
+
+def _front(target: str, mode: str, source_dir: Path) -> dict:
+    """The card's front matter: what the Hub links to (base model, library, tags, the base's license)."""
     front = {"base_model": _base_model_id(target),
              "library_name": "peft" if mode == "adapter" else "transformers",
              "tags": ["unlock-export", "steering"] + (["lora"] if mode == "adapter" else [])}
     license_ = _base_license(source_dir)
     if license_:
         front["license"] = license_
-    prov = vectors.provenance
-    norms = vectors.norms()
-    ver = result.verification
-    verification = (
+    return front
+
+
+def _verification_line(ver: dict | None) -> str:
+    return (
         f"max \\|dlogit\\| {ver['max_abs_dlogit']:.3g} against the hook-steered original on {ver['prompts']} prompts "
         f"(tolerance {ver['tolerance']:g}, top-1 agreement {ver['top1_agreement']:.1%}; the steering itself moves "
         f"logits by up to {ver['steering_effect_max_abs_dlogit']:.3g})" if ver else "not run (--no-verify)"
     )
+
+
+def _body(result, vectors: SteeringVectors, target: str, mode: str, context: dict, info: dict) -> str:
+    """The card's text: what the export is, its provenance table, how to load it, how to reproduce it."""
+    prov = vectors.provenance
+    norms = vectors.norms()
+    verification = _verification_line(result.verification)
     load_hint = (
         "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
         f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
@@ -138,7 +153,6 @@ intervention from the paper's own prefill-only, last-token edit; the scale was c
 {info['command']}
 ```
 """
-    card = "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body
-    (work / "README.md").write_text(card, encoding="utf-8")
+    return body
 
 

@@ -102,11 +102,6 @@ def write_control_vector(vectors: SteeringVectors, out: str | Path, scale: float
 
 # -- route (a): patch the target's GGUF -----------------------------------------------------------
 
-def _field_value(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _neox_to_llama_rows(n_rows: int, n_head: int) -> np.ndarray:
     """Row order that turns a q/k projection laid out for NEOX rope (HF order, halves) into
     llama.cpp's llama layout (interleaved pairs); the same permutation its converter applies."""
@@ -144,28 +139,51 @@ def patch_gguf(folded: str | Path, out: str | Path, base: str | None = None, ove
         raise UserError(f"output '{out}' is the base GGUF itself: choose another name")
     src_arch = architecture_for_config({"model_type": info.get("target_model_type", "")})
     out_arch = architecture_for_config(ckpt.config)
+    fields = _checked_base(base_path, src_arch, ckpt)
     try:
         reader = gguf.GGUFReader(str(base_path))
     except (ValueError, OSError) as exc:
         raise UserError(f"'{base_path}' is not a readable GGUF file ({exc})")
-    gguf_arch = _field_value(reader, "general.architecture")
+    gguf_arch = fields["general.architecture"]
+    site = info.get("site", "layer_output")
+    existing = {t.name for t in reader.tensors}
+    biases = _folded_biases(ckpt, out_arch, info, site, fields[f"{gguf_arch}.block_count"], existing)
+    new_arch = out_arch.gguf_arch or gguf_arch
+    permute = src_arch.gguf_rope_neox and not out_arch.gguf_rope_neox and new_arch != gguf_arch
+    heads = (fields.get(f"{gguf_arch}.attention.head_count"),
+             fields.get(f"{gguf_arch}.attention.head_count_kv") or fields.get(f"{gguf_arch}.attention.head_count"))
+    with _atomic_file(Path(out), overwrite) as tmp:
+        added = _write_patched(reader, tmp, gguf_arch, new_arch, fields.get("general.alignment"), biases,
+                               heads if permute else None, info, site)
+    return {"out": str(out), "route": "patch", "base": str(base_path), "architecture": new_arch,
+            "relabelled_from": gguf_arch if new_arch != gguf_arch else None, "qk_rows_permuted": permute,
+            "biases_added": sorted(added), "biases_replaced": sorted(n for n in biases if n in existing)}
+
+
+def _checked_base(base_path: Path, src_arch, ckpt: Checkpoint) -> dict:
+    """The base GGUF's header fields, checked to be the model the fold was made from."""
+    from ..models.gguf_fields import read_fields
+
+    fields = read_fields(base_path)
+    gguf_arch = fields.get("general.architecture")
     if gguf_arch != src_arch.gguf_arch:
         raise UserError(
             f"'{base_path}' is a '{gguf_arch}' GGUF but the fold was made from a '{src_arch.model_type}' model "
             f"(llama.cpp '{src_arch.gguf_arch}'); pass the GGUF of the model you folded"
         )
-    n_layer = _field_value(reader, f"{gguf_arch}.block_count")
-    n_embd = _field_value(reader, f"{gguf_arch}.embedding_length")
+    n_layer, n_embd = fields.get(f"{gguf_arch}.block_count"), fields.get(f"{gguf_arch}.embedding_length")
     if (n_layer, n_embd) != (ckpt.layer_count(), ckpt.hidden_size()):
         raise UserError(
             f"'{base_path}' has {n_layer} layers of size {n_embd} but the folded checkpoint has "
             f"{ckpt.layer_count()} of size {ckpt.hidden_size()}; pass the GGUF of the model you folded"
         )
+    return fields
 
-    site = info.get("site", "layer_output")
+
+def _folded_biases(ckpt: Checkpoint, out_arch, info: dict, site: str, n_layer: int, existing: set) -> dict:
+    """{GGUF tensor name: the folded bias} for every steered layer (and every bias the base already has)."""
     carrier = info.get("carrier_module") or out_arch.bias_plan(ckpt.config, site).carrier
     prefix = ckpt.layer_prefix(out_arch.layers_path)
-    existing = {t.name for t in reader.tensors}
     biases: dict[str, np.ndarray] = {}
     for layer in range(n_layer):
         name = f"{prefix}.{layer}.{carrier}.bias"
@@ -175,57 +193,57 @@ def patch_gguf(folded: str | Path, out: str | Path, base: str | None = None, ove
         target_name = f"blk.{layer}.{SITE_TENSOR[site]}.bias"
         if target_name in existing or np.any(value != 0):
             biases[target_name] = value
+    return biases
 
-    new_arch = out_arch.gguf_arch or gguf_arch
-    permute = src_arch.gguf_rope_neox and not out_arch.gguf_rope_neox and new_arch != gguf_arch
-    n_head = _field_value(reader, f"{gguf_arch}.attention.head_count")
-    n_head_kv = _field_value(reader, f"{gguf_arch}.attention.head_count_kv") or n_head
+
+def _write_patched(reader, tmp: Path, gguf_arch: str, new_arch: str, alignment, biases: dict,
+                   permute_heads: tuple | None, info: dict, site: str) -> list[str]:
+    """Write the base's fields (relabelled to `new_arch`) and tensors, the folded biases in place of or
+    beside its own, q/k rows moved whole when `permute_heads` (n_head, n_head_kv). Returns the added names."""
+    import gguf
 
     def tensor_data(t):
         data = t.data
-        if permute and t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
-            heads = n_head if ".attn_q." in t.name else n_head_kv
+        if permute_heads and t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            heads = permute_heads[0] if ".attn_q." in t.name else permute_heads[1]
             rows = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(-1, 1)
             data = rows[_neox_to_llama_rows(rows.shape[0], heads)].reshape(data.shape)
         if t.name in biases:
             data = biases[t.name].astype(data.dtype)
         return data
 
-    with _atomic_file(Path(out), overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), new_arch, endianess=reader.endianess)
-        alignment = _field_value(reader, "general.alignment")
-        if alignment:
-            writer.data_alignment = int(alignment)
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue
-            key = field.name
-            if key.startswith(f"{gguf_arch}.") and new_arch != gguf_arch:
-                key = f"{new_arch}.{key[len(gguf_arch) + 1:]}"
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
-        writer.add_string("unlock_export.folded_from", str(info.get("target", "")))
-        writer.add_string("unlock_export.site", site)
-        writer.add_float32("unlock_export.scale", float(info.get("scale", 0.0)))
-        tensors = list(reader.tensors)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        added = [n for n in biases if n not in existing]
-        for name in added:
-            writer.add_tensor_info(name, biases[name].shape, np.float32, biases[name].nbytes,
-                                   gguf.GGMLQuantizationType.F32)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            writer.write_tensor_data(tensor_data(t), tensor_endianess=reader.endianess)
-        for name in added:
-            writer.write_tensor_data(biases[name])
-        writer.close()
-    return {"out": str(out), "route": "patch", "base": str(base_path), "architecture": new_arch,
-            "relabelled_from": gguf_arch if new_arch != gguf_arch else None, "qk_rows_permuted": permute,
-            "biases_added": sorted(added), "biases_replaced": sorted(n for n in biases if n in existing)}
+    writer = gguf.GGUFWriter(str(tmp), new_arch, endianess=reader.endianess)
+    if alignment:
+        writer.data_alignment = int(alignment)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        key = field.name
+        if key.startswith(f"{gguf_arch}.") and new_arch != gguf_arch:
+            key = f"{new_arch}.{key[len(gguf_arch) + 1:]}"
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+    writer.add_string("unlock_export.folded_from", str(info.get("target", "")))
+    writer.add_string("unlock_export.site", site)
+    writer.add_float32("unlock_export.scale", float(info.get("scale", 0.0)))
+    tensors = list(reader.tensors)
+    existing = {t.name for t in tensors}
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    added = [n for n in biases if n not in existing]
+    for name in added:
+        writer.add_tensor_info(name, biases[name].shape, np.float32, biases[name].nbytes,
+                               gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(tensor_data(t), tensor_endianess=reader.endianess)
+    for name in added:
+        writer.write_tensor_data(biases[name])
+    writer.close()
+    return added
 
 
 # -- route (b): llama.cpp's converter ---------------------------------------------------------------

@@ -175,6 +175,53 @@ def resolve_batch_size(batch_size: int | str, loaded: LoadedModel, texts: list[s
 
 
 @torch.inference_mode()
+def _checked_request(loaded: LoadedModel, texts: list[str], layers: list[int] | None, position: str,
+                     batch_size: int | str, max_length: int | None, tail_tokens: list[int] | None) -> tuple[list, int]:
+    """The layers to capture (sorted) and the batch size, or a UserError naming what is wrong."""
+    n_layers = loaded.n_layers
+    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise UserError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    if position not in POSITIONS:
+        raise UserError(f"unknown capture position '{position}': use {' or '.join(POSITIONS)}")
+    if not texts:
+        raise UserError("no prompts to capture: give at least one prompt")
+    if (position == "tail") != (tail_tokens is not None):
+        raise UserError("tail_tokens go with position 'tail' and only with it")
+    if tail_tokens is not None and (len(tail_tokens) != len(texts) or min(tail_tokens) < 1):
+        raise UserError("tail_tokens needs one count of at least 1 per text")
+    batch_size = resolve_batch_size(batch_size, loaded, texts, max_length)
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    return layers, batch_size
+
+
+def _row_hooks(loaded: LoadedModel, layers: list[int], position: str, state: dict, staging: torch.Tensor) -> list:
+    """Forward hooks that copy each captured layer's rows (at `position`, read from `state`) into
+    `staging`, and stop the forward after the deepest one. Returns their handles."""
+    n_layers = loaded.n_layers
+    slot = {layer: i for i, layer in enumerate(layers)}
+    deepest = layers[-1]
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            hidden = layer_output_tensor(output)
+            if position == "last":
+                rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"].to(hidden.device)]
+            else:
+                mask = state["mask" if position == "mean" else "tail"].to(hidden.device, hidden.dtype).unsqueeze(-1)
+                rows = (hidden * mask).sum(1) / mask.sum(1)
+            # fp32 rows only, into the staging buffer; from a GPU an asynchronous copy into pinned memory
+            staging[slot[layer], :rows.shape[0]].copy_(rows.float(), non_blocking=staging.is_pinned())
+            if layer == deepest and deepest < n_layers - 1:
+                raise _StopForward
+        return hook
+
+    decoder_layers = loaded.arch.decoder_layers(loaded.model)
+    return [decoder_layers[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+
+
 def capture(
     loaded: LoadedModel,
     texts: list[str],
@@ -197,45 +244,14 @@ def capture(
     With `checkpoint_dir`, finished batches are saved there (see the module docstring) and a
     capture with the same fingerprint continues from them.
     """
-    n_layers = loaded.n_layers
-    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise UserError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
-    if position not in POSITIONS:
-        raise UserError(f"unknown capture position '{position}': use {' or '.join(POSITIONS)}")
-    if not texts:
-        raise UserError("no prompts to capture: give at least one prompt")
-    if (position == "tail") != (tail_tokens is not None):
-        raise UserError("tail_tokens go with position 'tail' and only with it")
-    if tail_tokens is not None and (len(tail_tokens) != len(texts) or min(tail_tokens) < 1):
-        raise UserError("tail_tokens needs one count of at least 1 per text")
-    batch_size = resolve_batch_size(batch_size, loaded, texts, max_length)
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-
+    layers, batch_size = _checked_request(loaded, texts, layers, position, batch_size, max_length, tail_tokens)
     model, tokenizer = loaded.model, loaded.tokenizer
     out = torch.zeros(len(layers), len(texts), loaded.hidden_size, dtype=torch.float32)
-    slot = {layer: i for i, layer in enumerate(layers)}
-    deepest = layers[-1]
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    staging = torch.zeros(len(layers), min(batch_size, len(texts)), loaded.hidden_size, dtype=torch.float32,
+                          pin_memory=on_gpu)
     state: dict = {}
-
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            hidden = layer_output_tensor(output)
-            if position == "last":
-                rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"].to(hidden.device)]
-            else:
-                mask = state["mask" if position == "mean" else "tail"].to(hidden.device, hidden.dtype).unsqueeze(-1)
-                rows = (hidden * mask).sum(1) / mask.sum(1)
-            # fp32 rows only, into the staging buffer; from a GPU an asynchronous copy into pinned memory
-            staging[slot[layer], :rows.shape[0]].copy_(rows.float(), non_blocking=staging.is_pinned())
-            if layer == deepest and deepest < n_layers - 1:
-                raise _StopForward
-        return hook
-
-    decoder_layers = loaded.arch.decoder_layers(model)
-    handles = [decoder_layers[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    handles = _row_hooks(loaded, layers, position, state, staging)
     # Sort by length so batches hold similar lengths (less padding), then write back in order.
     lengths = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -245,9 +261,6 @@ def capture(
     if "logits_to_keep" in accepted:
         extra["logits_to_keep"] = 1  # skip the LM head over every position
     starts = list(range(0, len(order), batch_size))
-    on_gpu = any(p.is_cuda for p in model.parameters())
-    staging = torch.zeros(len(layers), min(batch_size, len(texts)), loaded.hidden_size, dtype=torch.float32,
-                          pin_memory=on_gpu)
     checkpoint, done = None, 0
     if checkpoint_dir is not None:
         checkpoint = CaptureCheckpoint(checkpoint_dir, capture_fingerprint(
