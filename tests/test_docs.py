@@ -170,3 +170,15 @@ def test_development_md_lists_every_module():
         f"{p.name}/" for p in package.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     missing = [m for m in modules if f"`{m}`" not in text]
     assert not missing, f"docs/development.md's package layout lacks {missing}"
+
+
+def test_python_snippets_in_the_docs_compile_and_name_the_public_api():
+    import re
+
+    import unlock_export as ux
+
+    for page in sorted(DOCS.glob("*.md")):
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            compile(code, str(page), "exec")
+            for name in re.findall(r"\bux\.([A-Za-z_]+)", code):
+                assert name in ux.__all__, f"{page.name}: ux.{name} is not in unlock_export.__all__"

@@ -11,3 +11,9 @@ class ExportFailure(UserError):
     """The export ran but failed its own check (e.g. verification above tolerance): exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first non-empty line of an exception's message (at most `limit` characters), or its type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__

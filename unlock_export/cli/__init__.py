@@ -11,16 +11,11 @@ import sys
 
 import click
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from . import export, measure, method, tools  # noqa: F401  (they register their commands)
 from .app import cli
 
 __all__ = ["cli", "main"]
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:400] if lines else "(no message)"
 
 
 def main(argv=None) -> int:
@@ -28,7 +23,7 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="unlock-export", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {_one_line(exc)}", err=True)
+        click.echo(f"error: {first_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -50,12 +45,12 @@ def main(argv=None) -> int:
                        "(nothing was written; partial files were removed)", err=True)
             return 2
         logging.getLogger("unlock_export").debug("failure", exc_info=True)
-        click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --log-level debug for details)",
+        click.echo(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --log-level debug for details)",
                    err=True)
         return 1
     except Exception as exc:  # a failure, not bad input: one line, the traceback only when asked
         logging.getLogger("unlock_export").debug("failure", exc_info=True)
-        click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --log-level debug for details)",
+        click.echo(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --log-level debug for details)",
                    err=True)
         return 1
     return 0

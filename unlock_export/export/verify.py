@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import prompts
-from ..errors import ExportFailure, UserError
+from ..errors import ExportFailure, UserError, first_line
 from ..method.steer import additive_steering
 from ..method.vectors import SteeringVectors
 from ..models.loading import load
@@ -60,7 +60,7 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
             exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
             exported.to(reference_model.device)
         except (OSError, ValueError) as exc:
-            raise UserError(f"transformers cannot load '{out}': {str(exc).splitlines()[0][:300]}")
+            raise UserError(f"transformers cannot load '{out}': {first_line(exc, 300)}")
         kind = "checkpoint"
     got = _logits(exported, tokenizer, texts)
     max_diff, top1 = compare(got, reference)

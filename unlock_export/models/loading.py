@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from . import zoo
 from .architectures import Architecture, architecture_for, config_size
 
@@ -262,7 +262,7 @@ def load(
         raise UserError(f"model '{spec}': its pickled weights hold more than tensors and were not loaded "
                         f"({blocked[:200]}); do not use this file, get a safetensors copy")
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 300)
         hint = (
             "the Hub is unreachable here: pass a local directory or GGUF file"
             if source.kind == "hub"
