@@ -171,7 +171,7 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
 
     options = options or RuntimeOptions()
     loaded = _pool(options, progress).get(model)
-    vectors.check_fits(loaded.n_layers, loaded.hidden_size, "model")
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, "model")
     questions = _questions(prompts, count)
     texts = prompt_sources.apply_template(template, questions)
     band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None

@@ -217,3 +217,61 @@ def inspect_cmd(ctx, artifact):
     click.echo(json.dumps(info) if ctx.obj["json"] else format_description(info))
 
 
+
+
+# -- vectors made elsewhere -------------------------------------------------------------------------
+@cli.group("vectors")
+def vectors_group():
+    """Steering vectors to and from llama.cpp control vectors.
+
+    \b
+    Example:
+      unlock-export vectors import steer.gguf -o steer.safetensors
+      unlock-export vectors export out/demo/vectors.safetensors --layers 1-27 -o steer.gguf
+    Every command that takes --vectors also reads a control-vector GGUF directly.
+    """
+
+
+@vectors_group.command("import")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def vectors_import(ctx, source, output, overwrite):
+    """A llama.cpp control vector (llama.cpp's cvector-generator, repeng, `cvec`) or bare direction.N
+    tensors as a steering-vectors file, so provenance can be added and `inspect` shows it.
+
+    The file names no layer count of its model: the layers it steers are kept, and each command
+    that uses the vectors checks them against its model (hidden size, highest layer).
+
+    \b
+    Example:
+      unlock-export vectors import steer.gguf -o steer.safetensors
+    """
+    from ..method.vectors import SteeringVectors
+
+    if output.exists() and not overwrite:
+        raise UserError(f"'{output}' exists: choose another output or pass --overwrite")
+    vectors = SteeringVectors.load(source)
+    vectors.save(output)
+    emit(ctx, {"output": str(output), "layers": vectors.layers, "hidden_size": vectors.hidden_size},
+         f"wrote {output}: {len(vectors.layers)} layers of size {vectors.hidden_size} from {source}")
+
+
+@vectors_group.command("export")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--scale", default=1.0, show_default=True, type=float, help="Baked into the tensors.")
+@click.option("--layers", default=None, help="Keep only these layers (all, A-B, 1,4,7); layer 0 is never steered.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def vectors_export(ctx, source, scale, layers, output, overwrite):
+    """A steering-vectors file as a llama.cpp control vector (the same as `cvec`).
+
+    \b
+    Example:
+      unlock-export vectors export out/demo/vectors.safetensors --layers 1-27 -o steer.gguf
+    """
+    ctx.invoke(cvec, vectors_path=source, scale=scale, layers=layers, model_hint=None, output=output,
+               overwrite=overwrite)

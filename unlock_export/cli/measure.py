@@ -21,7 +21,7 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
 
     vectors = SteeringVectors.load(vectors_path)
     loaded = pool_for(ctx, runtime).get(model)
-    vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{model}'")
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{model}'")
     questions = load_questions(prompts_path, field=field, count=count, offset=offset)
     batch_size = resolve_batch_size(runtime.batch_size, loaded, apply_template(template, questions), runtime.max_length)
     return loaded, vectors, questions, batch_size

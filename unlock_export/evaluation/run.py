@@ -447,7 +447,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         if vectors is not None:
             from ..method.steer import steering
 
-            vectors.check_fits(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
+            vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
             steer = lambda: steering(loaded, vectors, request.form, request.strength)  # noqa: E731
         from ..method.capture import resolve_batch_size
 

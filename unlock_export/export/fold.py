@@ -157,7 +157,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
         source_dir, source = materialize(target, scratch, allow_pickle)
         check_output_path(out, source_dir if source.kind != "gguf" else Path(source.path) / source.gguf_file, overwrite)
         ckpt = Checkpoint(source_dir)
-        vectors.check_fits(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")
+        vectors = vectors.for_model(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")
         arch = architecture_for_config(ckpt.config)
         plan = arch.bias_plan(ckpt.config, vectors.site)
         exported_type, shards, verification = arch.model_type, {}, None

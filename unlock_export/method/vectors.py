@@ -13,10 +13,19 @@ control-vector naming and meaning), and string metadata:
   convention    how a strength applies: additive `h += scale * direction`; paper
                 `h <- |h| * normalize(h/|h| + alpha * direction/|direction|)`
   ...           provenance: source, target, method, rank, n_prompts, ...
+
+`load` also reads vectors made elsewhere: a llama.cpp control-vector GGUF (llama.cpp's
+cvector-generator, repeng's export_gguf, `unlock-export cvec`: `general.architecture =
+controlvector`, float32 `direction.N`, added to the output of layer N), and a safetensors file of
+`direction.N` tensors without this format's metadata (with a warning). Neither says the target's
+layer count, so such vectors fit any model with more layers than their highest N and the same
+hidden size (`for_model` checks that and takes the model's layer count).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +96,7 @@ class SteeringVectors:
     site: str = "layer_output"
     model_hint: str = ""
     provenance: dict[str, str] = field(default_factory=dict)
+    layer_count_known: bool = True  # False for vectors made elsewhere: layer_count is then a lower bound
 
     def __post_init__(self):
         if self.site not in SITES:
@@ -120,11 +130,26 @@ class SteeringVectors:
         return {k: float(v.norm()) for k, v in sorted(self.directions.items())}
 
     def check_fits(self, layer_count: int, hidden_size: int, what: str = "the model") -> None:
+        if not self.layer_count_known:
+            if hidden_size != self.hidden_size:
+                raise UserError(f"the vectors have size {self.hidden_size} but {what} has hidden size {hidden_size}: "
+                                "use a control vector made for this model")
+            if max(self.directions, default=0) >= layer_count:
+                raise UserError(f"the vectors steer layer {max(self.directions)} but {what} has layers "
+                                f"0..{layer_count - 1}: use a control vector made for this model")
+            return
         if layer_count != self.layer_count or hidden_size != self.hidden_size:
             raise UserError(
                 f"the vectors are for {self.layer_count} layers of size {self.hidden_size}, but {what} has "
                 f"{layer_count} layers of size {hidden_size}; project the key for this model"
             )
+
+    def for_model(self, layer_count: int, hidden_size: int, what: str = "the model") -> "SteeringVectors":
+        """These vectors, checked to fit a model of `layer_count` layers of `hidden_size`; vectors made
+        elsewhere take the model's layer count."""
+        self.check_fits(layer_count, hidden_size, what)
+        return self if self.layer_count_known else dataclasses.replace(self, layer_count=layer_count,
+                                                                        layer_count_known=True)
 
     def save(self, path: str | Path) -> Path:
         meta = {
@@ -141,6 +166,14 @@ class SteeringVectors:
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVectors":
+        """A steering-vectors file, a llama.cpp control-vector GGUF, or bare direction.N tensors."""
+        path = Path(path)
+        if path.is_file() and path.read_bytes()[:4] == b"GGUF":
+            return cls.from_control_vector(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            bare = _bare_directions(path)
+            if bare is not None:
+                return bare
         tensors, meta = read_safetensors(path, "steering-vectors", FORMAT)
         directions = {}
         for name, tensor in tensors.items():
@@ -158,3 +191,66 @@ class SteeringVectors:
         provenance = {k: v for k, v in meta.items() if k not in _RESERVED}
         return cls(directions, layer_count, hidden_size, meta.get("site", "layer_output"),
                    meta.get("model_hint", ""), provenance)
+
+    @classmethod
+    def from_control_vector(cls, path: str | Path) -> "SteeringVectors":
+        """A llama.cpp control-vector GGUF: direction.N added to the output of layer N (the layer_output
+        site). It names no hidden size or layer count of the model: `for_model` checks them."""
+        import gguf
+
+        from ..models.gguf_fields import read_fields
+
+        fields = read_fields(path)
+        if fields.get("general.architecture") != "controlvector":
+            raise UserError(f"'{path}' is a GGUF of architecture '{fields.get('general.architecture')}', not a "
+                            "control vector (controlvector): pass a control-vector GGUF or a vectors file")
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError) as exc:
+            raise UserError(f"'{path}' is not a readable GGUF file ({exc}); write it again") from None
+        directions = {}
+        for t in reader.tensors:
+            m = _NAME.match(t.name)
+            if not m:
+                raise UserError(f"control vector '{path}' holds an unexpected tensor '{t.name}' (only direction.N)")
+            directions[int(m.group(1))] = torch.from_numpy(t.data.astype("float32").reshape(-1).copy())
+        return cls._made_elsewhere(path, directions, fields.get("controlvector.model_hint") or "",
+                                   {"imported_from": f"llama.cpp control vector {Path(path).name}"})
+
+    @classmethod
+    def _made_elsewhere(cls, path, directions: dict, model_hint: str, provenance: dict) -> "SteeringVectors":
+        if not directions:
+            raise UserError(f"'{path}' holds no direction.N tensors: nothing to steer with")
+        sizes = {v.numel() for v in directions.values()}
+        if len(sizes) != 1:
+            raise UserError(f"'{path}': its directions have different sizes {sorted(sizes)}; every direction.N "
+                            "must have the model's hidden size")
+        return cls(directions, max(directions) + 1, sizes.pop(), "layer_output", model_hint, provenance,
+                   layer_count_known=False)
+
+
+def _bare_directions(path: Path) -> SteeringVectors | None:
+    """direction.N tensors in a safetensors file without this format's metadata (another tool's vectors),
+    or None when the file has the format key (read as usual) or is not such a file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            if "format" in meta:
+                return None
+            names = list(fh.keys())
+            if not names or not all(_NAME.match(n) for n in names):
+                return None
+            directions = {int(_NAME.match(n).group(1)): fh.get_tensor(n).float().reshape(-1) for n in names}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    logging.getLogger("unlock_export").warning(
+        "%s has no steering-vectors metadata: read as direction.N added to the output of layer N", path)
+    vectors = SteeringVectors._made_elsewhere(path, directions, meta.get("model_hint", ""),
+                                              {"imported_from": f"bare direction.N tensors {path.name}"})
+    if meta.get("layer_count", "").isdigit():
+        count = int(meta["layer_count"])
+        if count > max(directions):
+            return dataclasses.replace(vectors, layer_count=count, layer_count_known=True)
+    return vectors
