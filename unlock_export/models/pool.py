@@ -58,10 +58,13 @@ class ModelPool:
         self.checkpoint_dir = checkpoint_dir  # captures keep their progress here (capture.CaptureCheckpoint)
         self._spec: str | None = None
         self._loaded = None
+        self._handed: dict[int, tuple] = {}  # id(object) -> (object, its LoadedModel): wrapped once
 
     def get(self, model):
         if not isinstance(model, (str, Path)):
-            return as_loaded(model)
+            if id(model) not in self._handed:  # keep the object too, so its id stays its own
+                self._handed[id(model)] = (model, as_loaded(model))
+            return self._handed[id(model)][1]
         spec = str(model)
         if spec != self._spec:
             from .loading import load
