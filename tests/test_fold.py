@@ -44,32 +44,105 @@ def fold_cli(capsys, target, vec_path, out, *extra):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch,site", CASES)
-@pytest.mark.parametrize("mode", ["bias", "adapter"])
+# every (arch, site) in every mode, but BEFT on GPT-2 (PEFT's BEFT adapts nn.Linear only: refused below),
+# plus qwen3's layer output, which no bias flag can carry but both adapters can
+FOLDS = [(arch, site, mode) for arch, site in CASES for mode in ("bias", "adapter", "lora")
+         if not (mode == "adapter" and arch == "gpt2")]
+FOLDS += [("qwen3", "layer_output", "adapter"), ("qwen3", "layer_output", "lora")]
+
+
+def _reload(src, out, mode):
+    if mode == "bias":
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), out)
+
+
+@pytest.mark.parametrize("arch,site,mode", FOLDS)
 def test_export_matches_hook_reference(tmp_path, capsys, tiny_model_dir, arch, site, mode):
     src = tiny_model_dir(arch)
     lm = load(str(src), dtype="float32", device="cpu")
     vec = make_vectors(lm, site)
     vec_path = vec.save(tmp_path / "v.safetensors")
     out = tmp_path / "out"
-    code, err = fold_cli(capsys, src, vec_path, out, "--scale", "0.5", "--mode", mode, "--rank", "4")
+    before = sorted(p.name for p in Path(src).iterdir())
+    code, err = fold_cli(capsys, src, vec_path, out, "--scale", "0.5", "--mode", mode,
+                         *(["--rank", "4"] if mode == "lora" else []))
     assert code == 0, err
     plain = logits(lm.model, lm.tokenizer)
     with additive_steering(lm, vec, 0.5):
         reference = logits(lm.model, lm.tokenizer)
-    if mode == "bias":
-        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        exported = PeftModel.from_pretrained(base, out)
-        assert json.loads((out / "adapter_config.json").read_text())["lora_bias"] is True
-    got = logits(exported.eval(), lm.tokenizer)
+    got = logits(_reload(src, out, mode).eval(), lm.tokenizer)
     assert max_diff(got, reference) <= 1e-4
     assert max_diff(got, plain) > 0.1  # the offset is really there
-    # src untouched: no new files in the source folder
-    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(src).iterdir())
+    assert sorted(p.name for p in Path(src).iterdir()) == before  # nothing written into the source
+    if mode != "bias":
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["peft_type"] == ("BEFT" if mode == "adapter" else "LORA")
+        assert config.get("lora_bias", mode == "lora") is (mode == "lora")
+
+
+def test_beft_adapter_holds_one_bias_per_steered_module(tmp_path, capsys, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    src = tiny_model_dir("llama")
+    lm = load(str(src), dtype="float32", device="cpu")
+    vec = make_vectors(lm, layers=(1, 3))
+    out = tmp_path / "out"
+    assert fold_cli(capsys, src, vec.save(tmp_path / "v.safetensors"), out, "--mode", "adapter", "--scale", "2")[0] == 0
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert sorted(tensors) == [f"base_model.model.model.layers.{L}.mlp.down_proj.beft_bias" for L in (1, 3)]
+    for L in (1, 3):
+        bias = tensors[f"base_model.model.model.layers.{L}.mlp.down_proj.beft_bias"]
+        assert bias.shape == (1, lm.hidden_size) and torch.equal(bias[0], (vec.directions[L] * 2).float())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [f"model.layers.{L}.mlp.down_proj" for L in (1, 3)]
+    assert "r" not in config and not any("lora" in k for k in tensors)
+    info = json.loads((out / "unlock.json").read_text())
+    assert info["peft_type"] == "BEFT" and info["adapter_rank"] is None and info["carrier_module"] == "mlp.down_proj"
+
+
+def test_beft_merges_where_the_module_has_a_bias_and_peft_refuses_elsewhere(tmp_path, capsys, tiny_model_dir):
+    from peft import PeftModel
+
+    for arch, mergeable in (("gpt_neox", True), ("llama", False)):
+        src = tiny_model_dir(arch)
+        lm = load(str(src), dtype="float32", device="cpu")
+        vec = make_vectors(lm)
+        out = tmp_path / arch
+        assert fold_cli(capsys, src, vec.save(tmp_path / f"{arch}.safetensors"), out, "--mode", "adapter")[0] == 0
+        with additive_steering(lm, vec, 1.0):
+            reference = logits(lm.model, lm.tokenizer)
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), out)
+        if mergeable:
+            merged = adapted.merge_and_unload().eval()
+            assert type(merged).__name__ == "GPTNeoXForCausalLM"
+            assert max_diff(logits(merged, lm.tokenizer), reference) <= 1e-4
+        else:
+            with pytest.raises(ValueError, match="no bias"):
+                adapted.merge_and_unload()
+        card = (out / "README.md").read_text()
+        assert "merge_and_unload()" in card and "fold --mode bias" in card and "cvec" in card
+
+
+def test_beft_on_conv1d_is_refused_naming_lora(tmp_path, capsys, tiny_model_dir):
+    src = tiny_model_dir("gpt2")
+    lm = load(str(src), dtype="float32", device="cpu")
+    vec_path = make_vectors(lm).save(tmp_path / "v.safetensors")
+    code, err = fold_cli(capsys, src, vec_path, tmp_path / "out", "--mode", "adapter")
+    assert code == 2 and "Conv1D" in err and "--mode lora" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+@pytest.mark.parametrize("mode", ["bias", "adapter"])
+def test_rank_is_for_lora_only(tmp_path, capsys, tiny_model_dir, mode):
+    src = tiny_model_dir("llama")
+    lm = load(str(src), dtype="float32", device="cpu")
+    vec_path = make_vectors(lm).save(tmp_path / "v.safetensors")
+    code, err = fold_cli(capsys, src, vec_path, tmp_path / "out", "--mode", mode, "--rank", "4")
+    assert code == 2 and "--rank applies to --mode lora only" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_relabelled_qwen2_equals_original_unsteered(tmp_path, capsys, tiny_model_dir):
@@ -182,12 +255,13 @@ def test_model_card_and_provenance(tmp_path, capsys, tiny_model_dir):
     src = tiny_model_dir("qwen2")
     lm = load(str(src), dtype="float32", device="cpu")
     vec_path = make_vectors(lm).save(tmp_path / "v.safetensors")
-    for mode in ("bias", "adapter"):
+    for mode in ("bias", "adapter", "lora"):
         out = tmp_path / mode
         assert fold_cli(capsys, src, vec_path, out, "--mode", mode, "--scale", "2")[0] == 0
         card = (out / "README.md").read_text()
         front = yaml.safe_load(card.split("---")[1])
-        assert front["library_name"] == ("peft" if mode == "adapter" else "transformers")
+        assert front["library_name"] == ("transformers" if mode == "bias" else "peft")
+        assert {"adapter": "beft", "lora": "lora"}.get(mode, "transformers") in front["tags"] + ["transformers"]
         assert {"unlock-export", "steering"} <= set(front["tags"]) and front["base_model"]
         assert "max \\|dlogit\\|" in card and "unlock-export" in card
         info = json.loads((out / "unlock.json").read_text())

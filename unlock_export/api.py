@@ -98,10 +98,11 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
 
 
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
-         rank: int = 8, layers: str | list[int] | None = None, verify: bool = True, tolerance: float = 1e-3,
-         overwrite: bool = False, link: bool = False, progress: bool = False) -> FoldResult:
-    """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`) or a PEFT adapter
-    (mode `adapter`) in `out`, verified against the hooks before it is written.
+         rank: int | None = None, layers: str | list[int] | None = None, verify: bool = True,
+         tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False) -> FoldResult:
+    """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`), a PEFT BEFT adapter
+    (mode `adapter`) or a PEFT LoRA with lora_bias (mode `lora`, `rank` default 8) in `out`, verified
+    against the hooks before it is written.
 
     A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
     from .export.fold import fold as fold_files

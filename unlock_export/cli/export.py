@@ -20,8 +20,9 @@ from .options import choice
               help="Steering-vectors file from `project` (or `run`).")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Offset = scale * direction.")
 @click.option("--mode", type=choice(MODES), default="bias", show_default=True,
-              help="bias: standalone checkpoint; adapter: PEFT LoRA with lora_bias.")
-@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank (adapter mode).")
+              help="bias: standalone checkpoint; adapter: PEFT BEFT adapter (a bias per steered module, PEFT "
+                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2).")
+@click.option("--rank", default=None, type=int, help="LoRA rank (--mode lora only; default 8).")
 @click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -38,14 +39,15 @@ def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tol
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
     on the last write into the residual stream of each steered layer (down_proj for Llama-like
-    blocks; Qwen2 and Mistral are relabelled as Llama). Families where no bias equals a residual
-    offset (Gemma 2/3, OLMo 2, unknown) are refused: use a llama.cpp control vector for those.
+    blocks; in bias mode Qwen2 and Mistral are relabelled as Llama). Families where no bias equals
+    a residual offset (Gemma 2/3, OLMo 2, unknown) are refused: use a llama.cpp control vector.
+    Adapters load with PEFT only; vLLM and llama.cpp serve the bias mode's checkpoint.
 
     \b
     Example:
       unlock-export fold zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
           --scale 4 -o out/qwen1.5b-cot
-      unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter --rank 8 -o out/adapter
+      unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter -o out/adapter
     """
     from ..export.fold import fold as fold_model
     from ..method.vectors import SteeringVectors, parse_layers

@@ -47,6 +47,9 @@ def _base_model_id(target: str) -> str:
     return by_file.get(Path(target).name, Path(target).name)
 
 
+PEFT_TYPES = {"adapter": "BEFT", "lora": "LORA"}  # the fold modes that write a PEFT adapter
+
+
 def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: int, context: dict) -> dict:
     return {
         "tool": "unlock-export",
@@ -59,7 +62,8 @@ def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: i
         "carrier_module": result.carrier,
         "layers": result.layers,
         "scale": result.scale,
-        "adapter_rank": rank if mode == "adapter" else None,
+        "peft_type": PEFT_TYPES.get(mode),
+        "adapter_rank": rank if mode == "lora" else None,
         "vector_norms": {str(k): round(v, 6) for k, v in vectors.norms().items()},
         "vectors_provenance": vectors.provenance,
         "verification": result.verification,
@@ -80,8 +84,8 @@ def write(work: Path, result, vectors: SteeringVectors, target: str, source_dir:
 def _front(target: str, mode: str, source_dir: Path) -> dict:
     """The card's front matter: what the Hub links to (base model, library, tags, the base's license)."""
     front = {"base_model": _base_model_id(target),
-             "library_name": "peft" if mode == "adapter" else "transformers",
-             "tags": ["unlock-export", "steering"] + (["lora"] if mode == "adapter" else [])}
+             "library_name": "peft" if mode in PEFT_TYPES else "transformers",
+             "tags": ["unlock-export", "steering"] + ([PEFT_TYPES[mode].lower()] if mode in PEFT_TYPES else [])}
     license_ = _base_license(source_dir)
     if license_:
         front["license"] = license_
@@ -96,21 +100,32 @@ def _verification_line(ver: dict | None) -> str:
     )
 
 
+def _load_hint(target: str, mode: str) -> str:
+    """How to load the export, and which stacks can (an adapter: PEFT only; the routes for the others)."""
+    if mode not in PEFT_TYPES:
+        return ("```python\nfrom transformers import AutoModelForCausalLM\n"
+                "model = AutoModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # no trust_remote_code, "
+                "no hooks\n```")
+    what = ("a BEFT adapter (one bias vector per steered module; PEFT 0.20 or later)" if mode == "adapter" else
+            "a LoRA adapter whose lora_B bias carries the offset (PEFT 0.14 or later, `lora_bias`)")
+    return (
+        f"This is {what}. It loads with PEFT on top of the base model:\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+        f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
+        "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```\n\n"
+        "`model.merge_and_unload()` works only where the steered module already has a bias of its own "
+        "(GPT-NeoX, GPT-2); elsewhere PEFT refuses to merge. vLLM and llama.cpp do not load bias adapters: "
+        "serve the folded checkpoint (`unlock-export fold --mode bias`) with vLLM or transformers, or the "
+        "control vector (`unlock-export cvec`) with llama.cpp."
+    )
+
+
 def _body(result, vectors: SteeringVectors, target: str, mode: str, context: dict, info: dict) -> str:
     """The card's text: what the export is, its provenance table, how to load it, how to reproduce it."""
     prov = vectors.provenance
     norms = vectors.norms()
     verification = _verification_line(result.verification)
-    load_hint = (
-        "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
-        f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
-        "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```\n\n"
-        "PEFT cannot merge a lora_B bias into a layer that has no bias, and vLLM and llama.cpp reject "
-        "adapters with lora_bias: use `unlock-export fold --mode bias` for those."
-        if mode == "adapter" else
-        "```python\nfrom transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # no trust_remote_code, no hooks\n```"
-    )
+    load_hint = _load_hint(target, mode)
     relabel = (f"\nThe checkpoint is relabelled from `{result.model_type}` to `{result.exported_model_type}`, "
                "which has the same layout plus the bias flags it needs; the unsteered weights are unchanged.\n"
                if result.exported_model_type != result.model_type else "")
@@ -122,11 +137,12 @@ def _body(result, vectors: SteeringVectors, target: str, mode: str, context: dic
     body = f"""
 # {_base_model_id(target)} + UNLOCK steering ({mode})
 
-This {"adapter" if mode == "adapter" else "checkpoint"} was produced by
+This {"adapter" if mode in PEFT_TYPES else "checkpoint"} was produced by
 [unlock-export](https://pypi.org/project/unlock-export/) {__version__}. It carries a capability
 direction transferred training-free (UNLOCK, arXiv 2604.06377) as a constant offset added to the
 residual stream{" after the attention block" if result.site == "post_attention" else " at the output"}
-of each steered decoder layer, stored as the bias of `{result.carrier}`.
+of each steered decoder layer, as {"a bias vector the adapter adds to the output" if mode in PEFT_TYPES
+else "the bias"} of `{result.carrier}`.
 {relabel}
 | | |
 |---|---|

@@ -2,8 +2,11 @@
 
 bias     a standalone checkpoint whose bias on each steered layer's residual-writing module (the
          architecture registry's bias plan) equals the offset; stock loaders need no custom code.
-adapter  a PEFT LoRA with lora_bias=True on that module: standard init (B = 0) makes the low-rank
-         delta zero, so the lora_B bias is exactly the offset (lora_alpha = r keeps scaling 1).
+adapter  a PEFT BEFT adapter (PEFT >= 0.20): one bias vector on that module per steered layer, added
+         to its output, which is exactly the offset; nothing else, no relabel. nn.Linear modules only.
+lora     a PEFT LoRA with lora_bias=True on that module (PEFT >= 0.14): standard init (B = 0) makes
+         the low-rank delta zero, so the lora_B bias is exactly the offset (lora_alpha = r keeps
+         scaling 1). For PEFT before BEFT, and GPT-2's Conv1D modules.
 """
 
 from __future__ import annotations
@@ -113,20 +116,39 @@ def _folded_config(config: dict, plan: BiasPlan) -> dict:
     return out
 
 
-def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, scale: float, rank: int,
-                    layers_path: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[str], bool]:
-    """LoRA weights with standard init (A random, B zero) and the offset as lora_B's bias."""
+def _carrier_modules(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors,
+                     layers_path: str) -> list[tuple[str, torch.Tensor]]:
+    """(full module name, direction) of each steered layer's carrier, checked present in `ckpt`."""
     prefix = ckpt.layer_prefix(layers_path)
+    found = []
+    for layer, vec in sorted(vectors.directions.items()):
+        module = f"{prefix}.{layer}.{carrier}"
+        if not ckpt.has(f"{module}.weight"):
+            raise UserError(f"expected tensor '{module}.weight' is missing from '{ckpt.dir}'; is the checkpoint "
+                            "complete?")
+        found.append((module, vec))
+    return found
+
+
+def beft_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale: float,
+                 layers_path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """BEFT weights: the offset as each carrier module's `beft_bias` ([1, out], as PEFT stores it)."""
+    tensors, modules = {}, []
+    for module, vec in _carrier_modules(ckpt, carrier, vectors, layers_path):
+        tensors[f"base_model.model.{module}.beft_bias"] = (vec.double() * scale).float().unsqueeze(0)
+        modules.append(module)
+    return tensors, modules
+
+
+def lora_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale: float, rank: int,
+                 layers_path: str, conv1d: bool, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LoRA weights with standard init (A random, B zero) and the offset as lora_B's bias."""
     generator = torch.Generator().manual_seed(seed)
     tensors, modules = {}, []
-    conv1d = False
-    for layer, vec in sorted(vectors.directions.items()):
-        module = f"{prefix}.{layer}.{plan.carrier}"
+    for module, vec in _carrier_modules(ckpt, carrier, vectors, layers_path):
         shape = ckpt.shape(f"{module}.weight")
         out_features = vec.shape[0]
-        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
-        conv1d = shape[0] != out_features
-        in_features = shape[0] if conv1d else shape[1]
+        in_features = shape[0] if conv1d else shape[1]  # nn.Linear stores [out, in]; Conv1D [in, out]
         bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), PEFT's default for lora_A
         a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
         key = f"base_model.model.{module}"
@@ -134,11 +156,26 @@ def adapter_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, 
         tensors[f"{key}.lora_B.weight"] = torch.zeros(out_features, rank)
         tensors[f"{key}.lora_B.bias"] = (vec.double() * scale).float()
         modules.append(module)
-    return tensors, modules, conv1d
+    return tensors, modules
+
+
+DEFAULT_LORA_RANK = 8
+
+
+def _checked_rank(mode: str, rank: int | None) -> int | None:
+    """The LoRA rank of a `lora` fold (default 8); the other modes take none."""
+    if mode != "lora":
+        if rank is not None:
+            raise UserError(f"--rank applies to --mode lora only (a {mode} fold has no rank): drop it")
+        return None
+    rank = DEFAULT_LORA_RANK if rank is None else rank
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    return rank
 
 
 def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
-         rank: int = 8, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
+         rank: int | None = None, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
          verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True,
          reference=None) -> FoldResult:
     """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
@@ -147,8 +184,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}': use {' or '.join(MODES)}")
-    if mode == "adapter" and rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
+    rank = _checked_rank(mode, rank)
     if not math.isfinite(scale):
         raise UserError(f"--scale must be a finite number, got {scale}")
     out = Path(out)
@@ -159,7 +195,14 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
         ckpt = Checkpoint(source_dir)
         vectors = vectors.for_model(ckpt.layer_count(), ckpt.hidden_size(), f"'{target}'")
         arch = architecture_for_config(ckpt.config)
-        plan = arch.bias_plan(ckpt.config, vectors.site)
+        if mode == "bias":
+            plan = arch.bias_plan(ckpt.config, vectors.site)
+            carrier = plan.carrier
+        else:
+            carrier = arch.adapter_carrier(vectors.site)
+            if mode == "adapter" and arch.conv1d:
+                raise UserError(f"PEFT's BEFT adapts nn.Linear modules only and {arch.model_type}'s {carrier} is a "
+                                "Conv1D: use --mode lora (a LoRA with lora_bias) or --mode bias")
         exported_type, shards, verification = arch.model_type, {}, None
         with staging_dir(out, overwrite) as work:
             if mode == "bias":
@@ -168,8 +211,10 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
                 exported_type = config.get("model_type", arch.model_type)
                 shards = write_checkpoint(ckpt, work, config, added, changed,
                                           link=link or source.kind == "gguf", progress=progress)
+            elif mode == "adapter":
+                _write_beft(ckpt, work, carrier, vectors, scale, arch.layers_path, target)
             else:
-                _write_adapter(ckpt, work, plan, vectors, scale, rank, arch.layers_path, target)
+                _write_lora(ckpt, work, carrier, vectors, scale, rank, arch.layers_path, arch.conv1d, target)
             if verify:
                 try:
                     verification = verify_mod.verify_export(work, vectors, scale, base=str(source_dir),
@@ -177,7 +222,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
                 except ExportFailure as exc:
                     raise ExportFailure(f"{exc}; no output was written")
             result = FoldResult(out, mode, arch.model_type, exported_type, vectors.layers, scale, vectors.site,
-                                plan.carrier, shards, verification)
+                                carrier, shards, verification)
             card.write(work, result, vectors, target=target, source_dir=source_dir, mode=mode, rank=rank,
                        context=card_context or {})
         return result
@@ -185,15 +230,40 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_adapter(ckpt: Checkpoint, work: Path, plan: BiasPlan, vectors: SteeringVectors, scale: float,
-                   rank: int, layers_path: str, target: str) -> None:
-    from peft import LoraConfig
-    from safetensors.torch import save_file
+def _beft_config_class():
+    try:
+        from peft import BeftConfig
+    except ImportError:
+        import peft
 
-    tensors, modules, conv1d = adapter_tensors(ckpt, plan, vectors, scale, rank, layers_path)
+        raise UserError(f"--mode adapter writes a BEFT adapter, which needs PEFT 0.20 or later (found "
+                        f"{peft.__version__}): upgrade peft, or use --mode lora") from None
+    return BeftConfig
+
+
+def _write_beft(ckpt: Checkpoint, work: Path, carrier: str, vectors: SteeringVectors, scale: float,
+                layers_path: str, target: str) -> None:
+    config_class = _beft_config_class()
+    tensors, modules = beft_tensors(ckpt, carrier, vectors, scale, layers_path)
+    config = config_class(target_modules=modules, task_type="CAUSAL_LM", base_model_name_or_path=target)
+    _write_peft(ckpt, work, config, tensors)
+
+
+def _write_lora(ckpt: Checkpoint, work: Path, carrier: str, vectors: SteeringVectors, scale: float,
+                rank: int, layers_path: str, conv1d: bool, target: str) -> None:
+    from peft import LoraConfig
+
+    tensors, modules = lora_tensors(ckpt, carrier, vectors, scale, rank, layers_path, conv1d)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=modules, lora_bias=True,
                         bias="none", fan_in_fan_out=conv1d, task_type="CAUSAL_LM",
                         base_model_name_or_path=target)
+    _write_peft(ckpt, work, config, tensors)
+
+
+def _write_peft(ckpt: Checkpoint, work: Path, config, tensors: dict[str, torch.Tensor]) -> None:
+    """adapter_config.json, adapter_model.safetensors and the tokenizer files, as PEFT saves them."""
+    from safetensors.torch import save_file
+
     config.save_pretrained(str(work))
     save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
     for path in ckpt.side_files():  # tokenizer and chat template travel with the adapter

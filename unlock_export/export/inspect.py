@@ -89,9 +89,11 @@ def _describe_folder(path: Path) -> dict:
     provenance = path / "unlock.json"
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text())
-        info = {"kind": "PEFT adapter", "peft_type": config.get("peft_type"), "rank": config.get("r"),
+        modules = config.get("target_modules")
+        info = {"kind": "PEFT adapter", "peft_type": config.get("peft_type"),
+                **({"rank": config["r"]} if config.get("r") is not None else {}),
                 "base_model": config.get("base_model_name_or_path"),
-                "target_modules": config.get("target_modules")}
+                "target_modules": sorted(modules) if isinstance(modules, list) else modules}
     elif (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         info = {"kind": "checkpoint", "model_type": config.get("model_type"),

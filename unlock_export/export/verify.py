@@ -51,9 +51,14 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     with additive_steering(reference_model, vectors, scale):
         reference = _logits(reference_model.model, tokenizer, texts)
     if (out / "adapter_config.json").is_file():
+        import warnings
+
         from peft import PeftModel
 
-        exported = PeftModel.from_pretrained(reference_model.model, str(out)).eval()
+        with warnings.catch_warnings():  # "cannot merge: the base layer has no bias": the card says so
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            exported = PeftModel.from_pretrained(reference_model.model, str(out)).eval()
         kind = "peft adapter"
     else:
         try:

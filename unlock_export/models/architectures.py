@@ -66,6 +66,7 @@ class Architecture:
         on the residual right after the attention block: the `post_attention` site).
     post_sublayer_norm: a norm sits between a sublayer and the residual add (Gemma 2/3, OLMo 2),
         so no bias equals a residual offset.
+    conv1d: the output projections are GPT-2 style Conv1D modules ([in, out] weights), not nn.Linear.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -73,6 +74,7 @@ class Architecture:
     mlp_out: ClassVar[str] = "mlp.down_proj"
     attn_out: ClassVar[str] = "self_attn.o_proj"
     post_sublayer_norm: ClassVar[bool] = False
+    conv1d: ClassVar[bool] = False
     # llama.cpp: the GGUF `general.architecture` of this family, and whether llama.cpp runs it with
     # NEOX-style rope on the HF q/k row order (its llama graph expects those rows permuted instead)
     gguf_arch: ClassVar[str | None] = None
@@ -99,10 +101,21 @@ class Architecture:
         """The projection whose output is decoder `layer`'s last write into the residual at `site`:
         the MLP output projection for `layer_output`, the attention output projection for
         `post_attention` (where a bias fold, or any edit of that write, goes)."""
+        return _get_path(self.decoder_layers(model)[layer], self._writer_path(site))
+
+    def _writer_path(self, site: str) -> str:
         paths = {"layer_output": self.mlp_out, "post_attention": self.attn_out}
         if site not in paths:
             raise UserError(f"unknown site '{site}': use layer_output or post_attention")
-        return _get_path(self.decoder_layers(model)[layer], paths[site])
+        return paths[site]
+
+    def adapter_carrier(self, site: str) -> str:
+        """The module path inside a decoder layer that an adapter adding an output bias targets for an
+        offset at `site` (its last residual write), or a UserError saying why no such module exists.
+        Unlike a bias fold no config flag is needed, so families without a foldable bias qualify."""
+        if self.post_sublayer_norm or not self.model_types:
+            self.bias_plan({}, site)  # raises the family's refusal
+        return self._writer_path(site)
 
     # -- folding ------------------------------------------------------------------------------
     def bias_plan(self, config: dict, site: str) -> BiasPlan:
@@ -227,6 +240,7 @@ class _NativeBiasArchitecture(Architecture):
 class GPT2Architecture(_NativeBiasArchitecture):
     layers_path = "transformer.h"
     gguf_arch = "gpt2"
+    conv1d = True
     mlp_out = "mlp.c_proj"
     attn_out = "attn.c_proj"
 

@@ -311,7 +311,7 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str]):
         model_dir=out_dir / "model" if "model" in outputs else None,
         model_gguf=out_dir / "model.gguf" if "model.gguf" in outputs else None,
         control_vector=out_dir / "control-vector.gguf" if "control-vector.gguf" in outputs else None,
-        target_gguf=_target_gguf(recipe), adapter=recipe.fold is not None and recipe.fold.mode == "adapter")
+        target_gguf=_target_gguf(recipe), adapter=recipe.fold is not None and recipe.fold.mode != "bias")
 
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:

@@ -99,8 +99,9 @@ class VectorsSpec(_Strict):
 class FoldSpec(_Strict):
     """Optional: fold the vectors into the target's weights (written to OUT_DIR/model), verified."""
 
-    mode: Literal["bias", "adapter"] = _doc("bias: a standalone checkpoint; adapter: a PEFT LoRA with lora_bias.",
-                                            default="bias")
+    mode: Literal["bias", "adapter", "lora"] = _doc(
+        "bias: a standalone checkpoint; adapter: a PEFT BEFT adapter (PEFT >= 0.20); lora: a PEFT LoRA with "
+        "lora_bias.", default="bias")
     scale: Union[float, Literal["auto"]] = _doc(
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
@@ -119,7 +120,7 @@ class FoldSpec(_Strict):
                              "(`check-alpha` on 8 prompts); refuse to calibrate against it if not.", default=True)
     alpha_margin: float = _doc("check_alpha: allowed relative rise of the continuations' perplexity.",
                                default=1.0, ge=0)
-    rank: int = _doc("adapter: LoRA rank.", default=8, ge=1)
+    rank: Optional[int] = _doc("lora: LoRA rank (default 8); the other modes take none.", default=None, ge=1)
     layers: Optional[Union[str, list[int]]] = _doc("Fold only these layers of the vectors (default: all of them).",
                                                    default=None)
     verify: bool = _doc("Reload the export with the stock library and compare its logits with the hooks.",
@@ -258,6 +259,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(_first_error(exc, path))
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
+    if recipe.fold is not None and recipe.fold.rank is not None and recipe.fold.mode != "lora":
+        raise UserError(f"recipe {path}: fold.rank applies to fold.mode lora only; drop it or set mode: lora")
     g = recipe.gguf
     if g is not None and g.model and (recipe.fold is None or recipe.fold.mode != "bias"):
         raise UserError(f"recipe {path}: gguf.model patches a bias fold into the target's GGUF; add fold: with "
