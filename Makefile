@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: setup lint test test-slow test-engines test-all engines demo clean-demo bench bench-serve eval-table report docs
+.PHONY: setup lint test test-slow test-engines test-lmeval test-all engines demo clean-demo bench bench-serve eval-table report docs
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow and not engines"
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow and not engines and not lmeval"
 
 test-slow: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "slow and not engines"
@@ -35,6 +35,12 @@ engines:
 
 test-engines: setup engines
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m engines
+
+# lm-evaluation-harness (the `lmeval` extra, installed into the venv): lm-eval on a folded tiny model
+# and its `steered` model with `lm-eval-config`'s file against `eval --form additive`
+test-lmeval: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[lmeval]'
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m lmeval
 
 test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)

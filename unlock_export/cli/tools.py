@@ -1,12 +1,13 @@
-"""`zoo`: the offline model zoo."""
+"""`zoo`: the offline model zoo; `lm-eval-config`, `lm-eval-task`: lm-evaluation-harness interop."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
-from .app import cli
+from .app import cli, emit
 
 
 # -- zoo -------------------------------------------------------------------------------------
@@ -66,3 +67,74 @@ def zoo_fetch(ctx, name):
         click.echo(str(path))
 
 
+# -- lm-evaluation-harness ----------------------------------------------------------------------
+@cli.command("lm-eval-config")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering-vectors file from `project` or `run` (or a llama.cpp control vector).")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="The additive form's scale, baked into the vectors (steering_coefficient 1).")
+@click.option("--layers", default=None, help="Keep only these layers of the vectors file (all, A-B, 1,4,7).")
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="The model folder lm-eval will load: hookpoints from its family, checked to fit the vectors "
+                   "(default: the vectors' family, Llama layout layers.N).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .pt file to write (lm-eval's steer_path).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.pass_context
+def lm_eval_config(ctx, vectors_path, scale, layers, model_dir, output, overwrite):
+    """Write the config of lm-eval's `steered` model: the additive form, scored in lm-eval without a fold.
+
+    One `add` hookpoint per steered layer (lm-eval 0.4.13): the decoder layer for layer_output vectors
+    (`layers.N`), the attention output projection for post_attention ones (`layers.N.self_attn.o_proj`).
+    lm-eval adds scale * direction at every position, as `eval --form additive` and a fold do.
+
+    \b
+    Example:
+      unlock-export lm-eval-config --vectors vectors.safetensors --scale 4 --model ./target -o steer.pt
+      lm_eval --model steered --model_args pretrained=./target,steer_path=steer.pt \\
+          --include_path tasks --tasks unlock_gsm8k
+    """
+    from ..evaluation.lmeval import write_steer_config
+    from ..method.vectors import SteeringVectors, parse_layers
+
+    vectors = SteeringVectors.load(vectors_path)
+    if layers:
+        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+    info = write_steer_config(vectors, output, scale=scale, model=model_dir, overwrite=overwrite)
+    model = model_dir or "MODEL"
+    emit(ctx, info, f"wrote {output} (lm-eval steered config: {len(info['hookpoints'])} hookpoints "
+                    f"{info['hookpoints'][0]} .. {info['hookpoints'][-1]}, action add, scale {scale:g}); score it with: "
+                    f"lm_eval --model steered --model_args pretrained={model},steer_path={output} --tasks TASK")
+
+
+@cli.command("lm-eval-task")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (lm_eval --include_path).")
+@click.option("--data", default="builtin:gsm8k-dev", show_default=True,
+              help="builtin:gsm8k-dev (packaged), or a JSONL file (plain or .gz) with question and answer.")
+@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer (max_gen_toks).")
+@click.option("--task", "task_name", default="unlock_gsm8k", show_default=True, help="The task's name in lm-eval.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.pass_context
+def lm_eval_task(ctx, output, data, offset, template, max_new_tokens, task_name, overwrite):
+    """Write an lm-eval task folder that scores GSM8K as `eval` does, from the packaged questions.
+
+    The task reads its questions through unlock_export (installed beside lm_eval), so nothing is
+    downloaded; the prompt is `eval`'s template, generation greedy and cut at `eval`'s stop strings,
+    and exact_match is `eval`'s answer extraction against the gold answer. lm-eval's --limit N takes
+    the first N questions.
+
+    \b
+    Example:
+      unlock-export lm-eval-task -o tasks
+      lm_eval --model hf --model_args pretrained=out/folded --device cpu --include_path tasks \\
+          --tasks unlock_gsm8k --limit 200 --log_samples --output_path lm-eval-out
+    """
+    from ..evaluation.lmeval import write_task
+
+    info = write_task(output, data=data, offset=offset, template=template, max_new_tokens=max_new_tokens,
+                      task=task_name, overwrite=overwrite)
+    emit(ctx, info, f"wrote {output} (task {task_name}: {info['questions']} questions from {info['data']}); "
+                    f"lm_eval --model hf --model_args pretrained=MODEL --include_path {output} --tasks {task_name}")
