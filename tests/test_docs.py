@@ -106,7 +106,7 @@ def test_recipe_example_in_recipes_md_validates(render):
     Recipe.model_validate(yaml.safe_load(render.EXAMPLE))
 
 
-@pytest.mark.parametrize("name", ["recipes.md", "commands.md"])
+@pytest.mark.parametrize("name", ["recipes.md", "commands.md", "faults.md"])
 def test_check_fails_on_a_modified_copy(render, rendered, tmp_path, capsys, name):
     copy = tmp_path / "docs"
     copy.mkdir()

@@ -287,8 +287,13 @@ def test_verify_command_detects_a_tampered_export(tmp_path, capsys, tiny_model_d
     assert "verification failed" in capsys.readouterr().err
 
 
+# The child sets SIGINT's disposition itself, as a foreground start would: started from a background
+# job of a non-interactive shell (`make test &`, nohup) it inherits SIGINT ignored and Python would
+# then never raise KeyboardInterrupt.
 SLOW_WRITER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 import unlock_export.models.checkpoint as ck
 real = ck._place
 def slow(src, dst, link):
@@ -322,3 +327,5 @@ def test_interrupted_export_leaves_no_output(tmp_path, tiny_model_dir, sig):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     if sig == signal.SIGINT:  # a clean interrupt also removes the staging folder
         assert leftovers == [] and proc.returncode == 130
+        err = proc.stderr.read().strip().splitlines()
+        assert err[-1] == "error: interrupted; partial outputs were removed", err

@@ -17,3 +17,10 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
     """The first non-empty line of an exception's message (at most `limit` characters), or its type."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, a container stop), raised by the command line's handler so that
+    it unwinds like Ctrl-C: partial outputs are removed and progress is kept. Exit code 143."""
+
+    exit_code = 143

@@ -14,6 +14,32 @@ from ..errors import UserError
 DEFAULT_PROMPTS = "builtin:arithmetic"
 
 
+class Stopped(Exception):
+    """An interrupt (Ctrl-C, SIGTERM) that has unwound through the whole command; `main` reports it.
+    Raised in place of the KeyboardInterrupt so that click prints nothing of its own."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__("interrupted")
+        self.interrupt = interrupt
+
+
+class Command(click.Command):
+    """A command whose interrupt reaches `main` as `Stopped`, after every cleanup inside it ran."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise Stopped(exc) from exc
+
+
+class Group(click.Group):
+    """The group class of the CLI: its commands are `Command`s, its subgroups `Group`s."""
+
+    command_class = Command
+    group_class = type  # subgroups are of this same class
+
+
 def prompt_options(fn):
     options = [
         click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True,
@@ -65,7 +91,7 @@ def write_json(output: Path | None, payload: dict) -> None:
         atomic_write_text(output, json.dumps(payload, indent=2) + "\n")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="unlock-export")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as one JSON object.")
@@ -82,7 +108,7 @@ def cli(ctx, quiet, as_json, log_level):
                check-alpha (label-free guard for the paper form's alpha)
     Share:     push (Hugging Face Hub), inspect (what a file or folder holds)
     Example:   unlock-export run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml out/cot
-    Exit codes: 0 ok, 1 failure, 2 bad input.
+    Exit codes: 0 ok, 1 failure, 2 bad input, 130 interrupted, 143 terminated (SIGTERM).
     """
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     if as_json:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import staging_dir
+from .._io import owned_prefix, staging_dir
 from ..choices import MODES
 from ..errors import ExportFailure, UserError
 from ..method.vectors import SteeringVectors
@@ -188,7 +188,7 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
     if not math.isfinite(scale):
         raise UserError(f"--scale must be a finite number, got {scale}")
     out = Path(out)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.src-", dir=out.parent if out.parent.exists() else None))
+    scratch = Path(tempfile.mkdtemp(prefix=owned_prefix(out, "src"), dir=out.parent if out.parent.exists() else None))
     try:
         source_dir, source = materialize(target, scratch, allow_pickle)
         check_output_path(out, source_dir if source.kind != "gguf" else Path(source.path) / source.gguf_file, overwrite)

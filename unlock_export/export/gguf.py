@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, output_lock
 from ..choices import OUTTYPES
 from ..errors import ExportFailure, UserError
 from ..method.vectors import SteeringVectors
@@ -46,14 +46,16 @@ def default_llama_cpp() -> Path:
 
 @contextmanager
 def _atomic_file(out: Path, overwrite: bool):
-    """Yield a temporary path beside `out`; renamed onto `out` only when the block succeeds."""
+    """Yield a temporary path beside `out`, renamed onto `out` only when the block succeeds; `out`'s lock
+    is held meanwhile."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"output '{out}' is a directory: name a .gguf file")
-    if out.exists() and not overwrite:
-        raise UserError(f"output '{out}' exists: choose another name or pass --overwrite")
-    with atomic_path(out, suffix=".partial") as tmp:
-        yield tmp
+    with output_lock(out):  # a second writer of `out` is refused; a dead one's temporary file is removed
+        if out.exists() and not overwrite:
+            raise UserError(f"output '{out}' exists: choose another name or pass --overwrite")
+        with atomic_path(out, suffix=".partial") as tmp:
+            yield tmp
 
 
 # -- control vectors --------------------------------------------------------------------------

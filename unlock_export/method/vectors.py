@@ -19,7 +19,12 @@ cvector-generator, repeng's export_gguf, `unlock-export cvec`: `general.architec
 controlvector`, float32 `direction.N`, added to the output of layer N), and a safetensors file of
 `direction.N` tensors without this format's metadata (with a warning). Neither says the target's
 layer count, so such vectors fit any model with more layers than their highest N and the same
-hidden size (`for_model` checks that and takes the model's layer count).
+hidden size (`for_model` checks that and takes the model's layer count); a control vector whose
+`controlvector.layer_count` exceeds the model's layer count is refused.
+
+Every reader takes float16, bfloat16 and float64 directions (converted to float32) and [1, N] or
+[N, 1] tensors (read as their N values); a matrix, two tensors for one layer (`direction.1` and
+`direction.01`) or a negative layer number is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._io import atomic_save, read_safetensors
@@ -97,6 +103,7 @@ class SteeringVectors:
     model_hint: str = ""
     provenance: dict[str, str] = field(default_factory=dict)
     layer_count_known: bool = True  # False for vectors made elsewhere: layer_count is then a lower bound
+    declared_layers: int | None = None  # made elsewhere: the layer count the file states, if any
 
     def __post_init__(self):
         if self.site not in SITES:
@@ -114,23 +121,26 @@ class SteeringVectors:
         return sorted(self.directions)
 
     def scaled(self, scale: float) -> "SteeringVectors":
-        return SteeringVectors({k: v * scale for k, v in self.directions.items()}, self.layer_count,
-                               self.hidden_size, self.site, self.model_hint,
-                               {**self.provenance, "scale_applied": str(scale)})
+        return dataclasses.replace(self, directions={k: v * scale for k, v in self.directions.items()},
+                                   provenance={**self.provenance, "scale_applied": str(scale)})
 
     def select(self, layers: list[int]) -> "SteeringVectors":
         if self.directions and not set(layers) & set(self.directions):
             held = self.layers
             raise UserError(f"the vectors file holds no vector for layers {format_layers(sorted(layers))} "
                             f"(it holds layers {format_layers(held)}): choose layers among those")
-        return SteeringVectors({k: v for k, v in self.directions.items() if k in set(layers)},
-                               self.layer_count, self.hidden_size, self.site, self.model_hint, dict(self.provenance))
+        return dataclasses.replace(self, directions={k: v for k, v in self.directions.items() if k in set(layers)},
+                                   provenance=dict(self.provenance))
 
     def norms(self) -> dict[int, float]:
         return {k: float(v.norm()) for k, v in sorted(self.directions.items())}
 
     def check_fits(self, layer_count: int, hidden_size: int, what: str = "the model") -> None:
         if not self.layer_count_known:
+            if self.declared_layers is not None and self.declared_layers > layer_count:
+                raise UserError(f"the control vector states {self.declared_layers} layers (controlvector.layer_count) "
+                                f"but {what} has {layer_count}: it was made for another model; use a control "
+                                "vector made for this one")
             if hidden_size != self.hidden_size:
                 raise UserError(f"the vectors have size {self.hidden_size} but {what} has hidden size {hidden_size}: "
                                 "use a control vector made for this model")
@@ -175,12 +185,7 @@ class SteeringVectors:
             if bare is not None:
                 return bare
         tensors, meta = read_safetensors(path, "steering-vectors", FORMAT)
-        directions = {}
-        for name, tensor in tensors.items():
-            m = _NAME.match(name)
-            if not m:
-                raise UserError(f"steering-vectors file '{path}' holds an unexpected tensor '{name}' (only direction.N)")
-            directions[int(m.group(1))] = tensor.float().reshape(-1)
+        directions = _directions(path, tensors.items(), "steering-vectors file")
         if not directions:
             raise UserError(f"steering-vectors file '{path}' holds no direction.N tensors")
         try:
@@ -208,14 +213,22 @@ class SteeringVectors:
             reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError) as exc:
             raise UserError(f"'{path}' is not a readable GGUF file ({exc}); write it again") from None
-        directions = {}
-        for t in reader.tensors:
-            m = _NAME.match(t.name)
-            if not m:
-                raise UserError(f"control vector '{path}' holds an unexpected tensor '{t.name}' (only direction.N)")
-            directions[int(m.group(1))] = torch.from_numpy(t.data.astype("float32").reshape(-1).copy())
-        return cls._made_elsewhere(path, directions, fields.get("controlvector.model_hint") or "",
-                                   {"imported_from": f"llama.cpp control vector {Path(path).name}"})
+        from gguf.quants import dequantize
+
+        def values(t):  # F32, F16, BF16 (stored as raw bytes) and quantized types, as float32
+            try:
+                return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+            except (NotImplementedError, ValueError) as exc:
+                raise UserError(f"control vector '{path}': tensor '{t.name}' has type {t.tensor_type.name}, which "
+                                f"cannot be read ({exc}); write it as float32") from None
+
+        directions = _directions(path, ((t.name, t) for t in reader.tensors), "control vector", values)
+        declared = fields.get("controlvector.layer_count")
+        vectors = cls._made_elsewhere(path, directions, fields.get("controlvector.model_hint") or "",
+                                      {"imported_from": f"llama.cpp control vector {Path(path).name}"})
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+            vectors = dataclasses.replace(vectors, declared_layers=declared)
+        return vectors
 
     @classmethod
     def _made_elsewhere(cls, path, directions: dict, model_hint: str, provenance: dict) -> "SteeringVectors":
@@ -227,6 +240,36 @@ class SteeringVectors:
                             "must have the model's hidden size")
         return cls(directions, max(directions) + 1, sizes.pop(), "layer_output", model_hint, provenance,
                    layer_count_known=False)
+
+
+def _direction(tensor: torch.Tensor, path, name: str) -> torch.Tensor:
+    """A direction as float32 [N]: other float types are converted, [1, N] and [N, 1] read as their
+    N values; a matrix or a scalar is refused."""
+    shape = tuple(tensor.shape)
+    if not shape or sum(d != 1 for d in shape) > 1:
+        raise UserError(f"'{path}': tensor '{name}' has shape {shape}, but a direction is one vector of the "
+                        "model's hidden size: write each layer's direction as a 1-D tensor")
+    return tensor.float().reshape(-1)
+
+
+def _directions(path, named, what: str, values=lambda tensor: tensor) -> dict[int, torch.Tensor]:
+    """{layer: direction} from (name, tensor) pairs named `direction.N`; anything else, a negative
+    layer or two tensors for one layer (`direction.1`, `direction.01`) is refused in one line."""
+    directions: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    for name, tensor in named:
+        m = _NAME.match(name)
+        if not m:
+            if re.fullmatch(r"direction\.-\d+", name):
+                raise UserError(f"{what} '{path}' holds '{name}', a negative layer number: layers count from 0 "
+                                "(direction.0 is the first layer's output)")
+            raise UserError(f"{what} '{path}' holds an unexpected tensor '{name}' (only direction.N)")
+        layer = int(m.group(1))
+        if layer in directions:
+            raise UserError(f"{what} '{path}' holds two directions for layer {layer} ('{names[layer]}' and "
+                            f"'{name}'): keep one")
+        directions[layer], names[layer] = _direction(values(tensor), path, name), name
+    return directions
 
 
 def _bare_directions(path: Path) -> SteeringVectors | None:
@@ -242,7 +285,7 @@ def _bare_directions(path: Path) -> SteeringVectors | None:
             names = list(fh.keys())
             if not names or not all(_NAME.match(n) for n in names):
                 return None
-            directions = {int(_NAME.match(n).group(1)): fh.get_tensor(n).float().reshape(-1) for n in names}
+            directions = _directions(path, ((n, fh.get_tensor(n)) for n in names), "vectors file")
     except (SafetensorError, OSError, ValueError):
         return None
     logging.getLogger("unlock_export").warning(

@@ -134,12 +134,44 @@ class Architecture:
         return f"{type(self).__name__}({self.model_type!r})"
 
 
+# the rope types a model relabelled as Llama computes as its own family did: transformers' Llama,
+# vLLM's and llama.cpp's llama graph read them from the same config keys
+LLAMA_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def _rope_types(config: dict) -> list[str]:
+    """The rope types a config.json names: `rope_parameters` (transformers 5, flat or one entry per
+    attention type) or the older `rope_scaling` (`rope_type`, or `type`); `default` when neither."""
+    found = []
+    for key in ("rope_parameters", "rope_scaling"):
+        value = config.get(key)
+        if not isinstance(value, dict):
+            continue
+        entries = [v for v in value.values() if isinstance(v, dict)] or [value]
+        for entry in entries:
+            found.append(str(entry.get("rope_type") or entry.get("type") or "default"))
+    return found or ["default"]
+
+
+def _check_llama_rope(config: dict) -> None:
+    """A relabel to Llama keeps the rope settings as they are: refuse those Llama does not compute."""
+    unknown = [t for t in _rope_types(config) if t not in LLAMA_ROPE_TYPES]
+    if unknown:
+        raise UserError(
+            f"cannot fold into this {config.get('model_type', 'unknown')} model: its rope scaling "
+            f"'{unknown[0]}' has no Llama equivalent (Llama computes {', '.join(LLAMA_ROPE_TYPES)}), so the "
+            "relabelled checkpoint would position tokens differently; use `unlock-export cvec` for llama.cpp instead"
+        )
+
+
 def _llama_flag_plan(config: dict, site: str, relabel: dict | None = None, drop: tuple = (),
                      qkv_bias: bool = False) -> BiasPlan:
     """Llama-layout bias plan: `mlp_bias` puts the offset on down_proj (layer output);
     `attention_bias` puts it on o_proj (post attention). A flag gives every projection it covers a
     bias: those the checkpoint lacks are written as zeros. `qkv_bias`: the checkpoint has q/k/v
     biases (Qwen2), which only `attention_bias` keeps."""
+    if relabel:
+        _check_llama_rope(config)
     updates = dict(relabel or {})
     has_qkv = qkv_bias or bool(config.get("attention_bias"))
     has_o = bool(config.get("attention_bias"))
