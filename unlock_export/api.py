@@ -188,9 +188,10 @@ def evaluate(model: ModelLike, *, data: str = "builtin:gsm8k-dev", count: int | 
              out: str | Path | None = None, options: RuntimeOptions | None = None, progress: bool = False,
              **request) -> EvalSummary:
     """Greedy accuracy on a numeric-answer math set, optionally steered by `vectors` (`form` additive at
-    `scale`, or paper at `alpha`), on `engine` (transformers, or llamacpp for a GGUF file). Writes
-    predictions.jsonl and summary.json into `out` (a temporary folder when None). Further settings of
-    evaluation.run.EvalRequest (chat, layers, baseline, resume, llama_server, parallel) pass through."""
+    `scale`, or paper at `alpha`), on `engine` (transformers; llamacpp for a GGUF file; vllm for a model
+    folder). Writes predictions.jsonl and summary.json into `out` (a temporary folder when None).
+    Further settings of evaluation.run.EvalRequest (chat, layers, baseline, resume, llama_server,
+    parallel, vllm, tensor_parallel_size, data_parallel_size, gpu_memory_utilization) pass through."""
     from .evaluation.run import EvalRequest, run_eval
 
     ask = EvalRequest(data=data, count=count, offset=offset, template=template, engine=engine, form=form,

@@ -27,6 +27,17 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
     return loaded, vectors, questions, batch_size
 
 
+def _refuse_output_in_model(output: Path, model: str) -> None:
+    """eval writes into OUTPUT: never into a local model folder, nor through a link into one."""
+    source = Path(model)
+    if not source.is_dir():
+        return
+    out_r, src_r = output.resolve(), source.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise UserError(f"output '{output}' is inside the model '{model}' (it resolves to '{out_r}'): choose a "
+                        "folder outside it")
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", "data_path", required=True,
@@ -37,7 +48,8 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
 @click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
 @click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
 @click.option("--engine", type=choice(ENGINES), default="transformers", show_default=True,
-              help="transformers (hooks, both forms) or llamacpp (a stock llama-server; GGUF models).")
+              help="transformers (hooks, both forms), llamacpp (a stock llama-server; GGUF models) or vllm (a stock "
+                   "vLLM server; model folders such as a bias fold).")
 @click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
 @click.option("--form", type=choice(FORMS), default="paper", show_default=True,
@@ -52,7 +64,14 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
 @click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="llamacpp: a control-vector GGUF from `cvec`.")
 @click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
-@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp: requests in flight.")
+@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
+@click.option("--vllm", "vllm", default=None,
+              help="vllm: the `vllm` executable, or the Python of its environment (default: $UNLOCK_VLLM, the "
+                   "engines cache, then PATH).")
+@click.option("--tensor-parallel-size", default=1, show_default=True, type=int, help="vllm: GPUs per model copy.")
+@click.option("--data-parallel-size", default=1, show_default=True, type=int, help="vllm: model copies.")
+@click.option("--gpu-memory-utilization", default=None, type=float,
+              help="vllm: fraction of each GPU's memory vLLM may take (vLLM's default when unset).")
 @click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for predictions.jsonl and summary.json.")
@@ -77,6 +96,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
       unlock-export eval zoo:qwen2.5-coder-1.5b-instruct --data builtin:gsm8k-dev --vectors v.safetensors \\
           --form paper --alpha 0.1 -o ev/paper
       unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
+      unlock-export eval out/qwen1.5b-cot --engine vllm --data builtin:gsm8k-dev --tensor-parallel-size 2 -o ev/vllm
     """
     from ..evaluation.run import EvalRequest, run_eval
     from ..method.vectors import SteeringVectors
@@ -93,8 +113,19 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
         options[name] = str(options[name]) if options[name] else None
     request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
-    summary = run_eval(model, request, output, vectors=vectors, vectors_name=str(vectors_path) if vectors_path else None,
-                       options=runtime, progress=not ctx.obj["quiet"])
+    _refuse_output_in_model(output, model)
+    from .._io import note_progress, output_lock
+    from ..evaluation.run import PROGRESS
+
+    try:
+        with output_lock(output):  # a second eval into OUTPUT is refused, not interleaved
+            summary = run_eval(model, request, output, vectors=vectors,
+                               vectors_name=str(vectors_path) if vectors_path else None, options=runtime,
+                               progress=not ctx.obj["quiet"])
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: the finished chunks are in OUTPUT/progress.jsonl
+        if (output / PROGRESS).is_file():
+            note_progress(exc, output / PROGRESS)
+        raise
     lo, hi = summary.ci95
     paired = summary.paired
     emit(ctx, summary.as_dict(), f"accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.n}, 95% CI "

