@@ -122,3 +122,17 @@ def test_eval_steers_with_a_control_vector(tiny_model_dir, tmp_path, capsys):
     outputs = [[json.loads(line)["output"] for line in (tmp_path / run / "predictions.jsonl").read_text().splitlines()]
                for run in ("plain", "steered")]
     assert outputs[0] != outputs[1]
+
+
+def test_an_imported_control_vector_still_fits_any_deep_enough_model(tiny_model_dir, tmp_path, capsys):
+    """`vectors import` keeps "made elsewhere": the file's layer count stays a lower bound, so the vectors
+    of layers 1-2 fold into a 4-layer model (as the GGUF itself does), with provenance added."""
+    steer = repeng_gguf(tmp_path / "steer.gguf", _directions(64, layers=(1, 2)))
+    imported = tmp_path / "steer.safetensors"
+    assert main(["--quiet", "vectors", "import", str(steer), "-o", str(imported)]) == 0
+    vectors = SteeringVectors.load(imported)
+    assert not vectors.layer_count_known and vectors.declared_layers == 2
+    out = tmp_path / "folded"
+    assert main(["--quiet", "fold", str(tiny_model_dir("llama")), "--vectors", str(imported), "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "unlock.json").read_text())["layers"] == [1, 2]

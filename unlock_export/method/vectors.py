@@ -48,7 +48,8 @@ CONVENTION = (
     "paper: h <- |h| * normalize(h/|h| + alpha * direction/|direction|) at the last prompt token in prefill"
 )
 _NAME = re.compile(r"^direction\.(\d+)$")
-_RESERVED = ("format", "model_hint", "layer_count", "hidden_size", "site", "convention")
+_RESERVED = ("format", "model_hint", "layer_count", "hidden_size", "site", "convention", "layer_count_known",
+             "declared_layers")
 
 
 def parse_layers(spec: str | list[int] | None, layer_count: int) -> list[int]:
@@ -171,6 +172,10 @@ class SteeringVectors:
             "site": self.site,
             "convention": CONVENTION,
         }
+        if not self.layer_count_known:  # made elsewhere: layer_count is a lower bound, fixed by each model
+            meta["layer_count_known"] = "false"
+            if self.declared_layers is not None:
+                meta["declared_layers"] = str(self.declared_layers)
         tensors = {f"direction.{k}": v.float() for k, v in sorted(self.directions.items())}
         return atomic_save(tensors, path, meta)
 
@@ -194,8 +199,10 @@ class SteeringVectors:
         except (KeyError, ValueError):
             raise UserError(f"steering-vectors file '{path}' lacks layer_count/hidden_size metadata; write it with `unlock-export project`")
         provenance = {k: v for k, v in meta.items() if k not in _RESERVED}
+        declared = meta.get("declared_layers", "")
         return cls(directions, layer_count, hidden_size, meta.get("site", "layer_output"),
-                   meta.get("model_hint", ""), provenance)
+                   meta.get("model_hint", ""), provenance, layer_count_known=meta.get("layer_count_known") != "false",
+                   declared_layers=int(declared) if declared.isdigit() else None)
 
     @classmethod
     def from_control_vector(cls, path: str | Path) -> "SteeringVectors":
