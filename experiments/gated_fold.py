@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from unlock_export.method.gate import fit_gate  # noqa: E402  (the product's gate fit)
+
 SITES = {"mlp": "layer_output", "attn": "post_attention"}  # the registry's site of each writer
 
 
@@ -87,36 +89,12 @@ def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
             {layer: sum(v) / len(v) for layer, v in norms.items()})
 
 
-def fit_gate(x: torch.Tensor, label: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Weighted ridge without intercept, in its dual form (rows < input size): positives weigh as
-    much as all negatives together. a = X^T (W X X^T + lam I)^-1 W g."""
-    x64, g = x.double(), label.double()
-    positives = float(g.sum())
-    weight = torch.where(g > 0, (len(g) - positives) / positives, 1.0).double()
-    gram = x64 @ x64.T
-    lam = ridge * float(gram.diagonal().mean())
-    system = weight[:, None] * gram + lam * torch.eye(len(g), dtype=torch.float64)
-    return (x64.T @ torch.linalg.solve(system, weight * g)).float()
-
-
-@contextlib.contextmanager
 def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.Tensor], site: str):
-    """Hooks equal to merging W += write a^T into each site module (the module has no bias term
-    in the product): output += (x . a) * write."""
-    handles = []
-    for layer, gate in gates.items():
-        module = _writer(loaded, layer, site)
-        a = gate.to(loaded.device, next(module.parameters()).dtype)
-        w = writes[layer].to(loaded.device, a.dtype)
-        store = {}
-        handles.append(module.register_forward_pre_hook(lambda m, args, store=store: store.__setitem__("x", args[0])))
-        handles.append(module.register_forward_hook(
-            lambda m, args, out, store=store, a=a, w=w: out + (store["x"] @ a)[..., None] * w))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    """The product's hook form (method.gate.gated_edit) of W += write a^T in each site module."""
+    from unlock_export.method.gate import GateFit
+    from unlock_export.method.gate import gated_edit as hooks
+
+    return hooks(loaded, GateFit(gates, writes, SITES[site], 0.0, 0.0, 0.0, 0, 0))
 
 
 @torch.inference_mode()

@@ -99,10 +99,13 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
 
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
          rank: int | None = None, layers: str | list[int] | None = None, verify: bool = True,
-         tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False) -> FoldResult:
+         tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False,
+         gate: dict | None = None) -> FoldResult:
     """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`), a PEFT BEFT adapter
     (mode `adapter`) or a PEFT LoRA with lora_bias (mode `lora`, `rank` default 8) in `out`, verified
-    against the hooks before it is written.
+    against the hooks before it is written. Mode `gated-lora` writes the gated rank-1 edit instead
+    (method.gate; `scale` unused): `gate` sets its fit (prompts, count, offset, alpha, multiplier,
+    ridge, merge), as `export.gated.fit_and_fold` takes them.
 
     A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
     from .export.fold import fold as fold_files
@@ -111,6 +114,13 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
     if layers is not None:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
+    if mode == "gated-lora":
+        from .export.gated import fit_and_fold
+
+        return fit_and_fold(_files_of(target), vectors, out, loaded=reference, link=link, overwrite=overwrite,
+                            verify=verify, tolerance=tolerance, progress=progress, **(gate or {}))
+    if gate:
+        raise UserError("gate settings apply to mode 'gated-lora' only")
     return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
                       overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference)
 

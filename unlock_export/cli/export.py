@@ -18,11 +18,21 @@ from .options import choice
 @click.argument("target")
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Steering-vectors file from `project` (or `run`).")
-@click.option("--scale", default=1.0, show_default=True, type=float, help="Offset = scale * direction.")
+@click.option("--scale", default=None, type=float, help="Offset = scale * direction (default 1; not for gated-lora).")
 @click.option("--mode", type=choice(MODES), default="bias", show_default=True,
               help="bias: standalone checkpoint; adapter: PEFT BEFT adapter (a bias per steered module, PEFT "
-                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2).")
+                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2); gated-lora: a plain rank-1 "
+                   "LoRA whose label-free gate opens at the last prompt token (the paper form as weights).")
 @click.option("--rank", default=None, type=int, help="LoRA rank (--mode lora only; default 8).")
+@click.option("--multiplier", default=1.0, show_default=True, type=float,
+              help="gated-lora: the write is multiplier * alpha * |h| * unit direction.")
+@click.option("--alpha", default=0.1, show_default=True, type=float, help="gated-lora: the paper form's strength.")
+@click.option("--gate-prompts", default="builtin:gsm8k-train", show_default=True,
+              help="gated-lora: unlabeled prompts the gates are fitted on (the direct template).")
+@click.option("--gate-count", default=32, show_default=True, type=int,
+              help="gated-lora: prompts to fit on (the next 8 measure the gates).")
+@click.option("--gate-offset", default=0, show_default=True, type=int, help="gated-lora: skip this many prompts.")
+@click.option("--merge", is_flag=True, help="gated-lora: merge the edit into a standalone checkpoint.")
 @click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -33,8 +43,8 @@ from .options import choice
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
 @click.pass_context
-def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tolerance, output, overwrite,
-         allow_pickle):
+def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_prompts, gate_count, gate_offset,
+         merge, layers, link, verify, tolerance, output, overwrite, allow_pickle):
     """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
@@ -55,14 +65,28 @@ def fold(ctx, target, vectors_path, scale, mode, rank, layers, link, verify, tol
     vectors = SteeringVectors.load(vectors_path)
     if layers:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
-    result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
-                        overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
-                        card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"])
+    if mode == "gated-lora":
+        from ..export.gated import fit_and_fold
+
+        if scale is not None or rank is not None:
+            raise UserError("gated-lora takes --multiplier and --alpha, not --scale or --rank: drop them")
+        result = fit_and_fold(target, vectors, output, prompts=gate_prompts, count=gate_count, offset=gate_offset,
+                              alpha=alpha, multiplier=multiplier, merge=merge, link=link, overwrite=overwrite,
+                              verify=verify, tolerance=tolerance, card_context={"vectors_file": str(vectors_path)},
+                              progress=not ctx.obj["quiet"])
+    else:
+        if merge:
+            raise UserError("--merge applies to --mode gated-lora only (a bias fold is already a checkpoint)")
+        scale = 1.0 if scale is None else scale
+        result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
+                            overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
+                            card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"])
     ver = result.verification
     check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
              f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
-    emit(ctx, result.as_dict(), f"wrote {output} ({mode}, {result.exported_model_type}, "
-                                 f"{len(result.layers)} layers, scale {scale:g}); {check}")
+    strength = f"multiplier {result.scale:g}" if mode == "gated-lora" else f"scale {result.scale:g}"
+    emit(ctx, result.as_dict(), f"wrote {output} ({result.mode}, {result.exported_model_type}, "
+                                 f"{len(result.layers)} layers, {strength}); {check}")
 
 
 @cli.command("verify")
@@ -105,7 +129,7 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Steering-vectors file from `project` or `run`.")
 @click.option("--scale", default=1.0, show_default=True, type=float,
-              help="Baked into the tensors (llama.cpp can scale again with --control-vector-scaled).")
+              help="Baked into the tensors (llama-server scales again: --control-vector-scaled FILE:SCALE).")
 @click.option("--layers", default=None, help="Keep only these layers (all, A-B, 1,4,7); layer 0 is never steered.")
 @click.option("--model-hint", default=None, help="controlvector.model_hint (default: the target's llama.cpp architecture).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")

@@ -47,7 +47,7 @@ def _base_model_id(target: str) -> str:
     return by_file.get(Path(target).name, Path(target).name)
 
 
-PEFT_TYPES = {"adapter": "BEFT", "lora": "LORA"}  # the fold modes that write a PEFT adapter
+PEFT_TYPES = {"adapter": "BEFT", "lora": "LORA", "gated-lora": "LORA"}  # the fold modes that write a PEFT adapter
 
 
 def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: int, context: dict) -> dict:
@@ -63,7 +63,7 @@ def provenance(result, vectors: SteeringVectors, target: str, mode: str, rank: i
         "layers": result.layers,
         "scale": result.scale,
         "peft_type": PEFT_TYPES.get(mode),
-        "adapter_rank": rank if mode == "lora" else None,
+        "adapter_rank": rank if mode in ("lora", "gated-lora") else None,
         "vector_norms": {str(k): round(v, 6) for k, v in vectors.norms().items()},
         "vectors_provenance": vectors.provenance,
         "verification": result.verification,
@@ -102,6 +102,12 @@ def _verification_line(ver: dict | None) -> str:
 
 def _load_hint(target: str, mode: str) -> str:
     """How to load the export, and which stacks can (an adapter: PEFT only; the routes for the others)."""
+    if mode == "gated-lora":
+        return ("This is a plain rank-1 LoRA (no biases). It loads with PEFT on top of the base model, and "
+                "`model.merge_and_unload()` gives an ordinary checkpoint:\n\n"
+                "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
+                "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```")
     if mode not in PEFT_TYPES:
         return ("```python\nfrom transformers import AutoModelForCausalLM\n"
                 "model = AutoModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # no trust_remote_code, "
@@ -134,15 +140,31 @@ def _body(result, vectors: SteeringVectors, target: str, mode: str, context: dic
         diag_rows += f"| diagnostics | {context['diagnostics']} (per layer: diagnostics.json / .png beside this export's recipe outputs) |\n"
     if context.get("calibration"):
         diag_rows += f"| scale choice | {context['calibration']} |\n"
+    what = (f"a constant offset added to the residual stream{' after the attention block' if result.site == 'post_attention' else ' at the output'}\n"
+            f"of each steered decoder layer, as {'a bias vector the adapter adds to the output' if mode in PEFT_TYPES else 'the bias'} "
+            f"of `{result.carrier}`.")
+    note = ("Note: the offset applies at every position, prompt and generated tokens alike. That is a different\n"
+            "intervention from the paper's own prefill-only, last-token edit; the scale was chosen for this form.")
+    if mode.startswith("gated-lora"):
+        fit = context.get("gate_fit") or {}
+        what = (f"a gated rank-1 edit of `{result.carrier}` in each steered layer: W += w a^T, where the gate a, "
+                "fitted without labels on the module's own input, reads about 1 at the last prompt token and "
+                f"about 0 elsewhere, and w = multiplier x alpha x |h| x the unit direction (multiplier "
+                f"{result.scale:g}, alpha {fit.get('alpha', '?')}).")
+        gates = fit.get("heldout") or {}
+        held = (f"on held-out prompts the gate reads {min(v['at_last_token'] for v in gates.values()):.3g} .. "
+                f"{max(v['at_last_token'] for v in gates.values()):.3g} at the last prompt token and at most "
+                f"{max(v['max_abs_elsewhere'] for v in gates.values()):.3g} elsewhere" if gates else "not measured")
+        diag_rows += (f"| gate fit | {fit.get('fit_prompts', '?')} prompts ({fit.get('fit_positions', '?')} positions), "
+                      f"ridge {fit.get('ridge', '?')}; {held} |\n")
+        note = ("Note: the gate is a linear read of the module's input, so it also opens, weakly, at positions "
+                "other than the last prompt token (the figure above); the paper's own edit touches that token only.")
     body = f"""
 # {_base_model_id(target)} + UNLOCK steering ({mode})
 
 This {"adapter" if mode in PEFT_TYPES else "checkpoint"} was produced by
 [unlock-export](https://pypi.org/project/unlock-export/) {__version__}. It carries a capability
-direction transferred training-free (UNLOCK, arXiv 2604.06377) as a constant offset added to the
-residual stream{" after the attention block" if result.site == "post_attention" else " at the output"}
-of each steered decoder layer, as {"a bias vector the adapter adds to the output" if mode in PEFT_TYPES
-else "the bias"} of `{result.carrier}`.
+direction transferred training-free (UNLOCK, arXiv 2604.06377) as {what}
 {relabel}
 | | |
 |---|---|
@@ -156,8 +178,7 @@ else "the bias"} of `{result.carrier}`.
 | vector norms (x scale) | {min(norms.values()) * abs(result.scale):.4g} .. {max(norms.values()) * abs(result.scale):.4g} |
 | verification | {verification} |
 {diag_rows}
-Note: the offset applies at every position, prompt and generated tokens alike. That is a different
-intervention from the paper's own prefill-only, last-token edit; the scale was chosen for this form.
+{note}
 
 ## Use
 

@@ -184,6 +184,9 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}': use {' or '.join(MODES)}")
+    if mode == "gated-lora":
+        raise UserError("the gated-lora mode fits gates on the loaded target: use export.gated.fit_and_fold "
+                        "(the CLI's and unlock_export.fold's gated-lora mode)")
     rank = _checked_rank(mode, rank)
     if not math.isfinite(scale):
         raise UserError(f"--scale must be a finite number, got {scale}")

@@ -35,10 +35,11 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]
 
 def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base: str,
                   tolerance: float = 1e-3, texts: list[str] | None = None, raise_on_fail: bool = True,
-                  reference=None) -> dict:
+                  reference=None, edit=None) -> dict:
     """Compare the export in `out` with `base` steered by `scale * vectors` (additive form), in float32.
     `reference`: the base already loaded (a float32 LoadedModel) is used instead of loading it again;
-    an adapter is always checked on a fresh load, since PEFT wraps the model it is given."""
+    an adapter is always checked on a fresh load, since PEFT wraps the model it is given. `edit(loaded)`:
+    the hook form of another edit to compare with (a context manager; the gated edit's), instead."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
@@ -48,7 +49,7 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     reference_model = reference if usable else load(base, dtype="float32", device="cpu")
     tokenizer = reference_model.tokenizer
     plain = _logits(reference_model.model, tokenizer, texts)
-    with additive_steering(reference_model, vectors, scale):
+    with (edit(reference_model) if edit else additive_steering(reference_model, vectors, scale)):
         reference = _logits(reference_model.model, tokenizer, texts)
     if (out / "adapter_config.json").is_file():
         import warnings
