@@ -49,44 +49,13 @@ def _writer(loaded, layer: int, site: str) -> torch.nn.Module:
     return loaded.arch.writer_module(loaded.model, layer, SITES[site])
 
 
-@torch.inference_mode()
 def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
-    """Per layer: the site module's input at every real token [rows, d_in] (float32), the row's
-    label (1 at each text's last token), and the layer output's norm at the last token."""
-    from unlock_export.method.capture import tokenize
+    """Per layer: the site module's input at every token [rows, d_in], the rows' labels (1 at each
+    text's last token), and the layer output's norm at the last token (method.gate's capture)."""
+    from unlock_export.method.gate import capture_carrier_inputs
 
-    decoder = loaded.arch.decoder_layers(loaded.model)
-    inputs = {layer: [] for layer in layers}
-    norms = {layer: [] for layer in layers}
-    labels = []
-    state = {}
-
-    def pre(layer):
-        def hook(module, args):
-            x = args[0][0]  # one text per pass: no padding
-            inputs[layer].append(x.float().cpu())
-        return hook
-
-    def post(layer):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            norms[layer].append(float(h[0, -1].float().norm()))
-        return hook
-
-    handles = [_writer(loaded, layer, site).register_forward_pre_hook(pre(layer)) for layer in layers]
-    handles += [decoder[layer].register_forward_hook(post(layer)) for layer in layers]
-    try:
-        for text in texts:
-            enc = tokenize(loaded.tokenizer, [text], loaded.device)
-            n = enc["input_ids"].shape[1]
-            labels.append(torch.cat([torch.zeros(n - 1), torch.ones(1)]))
-            state["n"] = n
-            loaded.model(**enc, use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return ({layer: torch.cat(rows) for layer, rows in inputs.items()}, torch.cat(labels),
-            {layer: sum(v) / len(v) for layer, v in norms.items()})
+    inputs, labels, _, norms = capture_carrier_inputs(loaded, texts, layers, SITES[site])
+    return inputs, labels, norms
 
 
 def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.Tensor], site: str):

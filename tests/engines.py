@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,48 @@ def hf_reference(model_dir: Path, vectors: SteeringVectors | None, ids: list[lis
         with additive_steering(loaded, vectors, 1.0):
             run()
     return logits, continuations
+
+
+@contextmanager
+def llama_server(argv: list[str], log: Path, ctx: int = 256):
+    """A stock llama-server (ARGV after the binary) on 127.0.0.1 with one slot, an F32 KV cache and 2
+    threads; yields `post(path, body) -> answer` for its HTTP API. Bounded in time, always stopped."""
+    import shlex
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(llama_bin("llama-server")), *argv, "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
+           "-t", "2", "-ctk", "f32", "-ctv", "f32", "--no-warmup", "-np", "1"]
+    with open(log, "w") as err:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"llama-server exited ({shlex.join(cmd)}):\n{log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not become healthy within 60 s"
+            time.sleep(0.3)
+
+        def post(path: str, body: dict) -> dict:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return json.loads(r.read())
+
+        yield post
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

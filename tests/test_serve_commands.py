@@ -11,21 +11,18 @@ by gguf-py in repeng's layout, applied by llama.cpp, equals its fold as a GGUF.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import time
-import urllib.request
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-from engines import engine_python, llama_bin, llama_cpp_src, llama_logits
+from engines import engine_python, llama_bin, llama_cpp_src, llama_logits, llama_server
 from test_interop import _directions, repeng_gguf
 
 pytestmark = pytest.mark.engines
@@ -222,56 +219,18 @@ def test_every_vllm_command_uses_the_pinned_builds_flags():
 
 
 # -- running them -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def llama_server(argv: list[str], log: Path):
-    """A stock llama-server (ARGV after the binary) on 127.0.0.1 with one slot, an F32 KV cache and 2
-    threads; yields a function that posts greedy /completion requests. Always stopped."""
-    port = _free_port()
-    cmd = [str(llama_bin("llama-server")), *argv, "--host", "127.0.0.1", "--port", str(port), "-c", "256",
-           "-t", "2", "-ctk", "f32", "-ctv", "f32", "--no-warmup", "-np", "1"]
-    with open(log, "w") as err:
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"llama-server exited ({shlex.join(cmd)}):\n{log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy within 60 s"
-            time.sleep(0.3)
-
-        def complete(prompt_ids: list[int]) -> dict:
-            body = json.dumps({"prompt": prompt_ids, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1,
-                               "n_probs": N_PROBS, "ignore_eos": True, "cache_prompt": False, "seed": 0,
-                               "return_tokens": True}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return json.loads(r.read())
-
-        yield complete
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+def greedy_server(argv: list[str], log: Path):
+    """llama_server (tests/engines.py) yielding a function that posts greedy /completion requests."""
+    with llama_server(argv, log) as post:
+        yield lambda prompt_ids: post("/completion", {
+            "prompt": prompt_ids, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1, "n_probs": N_PROBS,
+            "ignore_eos": True, "cache_prompt": False, "seed": 0, "return_tokens": True})
 
 
 def served_text(argv: list[str], prompts: list[list[int]], log: Path) -> list[dict]:
     """Greedy tokens, text and the top-N log-probabilities at each generated token, per prompt."""
-    with llama_server(argv, log) as complete:
+    with greedy_server(argv, log) as complete:
         answers = [complete(ids) for ids in prompts]
     out = []
     for answer in answers:

@@ -8,15 +8,11 @@ size 32, float32 weights and an F32 KV cache, so the engines must agree to max |
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 from conftest import SERVED_TEXTS as TEXTS
-from engines import hf_reference, llama_bin, llama_completion, llama_cpp_src, llama_logits
+from engines import hf_reference, llama_completion, llama_cpp_src, llama_logits, llama_server
 
 pytestmark = pytest.mark.engines
 
@@ -121,12 +117,6 @@ def test_gemma3_control_vector_binding_matches_reference(served, tmp_path):
     assert max_diff(plain, reference) > 0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_llama_server_serves_folded_gguf(served, tmp_path):
     """llama-server on 127.0.0.1 with a patched GGUF: the OpenAI-compatible API's greedy completion
     equals the transformers reference text. The server is bounded in time and always stopped."""
@@ -141,36 +131,9 @@ def test_llama_server_serves_folded_gguf(served, tmp_path):
     _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=10)
     expected = m["tokenizer"].decode(ref_greedy[0])
 
-    port = _free_port()
-    server = subprocess.Popen([str(llama_bin("llama-server")), "-m", str(patched), "--host", "127.0.0.1",
-                               "--port", str(port), "-c", "512", "-t", "2", "-ctk", "f32", "-ctv", "f32",
-                               "--no-warmup", "-np", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"llama-server exited: {server.stderr.read()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy within 60 s"
-            time.sleep(0.5)
-        body = json.dumps({"prompt": TEXTS[1], "max_tokens": 10, "temperature": 0, "top_k": 1}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            answer = json.loads(r.read())
-        assert answer["choices"][0]["text"] == expected
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with llama_server(["-m", str(patched)], tmp_path / "server.log", ctx=512) as post:
+        answer = post("/v1/completions", {"prompt": TEXTS[1], "max_tokens": 10, "temperature": 0, "top_k": 1})
+    assert answer["choices"][0]["text"] == expected
 
 
 def test_eval_llamacpp_engine_matches_transformers(served, tmp_path, capsys):

@@ -116,17 +116,16 @@ def _folded_config(config: dict, plan: BiasPlan) -> dict:
     return out
 
 
-def _carrier_modules(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors,
-                     layers_path: str) -> list[tuple[str, torch.Tensor]]:
-    """(full module name, direction) of each steered layer's carrier, checked present in `ckpt`."""
+def carrier_modules(ckpt: Checkpoint, carrier: str, layers, layers_path: str) -> list[tuple[int, str]]:
+    """(layer, full module name) of the carrier of each of `layers`, checked present in `ckpt`."""
     prefix = ckpt.layer_prefix(layers_path)
     found = []
-    for layer, vec in sorted(vectors.directions.items()):
+    for layer in sorted(layers):
         module = f"{prefix}.{layer}.{carrier}"
         if not ckpt.has(f"{module}.weight"):
             raise UserError(f"expected tensor '{module}.weight' is missing from '{ckpt.dir}'; is the checkpoint "
                             "complete?")
-        found.append((module, vec))
+        found.append((layer, module))
     return found
 
 
@@ -134,7 +133,8 @@ def beft_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale
                  layers_path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """BEFT weights: the offset as each carrier module's `beft_bias` ([1, out], as PEFT stores it)."""
     tensors, modules = {}, []
-    for module, vec in _carrier_modules(ckpt, carrier, vectors, layers_path):
+    for layer, module in carrier_modules(ckpt, carrier, vectors.directions, layers_path):
+        vec = vectors.directions[layer]
         tensors[f"base_model.model.{module}.beft_bias"] = (vec.double() * scale).float().unsqueeze(0)
         modules.append(module)
     return tensors, modules
@@ -145,7 +145,8 @@ def lora_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale
     """LoRA weights with standard init (A random, B zero) and the offset as lora_B's bias."""
     generator = torch.Generator().manual_seed(seed)
     tensors, modules = {}, []
-    for module, vec in _carrier_modules(ckpt, carrier, vectors, layers_path):
+    for layer, module in carrier_modules(ckpt, carrier, vectors.directions, layers_path):
+        vec = vectors.directions[layer]
         shape = ckpt.shape(f"{module}.weight")
         out_features = vec.shape[0]
         in_features = shape[0] if conv1d else shape[1]  # nn.Linear stores [out, in]; Conv1D [in, out]

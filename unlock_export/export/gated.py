@@ -21,7 +21,7 @@ from ..method.gate import GateFit, gated_edit
 from ..method.vectors import SteeringVectors
 from ..models.architectures import architecture_for_config
 from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
-from .fold import FoldResult, _write_peft, materialize
+from .fold import FoldResult, _write_peft, carrier_modules, materialize
 
 MODE = "gated-lora"
 
@@ -29,13 +29,8 @@ MODE = "gated-lora"
 def gated_lora_tensors(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: str,
                        conv1d: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
     """lora_A [1, in] = the gate, lora_B [out, 1] = the write, per steered layer (no biases)."""
-    prefix = ckpt.layer_prefix(layers_path)
     tensors, modules = {}, []
-    for layer in sorted(fit.gates):
-        module = f"{prefix}.{layer}.{carrier}"
-        if not ckpt.has(f"{module}.weight"):
-            raise UserError(f"expected tensor '{module}.weight' is missing from '{ckpt.dir}'; is the checkpoint "
-                            "complete?")
+    for layer, module in carrier_modules(ckpt, carrier, fit.gates, layers_path):
         key = f"base_model.model.{module}"
         tensors[f"{key}.lora_A.weight"] = fit.gates[layer].float()[None, :].contiguous()
         tensors[f"{key}.lora_B.weight"] = fit.writes[layer].float()[:, None].contiguous()
@@ -46,10 +41,9 @@ def gated_lora_tensors(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path
 def merged_weights(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: str,
                    conv1d: bool) -> dict[str, torch.Tensor]:
     """The carrier weights with w a^T added (Conv1D stores [in, out]: a w^T), in their own dtype."""
-    prefix = ckpt.layer_prefix(layers_path)
     changed = {}
-    for layer, gate in fit.gates.items():
-        name = f"{prefix}.{layer}.{carrier}.weight"
+    for layer, module in carrier_modules(ckpt, carrier, fit.gates, layers_path):
+        gate, name = fit.gates[layer], f"{module}.weight"
         weight = ckpt.read(name)
         delta = torch.outer(gate.double(), fit.writes[layer].double()) if conv1d else \
             torch.outer(fit.writes[layer].double(), gate.double())

@@ -72,7 +72,7 @@ def capture_carrier_inputs(loaded, texts: list[str], layers: list[int], site: st
         for text in texts:
             enc = tokenize(loaded.tokenizer, [text], loaded.device)
             lengths.append(enc["input_ids"].shape[1])
-            loaded.model(**enc, use_cache=False)
+            loaded.model(**enc, use_cache=False, logits_to_keep=1)  # only the hooks' rows are needed
     finally:
         for handle in handles:
             handle.remove()
