@@ -52,10 +52,12 @@ def _writer(loaded, layer: int, site: str) -> torch.nn.Module:
 def capture_site_inputs(loaded, texts: list[str], layers: list[int], site: str):
     """Per layer: the site module's input at every token [rows, d_in], the rows' labels (1 at each
     text's last token), and the layer output's norm at the last token (method.gate's capture)."""
-    from unlock_export.method.gate import capture_carrier_inputs
+    from unlock_export.method.gate import capture_carrier_inputs, position_labels
 
-    inputs, labels, _, norms = capture_carrier_inputs(loaded, texts, layers, SITES[site])
-    return inputs, labels, norms
+    sequences = [loaded.tokenizer(text)["input_ids"] for text in texts]
+    lengths = [len(ids) for ids in sequences]
+    inputs, norms = capture_carrier_inputs(loaded, sequences, lengths, layers, SITES[site])
+    return inputs, position_labels(sequences, lengths, 0), norms
 
 
 def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.Tensor], site: str):
@@ -63,7 +65,8 @@ def gated_edit(loaded, gates: dict[int, torch.Tensor], writes: dict[int, torch.T
     from unlock_export.method.gate import GateFit
     from unlock_export.method.gate import gated_edit as hooks
 
-    return hooks(loaded, GateFit(gates, writes, SITES[site], 0.0, 0.0, 0.0, 0, 0))
+    return hooks(loaded, GateFit({layer: gate[None] for layer, gate in gates.items()}, writes, SITES[site],
+                                 0.0, 0.0, 0.0, 0, 0))
 
 
 @torch.inference_mode()

@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "master_key": "api", "fit_map": "api", "fold": "api", "write_control_vector": "api",
     "additive_steering": "api", "paper_steering": "api", "calibrate_scale": "api", "evaluate": "api",
-    "load_model": "api",
+    "load_model": "api", "fit_gates": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
+    "GateFit": "method.gate",
     "MasterKey": "method.key", "LowRankMap": "method.align", "SteeringVectors": "method.vectors",
     "FoldResult": "export.fold", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",
     "LoadedModel": "models.loading", "RuntimeOptions": "models.runtime",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from . import prompts as prompt_sources
 from .errors import UserError
@@ -32,6 +32,9 @@ from .method.vectors import SteeringVectors
 from .models.loading import LoadedModel
 from .models.pool import ModelPool, as_loaded
 from .models.runtime import RuntimeOptions
+
+if TYPE_CHECKING:
+    from .method.gate import GateFit, GateSettings
 
 ModelLike = Union[str, Path, LoadedModel, tuple]
 Prompts = Union[str, Sequence[str]]
@@ -100,12 +103,13 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
          rank: int | None = None, layers: str | list[int] | None = None, verify: bool = True,
          tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False,
-         gate: dict | None = None) -> FoldResult:
+         gate: "GateSettings | dict | None" = None, merge: bool = False) -> FoldResult:
     """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`), a PEFT BEFT adapter
     (mode `adapter`) or a PEFT LoRA with lora_bias (mode `lora`, `rank` default 8) in `out`, verified
-    against the hooks before it is written. Mode `gated-lora` writes the gated rank-1 edit instead
-    (method.gate; `scale` unused): `gate` sets its fit (prompts, count, offset, alpha, multiplier,
-    ridge, merge), as `export.gated.fit_and_fold` takes them.
+    against the hooks before it is written. Mode `gated-lora` writes the gated edit instead (`scale`
+    and `rank` unused): `gate` is its method.gate.GateSettings (or a dict of them: prompts, count,
+    offset, heldout, template, alpha, multiplier (a number or "auto"), ridge, rank), fitted by
+    `fit_gates`; `merge` writes it into a standalone checkpoint instead of a PEFT LoRA.
 
     A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
     from .export.fold import fold as fold_files
@@ -115,14 +119,73 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
     if mode == "gated-lora":
-        from .export.gated import fit_and_fold
-
-        return fit_and_fold(_files_of(target), vectors, out, loaded=reference, link=link, overwrite=overwrite,
-                            verify=verify, tolerance=tolerance, progress=progress, **(gate or {}))
-    if gate:
-        raise UserError("gate settings apply to mode 'gated-lora' only")
+        return fold_gated_lora(target, vectors, out, gate, merge=merge, link=link, overwrite=overwrite,
+                               verify=verify, tolerance=tolerance, progress=progress)
+    if gate or merge:
+        raise UserError("gate settings and merge apply to mode 'gated-lora' only")
     return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
                       overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference)
+
+
+def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path,
+                    gate: "GateSettings | dict | None" = None, *, merge: bool = False, link: bool = False,
+                    overwrite: bool = False, verify: bool = True, tolerance: float = 1e-3, progress: bool = False,
+                    card_context: dict | None = None) -> FoldResult:
+    """`fold(mode="gated-lora")`: fit the gates (`fit_gates`) on the target, loaded once in float32
+    (or used as it is when the caller's model is float32), and write the edit, verified against its
+    hook form on that same model."""
+    from .export.gated import fold_gated
+    from .models.checkpoint import check_output_path
+    from .models.loading import resolve
+
+    settings = _settings(gate)
+    settings.check()
+    files = _files_of(target)
+    source = resolve(files)
+    if source.kind == "dir":  # refused before the fit, not after it
+        check_output_path(Path(out), Path(source.path), overwrite)
+    elif Path(out).exists() and not overwrite:
+        raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
+    loaded = _float32(None if isinstance(target, (str, Path)) else as_loaded(target))
+    loaded = loaded or _pool(RuntimeOptions(dtype="float32", device="cpu"), progress).get(files)
+    fit = fit_gates(loaded, vectors, settings, progress=progress)
+    context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
+               f"{settings.offset + settings.count}], template {settings.template}"}
+    return fold_gated(files, fit, vectors, out, merge=merge, link=link, overwrite=overwrite, verify=verify,
+                      tolerance=tolerance, progress=progress, reference=loaded, card_context=context)
+
+
+def _settings(gate: "GateSettings | dict | None") -> "GateSettings":
+    from .method.gate import GateSettings
+
+    return gate if isinstance(gate, GateSettings) else GateSettings.from_dict(gate)
+
+
+def _float32(loaded):
+    import torch
+
+    if loaded is None or next(loaded.model.parameters()).dtype != torch.float32:
+        return None
+    return loaded
+
+
+def fit_gates(target: ModelLike, vectors: SteeringVectors, gate: "GateSettings | dict | None" = None, *,
+              progress: bool = False) -> "GateFit":
+    """The gated edit of `vectors` on `target` (method.gate.GateFit): its gates fitted without labels on
+    the prompts `gate` names (method.gate.GateSettings, or a dict of them), the multiplier chosen
+    without labels when it is "auto", and its closeness to the paper form beside the bias fold's (KL
+    at the answer start on the held-out prompts). `target` in float32 is used as it is; anything else
+    is loaded in float32 on the CPU. `ux.gated_edit(model, fit)`-style hooks: method.gate.gated_edit."""
+    from .evaluation.calibrate import calibrate_gate
+    from .method.gate import fit_for
+
+    settings = _settings(gate)
+    settings.check()
+    loaded = _float32(None if isinstance(target, (str, Path)) else as_loaded(target))
+    if loaded is None:
+        loaded = _pool(RuntimeOptions(dtype="float32", device="cpu"), progress).get(_files_of(target))
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, "target")
+    return calibrate_gate(loaded, vectors, fit_for(loaded, vectors, settings), settings, progress=progress)
 
 
 def _files_of(model: ModelLike) -> str:

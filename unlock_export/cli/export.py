@@ -10,7 +10,7 @@ import click
 from ..choices import MODES, OUTTYPES, ROUTES
 from ..errors import UserError
 from .app import cli, emit
-from .options import choice
+from .options import choice, parse_multiplier
 
 
 # -- fold ------------------------------------------------------------------------------------
@@ -21,16 +21,21 @@ from .options import choice
 @click.option("--scale", default=None, type=float, help="Offset = scale * direction (default 1; not for gated-lora).")
 @click.option("--mode", type=choice(MODES), default="bias", show_default=True,
               help="bias: standalone checkpoint; adapter: PEFT BEFT adapter (a bias per steered module, PEFT "
-                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2); gated-lora: a plain rank-1 "
-                   "LoRA whose label-free gate opens at the last prompt token (the paper form as weights).")
-@click.option("--rank", default=None, type=int, help="LoRA rank (--mode lora only; default 8).")
-@click.option("--multiplier", default=1.0, show_default=True, type=float,
-              help="gated-lora: the write is multiplier * alpha * |h| * unit direction.")
+                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2); gated-lora: a plain rank-r "
+                   "LoRA whose label-free gates open at the last prompt token (the paper form as weights).")
+@click.option("--rank", default=None, type=int,
+              help="lora: the LoRA rank (default 8); gated-lora: gates per layer, the last prompt token and then "
+                   "the first RANK-1 answer tokens (default 1).")
+@click.option("--multiplier", default="1", show_default=True,
+              help="gated-lora: the write is multiplier * alpha * |h| * unit direction; 'auto': the multiplier "
+                   "closest to the paper form on the held-out prompts within a perplexity guard (no labels).")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="gated-lora: the paper form's strength.")
 @click.option("--gate-prompts", default="builtin:gsm8k-train", show_default=True,
               help="gated-lora: unlabeled prompts the gates are fitted on (the direct template).")
-@click.option("--gate-count", default=32, show_default=True, type=int,
-              help="gated-lora: prompts to fit on (the next 8 measure the gates).")
+@click.option("--gate-count", default=32, show_default=True, type=int, help="gated-lora: prompts to fit on.")
+@click.option("--gate-heldout", default=8, show_default=True, type=int,
+              help="gated-lora: the next prompts, held out: they measure the gates, choose --multiplier auto and "
+                   "give the closeness to the paper form (KL at the answer start) beside the bias fold's.")
 @click.option("--gate-offset", default=0, show_default=True, type=int, help="gated-lora: skip this many prompts.")
 @click.option("--merge", is_flag=True, help="gated-lora: merge the edit into a standalone checkpoint.")
 @click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
@@ -43,8 +48,8 @@ from .options import choice
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
 @click.pass_context
-def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_prompts, gate_count, gate_offset,
-         merge, layers, link, verify, tolerance, output, overwrite, allow_pickle):
+def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_prompts, gate_count, gate_heldout,
+         gate_offset, merge, layers, link, verify, tolerance, output, overwrite, allow_pickle):
     """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
@@ -66,15 +71,19 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
     if layers:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     if mode == "gated-lora":
-        from ..export.gated import fit_and_fold
+        from ..api import fold_gated_lora
+        from ..method.gate import GateSettings
 
-        if scale is not None or rank is not None:
-            raise UserError("gated-lora takes --multiplier and --alpha, not --scale or --rank: drop them")
-        result = fit_and_fold(target, vectors, output, prompts=gate_prompts, count=gate_count, offset=gate_offset,
-                              alpha=alpha, multiplier=multiplier, merge=merge, link=link, overwrite=overwrite,
-                              verify=verify, tolerance=tolerance, card_context={"vectors_file": str(vectors_path)},
-                              progress=not ctx.obj["quiet"])
+        if scale is not None:
+            raise UserError("gated-lora takes --multiplier and --alpha, not --scale: drop it")
+        settings = GateSettings(prompts=gate_prompts, count=gate_count, offset=gate_offset, heldout=gate_heldout,
+                                alpha=alpha, multiplier=parse_multiplier(multiplier), rank=1 if rank is None else rank)
+        result = fold_gated_lora(target, vectors, output, settings, merge=merge, link=link, overwrite=overwrite,
+                                 verify=verify, tolerance=tolerance, progress=not ctx.obj["quiet"],
+                                 card_context={"vectors_file": str(vectors_path)})
     else:
+        if multiplier != "1" or gate_heldout != 8:
+            raise UserError("--multiplier and --gate-heldout apply to --mode gated-lora only: drop them")
         if merge:
             raise UserError("--merge applies to --mode gated-lora only (a bias fold is already a checkpoint)")
         scale = 1.0 if scale is None else scale
@@ -118,10 +127,31 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     vectors = SteeringVectors.load(vectors_path)
     if info.get("layers") is not None:
         vectors = vectors.select(info["layers"])
-    report = verify_export(export_dir, vectors, scale, base, tolerance)
+    edit = None
+    if str(info.get("mode", "")).startswith("gated-lora"):
+        edit = _gated_reference(export_dir, info)
+    report = verify_export(export_dir, vectors, scale, base, tolerance, edit=edit)
+    close = (info.get("gate_fit") or {}).get("closeness")
+    if close:
+        report["closeness"] = close
+        click.echo(f"closeness to the paper form (recorded at fold time, KL at the answer start on {close['prompts']} "
+                   f"held-out prompts): this edit {close['gated']['kl']:.3g}, the bias fold at its label-free scale "
+                   f"{close['bias']['kl']:.3g}, unsteered {close['unsteered']:.3g}", err=True)
     emit(ctx, report, f"ok: max |dlogit| {report['max_abs_dlogit']:.3g} <= {tolerance:g}, top-1 agreement "
                        f"{report['top1_agreement']:.1%} on {report['prompts']} prompts "
                        f"(steering moves logits by up to {report['steering_effect_max_abs_dlogit']:.3g})")
+
+
+def _gated_reference(export_dir: Path, info: dict):
+    """The hook form of the gated edit an export holds, for verify (the LoRA's own gates and write)."""
+    from ..export.gated import fit_from_adapter
+    from ..method.gate import gated_edit
+
+    if info["mode"] != "gated-lora":
+        raise UserError(f"'{export_dir}' is a merged gated edit, whose gates live inside its weights: it was "
+                        "verified when it was written (unlock.json: verification); verify its LoRA form instead")
+    fit = fit_from_adapter(export_dir, info)
+    return lambda loaded: gated_edit(loaded, fit)
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
@@ -164,7 +194,8 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
               help="patch: add the biases to the target's existing GGUF (quantization kept byte for byte); "
                    "convert: llama.cpp's convert_hf_to_gguf.py on FOLDED.")
 @click.option("--base", default=None,
-              help="patch: the target's GGUF file (default: the fold's target when it was a GGUF or zoo model).")
+              help="patch: the target's GGUF file (default: the fold's target when it was a GGUF or zoo model); "
+                   "a LoRA adapter: the base GGUF it is checked against and served with.")
 @click.option("--llama-cpp", "llama_cpp", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="convert: llama.cpp source tree (default: $UNLOCK_LLAMA_CPP, else the engines cache).")
 @click.option("--outtype", default="f32", show_default=True, type=choice(OUTTYPES),
@@ -175,14 +206,22 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
 def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
     """Turn FOLDED (a bias export from `fold`) into a GGUF that stock llama.cpp runs.
 
+    A PEFT LoRA folder (`fold --mode gated-lora`) becomes a llama.cpp LoRA adapter GGUF instead
+    (no route), served on the base model's GGUF with `llama-server --lora`, its scale chosen per
+    request. BEFT adapters and LoRAs with lora_bias are refused: fold those with --mode bias.
+
     \b
     Example:
       unlock-export gguf out/qwen1.5b-cot -o qwen1.5b-cot.gguf           # patch the zoo GGUF
       unlock-export gguf out/qwen1.5b-cot --base target-q4_k_m.gguf -o folded.gguf
       unlock-export gguf out/qwen1.5b-cot --route convert --llama-cpp ~/llama.cpp -o folded-f16.gguf --outtype f16
+      unlock-export gguf out/gated -o gated-lora.gguf                     # a gated-lora adapter
     """
     from ..export.gguf import convert_gguf, patch_gguf
+    from ..export.lora_gguf import is_peft_adapter
 
+    if is_peft_adapter(folded):
+        return _lora_gguf(ctx, folded, base, output, overwrite)
     if route == "patch":
         info = patch_gguf(folded, output, base=base, overwrite=overwrite)
         extra = f", relabelled {info['relabelled_from']} -> {info['architecture']}" if info["relabelled_from"] else ""
@@ -192,6 +231,30 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
         info = convert_gguf(folded, output, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
         text = f"wrote {output} (converted with {info['llama_cpp']}, {outtype})"
     emit(ctx, info, text)
+
+
+def _lora_gguf(ctx, adapter: Path, base, output: Path, overwrite: bool) -> None:
+    """`gguf ADAPTER`: the PEFT LoRA as a llama.cpp LoRA GGUF, and how llama-server serves it."""
+    from click.core import ParameterSource
+
+    from ..export.lora_gguf import write_lora_gguf
+    from ..export.serving import lora_request, lora_server_command
+
+    given = [f"--{name.replace('_', '-')}" for name in ("route", "llama_cpp", "outtype")
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        raise UserError(f"'{adapter}' is a PEFT adapter, which becomes a LoRA GGUF (no route or converter): "
+                        f"drop {', '.join(given)}")
+    info = write_lora_gguf(adapter, output, base=base, overwrite=overwrite)
+    info["serve"] = lora_server_command(output, info["base"])
+    info["request"] = lora_request(1.0)
+    base_note = "" if info["base"] else (" (BASE.gguf: the GGUF of the adapter's base model, e.g. "
+                                         "`unlock-export gguf TARGET_DIR --route convert -o BASE.gguf`)")
+    modules = len(info["tensors"]) // 2
+    emit(ctx, info, f"wrote {output} (llama.cpp LoRA for {info['architecture']}: {modules} module"
+                    f"{'s' if modules != 1 else ''}, rank {info['rank']})\nserve with:{base_note}\n  {info['serve']}\n"
+                    f"scale per request (0 = the base model; adapters a request leaves out get 0):\n"
+                    f"  {info['request']}")
 
 
 # -- push / inspect --------------------------------------------------------------------------

@@ -52,3 +52,13 @@ def runtime_from(kwargs: dict) -> RuntimeOptions:
 def choice(values) -> click.Choice:
     """A click choice from the library's own constant (so the CLI never lists choices of its own)."""
     return click.Choice(list(values))
+
+
+def parse_multiplier(text: str) -> float | str:
+    """--multiplier: a number, or 'auto' (the gated edit's label-free choice)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--multiplier takes a positive number or 'auto', not {text!r}") from None

@@ -159,7 +159,8 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
                     stop_after_rejected: int = 2, additive_layers: list[int] | None = None,
-                    objective: str = "answer-start", continuation_tokens: int = 32) -> "Calibration":
+                    objective: str = "answer-start", continuation_tokens: int = 32,
+                    edit=None, form: str = "additive") -> "Calibration":
     """Pick the additive scale closest to `reference_form` at `reference_strength` by `objective`
     (see the module docstring), subject to perplexity <= (1 + ppl_margin) x unsteered.
 
@@ -167,7 +168,10 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     the additive form to a band, as a fold with `--layers` would.
 
     Scales are tried in ascending order; perplexity grows with the scale, so the search stops once
-    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale)."""
+    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale).
+
+    `edit` (a callable: scale -> context manager) calibrates another edit's strength by the same rule,
+    named `form` in the result: the gated edit's multiplier (method.gate) does."""
     if not texts or not ppl_texts:
         raise UserError("calibration needs prompts and plain texts; pass --count > 0")
     if any(s < 0 or not math.isfinite(s) for s in scales):
@@ -177,6 +181,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     if continuation_tokens < 1:
         raise UserError("continuation tokens must be at least 1")
     additive = vectors if additive_layers is None else vectors.select(additive_layers)
+    candidate = edit or (lambda scale: steering(loaded, additive, "additive", scale))
     continuations = None
     if objective == "continuation":
         with steering(loaded, vectors, reference_form, reference_strength):
@@ -195,7 +200,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
 
     def measure(scale: float) -> dict:
         if scale not in table:
-            with steering(loaded, additive, "additive", scale):
+            with candidate(scale):
                 q, ce = score()
                 ppl = perplexity(loaded, ppl_texts, batch_size)
             table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
@@ -215,6 +220,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         "kl_unsteered_to_reference": kl(reference, plain),
         "reference": {"form": reference_form, ("alpha" if reference_form == "paper" else "scale"): reference_strength,
                       "layers": vectors.layers},
+        "form": form,
         "layers": additive.layers,
         "unsteered_perplexity": base_ppl,
         "ppl_margin": ppl_margin,
@@ -278,3 +284,53 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
             "unsteered_perplexity": math.exp(plain_nll), "prompts": len(texts), "layers": vectors.layers,
             "unsteered_sample": tok.decode(plain[0]), "table": table,
             "note": None if allowed else "every alpha tried breaks the text: try smaller alphas"}
+
+
+def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, ppl_margin: float = 0.10,
+                   batch_size: int = 8, progress: bool = False):
+    """The gated edit's multiplier when `settings.multiplier` is 'auto', and its closeness to the paper
+    form, on the held-out prompts of `settings` (method.gate.GateSettings) -> the fit with both.
+
+    The multiplier follows `calibrate_scale`'s rule over method.gate.MULTIPLIERS: the one closest to
+    the paper form at `settings.alpha` (KL at the answer start) among those within the perplexity guard
+    on the same prompts as plain text. `closeness` gives that KL for the gated edit at its multiplier,
+    for the bias fold (the additive form) at its own label-free scale, and for the unsteered model."""
+    import contextlib
+    import dataclasses
+
+    from ..method.gate import MULTIPLIERS, gated_edit, settings_texts
+
+    _, heldout, plain = settings_texts(settings)
+    if not heldout:
+        if settings.multiplier == "auto":
+            raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")
+        return fit
+
+    def edit(multiplier: float):
+        return gated_edit(loaded, fit.scaled(multiplier)) if multiplier > 0 else contextlib.nullcontext()
+
+    auto = settings.multiplier == "auto"
+    gated = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha,
+                            scales=MULTIPLIERS if auto else (0.0, fit.multiplier), ppl_margin=ppl_margin,
+                            batch_size=batch_size, refine=auto, progress=progress, stop_after_rejected=2 if auto else 0,
+                            edit=edit, form="gated-lora")
+    calibration = None
+    if auto:
+        if gated.scale <= 0:
+            raise UserError("no multiplier brings the gated edit closer to the paper form than the unsteered model "
+                            f"on the {len(heldout)} held-out prompts within the perplexity guard: pass --multiplier")
+        fit = fit.scaled(gated.scale)
+        calibration = {"multiplier": gated.scale, "prompts": len(heldout), "ppl_margin": ppl_margin,
+                       "table": [{k: row[k] for k in ("scale", "kl_to_reference", "perplexity_ratio", "allowed")}
+                                 for row in gated.table]}
+    at = next(row for row in gated.table if row["scale"] == fit.multiplier)
+    bias = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha, ppl_margin=ppl_margin,
+                           batch_size=batch_size, progress=progress)
+    closeness = {"prompts": len(heldout), "paper_alpha": settings.alpha,
+                 "measure": "KL(paper form || form) of the next token at the last prompt token, held-out prompts",
+                 "unsteered": gated.kl_unsteered_to_reference,
+                 "gated": {"multiplier": fit.multiplier, "kl": at["kl_to_reference"],
+                           "perplexity_ratio": at["perplexity_ratio"]},
+                 "bias": {"scale": bias.scale, "kl": bias.kl_to_reference,
+                          "note": "the additive form at its own label-free scale (calibrate's rule)"}}
+    return dataclasses.replace(fit, calibration=calibration, closeness=closeness)

@@ -103,11 +103,19 @@ def _verification_line(ver: dict | None) -> str:
 def _load_hint(target: str, mode: str) -> str:
     """How to load the export, and which stacks can (an adapter: PEFT only; the routes for the others)."""
     if mode == "gated-lora":
-        return ("This is a plain rank-1 LoRA (no biases). It loads with PEFT on top of the base model, and "
+        from .serving import lora_request, lora_server_command, vllm_lora_command
+
+        return ("This is a plain LoRA (no biases). It loads with PEFT on top of the base model, and "
                 "`model.merge_and_unload()` gives an ordinary checkpoint:\n\n"
                 "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
                 f"base = AutoModelForCausalLM.from_pretrained(\"{_base_model_id(target)}\")\n"
-                "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```")
+                "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```\n\n"
+                "Stock servers switch it per request. vLLM serves it beside the base model (and other "
+                "adapters), chosen by the request's `model`:\n\n"
+                f"```sh\n{vllm_lora_command(_base_model_id(target), {'steer': 'PATH_TO_THIS_FOLDER'})}\n```\n\n"
+                "llama.cpp takes it as a LoRA GGUF (`unlock-export gguf PATH_TO_THIS_FOLDER -o steer.gguf`) on the "
+                "base model's GGUF, its scale chosen in each request:\n\n"
+                f"```sh\n{lora_server_command('steer.gguf', 'BASE.gguf')}\n{lora_request(1.0)}\n```")
     if mode not in PEFT_TYPES:
         return ("```python\nfrom transformers import AutoModelForCausalLM\n"
                 "model = AutoModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # no trust_remote_code, "
@@ -147,16 +155,28 @@ def _body(result, vectors: SteeringVectors, target: str, mode: str, context: dic
             "intervention from the paper's own prefill-only, last-token edit; the scale was chosen for this form.")
     if mode.startswith("gated-lora"):
         fit = context.get("gate_fit") or {}
-        what = (f"a gated rank-1 edit of `{result.carrier}` in each steered layer: W += w a^T, where the gate a, "
-                "fitted without labels on the module's own input, reads about 1 at the last prompt token and "
-                f"about 0 elsewhere, and w = multiplier x alpha x |h| x the unit direction (multiplier "
-                f"{result.scale:g}, alpha {fit.get('alpha', '?')}).")
+        rank = fit.get("rank", 1)
+        window = "the last prompt token" + (f" and the first {rank - 1} answer tokens" if rank > 1 else "")
+        what = (f"a gated rank-{rank} edit of `{result.carrier}` in each steered layer: W += w (a_1 + .. + a_{rank})^T, "
+                "where each gate a_k, fitted without labels on the module's own input, reads about 1 at one "
+                f"position of {window} and about 0 elsewhere, and w = multiplier x alpha x |h| x the unit "
+                f"direction (multiplier {result.scale:g}, alpha {fit.get('alpha', '?')}).")
         gates = fit.get("heldout") or {}
-        held = (f"on held-out prompts the gate reads {min(v['at_last_token'] for v in gates.values()):.3g} .. "
-                f"{max(v['at_last_token'] for v in gates.values()):.3g} at the last prompt token and at most "
-                f"{max(v['max_abs_elsewhere'] for v in gates.values()):.3g} elsewhere" if gates else "not measured")
+        held = (f"on held-out prompts the first gate reads {min(v['at_last_token'] for v in gates.values()):.3g} .. "
+                f"{max(v['at_last_token'] for v in gates.values()):.3g} at the last prompt token, the gates together "
+                f"at most {max(v['max_abs_elsewhere'] for v in gates.values()):.3g} at other prompt tokens and "
+                f"{max(v.get('max_abs_later_answer_tokens', 0.0) for v in gates.values()):.3g} at later answer tokens"
+                if gates else "not measured")
         diag_rows += (f"| gate fit | {fit.get('fit_prompts', '?')} prompts ({fit.get('fit_positions', '?')} positions), "
                       f"ridge {fit.get('ridge', '?')}; {held} |\n")
+        if fit.get("multiplier_calibration"):
+            diag_rows += (f"| multiplier choice | label-free: the closest to the paper form at the answer start on "
+                          f"{fit['multiplier_calibration']['prompts']} held-out prompts within the perplexity guard |\n")
+        close = fit.get("closeness")
+        if close:
+            diag_rows += (f"| closeness to the paper form | KL at the answer start on {close['prompts']} held-out "
+                          f"prompts: this edit {close['gated']['kl']:.3g}, the bias fold at its label-free scale "
+                          f"{close['bias']['scale']:g} {close['bias']['kl']:.3g}, unsteered {close['unsteered']:.3g} |\n")
         note = ("Note: the gate is a linear read of the module's input, so it also opens, weakly, at positions "
                 "other than the last prompt token (the figure above); the paper's own edit touches that token only.")
     body = f"""

@@ -1,9 +1,10 @@
 """Export the gated edit (method/gate.py): a plain PEFT LoRA, or merged, a standalone checkpoint.
 
-gated-lora  on each steered layer's carrier module a rank-1 LoRA with A = a_L^T (the gate) and
-            B = w_L (the write), lora_alpha = r so PEFT's scaling is 1, and no biases: stock PEFT
-            loads it, and it merges into any module (the product lives in the weight).
---merge     W += w_L a_L^T written into the checkpoint's shards (no config change, no relabel).
+gated-lora  on each steered layer's carrier module a rank-r LoRA with A = [a_L1 .. a_Lr]^T (the
+            gates) and B = [w_L .. w_L] (the write, once per gate), lora_alpha = r so PEFT's scaling
+            is 1, and no biases: stock PEFT loads it, and it merges into any module.
+--merge     W += w_L (a_L1 + .. + a_Lr)^T written into the checkpoint's shards (no config change, no
+            relabel).
 Both are verified against the hook form (`gated_edit`) before anything is written.
 """
 
@@ -26,24 +27,26 @@ from .fold import FoldResult, _write_peft, carrier_modules, materialize
 MODE = "gated-lora"
 
 
-def gated_lora_tensors(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: str,
-                       conv1d: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """lora_A [1, in] = the gate, lora_B [out, 1] = the write, per steered layer (no biases)."""
+def gated_lora_tensors(ckpt: Checkpoint, carrier: str, fit: GateFit,
+                       layers_path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """lora_A [r, in] = the gates, lora_B [out, r] = the write once per gate, per steered layer (no biases)."""
     tensors, modules = {}, []
     for layer, module in carrier_modules(ckpt, carrier, fit.gates, layers_path):
         key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = fit.gates[layer].float()[None, :].contiguous()
-        tensors[f"{key}.lora_B.weight"] = fit.writes[layer].float()[:, None].contiguous()
+        gates = fit.gates[layer].float()
+        tensors[f"{key}.lora_A.weight"] = gates.contiguous()
+        tensors[f"{key}.lora_B.weight"] = fit.writes[layer].float()[:, None].repeat(1, gates.shape[0]).contiguous()
         modules.append(module)
     return tensors, modules
 
 
 def merged_weights(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: str,
                    conv1d: bool) -> dict[str, torch.Tensor]:
-    """The carrier weights with w a^T added (Conv1D stores [in, out]: a w^T), in their own dtype."""
+    """The carrier weights with w (a_1 + .. + a_r)^T added (Conv1D stores [in, out]: the transpose), in
+    their own dtype."""
     changed = {}
     for layer, module in carrier_modules(ckpt, carrier, fit.gates, layers_path):
-        gate, name = fit.gates[layer], f"{module}.weight"
+        gate, name = fit.gates[layer].sum(0), f"{module}.weight"
         weight = ckpt.read(name)
         delta = torch.outer(gate.double(), fit.writes[layer].double()) if conv1d else \
             torch.outer(fit.writes[layer].double(), gate.double())
@@ -79,8 +82,8 @@ def fold_gated(target: str, fit: GateFit, vectors: SteeringVectors, out: str | P
             else:
                 from peft import LoraConfig
 
-                tensors, modules = gated_lora_tensors(ckpt, carrier, fit, arch.layers_path, arch.conv1d)
-                config = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=modules, bias="none",
+                tensors, modules = gated_lora_tensors(ckpt, carrier, fit, arch.layers_path)
+                config = LoraConfig(r=fit.rank, lora_alpha=fit.rank, lora_dropout=0.0, target_modules=modules, bias="none",
                                     fan_in_fan_out=arch.conv1d, task_type="CAUSAL_LM",
                                     base_model_name_or_path=target)
                 _write_peft(ckpt, work, config, tensors)
@@ -93,36 +96,35 @@ def fold_gated(target: str, fit: GateFit, vectors: SteeringVectors, out: str | P
                     raise ExportFailure(f"{exc}; no output was written")
             result = FoldResult(out, MODE + ("-merged" if merge else ""), arch.model_type, arch.model_type,
                                 vectors.layers, fit.multiplier, vectors.site, carrier, shards, verification)
-            card.write(work, result, vectors, target=target, source_dir=source_dir, mode=result.mode, rank=1,
+            card.write(work, result, vectors, target=target, source_dir=source_dir, mode=result.mode, rank=fit.rank,
                        context={**(card_context or {}), "gate_fit": fit.summary()})
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def fit_and_fold(target: str, vectors: SteeringVectors, out: str | Path, *, prompts: str = "builtin:gsm8k-train",
-                 count: int = 32, offset: int = 0, heldout: int = 8, template: str = "direct", alpha: float = 0.1,
-                 multiplier: float = 1.0, ridge: float | None = None, merge: bool = False, loaded=None,
-                 **fold_options) -> FoldResult:
-    """Fit the gates on `count` unlabeled prompts of the target (after `offset`; the next `heldout`
-    measure them) and write the gated edit: `fold --mode gated-lora`. `loaded`: the target already in
-    memory in float32 (else it is loaded here, float32 on the CPU)."""
-    from ..method.gate import DEFAULT_RIDGE, fit_gates
-    from ..models.loading import load
-    from ..prompts import apply_template, load_questions
+def fit_from_adapter(adapter: str | Path, info: dict) -> GateFit:
+    """The gated edit a gated-lora adapter holds (lora_A: the gates; lora_B's first column: the write),
+    with its fit's record from unlock.json (`info`): the hook form `verify` checks the reload against."""
+    import re
 
-    if count < 1 or heldout < 0:
-        raise UserError(f"the gate fit needs --gate-count >= 1 and a held-out count >= 0, got {count} and {heldout}")
-    questions = load_questions(prompts, count=count + heldout, offset=offset)
-    if len(questions) < count:
-        raise UserError(f"'{prompts}' holds {len(questions)} prompts after offset {offset}: the gate fit needs "
-                        f"{count}; lower --gate-count")
-    texts = apply_template(template, questions)
-    if loaded is None or next(loaded.model.parameters()).dtype != torch.float32:
-        loaded = load(target, dtype="float32", device="cpu")
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{target}'")
-    fit = fit_gates(loaded, vectors, texts[:count], texts[count:], alpha=alpha, multiplier=multiplier,
-                    ridge=DEFAULT_RIDGE if ridge is None else ridge)
-    context = {**fold_options.pop("card_context", {}), "gate_prompts": f"{prompts} [{offset}:{offset + count}], "
-               f"template {template}"}
-    return fold_gated(target, fit, vectors, out, merge=merge, reference=loaded, card_context=context, **fold_options)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    fit = info.get("gate_fit") or {}
+    gates, writes = {}, {}
+    for name, tensor in tensors.items():
+        found = re.search(r"\.(\d+)\.[\w.]+\.lora_([AB])\.weight$", name)
+        if not found:
+            raise UserError(f"'{adapter}' holds '{name}', which is no gated-lora tensor: pass a `fold --mode "
+                            "gated-lora` folder")
+        layer = int(found.group(1))
+        if found.group(2) == "A":
+            gates[layer] = tensor.float()
+        else:
+            writes[layer] = tensor.float()[:, 0]
+    if sorted(gates) != sorted(writes):
+        raise UserError(f"'{adapter}' has lora_A and lora_B tensors for different layers: refold it")
+    return GateFit(gates, writes, fit.get("site", "layer_output"), fit.get("alpha", 0.0),
+                   fit.get("multiplier", info.get("scale", 1.0)), fit.get("ridge", 0.0), fit.get("fit_prompts", 0),
+                   fit.get("fit_positions", 0), rank=next(iter(gates.values())).shape[0] if gates else 1)

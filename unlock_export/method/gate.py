@@ -1,19 +1,30 @@
-"""The gated edit: the paper form's last-token edit as an ordinary rank-1 weight edit.
+"""The gated edit: the paper form's last-token edit as an ordinary rank-r weight edit.
 
 On each steered layer's last write into the residual stream (the registry's carrier module, e.g.
-`mlp.down_proj`) the edit is W += w_L a_L^T, so the module's output gains (x . a_L) w_L:
-  a_L  a linear gate on the module's own input x, fitted without labels (weighted ridge, no
-       intercept) to read 1 at the last prompt token of a templated prompt and 0 at every other
-       position of the same prompts;
+`mlp.down_proj`) the edit is W += w_L (a_L1 + .. + a_Lr)^T, so the module's output gains
+(x . a_L1 + .. + x . a_Lr) w_L:
+  a_Lk linear gates on the module's own input x, fitted without labels (weighted ridge, no
+       intercept), each to read 1 at one position of a templated prompt followed by the target's own
+       greedy answer, and 0 at every other position of it: gate 1 at the last prompt token (the
+       paper form's edit), gate k > 1 at answer token k - 1 (rank r widens the edit to the first r - 1
+       answer tokens). The answer's later tokens are negatives too, so the gates stay shut while
+       the model writes its answer.
   w_L  = multiplier * alpha * n_L * v_L / |v_L|, with n_L the layer output's mean norm at the last
        prompt token (the paper form's edit moves h by about alpha * |h| there).
-As a PEFT LoRA it is A = a_L^T, B = w_L (rank 1, lora_alpha = r, no biases); merged, an ordinary
-checkpoint. `gated_edit` is its hook form, the reference the exports are verified against.
+As a PEFT LoRA it is A = [a_L1 .. a_Lr]^T, B = [w_L .. w_L] (rank r, lora_alpha = r so PEFT's scaling
+is 1, no biases); every gate switches on the same write, so the product B A has rank 1. Merged, an
+ordinary checkpoint. `gated_edit` is its hook form, the reference the exports are verified against.
+
+The multiplier may be chosen without labels (`GateSettings(multiplier="auto")`): the rule of
+`calibrate` (evaluation.calibrate), KL to the paper form at the answer start on the held-out prompts
+within a perplexity guard. `closeness` reports that KL for the gated edit beside the bias fold's at
+its own label-free scale and the unsteered model's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -21,14 +32,55 @@ import torch
 from ..errors import UserError
 
 DEFAULT_RIDGE = 1e-2
+ANSWER_TOKENS = 16  # greedy answer tokens after each fit prompt: gates k > 1 open there, the rest are negatives
+# the multipliers `auto` tries: 0 (unsteered), then 1/4 .. 4 in sqrt(2) steps
+MULTIPLIERS = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-4, 5))
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How the gates are fitted and how strong the edit is: one object for fold, eval and the API."""
+
+    prompts: str = "builtin:gsm8k-train"  # unlabeled prompts of the target (their answers are never read)
+    count: int = 32  # prompts the gates are fitted on (after `offset`)
+    offset: int = 0
+    heldout: int = 8  # the next prompts: they measure the gates, choose `auto` and give `closeness`
+    template: str = "direct"
+    alpha: float = 0.1  # the paper form's strength, which the edit reproduces
+    multiplier: float | str = 1.0  # the write's scale against alpha * |h|; "auto": label-free
+    ridge: float = DEFAULT_RIDGE
+    rank: int = 1  # gates per layer: the last prompt token, then the first rank - 1 answer tokens
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "GateSettings":
+        values = dict(values or {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"unknown gate settings {sorted(unknown)}: use "
+                            + ", ".join(f.name for f in dataclasses.fields(cls)))
+        return cls(**values)
+
+    def check(self) -> None:
+        if self.count < 1 or self.heldout < 0 or self.offset < 0:
+            raise UserError(f"the gate fit needs count >= 1 (--gate-count), heldout >= 0 (--gate-heldout) and "
+                            f"offset >= 0 (--gate-offset), got {self.count}, {self.heldout} and {self.offset}")
+        if not 1 <= self.rank <= ANSWER_TOKENS:
+            raise UserError(f"the gated edit's rank (--rank) runs from 1 to {ANSWER_TOKENS}, got {self.rank}")
+        auto = self.multiplier == "auto"
+        if not auto and (isinstance(self.multiplier, str) or not self.multiplier > 0):
+            raise UserError(f"the multiplier must be a positive number or 'auto', got {self.multiplier!r}")
+        if auto and self.heldout < 1:
+            raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")
+        if self.alpha <= 0 or self.ridge <= 0:
+            raise UserError(f"alpha and ridge must be positive, got {self.alpha:g} and {self.ridge:g}")
 
 
 @dataclass(frozen=True)
 class GateFit:
-    """Fitted gates and the writes they switch on, per layer, and how well the gates separate the last
-    prompt token from the rest on held-out prompts."""
+    """Fitted gates and the writes they switch on, per layer, and how well the gates separate their
+    positions from the rest on held-out prompts."""
 
-    gates: dict[int, torch.Tensor]  # a_L [in]
+    gates: dict[int, torch.Tensor]  # [rank, in] per layer: a_L1 .. a_Lr
     writes: dict[int, torch.Tensor]  # w_L [out]
     site: str
     alpha: float
@@ -36,25 +88,35 @@ class GateFit:
     ridge: float
     fit_prompts: int
     fit_positions: int
-    heldout: dict = field(default_factory=dict)  # {layer: {"at_last_token": mean, "max_abs_elsewhere": max}}
+    heldout: dict = field(default_factory=dict)  # {layer: {"at_last_token", "max_abs_elsewhere", ...}}
+    rank: int = 1
+    calibration: dict | None = None  # the `auto` multiplier's search, when it chose the multiplier
+    closeness: dict | None = None  # KL to the paper form: gated, bias fold, unsteered
+
+    def scaled(self, multiplier: float) -> "GateFit":
+        """The same gates with the write at another multiplier."""
+        factor = multiplier / self.multiplier
+        return dataclasses.replace(self, multiplier=multiplier,
+                                   writes={layer: w * factor for layer, w in self.writes.items()})
 
     def summary(self) -> dict:
         return {"site": self.site, "alpha": self.alpha, "multiplier": self.multiplier, "ridge": self.ridge,
+                "rank": self.rank, "gates": "the last prompt token" + (
+                    f", then answer tokens 1-{self.rank - 1}" if self.rank > 1 else ""),
                 "fit_prompts": self.fit_prompts, "fit_positions": self.fit_positions,
-                "heldout": {str(k): v for k, v in sorted(self.heldout.items())}}
+                "heldout": {str(k): v for k, v in sorted(self.heldout.items())},
+                "multiplier_calibration": self.calibration, "closeness": self.closeness}
 
 
 @torch.inference_mode()
-def capture_carrier_inputs(loaded, texts: list[str], layers: list[int], site: str):
-    """Per layer: the carrier module's input at every token of every text [rows, in] (float32), the
-    rows' labels (1 at each text's last token), each text's length, and the layer output's mean norm
-    at the last token. One text per pass, so there is no padding."""
-    from .capture import tokenize
-
-    decoder = loaded.arch.decoder_layers(loaded.model)
+def capture_carrier_inputs(loaded, sequences: list[list[int]], prompt_lengths: list[int], layers: list[int],
+                           site: str) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per layer: the carrier module's input at every token of every sequence (prompt ids, then answer
+    ids) [rows, in] float32, and the layer output's mean norm at the last prompt token. One sequence
+    per pass, so there is no padding."""
     inputs = {layer: [] for layer in layers}
     norms = {layer: [] for layer in layers}
-    lengths = []
+    at = {}
 
     def pre(layer):
         return lambda module, args: inputs[layer].append(args[0][0].float().cpu())
@@ -62,22 +124,21 @@ def capture_carrier_inputs(loaded, texts: list[str], layers: list[int], site: st
     def post(layer):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            norms[layer].append(float(h[0, -1].float().norm()))
+            norms[layer].append(float(h[0, at["last"]].float().norm()))
         return hook
 
+    decoder = loaded.arch.decoder_layers(loaded.model)
     handles = [loaded.arch.writer_module(loaded.model, layer, site).register_forward_pre_hook(pre(layer))
                for layer in layers]
     handles += [decoder[layer].register_forward_hook(post(layer)) for layer in layers]
     try:
-        for text in texts:
-            enc = tokenize(loaded.tokenizer, [text], loaded.device)
-            lengths.append(enc["input_ids"].shape[1])
-            loaded.model(**enc, use_cache=False, logits_to_keep=1)  # only the hooks' rows are needed
+        for ids, length in zip(sequences, prompt_lengths):
+            at["last"] = length - 1
+            loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
-    labels = torch.cat([torch.cat([torch.zeros(n - 1), torch.ones(1)]) for n in lengths])
-    return ({layer: torch.cat(rows) for layer, rows in inputs.items()}, labels, lengths,
+    return ({layer: torch.cat(rows) for layer, rows in inputs.items()},
             {layer: sum(v) / len(v) for layer, v in norms.items()})
 
 
@@ -87,6 +148,8 @@ def fit_gate(x: torch.Tensor, label: torch.Tensor, ridge: float = DEFAULT_RIDGE)
     `ridge` times the mean squared row norm."""
     x64, g = x.double(), label.double()
     positives = float(g.sum())
+    if positives == 0:
+        raise UserError("a gate has no position to open at: its prompts' answers are too short; lower the rank")
     weight = torch.where(g > 0, (len(g) - positives) / positives, 1.0).double()
     gram = x64 @ x64.T
     lam = ridge * float(gram.diagonal().mean())
@@ -94,46 +157,112 @@ def fit_gate(x: torch.Tensor, label: torch.Tensor, ridge: float = DEFAULT_RIDGE)
     return (x64.T @ torch.linalg.solve(system, weight * g)).float()
 
 
-def _gate_stats(values: torch.Tensor, lengths: list[int]) -> dict:
-    at_last, elsewhere, start = [], [0.0], 0
-    for n in lengths:
-        row = values[start:start + n]
-        at_last.append(float(row[-1]))
-        if n > 1:
-            elsewhere.append(float(row[:-1].abs().max()))
-        start += n
-    return {"at_last_token": sum(at_last) / len(at_last), "max_abs_elsewhere": max(elsewhere)}
+def _sequences(loaded, texts: list[str], answer_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Each text's prompt ids followed by the target's own greedy answer (at most `answer_tokens`)."""
+    from .generate import greedy
+
+    prompts = [loaded.tokenizer(text)["input_ids"] for text in texts]
+    answers = greedy(loaded, texts, answer_tokens, batch_size=8, keep_first=True)
+    return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
+
+
+def position_labels(sequences: list[list[int]], prompt_lengths: list[int], gate: int) -> torch.Tensor:
+    """1 at position prompt_length - 1 + gate of each sequence, 0 at all its other positions."""
+    rows = []
+    for ids, length in zip(sequences, prompt_lengths):
+        row = torch.zeros(len(ids))
+        if length - 1 + gate < len(ids):
+            row[length - 1 + gate] = 1.0
+        rows.append(row)
+    return torch.cat(rows)
+
+
+def _gate_stats(gates: torch.Tensor, x: torch.Tensor, sequences: list[list[int]], prompt_lengths: list[int]) -> dict:
+    """On held-out sequences: each gate's mean value at its own position, and the largest |sum of the
+    gates| at the other prompt positions and at the answer tokens after the gated window."""
+    values = x @ gates.T  # [rows, rank]
+    total = values.sum(-1)
+    rank, start = gates.shape[0], 0
+    own = [[] for _ in range(rank)]
+    prompt_rest, answer_rest = [0.0], [0.0]
+    for ids, length in zip(sequences, prompt_lengths):
+        for k in range(rank):
+            if length - 1 + k < len(ids):
+                own[k].append(float(values[start + length - 1 + k, k]))
+        if length > 1:
+            prompt_rest.append(float(total[start:start + length - 1].abs().max()))
+        if length - 1 + rank < len(ids):
+            answer_rest.append(float(total[start + length - 1 + rank:start + len(ids)].abs().max()))
+        start += len(ids)
+    stats = {"at_last_token": sum(own[0]) / len(own[0]), "max_abs_elsewhere": max(prompt_rest),
+             "max_abs_later_answer_tokens": max(answer_rest)}
+    if rank > 1:
+        stats["at_answer_tokens"] = [sum(v) / len(v) if v else None for v in own[1:]]
+    return stats
 
 
 def fit_gates(loaded, vectors, texts: list[str], heldout_texts: list[str], alpha: float = 0.1,
-              multiplier: float = 1.0, ridge: float = DEFAULT_RIDGE) -> GateFit:
-    """Gates for every layer of `vectors` (layer 0 included only if the vectors steer it), fitted on
-    `texts` (templated prompts of the target, unlabeled) and measured on `heldout_texts`."""
+              multiplier: float = 1.0, ridge: float = DEFAULT_RIDGE, rank: int = 1,
+              answer_tokens: int = ANSWER_TOKENS) -> GateFit:
+    """`rank` gates for every layer of `vectors` (layer 0 included only if the vectors steer it), fitted
+    on `texts` (templated prompts of the target, unlabeled) followed by the target's own greedy
+    answers, and measured the same way on `heldout_texts`."""
     if not texts:
         raise UserError("the gate fit needs prompts: pass a prompt source with at least one prompt")
     if alpha <= 0 or multiplier <= 0 or ridge <= 0:
         raise UserError(f"alpha, multiplier and ridge must be positive, got {alpha:g}, {multiplier:g}, {ridge:g}")
+    if not 1 <= rank <= answer_tokens:
+        raise UserError(f"the gated edit's rank runs from 1 to {answer_tokens}, got {rank}")
     layers, site = vectors.layers, vectors.site
-    inputs, labels, _, norms = capture_carrier_inputs(loaded, texts, layers, site)
-    gates = {layer: fit_gate(inputs[layer], labels, ridge) for layer in layers}
+    sequences, lengths = _sequences(loaded, texts, answer_tokens)
+    inputs, norms = capture_carrier_inputs(loaded, sequences, lengths, layers, site)
+    labels = [position_labels(sequences, lengths, k) for k in range(rank)]
+    gates = {layer: torch.stack([fit_gate(inputs[layer], label, ridge) for label in labels]) for layer in layers}
+    positions = len(labels[0])
     del inputs
     writes = {layer: multiplier * alpha * norms[layer] * vectors.directions[layer].float()
               / vectors.directions[layer].float().norm() for layer in layers}
     heldout = {}
     if heldout_texts:
-        held, _, lengths, _ = capture_carrier_inputs(loaded, heldout_texts, layers, site)
-        heldout = {layer: _gate_stats(held[layer] @ gates[layer], lengths) for layer in layers}
-    return GateFit(gates, writes, site, alpha, multiplier, ridge, len(texts), len(labels), heldout)
+        held_sequences, held_lengths = _sequences(loaded, heldout_texts, answer_tokens)
+        held, _ = capture_carrier_inputs(loaded, held_sequences, held_lengths, layers, site)
+        heldout = {layer: _gate_stats(gates[layer], held[layer], held_sequences, held_lengths) for layer in layers}
+    return GateFit(gates, writes, site, alpha, multiplier, ridge, len(texts), positions, heldout, rank)
+
+
+def settings_texts(settings: GateSettings) -> tuple[list[str], list[str], list[str]]:
+    """The templated fit prompts, the templated held-out prompts and the held-out prompts as plain
+    text (the perplexity guard's), as `settings` names them."""
+    from ..prompts import apply_template, load_questions
+
+    settings.check()
+    questions = load_questions(settings.prompts, count=settings.count + settings.heldout, offset=settings.offset)
+    if len(questions) < settings.count:
+        raise UserError(f"'{settings.prompts}' holds {len(questions)} prompts after offset {settings.offset}: the "
+                        f"gate fit needs {settings.count}; lower the gate count")
+    fit, held = questions[:settings.count], questions[settings.count:]
+    return (apply_template(settings.template, fit), apply_template(settings.template, held),
+            apply_template("plain", held))
+
+
+def fit_for(loaded, vectors, settings: GateSettings) -> GateFit:
+    """The gates `settings` describe, fitted on the target in `loaded` (multiplier 1 when it is 'auto':
+    evaluation.calibrate.calibrate_gate chooses it)."""
+    texts, heldout, _ = settings_texts(settings)
+    multiplier = 1.0 if settings.multiplier == "auto" else float(settings.multiplier)
+    return fit_gates(loaded, vectors, texts, heldout, alpha=settings.alpha, multiplier=multiplier,
+                     ridge=settings.ridge, rank=settings.rank)
 
 
 @contextlib.contextmanager
 def gated_edit(loaded, fit: GateFit):
-    """Hooks equal to merging W += w a^T into each carrier module: its output gains (x . a) w."""
+    """Hooks equal to merging W += w (a_1 + .. + a_r)^T into each carrier module: its output gains
+    (x . a_1 + .. + x . a_r) w."""
     handles = []
-    for layer, gate in fit.gates.items():
+    for layer, gates in fit.gates.items():
         module = loaded.arch.writer_module(loaded.model, layer, fit.site)
         dtype = next(module.parameters()).dtype
-        a, w = gate.to(loaded.device, dtype), fit.writes[layer].to(loaded.device, dtype)
+        a, w = gates.sum(0).to(loaded.device, dtype), fit.writes[layer].to(loaded.device, dtype)
         store = {}
         handles.append(module.register_forward_pre_hook(lambda m, args, store=store: store.__setitem__("x", args[0])))
         handles.append(module.register_forward_hook(
