@@ -4,6 +4,7 @@ import them from here, and the CLI builds its click choices from them."""
 METHODS = ("mean", "pca")  # how the Master Key aggregates the differences (method.key)
 SITES = ("layer_output", "post_attention")  # where a vector is added in a layer (method.vectors)
 FORMS = ("additive", "paper")  # the two steering forms (method.steer)
+EVAL_FORMS = FORMS + ("gated-lora",)  # what eval steers with: those two, and the gated edit (method.gate)
 MODES = ("bias", "adapter", "lora", "gated-lora")  # what a fold writes (export.fold, export.gated)
 ROUTES = ("patch", "convert")  # how a fold becomes a GGUF (export.gguf)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")  # the convert route's tensor types (export.gguf)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..choices import ENGINES, FORMS, OBJECTIVES
+from ..choices import ENGINES, EVAL_FORMS, OBJECTIVES
 from ..errors import UserError
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
-from .options import choice, runtime_from, runtime_options
+from .options import choice, parse_multiplier, runtime_from, runtime_options
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -52,11 +52,23 @@ def _refuse_output_in_model(output: Path, model: str) -> None:
                    "vLLM server; model folders such as a bias fold).")
 @click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
-@click.option("--form", type=choice(FORMS), default="paper", show_default=True,
+@click.option("--form", type=choice(EVAL_FORMS), default="paper", show_default=True,
               help="paper: prefill-only last-token norm-preserving edit at --alpha; additive: h += scale * v "
-                   "everywhere, at --scale.")
-@click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength.")
+                   "everywhere, at --scale; gated-lora: the gated edit `fold --mode gated-lora` writes, as hooks "
+                   "(its gates fitted here, float32).")
+@click.option("--alpha", default=0.1, show_default=True, type=float,
+              help="The paper form's strength (gated-lora: the strength it reproduces).")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="The additive form's strength.")
+@click.option("--multiplier", default="1", show_default=True,
+              help="gated-lora: the write's multiplier, or 'auto' (label-free, as `fold --multiplier auto`).")
+@click.option("--rank", "gate_rank", default=1, show_default=True, type=int, help="gated-lora: gates per layer.")
+@click.option("--gate-prompts", default="builtin:gsm8k-train", show_default=True,
+              help="gated-lora: unlabeled prompts the gates are fitted on.")
+@click.option("--gate-count", default=32, show_default=True, type=int, help="gated-lora: prompts to fit on.")
+@click.option("--lora", default=None,
+              help="Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for "
+                   "transformers and vllm, a PEFT folder or LoRA GGUF for llamacpp (the scale sent per request; "
+                   "vllm: 1 only).")
 @click.option("--strength", default=None, type=float, hidden=True,
               help="Deprecated: --alpha (paper) or --scale (additive).")
 @click.option("--layers", default=None,
@@ -111,6 +123,16 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
         options["alpha" if options["form"] == "paper" else "scale"] = strength
     for name in ("control_vector", "baseline"):
         options[name] = str(options[name]) if options[name] else None
+    gate = {name: options.pop(name) for name in ("multiplier", "gate_rank", "gate_prompts", "gate_count")}
+    if options["form"] == "gated-lora":
+        from ..method.gate import GateSettings
+
+        options["gate"] = GateSettings(prompts=gate["gate_prompts"], count=gate["gate_count"],
+                                       alpha=options["alpha"], multiplier=parse_multiplier(gate["multiplier"]),
+                                       rank=gate["gate_rank"])
+    elif (gate["multiplier"], gate["gate_rank"], gate["gate_prompts"], gate["gate_count"]) != (
+            "1", 1, "builtin:gsm8k-train", 32):
+        raise UserError("--multiplier, --rank, --gate-prompts and --gate-count apply to --form gated-lora only")
     request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     _refuse_output_in_model(output, model)

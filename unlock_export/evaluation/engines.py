@@ -3,7 +3,8 @@ returning (text, generated token count) per prompt, greedy, cut at STOP.
 
 transformers  batched greedy generation in this process; steering hooks for either form
 llamacpp      a stock `llama-server` (GGUF; `--control-vector` for the additive form)
-vllm          a stock vLLM OpenAI server (a model folder: a folded checkpoint or the unsteered target)
+vllm          a stock vLLM OpenAI server (a model folder: a folded checkpoint or the unsteered target,
+              optionally with plain PEFT LoRAs beside it, each chosen per request by `model`)
 
 The two servers run on 127.0.0.1 on a free port, are started and stopped here, and take several
 requests in flight. A server that dies or stops answering mid-run raises EngineLost (exit 1): the
@@ -185,16 +186,18 @@ class _LocalServer:
 
 
 class LlamaServerEngine(_LocalServer):
-    """A stock llama-server with `parallel` slots (GGUF models; an optional control vector)."""
+    """A stock llama-server with `parallel` slots (GGUF models; an optional control vector; an optional
+    LoRA GGUF, `--lora FILE`, applied at `lora_scale` through each request's `lora` field)."""
 
     name = "llama-server"
 
     def __init__(self, gguf: Path, control_vector: Path | None = None, server: str | None = None,
                  parallel: int = 4, ctx_per_slot: int = 1024, threads: int | None = None,
-                 startup_timeout: float = 300):
+                 startup_timeout: float = 300, lora: Path | None = None, lora_scale: float = 1.0):
         super().__init__(parallel, startup_timeout)
         self.model = self.gguf = Path(gguf)
         self.control_vector = control_vector
+        self.lora, self.lora_scale = (Path(lora) if lora else None), float(lora_scale)
         self.binary = find_llama_server(server)
         self.ctx = ctx_per_slot * parallel
         self.threads = threads or os.cpu_count() or 2
@@ -204,30 +207,85 @@ class LlamaServerEngine(_LocalServer):
                "-c", str(self.ctx), "-np", str(self.parallel), "-t", str(self.threads), "--no-warmup"]
         if self.control_vector:
             cmd += ["--control-vector", str(self.control_vector)]
+        if self.lora:
+            cmd += ["--lora", str(self.lora)]
         return cmd
 
     def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
-        answer = self._post("/completion", {"prompt": text, "n_predict": max_new_tokens, "temperature": 0,
-                                            "top_k": 1, "stop": STOP, "cache_prompt": False, "seed": 0})
+        body = {"prompt": text, "n_predict": max_new_tokens, "temperature": 0, "top_k": 1, "stop": STOP,
+                "cache_prompt": False, "seed": 0}
+        if self.lora:  # the scale of adapter 0 (the one --lora loaded) for this request
+            body["lora"] = [{"id": 0, "scale": self.lora_scale}]
+        answer = self._post("/completion", body)
         return answer["content"], int(answer.get("tokens_predicted", 0))
 
 
 VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "dtype")
+VLLM_BASE_NAME = "model"  # the name requests give the base model (--served-model-name)
+
+
+def vllm_lora_rank_of(adapter_dir: str | Path) -> int:
+    """The rank of a PEFT LoRA folder vLLM can serve, or a one-line UserError saying why it cannot (not a
+    PEFT folder, a BEFT adapter, a LoRA with lora_bias or another feature vLLM lacks)."""
+    path = Path(adapter_dir)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}' is not a PEFT LoRA folder (adapter_config.json: {type(exc).__name__}); "
+                        "pass the folder `fold --mode gated-lora` wrote") from None
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise UserError(f"'{path}' is a {kind} adapter{' (BEFT: a bias adapter)' if kind == 'BEFT' else ''} and "
+                        "vLLM serves only plain LoRAs: fold with --mode gated-lora, or with --mode bias and "
+                        "evaluate that checkpoint")
+    if config.get("lora_bias") or config.get("bias", "none") != "none":
+        raise UserError(f"'{path}' is a LoRA with adapter biases (lora_bias) and vLLM takes none: fold with "
+                        "--mode bias and evaluate that checkpoint, or with --mode gated-lora")
+    for feature, name in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"),
+                          ("layer_replication", "layer_replication")):
+        if config.get(feature):
+            raise UserError(f"'{path}' uses {name}, which vLLM's LoRA support lacks: fold with --mode gated-lora")
+    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(f"'{path}' has no adapter_model.safetensors: pass the folder `fold --mode gated-lora` wrote")
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and r >= 1 for r in ranks):
+        raise UserError(f"'{path}': adapter_config.json has no valid LoRA rank r")
+    return max(ranks)
 
 
 class VllmServerEngine(_LocalServer):
     """A stock vLLM OpenAI-compatible server of a model folder (`vllm serve FOLDER`), greedy requests to
     /v1/completions with every sampling setting explicit (a model's generation_config defaults, such
-    as a repetition penalty, would otherwise apply)."""
+    as a repetition penalty, would otherwise apply).
+
+    `loras` (request name -> PEFT LoRA folder) serves plain LoRAs beside the base model
+    (`--enable-lora --lora-modules NAME=DIR ...`), each chosen per request by its name in `model`; the
+    base is VLLM_BASE_NAME. `serve` is the name `generate` asks for: by default the adapter when exactly
+    one is loaded, else the base; `complete(..., model=NAME)` asks for another."""
 
     name = "vLLM"
 
     def __init__(self, model_dir: Path, vllm: str | None = None, parallel: int = 4, max_model_len: int = 2048,
                  dtype: str = "float32", tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  gpu_memory_utilization: float | None = None, startup_timeout: float = 900,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), loras: dict[str, str | Path] | None = None,
+                 serve: str | None = None):
         super().__init__(parallel, startup_timeout)
         self.model = Path(model_dir)
+        self.loras = {str(name): Path(path) for name, path in (loras or {}).items()}
+        for name in self.loras:
+            if name == VLLM_BASE_NAME or not name or any(c in name for c in "=, "):
+                raise UserError(f"'{name}' cannot name a vLLM adapter: use a plain name other than "
+                                f"'{VLLM_BASE_NAME}' (the base model)")
+        self.lora_rank = max((vllm_lora_rank_of(p) for p in self.loras.values()), default=0)
+        if self.loras:
+            from ..export.serving import vllm_lora_rank
+
+            vllm_lora_rank(self.lora_rank)  # a rank vLLM cannot serve is refused before anything starts
+        self.serve = serve or (next(iter(self.loras)) if len(self.loras) == 1 else VLLM_BASE_NAME)
+        if self.serve != VLLM_BASE_NAME and self.serve not in self.loras:
+            raise UserError(f"'{self.serve}' is not a loaded adapter: use one of {sorted(self.loras)} or "
+                            f"'{VLLM_BASE_NAME}'")
         self.python = find_vllm(vllm)
         self.max_model_len, self.dtype = max_model_len, dtype
         self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
@@ -236,13 +294,17 @@ class VllmServerEngine(_LocalServer):
 
     def _command(self) -> list[str]:
         cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(self.port),
+               "--served-model-name", VLLM_BASE_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
                "--max-num-seqs", str(self.parallel),
                "--tensor-parallel-size", str(self.tensor_parallel_size),
                "--data-parallel-size", str(self.data_parallel_size)]
         if self.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.loras:
+            from ..export.serving import vllm_lora_args
+
+            cmd += vllm_lora_args(self.loras, self.lora_rank)
         return cmd + list(self.extra_args)
 
     def _env(self) -> dict:
@@ -251,9 +313,14 @@ class VllmServerEngine(_LocalServer):
         return env
 
     def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+        return self.complete(text, max_new_tokens)
+
+    def complete(self, text: str, max_new_tokens: int, model: str | None = None) -> tuple[str, int]:
+        """Greedy text and its token count for one prompt, from `model` (an adapter's name or the base's;
+        default `serve`)."""
         answer = self._post("/v1/completions", {
-            "model": "model", "prompt": text, "max_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
-            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "model": model or self.serve, "prompt": text, "max_tokens": max_new_tokens, "temperature": 0.0,
+            "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
             "frequency_penalty": 0.0, "stop": STOP, "seed": 0})
         choice = answer["choices"][0]
         return choice["text"], int(answer.get("usage", {}).get("completion_tokens", 0))

@@ -8,18 +8,18 @@ kept in progress.jsonl until then, so an interrupted run (Ctrl-C, SIGTERM, a los
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import prompts as prompt_mod
 from .._io import atomic_write_text
-from ..choices import ENGINES
+from ..choices import ENGINES, EVAL_FORMS
 from ..errors import UserError
 from .answers import extract_prediction, gold_answer, shows_steps, states_answer
 from .engines import STOP, EngineLost, LlamaServerEngine, TransformersEngine, VllmServerEngine
@@ -27,7 +27,7 @@ from .engines import STOP, EngineLost, LlamaServerEngine, TransformersEngine, Vl
 __all__ = ["STOP", "EngineLost", "LlamaServerEngine", "TransformersEngine", "VllmServerEngine"]
 
 
-@dataclass
+@dataclasses.dataclass
 class Item:
     index: int
     question: str
@@ -237,7 +237,7 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
 
 # -- the library's eval: a request, the engine it names, a typed summary --------------------------
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EvalRequest:
     """What to evaluate: the questions, the prompt, the engine, the steering strength and the budget."""
 
@@ -247,9 +247,11 @@ class EvalRequest:
     template: str = "direct"
     chat: bool = False
     engine: str = "transformers"
-    form: str = "paper"
+    form: str = "paper"  # paper, additive or gated-lora (choices.EVAL_FORMS)
     scale: float = 1.0  # the additive form's strength
-    alpha: float = 0.1  # the paper form's strength
+    alpha: float = 0.1  # the paper form's strength (and the one the gated-lora form reproduces)
+    gate: "object | None" = None  # gated-lora form: its method.gate.GateSettings (default settings when None)
+    lora: str | None = None  # a plain LoRA to run with: "PATH" or "PATH:SCALE" (parse_lora)
     layers: str | list[int] | None = None
     control_vector: str | None = None  # llamacpp: a control-vector GGUF
     llama_server: str | None = None
@@ -268,7 +270,26 @@ class EvalRequest:
         return self.alpha if self.form == "paper" else self.scale
 
 
-@dataclass(frozen=True)
+def parse_lora(spec: str | Path) -> tuple[Path, float]:
+    """'PATH' or 'PATH:SCALE' -> (the adapter's path, its scale, 1 when not given). The adapter is a
+    PEFT LoRA folder, or for llama.cpp also a LoRA GGUF; it must exist."""
+    text = str(spec)
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not Path(text).exists():
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            raise UserError(f"--lora takes PATH or PATH:SCALE, and '{tail}' in '{text}' is not a number") from None
+        if not math.isfinite(scale):
+            raise UserError(f"the LoRA scale in '{text}' must be a finite number")
+    if not Path(path).exists():
+        raise UserError(f"LoRA adapter '{path}' not found: pass the folder `fold --mode gated-lora` wrote (or a "
+                        "LoRA GGUF from `gguf` for --engine llamacpp)")
+    return Path(path), scale
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSummary:
     """The figures of an eval run; `as_dict()` is its summary.json."""
 
@@ -297,8 +318,21 @@ class EvalSummary:
 def _steering_label(request: EvalRequest, vectors, vectors_name: str | None) -> dict | None:
     if vectors is None:
         return None
-    strength = {"alpha": request.alpha} if request.form == "paper" else {"scale": request.scale}
+    if request.form == "gated-lora":
+        from ..method.gate import GateSettings
+
+        gate = request.gate or GateSettings(alpha=request.alpha)
+        strength = {"alpha": gate.alpha, "gate": dataclasses.asdict(gate)}
+    else:
+        strength = {"alpha": request.alpha} if request.form == "paper" else {"scale": request.scale}
     return {"vectors": vectors_name, "form": request.form, **strength, "layers": vectors.layers}
+
+
+def _lora_label(request: EvalRequest) -> dict | None:
+    if not request.lora:
+        return None
+    path, scale = parse_lora(request.lora)
+    return {"path": str(path), "scale": scale}
 
 
 def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name: str | None = None,
@@ -325,20 +359,39 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         raise UserError("layers selects layers of the vectors: pass vectors too")
     if request.layers:
         vectors = vectors.select(parse_layers(request.layers, vectors.layer_count))
+    if request.form not in EVAL_FORMS:
+        raise UserError(f"unknown steering form '{request.form}': use {', '.join(EVAL_FORMS)}")
+    if request.lora and vectors is not None:
+        raise UserError("pass either vectors or a LoRA adapter, not both: the adapter already holds its steering")
+    if request.gate is not None and request.form != "gated-lora":
+        raise UserError("gate settings apply to the gated-lora form only")
+    if request.form == "gated-lora" and vectors is not None and request.engine != "transformers":
+        raise UserError(f"the {request.engine} engine runs no gate hooks: `unlock-export fold --mode gated-lora` "
+                        "writes the same edit as a LoRA; evaluate it with --lora")
     label = {"model": describe(model), "engine": request.engine, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,
              "steering": _steering_label(request, vectors, vectors_name)}
+    if request.lora:
+        label["lora"] = _lora_label(request)
     if request.engine == "transformers":
         if request.control_vector:
             raise UserError("a control vector is for the llamacpp engine; with transformers pass vectors")
         loaded = ModelPool(options, progress=progress).get(model)
         texts = render_prompts(items, request.template, loaded.tokenizer, request.chat)
         steer = None
-        if vectors is not None:
+        if vectors is not None and request.form == "gated-lora":
+            steer, multiplier = _gated_steering(loaded, vectors, request, describe(model), progress)
+            label["steering"]["multiplier"] = multiplier
+        elif vectors is not None:
             from ..method.steer import steering
 
             vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
             steer = lambda: steering(loaded, vectors, request.form, request.strength)  # noqa: E731
+        elif request.lora:
+            from ..models.loading import applied_lora
+
+            path, scale = parse_lora(request.lora)
+            steer = lambda: applied_lora(loaded, path, scale)  # noqa: E731
         from ..method.capture import resolve_batch_size
 
         batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length,
@@ -351,10 +404,29 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     return _run_llamacpp(model, request, out, items, vectors, label, baseline_rows, progress)
 
 
+def _gated_steering(loaded, vectors, request: EvalRequest, name: str, progress: bool):
+    """The gated edit's hooks (method.gate), its gates fitted here on the target as request.gate says
+    (in float32: the gate fit and fold run there)."""
+    import torch
+
+    from ..evaluation.calibrate import calibrate_gate
+    from ..method.gate import GateSettings, fit_for, gated_edit
+
+    if next(loaded.model.parameters()).dtype != torch.float32:
+        raise UserError("the gated-lora form fits its gates in float32: pass --dtype float32")
+    settings = request.gate or GateSettings(alpha=request.alpha)
+    settings.check()
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{name}'")
+    fit = calibrate_gate(loaded, vectors, fit_for(loaded, vectors, settings), settings, progress=progress) \
+        if settings.multiplier == "auto" else fit_for(loaded, vectors, settings)
+    return (lambda: gated_edit(loaded, fit)), fit.multiplier
+
+
 def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress, options):
-    """A stock vLLM server of a model folder (a bias fold, or the unsteered target)."""
+    """A stock vLLM server of a model folder (a bias fold, or the unsteered target); with request.lora, a
+    plain PEFT LoRA served on it (`--enable-lora --lora-modules steer=DIR`) that every request names."""
     from ..models.loading import load_tokenizer, resolve
-    from .engines import max_model_len
+    from .engines import max_model_len, vllm_lora_rank_of
 
     if not isinstance(model, (str, Path)):
         raise UserError("the vllm engine serves a model folder: pass its path, not a loaded model")
@@ -366,8 +438,21 @@ def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, bas
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if (Path(model) / "adapter_config.json").is_file():
-        raise UserError(f"'{model}' is a PEFT adapter and vLLM takes no adapter biases: fold with --mode bias and "
-                        "evaluate that checkpoint")
+        try:
+            vllm_lora_rank_of(model)
+        except UserError:
+            raise UserError(f"'{model}' is a PEFT adapter and vLLM takes no adapter biases: fold with --mode bias "
+                            "and evaluate that checkpoint") from None
+        raise UserError(f"'{model}' is a LoRA adapter: pass the base model it was folded from as the model and "
+                        f"the adapter as --lora ('eval BASE --engine vllm --lora {model}')")
+    loras = None
+    if request.lora:
+        lora_dir, lora_scale = parse_lora(request.lora)
+        if lora_scale != 1:
+            raise UserError(f"vLLM has no per-request LoRA scale, and --lora asks for {lora_scale:g}: refold the "
+                            f"adapter with --multiplier {lora_scale:g} times its own, or use --engine llamacpp")
+        vllm_lora_rank_of(lora_dir)  # BEFT adapters and LoRAs with lora_bias are refused here, in one line
+        loras = {"steer": lora_dir}
     source = resolve(str(model))
     if source.kind == "gguf":
         raise UserError(f"the vllm engine serves a transformers model folder and '{model}' is a GGUF: use "
@@ -385,7 +470,7 @@ def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, bas
                               max_model_len=max_model_len(Path(source.path), request.max_new_tokens + 1024),
                               dtype=dtype, tensor_parallel_size=request.tensor_parallel_size,
                               data_parallel_size=request.data_parallel_size,
-                              gpu_memory_utilization=request.gpu_memory_utilization)
+                              gpu_memory_utilization=request.gpu_memory_utilization, loras=loras)
     vllm_label = {**label, "dtype": dtype, "tensor_parallel_size": request.tensor_parallel_size,
                   "data_parallel_size": request.data_parallel_size}
     with engine as server:
@@ -395,16 +480,24 @@ def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, bas
 
 
 def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress):
+    """A stock llama-server of a GGUF; a control vector (the additive form); with request.lora, a LoRA
+    GGUF (`--lora`, or a PEFT LoRA folder converted into one first) at the scale each request sends."""
     from ..models.loading import load_tokenizer, resolve
 
     if not isinstance(model, (str, Path)):
         raise UserError("the llamacpp engine serves a GGUF file: pass its path, not a loaded model")
+    if (Path(model) / "adapter_config.json").is_file():
+        raise UserError(f"'{model}' is a PEFT adapter: pass its base model's GGUF as the model and the adapter as "
+                        f"--lora ('eval BASE.gguf --engine llamacpp --lora {model}')")
     source = resolve(str(model))
     if source.kind != "gguf":
         raise UserError(f"the llamacpp engine needs a GGUF model; '{model}' is not one (convert it with `gguf`)")
     gguf_path = Path(source.path) / source.gguf_file
     if vectors is not None and request.form != "additive":
         raise UserError("llama.cpp runs only the additive form: pass --form additive, or --engine transformers")
+    lora_path, lora_scale = parse_lora(request.lora) if request.lora else (None, 1.0)
+    if lora_path is not None and not lora_path.is_dir():
+        _check_lora_gguf(lora_path, gguf_path)
     tokenizer = load_tokenizer(source) if request.chat else None
     texts = render_prompts(items, request.template, tokenizer, request.chat)
     with tempfile.TemporaryDirectory() as tmp:
@@ -414,9 +507,35 @@ def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label,
 
             cvec = Path(tmp) / "steer.gguf"
             write_control_vector(vectors, cvec, scale=request.scale)
+        lora = lora_path
+        if lora_path is not None and lora_path.is_dir():  # a PEFT LoRA folder: its LoRA GGUF, checked on the base
+            from ..export.lora_gguf import write_lora_gguf
+
+            lora = Path(tmp) / "lora.gguf"
+            write_lora_gguf(lora_path, lora, base=gguf_path)
+        cpp_label = {**label, "control_vector": request.control_vector}
+        if lora_path is not None:
+            cpp_label["lora"] = {**(label.get("lora") or {}), "path": str(lora_path), "scale": lora_scale,
+                                 "served_as": "peft folder, converted to a LoRA GGUF" if lora_path.is_dir()
+                                 else "LoRA GGUF"}
         with LlamaServerEngine(gguf_path, cvec, request.llama_server, parallel=request.parallel,
-                               ctx_per_slot=request.max_new_tokens + 768) as server:
-            summary = evaluate(items, texts, server, request.max_new_tokens, out,
-                               {**label, "control_vector": request.control_vector}, progress,
+                               ctx_per_slot=request.max_new_tokens + 768, lora=lora, lora_scale=lora_scale) as server:
+            summary = evaluate(items, texts, server, request.max_new_tokens, out, cpp_label, progress,
                                resume=request.resume, baseline=baseline_rows)
     return EvalSummary.from_summary(summary, out)
+
+
+def _check_lora_gguf(lora: Path, base: Path) -> None:
+    """A LoRA GGUF for llama.cpp, of the base GGUF's architecture (else llama-server refuses it at start)."""
+    from ..models.gguf_fields import read_fields
+
+    if lora.suffix != ".gguf":
+        raise UserError(f"--lora '{lora}' is neither a PEFT LoRA folder nor a .gguf file")
+    fields = read_fields(lora, {"general.type", "adapter.type", "general.architecture"})
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise UserError(f"'{lora}' is not a llama.cpp LoRA GGUF (general.type {fields.get('general.type')!r}): "
+                        "write one with `unlock-export gguf ADAPTER_DIR -o lora.gguf`")
+    arch = read_fields(base, {"general.architecture"}).get("general.architecture")
+    if fields.get("general.architecture") != arch:
+        raise UserError(f"'{lora}' is a LoRA for '{fields.get('general.architecture')}' models but '{base}' is a "
+                        f"'{arch}' GGUF: pass the adapter's own base model")

@@ -77,6 +77,14 @@ def _describe_gguf(path: Path) -> dict:
         return {"kind": "llama.cpp control vector", "model_hint": field("controlvector.model_hint"),
                 "layer_count": field("controlvector.layer_count"), "layers": format_layers(layers),
                 "norms": {str(k): norms[str(k)] for k in layers}}
+    if field("general.type") == "adapter":
+        pairs = sorted({t.name.rsplit(".", 1)[0] for t in reader.tensors if t.name.endswith((".lora_a", ".lora_b"))})
+        layers = sorted({int(name.split(".")[1]) for name in pairs if name.startswith("blk.")})
+        ranks = sorted({int(t.shape[0]) for t in reader.tensors if t.name.endswith(".lora_b")})  # ne: [r, out]
+        return {"kind": f"llama.cpp {field('adapter.type') or 'adapter'} adapter", "architecture": arch,
+                "lora_alpha": field("adapter.lora.alpha"), "rank": ranks[0] if len(ranks) == 1 else ranks,
+                "modules": len(pairs), "layers": format_layers(layers) if layers else "none",
+                "adapter_of": field("unlock_export.adapter_of"), "bytes": path.stat().st_size}
     biases = sorted(int(t.name.split(".")[1]) for t in reader.tensors if t.name.endswith("ffn_down.bias"))
     return {"kind": "GGUF model", "architecture": arch, "name": field("general.name"),
             "block_count": field(f"{arch}.block_count"), "embedding_length": field(f"{arch}.embedding_length"),

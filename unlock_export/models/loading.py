@@ -278,3 +278,36 @@ def load(
     if source.kind == "gguf":
         complete_generation_eos(model, tokenizer)
     return LoadedModel(model, tokenizer, source, architecture_for(model))
+
+
+@contextlib.contextmanager
+def applied_lora(loaded: LoadedModel, adapter: str | Path, scale: float = 1.0):
+    """A plain PEFT LoRA folder applied to the model in `loaded` with stock PEFT (its layers injected,
+    PEFT's scaling times `scale`), and taken out again on exit: the model is left as it was."""
+    import json
+    import warnings
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    path = Path(adapter)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"'{adapter}' is not a PEFT adapter folder (no readable adapter_config.json): pass the "
+                        "folder `fold --mode gated-lora` wrote") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter, not a LoRA: evaluate it with PEFT "
+                        "yourself, or fold with --mode gated-lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on the base model's name
+        peft_model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
+    if scale != 1.0:
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.scaling:
+                    module.scaling[name] *= scale
+    try:
+        yield  # PEFT injected its layers into loaded.model itself: generation there runs the LoRA
+    finally:
+        peft_model.unload()  # the LoRA layers out, the base modules back in place
