@@ -20,6 +20,9 @@ the target's accuracy under the direct prompt on the first COUNT questions of th
                   label-free scale are each scored on --tune-count dev questions held out from the table
                   (the ones after its first COUNT), in OUT/<direction>/tune-answer-key/; the most accurate wins
                   (when that is the label-free scale, the folded-answer-key run is the row)
+  gated-lora      llama.cpp, the target's zoo GGUF with the gated edit as a LoRA (`llama-server --lora`):
+                  `fold --mode gated-lora --multiplier auto` of the folded row's vectors (gates fitted on
+                  --gate-count train prompts from --gate-offset, the next 8 held out), then `gguf` of the adapter
   scale-S         llama.cpp, the UNLOCK vectors as a control vector at scale S (--sweep-scales):
                   accuracy against scale on the table's own questions (in-sample)
 
@@ -51,7 +54,7 @@ DIRECTIONS = {
     "1.5b-to-0.5b": ROOT / "recipes" / "zoo-qwen1.5b-to-0.5b-cot.yaml",
 }
 CONFIGS = ("unsteered", "cot-prompt", "paper-form", "folded", "folded-answer-key", "self-key", "self-answer-key",
-           "random", "random-answer-key", "tuned-answer-key")
+           "random", "random-answer-key", "tuned-answer-key", "gated-lora")
 ANSWER_ROWS = {"folded-answer-key", "random-answer-key", "self-answer-key", "tuned-answer-key"}
 # rows that steer the target's own GGUF with a control vector: (prep key of the vectors, prep key of the scale)
 CONTROL_VECTOR_ROWS = {"self-key": ("self_key", "self_scale"), "self-answer-key": ("self_answer_key", "self_answer_scale"),
@@ -100,10 +103,46 @@ def own_scale(calibration: dict) -> float:
     return max((row["scale"] for row in calibration["table"] if row["allowed"]), default=0.0)
 
 
+def gated_lora(target: str, vectors: Path, work: Path, alpha: float, gate_count: int, gate_offset: int) -> dict:
+    """`fold --mode gated-lora --multiplier auto` of `vectors` into work/gated-lora, and its LoRA GGUF."""
+    adapter, gguf = work / "gated-lora", work / "gated-lora.gguf"
+    if not (adapter / "unlock.json").exists():
+        cli("--quiet", "fold", target, "--vectors", vectors, "--mode", "gated-lora", "--multiplier", "auto",
+            "--alpha", alpha, "--gate-count", gate_count, "--gate-offset", gate_offset, "-o", adapter, "--overwrite")
+    if not gguf.exists():
+        cli("--quiet", "gguf", adapter, "-o", gguf)
+    return {"gated_adapter": adapter, "gated_gguf": gguf,
+            "gate_fit": json.loads((adapter / "unlock.json").read_text())["gate_fit"]}
+
+
+def answer_key_at(recipe, run_dir: Path, work: Path, answer_tokens: int, scale: float) -> tuple[Path, Path]:
+    """The key read over the answer's first `answer_tokens` tokens (`key --answer-tokens`), projected
+    with the recipe run's own map and folded at a given `scale` (no calibration run): the label-free
+    scale an earlier calibration of the same inputs chose -> (its vectors, its folded GGUF)."""
+    folder = work / f"answer-key-{answer_tokens}-at-{scale:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    key, vectors, gguf = folder / "key.safetensors", folder / "vectors.safetensors", folder / "folded.gguf"
+    if not key.exists():
+        cli("--quiet", "key", "--locked", recipe.source.locked.model, "--unlocked", recipe.source.unlocked.model,
+            "--locked-template", recipe.source.locked.template, "--unlocked-template", recipe.source.unlocked.template,
+            "--prompts", recipe.prompts.path, "--count", recipe.prompts.key_count, "--offset", recipe.prompts.offset,
+            "--method", recipe.key.method,
+            "--answer-tokens", answer_tokens, "-o", key)
+    if not vectors.exists():
+        cli("--quiet", "project", "--key", key, "--map", run_dir / "map.safetensors", "--layers", "1--1", "-o", vectors)
+    if not (folder / "model" / "unlock.json").exists():
+        cli("--quiet", "fold", recipe.target.model, "--vectors", vectors, "--scale", scale, "-o", folder / "model",
+            "--overwrite")
+    if not gguf.exists():
+        cli("--quiet", "gguf", folder / "model", "-o", gguf)
+    return vectors, gguf
+
+
 def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrate_count: int = 8,
-            self_key: bool = True, answer_tokens: int = 0) -> dict:
+            self_key: bool = True, answer_tokens: int = 0, answer_scale: float | None = None) -> dict:
     """Recipe (key, map, vectors, calibration, fold) -> folded GGUF, self-key and random vectors; with
-    answer_tokens, also the fold of the key read over the answer's first tokens."""
+    answer_tokens, also the fold of the key read over the answer's first tokens (at `answer_scale`
+    when given, else at the scale its own calibrated recipe run picks)."""
     import yaml
 
     from unlock_export.evaluation.calibrate import calibrate_scale
@@ -142,7 +181,12 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     calibration = json.loads((run_dir / "calibration.json").read_text())
     scale = calibration["scale"]
     answer = {}
-    if answer_tokens:
+    if answer_tokens and answer_scale:
+        answer["vectors"], answer["gguf"] = answer_key_at(recipe, run_dir, work, answer_tokens, answer_scale)
+        answer["scale"] = answer_scale
+        answer["random"] = random_like(steerable(SteeringVectors.load(answer["vectors"])),
+                                       work / f"random-answer-key-{answer_tokens}.safetensors")
+    elif answer_tokens:
         answer_dir, answer["gguf"] = folded_recipe(f"answer-key-{answer_tokens}", answer_tokens)
         answer["vectors"] = answer_dir / "vectors.safetensors"
         answer["scale"] = json.loads((answer_dir / "calibration.json").read_text())["scale"]
@@ -233,14 +277,25 @@ def same_run(name: str, prep: dict) -> str:
     return name
 
 
+def with_indices(summary: dict, run_dir: Path) -> dict:
+    """The summary and the dev indices of the questions the run got right (for paired comparisons),
+    where the run's predictions.jsonl is there."""
+    from unlock_export.evaluation.run import read_predictions
+
+    if not (run_dir / "predictions.jsonl").is_file():
+        return summary
+    return {**summary, "correct_indices": [r["index"] for r in read_predictions(run_dir) if r["correct"]]}
+
+
 def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int, offset: int = 0) -> dict:
-    """Row `name` over `count` dev questions from `offset` -> its summary (reused when already finished)."""
+    """Row `name` over `count` dev questions from `offset` -> its summary and correct_indices (reused when
+    already finished)."""
     summary_path = out / name / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if (summary["n"] == count and summary["max_new_tokens"] == max_new_tokens
                 and summary.get("offset", 0) == offset):
-            return summary  # finished earlier with the same settings
+            return with_indices(summary, out / name)  # finished earlier with the same settings
     common = ["--data", DEV, "--count", count, "--max-new-tokens", max_new_tokens, "-o", out / name, "--overwrite"]
     if offset:
         common += ["--offset", offset]
@@ -265,7 +320,9 @@ def run_config(name: str, prep: dict, out: Path, count: int, max_new_tokens: int
         cli("--quiet", "eval", prep["folded_gguf"], *cpp, *common)
     elif name == "folded-answer-key":
         cli("--quiet", "eval", prep["answer_gguf"], *cpp, *common)
-    return json.loads(summary_path.read_text())
+    elif name == "gated-lora":
+        cli("--quiet", "eval", prep["target_gguf"], *cpp, "--lora", prep["gated_gguf"], *common)
+    return with_indices(json.loads(summary_path.read_text()), out / name)
 
 
 def pick_by_accuracy(points: list[dict], label_free_scale: float, png: Path, title: str) -> dict:
@@ -322,6 +379,12 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
     parser.add_argument("--answer-tokens", type=int, default=16,
                         help="answer tokens the folded-answer-key row's key is read over")
+    parser.add_argument("--answer-key-scale", type=float, default=None,
+                        help="fold the answer-start key at this scale (an earlier label-free calibration's) instead "
+                             "of running its calibrated recipe")
+    parser.add_argument("--gate-count", type=int, default=32, help="gated-lora: train prompts the gates are fitted on")
+    parser.add_argument("--gate-offset", type=int, default=1000,
+                        help="gated-lora: where those prompts start (after the key's and the map's)")
     parser.add_argument("--sweep-scales", default="",
                         help="comma list of extra additive scales (control vector): accuracy against scale")
     parser.add_argument("--tune-count", type=int, default=64,
@@ -358,7 +421,10 @@ def main() -> None:
         t0 = time.perf_counter()
         prep = prepare(direction, recipe_path, args.out, args.alpha, args.calibrate_count,
                        bool({"self-key", "self-answer-key"} & set(wanted)),
-                       args.answer_tokens if ANSWER_ROWS & set(wanted) else 0)
+                       args.answer_tokens if ANSWER_ROWS & set(wanted) else 0, args.answer_key_scale)
+        if "gated-lora" in wanted:
+            prep.update(gated_lora(prep["target"], prep["vectors"], args.out / direction, args.alpha,
+                                   args.gate_count, args.gate_offset))
         tuned = None
         if "tuned-answer-key" in wanted:
             tuned = tune_answer_scale(prep, args.out / direction, args.count, args.tune_count, args.max_new_tokens,
@@ -375,6 +441,8 @@ def main() -> None:
                             "alpha": args.alpha, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
         if tuned:
             table[direction]["tuned_answer_key"] = tuned
+        if "gate_fit" in prep:
+            table[direction]["gate_fit"] = prep["gate_fit"]
         if "paper-form" in wanted:
             table[direction]["alpha_check"] = alpha_check(prep, args.out / direction)
         if sweep:

@@ -57,7 +57,7 @@ def prep(tmp_path):
             "self_answer_key": tmp_path / "self16.safetensors", "self_answer_scale": 0.3,
             "random": tmp_path / "r.safetensors", "answer_gguf": tmp_path / "f16.gguf", "answer_scale": 0.42,
             "answer_random": tmp_path / "r16.safetensors", "answer_vectors": tmp_path / "v16.safetensors",
-            "tuned_answer_scale": 0.59}
+            "tuned_answer_scale": 0.59, "gated_gguf": tmp_path / "gated-lora.gguf"}
 
 
 def _run(eval_table, monkeypatch, name, prep, out, count=200):
@@ -87,6 +87,7 @@ def _run(eval_table, monkeypatch, name, prep, out, count=200):
     ("random-answer-key", "target_gguf", ["--vectors", "answer_random", "--form", "additive", "--scale", "answer_scale"]),
     ("tuned-answer-key", "target_gguf",
      ["--vectors", "answer_vectors", "--form", "additive", "--scale", "tuned_answer_scale"]),
+    ("gated-lora", "target_gguf", ["--lora", "gated_gguf"]),
 ])
 def test_each_row_evaluates_its_own_model_and_steering(eval_table, monkeypatch, tmp_path, prep, name, model, steering):
     assert name in eval_table.CONFIGS
@@ -186,3 +187,32 @@ def test_a_tuned_scale_equal_to_the_label_free_one_reuses_the_folded_answer_key_
     assert eval_table.same_run("tuned-answer-key", {**prep, "tuned_answer_scale": prep["answer_scale"]}) == "folded-answer-key"
     assert eval_table.same_run("tuned-answer-key", prep) == "tuned-answer-key"  # another scale: its own run
     assert eval_table.same_run("random", prep) == "random"
+
+
+def test_a_rows_result_carries_the_indices_it_got_right(eval_table, monkeypatch, tmp_path, prep):
+    """The table keeps each row's correct_indices (from its predictions.jsonl) for paired comparisons."""
+    out = tmp_path / "out"
+    _run(eval_table, monkeypatch, "unsteered", prep, out)
+    rows = [{"index": i, "correct": i % 3 == 0} for i in range(200)]
+    (out / "unsteered" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = eval_table.run_config("unsteered", prep, out, 200, 256)
+    assert summary["correct_indices"] == [i for i in range(200) if i % 3 == 0]
+
+
+def test_the_gated_row_folds_with_a_label_free_multiplier_then_converts(eval_table, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_cli(*args):
+        calls.append([str(a) for a in args])
+        if "fold" in calls[-1]:
+            out = Path(args[args.index("-o") + 1])
+            out.mkdir(parents=True)
+            (out / "unlock.json").write_text(json.dumps({"gate_fit": {"multiplier": 1.41}}))
+
+    monkeypatch.setattr(eval_table, "cli", fake_cli)
+    prep = eval_table.gated_lora("zoo:t", tmp_path / "v.safetensors", tmp_path, 0.1, 32, 1000)
+    fold, gguf = calls
+    assert fold[fold.index("--mode") + 1] == "gated-lora" and fold[fold.index("--multiplier") + 1] == "auto"
+    assert fold[fold.index("--gate-offset") + 1] == "1000"
+    assert gguf[:3] == ["--quiet", "gguf", str(tmp_path / "gated-lora")]
+    assert prep["gate_fit"] == {"multiplier": 1.41} and prep["gated_gguf"] == tmp_path / "gated-lora.gguf"
