@@ -278,3 +278,51 @@ def test_eval_lora_and_gated_form_refusals(extra, message, tiny_model_dir, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_recipe_folds_gated_lora_and_writes_its_lora_gguf(tiny_recipe, tmp_path, capsys):
+    """fold.mode gated-lora in a recipe: the plan names the gate fit, the run writes the verified LoRA
+    (multiplier auto, its closeness recorded), gguf.lora its llama.cpp LoRA GGUF, and both serve lines."""
+    import yaml
+
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "gated-lora", "rank": 2, "gate_prompts": "builtin:arithmetic", "gate_count": 16}
+    recipe["gguf"] = {"lora": True}
+    recipe["diagnostics"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", "--dry-run", str(path), str(out)]) == 0, capsys.readouterr().err
+    plan = capsys.readouterr().out
+    assert "gated-lora, rank 2: gates fitted on 16 prompts" in plan and "lora.gguf" in plan
+    assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    info = json.loads((out / "model" / "unlock.json").read_text())
+    assert info["mode"] == "gated-lora" and info["adapter_rank"] == 2
+    assert info["gate_fit"]["multiplier_calibration"] and info["gate_fit"]["closeness"]["bias"]["kl"] >= 0
+    assert info["verification"]["passed"]
+    assert (out / "lora.gguf").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    engines = {row["engine"]: row["command"] for row in summary["serve"]}
+    assert "--lora" in engines["llama.cpp"] and "--enable-lora" in engines["vllm"]
+
+
+@pytest.mark.parametrize("fold,gguf,message", [
+    ({"mode": "gated-lora", "scale": 2}, None, "not the bias fold's scale"),
+    ({"mode": "bias", "multiplier": 2}, None, "fold.multiplier apply to fold.mode gated-lora only"),
+    ({"mode": "gated-lora"}, {"model": True}, "a gated-lora fold takes gguf.lora"),
+    ({"mode": "gated-lora", "merge": True}, {"lora": True}, "without merge"),
+    ({"mode": "bias"}, {"lora": True}, "gguf.lora writes a gated-lora fold's LoRA GGUF"),
+    ({"mode": "gated-lora"}, {"control_vector": True}, "needs gguf.scale"),
+])
+def test_recipe_gated_lora_keys_are_checked_in_one_line(fold, gguf, message, tiny_recipe, tmp_path, capsys):
+    import yaml
+
+    path, recipe = tiny_recipe
+    recipe["fold"] = fold
+    if gguf:
+        recipe["gguf"] = gguf
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["run", "--dry-run", str(path), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -154,7 +154,7 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     """Run a whole recipe: key -> align -> project, then the optional fold, GGUF files and push.
 
     Writes key, map and vectors files and summary.json into OUT_DIR (with fold: the checkpoint in
-    OUT_DIR/model; with gguf: model.gguf and control-vector.gguf), then prints how to serve them.
+    OUT_DIR/model; with gguf: model.gguf, lora.gguf and control-vector.gguf), then prints how to serve them.
 
     \b
     Example:
@@ -164,8 +164,9 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
     prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,scales,objective,continuation_tokens,calibrate_count,
-    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance} (optional: writes OUT_DIR/model),
-    gguf.{model,base,control_vector,scale} (optional: llama.cpp files),
+    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance; mode gated-lora: multiplier,gate_prompts,
+    gate_count,gate_offset,gate_heldout,merge} (optional: writes OUT_DIR/model),
+    gguf.{model,base,control_vector,scale,lora} (optional: llama.cpp files),
     diagnostics.{enabled,heldout_count,target_key},
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.

@@ -286,8 +286,7 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
             "note": None if allowed else "every alpha tried breaks the text: try smaller alphas"}
 
 
-def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, ppl_margin: float = 0.10,
-                   batch_size: int = 8, progress: bool = False):
+def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: int = 8, progress: bool = False):
     """The gated edit's multiplier when `settings.multiplier` is 'auto', and its closeness to the paper
     form, on the held-out prompts of `settings` (method.gate.GateSettings) -> the fit with both.
 
@@ -309,7 +308,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, ppl_margin: 
     def edit(multiplier: float):
         return gated_edit(loaded, fit.scaled(multiplier)) if multiplier > 0 else contextlib.nullcontext()
 
-    auto = settings.multiplier == "auto"
+    auto, ppl_margin = settings.multiplier == "auto", settings.ppl_margin
     gated = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha,
                             scales=MULTIPLIERS if auto else (0.0, fit.multiplier), ppl_margin=ppl_margin,
                             batch_size=batch_size, refine=auto, progress=progress, stop_after_rejected=2 if auto else 0,

@@ -50,6 +50,7 @@ class GateSettings:
     multiplier: float | str = 1.0  # the write's scale against alpha * |h|; "auto": label-free
     ridge: float = DEFAULT_RIDGE
     rank: int = 1  # gates per layer: the last prompt token, then the first rank - 1 answer tokens
+    ppl_margin: float = 0.10  # `auto` and the bias fold's figure: allowed perplexity rise on plain text
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "GateSettings":
@@ -71,6 +72,8 @@ class GateSettings:
             raise UserError(f"the multiplier must be a positive number or 'auto', got {self.multiplier!r}")
         if auto and self.heldout < 1:
             raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")
+        if self.ppl_margin < 0:
+            raise UserError(f"the perplexity margin must be >= 0, got {self.ppl_margin:g}")
         if self.alpha <= 0 or self.ridge <= 0:
             raise UserError(f"alpha and ridge must be positive, got {self.alpha:g} and {self.ridge:g}")
 

@@ -161,7 +161,26 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         stages.append(Stage("diagnostics", what, [target.model, locked.model]))
         outputs += ["diagnostics.json", "diagnostics.png"]
     f = recipe.fold
-    if f is not None:
+    if f is not None and f.mode == "gated-lora":
+        from ..method.gate import ANSWER_TOKENS
+
+        gate_q = prompts.load_questions(f.gate_prompts, count=f.gate_count + f.gate_heldout, offset=f.gate_offset)
+        if len(gate_q) < f.gate_count:
+            raise UserError(f"fold.gate_prompts '{f.gate_prompts}' holds {len(gate_q)} prompts after offset "
+                            f"{f.gate_offset}: the gate fit needs {f.gate_count}; lower fold.gate_count")
+        run(target.model, target_template, gate_q, generate=ANSWER_TOKENS)  # each prompt's own answer, then
+        run(target.model, target_template, gate_q, suffix_tokens=ANSWER_TOKENS)  # the carrier inputs over both
+        held = gate_q[f.gate_count:]
+        strength = (f"multiplier {f.multiplier:g}" if f.multiplier != "auto" else
+                    f"the label-free multiplier on the {len(held)} held-out prompts")
+        stages.append(Stage("fold", f"gated-lora, rank {f.rank or 1}: gates fitted on {f.gate_count} prompts of "
+                                    f"{f.gate_prompts}, {strength}; closeness to the paper form (and the bias fold's) on "
+                                    f"{len(held)} held-out prompts, two passes per multiplier and scale tried; "
+                                    + ("merged into a checkpoint" if f.merge else "a PEFT LoRA")
+                                    + (f", verified within {f.tolerance:g}" if f.verify else ", not verified"),
+                            [target.model]))
+        outputs.append("model/")
+    elif f is not None:
         if f.scale == "auto":
             calib = key_q[:f.calibrate_count]
             if f.check_alpha:
@@ -180,7 +199,8 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         outputs.append("model/")
     g = recipe.gguf
     if g is not None:
-        files = (["model.gguf"] if g.model else []) + (["control-vector.gguf"] if g.control_vector else [])
+        files = ((["model.gguf"] if g.model else []) + (["lora.gguf"] if g.lora else [])
+                 + (["control-vector.gguf"] if g.control_vector else []))
         if files:
             stages.append(Stage("gguf", ", ".join(files)))
             outputs += files

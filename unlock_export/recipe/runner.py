@@ -190,6 +190,12 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
         return FoldStage(transfer.vectors, None, None, [])
     vectors = transfer.vectors
     chosen = vectors if f.layers is None else vectors.select(parse_layers(f.layers, vectors.layer_count))
+    def context() -> dict:  # the card's: read after the calibration adds its line
+        return {"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}", "recipe": recipe_text or "",
+                **card_extra}
+
+    if f.mode == "gated-lora":
+        return _gated_fold_stage(recipe, pool, transfer, chosen, work, out_dir, progress, context(), clock)
     outputs, scale = [], f.scale
     if scale == "auto":
         with clock.stage("calibrate"):
@@ -202,10 +208,28 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
     t0 = time.perf_counter()
     result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                   verify=f.verify, tolerance=f.tolerance, allow_pickle=recipe.runtime.allow_pickle, progress=progress,
-                  card_context={"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}",
-                                "recipe": recipe_text or "", **card_extra})
+                  card_context=context())
     clock.timings["fold_s"] = time.perf_counter() - t0
     return FoldStage(chosen, scale, {**result.as_dict(), "out": str(out_dir / "model")}, [*outputs, "model"])
+
+
+def _gated_fold_stage(recipe: Recipe, pool, transfer: Transfer, chosen, work: Path, out_dir: Path, progress: bool,
+                      context: dict, clock: _Clock) -> FoldStage:
+    """fold.mode gated-lora: the gates fitted on the target (float32), the multiplier chosen when it is
+    auto, then the LoRA (or with merge the checkpoint) written into work/model, verified."""
+    from ..api import fold_gated_lora
+    from ..method.gate import GateSettings
+
+    f = recipe.fold
+    settings = GateSettings(prompts=f.gate_prompts, count=f.gate_count, offset=f.gate_offset, heldout=f.gate_heldout,
+                            template=transfer.target_template, alpha=f.alpha, multiplier=f.multiplier,
+                            ppl_margin=f.ppl_margin, rank=f.rank or 1)
+    pool.release()  # the gate fit loads the target in float32 on its own
+    t0 = time.perf_counter()
+    result = fold_gated_lora(recipe.target.model, chosen, work / "model", settings, merge=f.merge, verify=f.verify,
+                             tolerance=f.tolerance, progress=progress, card_context=context)
+    clock.timings["fold_s"] = time.perf_counter() - t0
+    return FoldStage(chosen, result.scale, {**result.as_dict(), "out": str(out_dir / "model")}, ["model"])
 
 
 def _summary(recipe: Recipe, transfer: Transfer, out_dir: Path, outputs: list[str], clock: _Clock,
@@ -275,6 +299,12 @@ def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) 
     from ..export.gguf import patch_gguf, write_control_vector
 
     info: dict = {"files": []}
+    if g.lora:
+        from ..export.lora_gguf import write_lora_gguf
+
+        written = write_lora_gguf(work / "model", work / "lora.gguf", base=g.base)
+        info["lora"] = {"rank": written["rank"], "architecture": written["architecture"]}
+        info["files"].append("lora.gguf")
     if g.model:
         patched = patch_gguf(work / "model", work / "model.gguf", base=g.base)
         info["model"] = {"base": patched["base"], "biases_added": len(patched["biases_added"])}
@@ -307,11 +337,16 @@ def _target_gguf(recipe: Recipe) -> str | None:
 def _serve(recipe: Recipe, out_dir: Path, outputs: list[str]):
     from ..export.serving import serve_commands
 
+    f = recipe.fold
+    gated_lora = f is not None and f.mode == "gated-lora" and not f.merge and "model" in outputs
     return serve_commands(
         model_dir=out_dir / "model" if "model" in outputs else None,
         model_gguf=out_dir / "model.gguf" if "model.gguf" in outputs else None,
         control_vector=out_dir / "control-vector.gguf" if "control-vector.gguf" in outputs else None,
-        target_gguf=_target_gguf(recipe), adapter=recipe.fold is not None and recipe.fold.mode != "bias")
+        target_gguf=_target_gguf(recipe), adapter=f is not None and f.mode != "bias" and not f.merge,
+        lora_gguf=out_dir / "lora.gguf" if "lora.gguf" in outputs else None,
+        lora_dir=out_dir / "model" if gated_lora else None, lora_base=recipe.target.model,
+        lora_rank=(f.rank or 1) if gated_lora else 1)
 
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:

@@ -99,9 +99,10 @@ class VectorsSpec(_Strict):
 class FoldSpec(_Strict):
     """Optional: fold the vectors into the target's weights (written to OUT_DIR/model), verified."""
 
-    mode: Literal["bias", "adapter", "lora"] = _doc(
+    mode: Literal["bias", "adapter", "lora", "gated-lora"] = _doc(
         "bias: a standalone checkpoint; adapter: a PEFT BEFT adapter (PEFT >= 0.20); lora: a PEFT LoRA with "
-        "lora_bias.", default="bias")
+        "lora_bias; gated-lora: the paper form's last-token edit as a plain LoRA (label-free gates; `fold "
+        "--mode gated-lora`), which stock servers switch per request.", default="bias")
     scale: Union[float, Literal["auto"]] = _doc(
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
@@ -120,7 +121,20 @@ class FoldSpec(_Strict):
                              "(`check-alpha` on 8 prompts); refuse to calibrate against it if not.", default=True)
     alpha_margin: float = _doc("check_alpha: allowed relative rise of the continuations' perplexity.",
                                default=1.0, ge=0)
-    rank: Optional[int] = _doc("lora: LoRA rank (default 8); the other modes take none.", default=None, ge=1)
+    rank: Optional[int] = _doc("lora: LoRA rank (default 8); gated-lora: gates per layer, the last prompt token "
+                               "and then the first rank-1 answer tokens (default 1); the other modes take none.",
+                               default=None, ge=1)
+    multiplier: Union[float, Literal["auto"]] = _doc(
+        "gated-lora: the write is multiplier x alpha x |h| x the unit direction; auto: the multiplier closest to "
+        "the paper form on the held-out gate prompts, perplexity within `ppl_margin` (no labels).", default="auto")
+    gate_prompts: str = _doc("gated-lora: unlabeled prompts of the target the gates are fitted on.",
+                             default="builtin:gsm8k-train")
+    gate_count: int = _doc("gated-lora: prompts the gates are fitted on.", default=32, ge=1)
+    gate_offset: int = _doc("gated-lora: skip this many of `gate_prompts` first.", default=0, ge=0)
+    gate_heldout: int = _doc("gated-lora: the next prompts, held out: they measure the gates, choose multiplier "
+                             "auto and give the closeness to the paper form.", default=8, ge=0)
+    merge: bool = _doc("gated-lora: write the edit merged into a standalone checkpoint instead of a LoRA.",
+                       default=False)
     layers: Optional[Union[str, list[int]]] = _doc("Fold only these layers of the vectors (default: all of them).",
                                                    default=None)
     verify: bool = _doc("Reload the export with the stock library and compare its logits with the hooks.",
@@ -138,7 +152,9 @@ class GgufSpec(_Strict):
     control_vector: bool = _doc("OUT_DIR/control-vector.gguf: the vectors as a llama.cpp control vector at the "
                                 "fold's scale (or `scale`), on the folded layers except layer 0.", default=False)
     scale: Optional[float] = _doc("control_vector: the scale baked in (default: the fold's, calibrated or given; "
-                                  "required without a fold step).", default=None)
+                                  "required without a fold step or with a gated-lora fold).", default=None)
+    lora: bool = _doc("OUT_DIR/lora.gguf: a gated-lora fold as a llama.cpp LoRA GGUF (`llama-server --lora`, its "
+                      "scale chosen per request); needs fold.mode gated-lora without merge.", default=False)
 
 
 class DiagnosticsSpec(_Strict):
@@ -259,12 +275,32 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(_first_error(exc, path))
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
-    if recipe.fold is not None and recipe.fold.rank is not None and recipe.fold.mode != "lora":
-        raise UserError(f"recipe {path}: fold.rank applies to fold.mode lora only; drop it or set mode: lora")
+    f = recipe.fold
+    if f is not None and f.rank is not None and f.mode not in ("lora", "gated-lora"):
+        raise UserError(f"recipe {path}: fold.rank applies to fold.mode lora and gated-lora only; drop it or set the "
+                        "mode")
+    gated = f is not None and f.mode == "gated-lora"
+    if f is not None:
+        given = f.model_fields_set
+        bias_keys = given & {"scale", "scales", "objective", "continuation_tokens", "calibrate_count", "check_alpha",
+                             "alpha_margin"}
+        gate_keys = given & {"multiplier", "gate_prompts", "gate_count", "gate_offset", "gate_heldout", "merge"}
+        if gated and bias_keys:
+            raise UserError(f"recipe {path}: fold.mode gated-lora takes fold.multiplier and the fold.gate_ keys, not "
+                            f"the bias fold's {', '.join(sorted(bias_keys))}: drop them")
+        if not gated and gate_keys:
+            raise UserError(f"recipe {path}: fold.{', fold.'.join(sorted(gate_keys))} apply to fold.mode gated-lora "
+                            "only")
     g = recipe.gguf
-    if g is not None and g.model and (recipe.fold is None or recipe.fold.mode != "bias"):
+    if g is not None and g.model and (f is None or f.mode != "bias"):
         raise UserError(f"recipe {path}: gguf.model patches a bias fold into the target's GGUF; add fold: with "
-                        "mode: bias, or set gguf.model: false")
+                        "mode: bias, or set gguf.model: false" + ("; a gated-lora fold takes gguf.lora" if gated else ""))
+    if g is not None and g.lora and not (gated and not f.merge):
+        raise UserError(f"recipe {path}: gguf.lora writes a gated-lora fold's LoRA GGUF: set fold.mode gated-lora "
+                        "(without merge), or gguf.lora: false")
+    if g is not None and g.control_vector and gated and g.scale is None:
+        raise UserError(f"recipe {path}: gguf.control_vector with a gated-lora fold needs gguf.scale: the gated "
+                        "edit has no additive scale to reuse")
     if g is not None and g.control_vector and g.scale is None and recipe.fold is None:
         raise UserError(f"recipe {path}: gguf.control_vector needs a scale: add gguf.scale or a fold step")
     if g is not None and g.control_vector and recipe.vectors.site != "layer_output":
@@ -273,6 +309,8 @@ def load_recipe(path: str | Path) -> Recipe:
     base = path.parent
     if not recipe.prompts.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(recipe.prompts.path):
         recipe.prompts.path = str((base / recipe.prompts.path).resolve())  # always a file, never a Hub id
+    if f is not None and not f.gate_prompts.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(f.gate_prompts):
+        f.gate_prompts = str((base / f.gate_prompts).resolve())
     for variant in (recipe.source.locked, recipe.source.unlocked):
         variant.model = _resolve_path(variant.model, base)
     recipe.target.model = _resolve_path(recipe.target.model, base)
