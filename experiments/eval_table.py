@@ -104,8 +104,9 @@ def own_scale(calibration: dict) -> float:
 
 
 def gated_lora(target: str, vectors: Path, work: Path, alpha: float, gate_count: int, gate_offset: int) -> dict:
-    """`fold --mode gated-lora --multiplier auto` of `vectors` into work/gated-lora, and its LoRA GGUF."""
-    adapter, gguf = work / "gated-lora", work / "gated-lora.gguf"
+    """`fold --mode gated-lora --multiplier auto` of `vectors` into work/gated-lora-adapter (not the row's
+    own eval folder, work/gated-lora), and its LoRA GGUF."""
+    adapter, gguf = work / "gated-lora-adapter", work / "gated-lora.gguf"
     if not (adapter / "unlock.json").exists():
         cli("--quiet", "fold", target, "--vectors", vectors, "--mode", "gated-lora", "--multiplier", "auto",
             "--alpha", alpha, "--gate-count", gate_count, "--gate-offset", gate_offset, "-o", adapter, "--overwrite")

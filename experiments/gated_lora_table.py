@@ -34,7 +34,7 @@ CONFIGS = ("unsteered", "folded-answer-key", "paper-form", "gated-lora")
 RECORDED = ROOT / "reports" / "results" / "eval_qwen0.5b_to_1.5b.json"
 RESULT = ROOT / "reports" / "results" / "gated_lora_qwen1.5b.json"
 # the prepared inputs a second eval_table run (256 tokens) shares with the first
-PREPARED = ("recipe", "recipe.yaml", "folded.gguf", "gated-lora", "gated-lora.gguf")
+PREPARED = ("recipe", "recipe.yaml", "folded.gguf", "gated-lora-adapter", "gated-lora.gguf")
 
 
 def eval_table(out: Path, count: int, tokens: int, configs: tuple[str, ...], *extra: str) -> dict:

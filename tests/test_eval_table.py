@@ -214,5 +214,6 @@ def test_the_gated_row_folds_with_a_label_free_multiplier_then_converts(eval_tab
     fold, gguf = calls
     assert fold[fold.index("--mode") + 1] == "gated-lora" and fold[fold.index("--multiplier") + 1] == "auto"
     assert fold[fold.index("--gate-offset") + 1] == "1000"
-    assert gguf[:3] == ["--quiet", "gguf", str(tmp_path / "gated-lora")]
+    assert gguf[:3] == ["--quiet", "gguf", str(tmp_path / "gated-lora-adapter")]
     assert prep["gate_fit"] == {"multiplier": 1.41} and prep["gated_gguf"] == tmp_path / "gated-lora.gguf"
+    assert prep["gated_adapter"] != tmp_path / "gated-lora"  # the row's own eval folder: never the adapter

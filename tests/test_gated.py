@@ -326,3 +326,17 @@ def test_recipe_gated_lora_keys_are_checked_in_one_line(fold, gguf, message, tin
     assert main(["run", "--dry-run", str(path), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_never_writes_into_the_lora_adapter(tiny_model_dir, tmp_path, capsys):
+    src = tiny_model_dir("llama")
+    adapter = tmp_path / "adapter"
+    (adapter / "results").mkdir(parents=True)
+    before = sorted(p.name for p in adapter.rglob("*"))
+    for output in (adapter, adapter / "results"):
+        capsys.readouterr()
+        code = main(["--quiet", "eval", str(src), "--data", "builtin:gsm8k-dev", "--count", "2", "--lora", str(adapter),
+                     "-o", str(output)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "is inside the LoRA adapter" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in adapter.rglob("*")) == before

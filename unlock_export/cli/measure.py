@@ -27,14 +27,14 @@ def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, co
     return loaded, vectors, questions, batch_size
 
 
-def _refuse_output_in_model(output: Path, model: str) -> None:
-    """eval writes into OUTPUT: never into a local model folder, nor through a link into one."""
+def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> None:
+    """eval writes into OUTPUT: never into a local model (or adapter) folder, nor through a link into one."""
     source = Path(model)
     if not source.is_dir():
         return
     out_r, src_r = output.resolve(), source.resolve()
     if out_r == src_r or src_r in out_r.parents:
-        raise UserError(f"output '{output}' is inside the model '{model}' (it resolves to '{out_r}'): choose a "
+        raise UserError(f"output '{output}' is inside the {what} '{model}' (it resolves to '{out_r}'): choose a "
                         "folder outside it")
 
 
@@ -136,6 +136,10 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
     request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     _refuse_output_in_model(output, model)
+    if request.lora:
+        from ..evaluation.run import parse_lora
+
+        _refuse_output_in_model(output, str(parse_lora(request.lora)[0]), "LoRA adapter")
     from .._io import note_progress, output_lock
     from ..evaluation.run import PROGRESS
 
