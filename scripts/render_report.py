@@ -320,6 +320,7 @@ DESCRIPTIONS = {
     "band-10-18-scale-0.125": "UNLOCK additive, layers 10-18 only, that band's label-free scale (control vector)",
     "answer-key-16-scale-0.4204": "UNLOCK additive, the key read over the answer's first 16 tokens (control vector)",
     "folded-answer-key-16-scale-0.4204": "UNLOCK folded, the key read over the answer's first 16 tokens (patched GGUF)",
+    "gated-lora": "the gated LoRA: the paper form's last-token edit as a plain LoRA, label-free multiplier (llama-server --lora)",
 }
 
 
@@ -511,6 +512,7 @@ FORWARD = "eval_qwen0.5b_to_1.5b.json"
 REVERSE = "eval_qwen1.5b_to_0.5b.json"
 BANDS = "fold_bands_qwen1.5b.json"
 GATED = "gated_fold_qwen1.5b.json"
+GATED_LORA = "gated_lora_qwen1.5b.json"
 PLOTS = [("accuracy_vs_scale_answer_key_qwen1.5b.png",
           "0.5B -> 1.5B: the answer-start vectors' accuracy against scale on the held-out dev questions 200-263"),
          ("accuracy_vs_scale_qwen1.5b.png",
@@ -557,10 +559,13 @@ def gsm8k_report(results: Path, out: Path) -> str:
                 "the token limit), \"says the answer is\" and \"states the answer\" (\"the answer is N\", "
                 "\"Answer: N\", `\\boxed{}` or `#### N`) are as the file records them; \"-\" where it does not. "
                 "Which runs two corrections touched: [CHANGELOG.md](../CHANGELOG.md).")
+    gated_lora = report.use(GATED_LORA, load(results, out, GATED_LORA))
     if fwd:
         forward_sections(report, fwd, bands, gated)
     if rev:
         reverse_sections(report, rev)
+    if gated_lora:
+        gated_lora_section(report, gated_lora)
     plots = [(name, text) for name, text in PLOTS if (results / name).is_file()]
     if plots:
         report.section(2, "Plots")
@@ -800,6 +805,72 @@ def gated_section(report: Report, doc: Doc) -> None:
             report.para(f"Hooks against merged weights, max logit gap: {gap:.2g} "
                         f"({code(key('accuracy_m_0.5', 'merge_gap_max_logit'))}).")
         report.note(doc, "accuracy_m_0.5", "note")
+
+
+def _verdict(indices: dict[str, list[int]], questions: range) -> str:
+    """One generated sentence: the paper form and the gated LoRA against unsteered, and against each other."""
+    if not {"unsteered", "paper-form", "gated-lora"} <= set(indices):
+        return ""
+    n = len(questions)
+    paper = paired_indices(indices["paper-form"], indices["unsteered"], questions)
+    gated = paired_indices(indices["gated-lora"], indices["unsteered"], questions)
+    versus = paired_indices(indices["gated-lora"], indices["paper-form"], questions)
+    return (f"Unsteered {paper['b_right']}/{n}; the paper form {paper['a_right']}/{n} (won / lost against "
+            f"unsteered {paper['won']} / {paper['lost']}, p {pvalue(paper['p_mcnemar_exact'])}); the gated "
+            f"LoRA {gated['a_right']}/{n} ({gated['won']} / {gated['lost']} against unsteered, p "
+            f"{pvalue(gated['p_mcnemar_exact'])}; {versus['won']} / {versus['lost']} against the paper "
+            f"form, p {pvalue(versus['p_mcnemar_exact'])}).")
+
+
+def gated_lora_section(report: Report, doc: Doc) -> None:
+    """experiments/gated_lora_table.py: the gated LoRA against unsteered, the paper form and the best bias fold."""
+    count = doc.get("count")
+    questions = range(count)
+    report.section(2, f"The gated LoRA (the paper form as a per-request LoRA), 0.5B -> 1.5B, the first {count} questions")
+    fit = doc.get("gate_fit", default={})
+    close = fit.get("closeness") or {}
+    facts = [["target", code(doc.get("target")), code("target")],
+             ["paper form alpha", general(doc.get("alpha")), code("alpha")],
+             ["gated LoRA multiplier (label-free)", general(fit.get("multiplier")), code("gate_fit.multiplier")],
+             ["gate fit", f"{fit.get('fit_prompts')} prompts, rank {fit.get('rank')}, ridge {general(fit.get('ridge'))}",
+              code("gate_fit")]]
+    if close:
+        facts += [[f"KL(paper form ‖ form) at the answer start, {close['prompts']} held-out prompts: {label}",
+                   num(value, 3), code(f"gate_fit.closeness.{path}")]
+                  for label, value, path in [("unsteered", close["unsteered"], "unsteered"),
+                                             ("gated LoRA", close["gated"]["kl"], "gated.kl"),
+                                             (f"bias fold at its label-free scale {general(close['bias']['scale'])}",
+                                              close["bias"]["kl"], "bias.kl")]]
+    report.table(["setting", "value", "source"], facts, source_line(doc))
+    missing = doc.get("missing", default=[])
+    if missing:
+        report.para(f"Rows the file does not hold (not run to the end): {', '.join(missing)} ({code('missing')}).")
+    for tokens in (512, 256):
+        configs = (f"tokens_{tokens}", "configs")
+        report.section(3, f"{tokens} new tokens")
+        strength = {"paper-form": ("alpha",), "folded-answer-key": ("answer_key_scale",),
+                    "gated-lora": ("gate_fit", "multiplier")}
+        rows = [Row((*configs, name), scale=strength.get(name))
+                for name in ("unsteered", "paper-form", "folded-answer-key", "gated-lora") if doc.has(*configs, name)]
+        recorded = (f"tokens_{tokens}", "recorded")
+        rows += [Row((*recorded, name), label=f"{describe(name)} (the recorded 200-question run, questions 0-{count - 1})",
+                     scale=strength.get(name))
+                 for name in ("unsteered", "paper-form", "folded-answer-key") if doc.has(*recorded, name)]
+        base = (*configs, "unsteered") if doc.has(*configs, "unsteered") else (*recorded, "unsteered")
+        for row in rows:
+            if row.path != base:
+                row.base = base
+        eval_table(report, doc, rows, code(key(*base)))
+        merged = {name: (*configs, name) if doc.has(*configs, name) else (*recorded, name)
+                  for name in ("unsteered", "paper-form", "folded-answer-key", "gated-lora")
+                  if doc.has(*configs, name) or doc.has(*recorded, name)}
+        pairs = [Pair(merged["gated-lora"], merged[other], questions, "gated-lora", other)
+                 for other in ("paper-form", "folded-answer-key") if "gated-lora" in merged and other in merged]
+        pairs_table(report, doc, pairs)
+        verdict = _verdict({name: doc.get(*path, "correct_indices") for name, path in merged.items()}, questions)
+        if verdict:
+            report.para(verdict)
+    report.note(doc, "note")
 
 
 def reverse_sections(report: Report, doc: Doc) -> None:

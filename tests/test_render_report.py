@@ -329,3 +329,33 @@ def test_readme_block_rows_match_the_json(rr, tmp_path):
 def test_the_readme_block_is_current(rr, capsys):
     current = (REPO / "README.md").read_text()
     assert rr.readme_with_results(current, rr.readme_results()) == current
+
+
+def test_the_gated_lora_section_pairs_each_row_from_its_indices(rr, tmp_path):
+    """experiments/gated_lora_table.py's file: each 512-token row's won / lost against unsteered, the gated
+    LoRA against the paper form, the 256-token rows against the recorded runs, and the rows it lacks."""
+    gated, answer = [0, 1, 3, 7, 8, 9, 12, 15], [2, 3, 4, 7, 12]
+    fit = {"multiplier": 0.59, "fit_prompts": 32, "rank": 1, "ridge": 0.01, "alpha": 0.1,
+           "closeness": {"prompts": 8, "unsteered": 9.2, "gated": {"kl": 2.7, "multiplier": 0.59},
+                         "bias": {"scale": 0.088, "kl": 7.7}}}
+    doc = {"count": 20, "target": "zoo:t", "alpha": 0.1, "answer_key_scale": 0.42, "gate_fit": fit,
+           "tokens_512": {"configs": {"unsteered": run(UNSTEERED, 20), "gated-lora": run(gated, 20),
+                                      "paper-form": run(PAPER, 20, engine="transformers")}},
+           "tokens_256": {"configs": {"gated-lora": run(answer, 20)},
+                          "recorded": {"unsteered": run(UNSTEERED, 20), "paper-form": run(PAPER, 20)}},
+           "missing": ["folded-answer-key at 512 tokens"]}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / rr.GATED_LORA).write_text(json.dumps(doc))
+    text = rr.gsm8k_report(results, tmp_path)
+    long = section(text, "### 512 new tokens")
+    cells = row(long, "`gated-lora`")
+    won, lost = len(set(gated) - set(UNSTEERED)), len(set(UNSTEERED) - set(gated))
+    assert cells["correct"] == "8/20" and cells["won / lost vs baseline"] == f"{won} / {lost}"
+    assert_p(cells["McNemar p (exact)"], mcnemar(won, lost))
+    versus = [r for _, rows in tables(long) for r in rows if r.get("A") == "gated-lora" and r.get("B") == "paper-form"]
+    assert versus and versus[0]["A only (won)"] == str(len(set(gated) - set(PAPER)))
+    short = section(text, "### 256 new tokens")
+    assert row(short, "`gated-lora`")["won / lost vs baseline"] == \
+        f"{len(set(answer) - set(UNSTEERED))} / {len(set(UNSTEERED) - set(answer))}"
+    assert "folded-answer-key at 512 tokens" in text and "2.700" in text
