@@ -146,8 +146,7 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
         check_output_path(Path(out), Path(source.path), overwrite)
     elif Path(out).exists() and not overwrite:
         raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
-    loaded = _float32(None if isinstance(target, (str, Path)) else as_loaded(target))
-    loaded = loaded or _pool(RuntimeOptions(dtype="float32", device="cpu"), progress).get(files)
+    loaded = _float32_model(target, progress)
     fit = fit_gates(loaded, vectors, settings, progress=progress)
     context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
                f"{settings.offset + settings.count}], template {settings.template}"}
@@ -161,12 +160,16 @@ def _settings(gate: "GateSettings | dict | None") -> "GateSettings":
     return gate if isinstance(gate, GateSettings) else GateSettings.from_dict(gate)
 
 
-def _float32(loaded):
+def _float32_model(target: ModelLike, progress: bool) -> LoadedModel:
+    """`target` as a float32 LoadedModel: the caller's model when it is float32, else loaded once in
+    float32 on the CPU (the gate fit and the fold's verification run there)."""
     import torch
 
-    if loaded is None or next(loaded.model.parameters()).dtype != torch.float32:
-        return None
-    return loaded
+    if not isinstance(target, (str, Path)):
+        loaded = as_loaded(target)
+        if next(loaded.model.parameters()).dtype == torch.float32:
+            return loaded
+    return _pool(RuntimeOptions(dtype="float32", device="cpu"), progress).get(_files_of(target))
 
 
 def fit_gates(target: ModelLike, vectors: SteeringVectors, gate: "GateSettings | dict | None" = None, *,
@@ -176,16 +179,13 @@ def fit_gates(target: ModelLike, vectors: SteeringVectors, gate: "GateSettings |
     without labels when it is "auto", and its closeness to the paper form beside the bias fold's (KL
     at the answer start on the held-out prompts). `target` in float32 is used as it is; anything else
     is loaded in float32 on the CPU. `ux.gated_edit(model, fit)`-style hooks: method.gate.gated_edit."""
-    from .evaluation.calibrate import calibrate_gate
-    from .method.gate import fit_for
+    from .evaluation.calibrate import fit_gated_edit
 
     settings = _settings(gate)
     settings.check()
-    loaded = _float32(None if isinstance(target, (str, Path)) else as_loaded(target))
-    if loaded is None:
-        loaded = _pool(RuntimeOptions(dtype="float32", device="cpu"), progress).get(_files_of(target))
+    loaded = _float32_model(target, progress)
     vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, "target")
-    return calibrate_gate(loaded, vectors, fit_for(loaded, vectors, settings), settings, progress=progress)
+    return fit_gated_edit(loaded, vectors, settings, progress=progress)
 
 
 def _files_of(model: ModelLike) -> str:

@@ -130,8 +130,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
         options["gate"] = GateSettings(prompts=gate["gate_prompts"], count=gate["gate_count"],
                                        alpha=options["alpha"], multiplier=parse_multiplier(gate["multiplier"]),
                                        rank=gate["gate_rank"])
-    elif (gate["multiplier"], gate["gate_rank"], gate["gate_prompts"], gate["gate_count"]) != (
-            "1", 1, "builtin:gsm8k-train", 32):
+    elif any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in gate):
         raise UserError("--multiplier, --rank, --gate-prompts and --gate-count apply to --form gated-lora only")
     request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None

@@ -286,7 +286,20 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
             "note": None if allowed else "every alpha tried breaks the text: try smaller alphas"}
 
 
-def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: int = 8, progress: bool = False):
+def fit_gated_edit(loaded, vectors: SteeringVectors, settings, closeness: bool = True, progress: bool = False):
+    """The gates `settings` (method.gate.GateSettings) describe, fitted on the float32 target in `loaded`,
+    with the multiplier chosen when it is 'auto' and, with `closeness`, the KL report (`calibrate_gate`)."""
+    from ..method.gate import fit_for
+
+    settings.check()
+    fit = fit_for(loaded, vectors, settings)
+    if settings.multiplier != "auto" and not closeness:
+        return fit
+    return calibrate_gate(loaded, vectors, fit, settings, closeness=closeness, progress=progress)
+
+
+def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: int = 8, progress: bool = False,
+                   closeness: bool = True):
     """The gated edit's multiplier when `settings.multiplier` is 'auto', and its closeness to the paper
     form, on the held-out prompts of `settings` (method.gate.GateSettings) -> the fit with both.
 
@@ -322,14 +335,16 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
         calibration = {"multiplier": gated.scale, "prompts": len(heldout), "ppl_margin": ppl_margin,
                        "table": [{k: row[k] for k in ("scale", "kl_to_reference", "perplexity_ratio", "allowed")}
                                  for row in gated.table]}
+    if not closeness:
+        return dataclasses.replace(fit, calibration=calibration)
     at = next(row for row in gated.table if row["scale"] == fit.multiplier)
     bias = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha, ppl_margin=ppl_margin,
                            batch_size=batch_size, progress=progress)
-    closeness = {"prompts": len(heldout), "paper_alpha": settings.alpha,
+    report = {"prompts": len(heldout), "paper_alpha": settings.alpha,
                  "measure": "KL(paper form || form) of the next token at the last prompt token, held-out prompts",
                  "unsteered": gated.kl_unsteered_to_reference,
                  "gated": {"multiplier": fit.multiplier, "kl": at["kl_to_reference"],
                            "perplexity_ratio": at["perplexity_ratio"]},
                  "bias": {"scale": bias.scale, "kl": bias.kl_to_reference,
                           "note": "the additive form at its own label-free scale (calibrate's rule)"}}
-    return dataclasses.replace(fit, calibration=calibration, closeness=closeness)
+    return dataclasses.replace(fit, calibration=calibration, closeness=report)

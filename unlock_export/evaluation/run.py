@@ -409,16 +409,14 @@ def _gated_steering(loaded, vectors, request: EvalRequest, name: str, progress: 
     (in float32: the gate fit and fold run there)."""
     import torch
 
-    from ..evaluation.calibrate import calibrate_gate
-    from ..method.gate import GateSettings, fit_for, gated_edit
+    from ..evaluation.calibrate import fit_gated_edit
+    from ..method.gate import GateSettings, gated_edit
 
     if next(loaded.model.parameters()).dtype != torch.float32:
         raise UserError("the gated-lora form fits its gates in float32: pass --dtype float32")
     settings = request.gate or GateSettings(alpha=request.alpha)
-    settings.check()
     vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{name}'")
-    fit = calibrate_gate(loaded, vectors, fit_for(loaded, vectors, settings), settings, progress=progress) \
-        if settings.multiplier == "auto" else fit_for(loaded, vectors, settings)
+    fit = fit_gated_edit(loaded, vectors, settings, closeness=False, progress=progress)  # eval needs no KL report
     return (lambda: gated_edit(loaded, fit)), fit.multiplier
 
 
