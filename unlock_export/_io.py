@@ -256,6 +256,22 @@ def refuse_symlink(out: Path) -> None:
                         "or remove the link")
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the permissions a plain `open` or `mkdir` would: some
+    writers (safetensors' save_file, mkstemp) make files owner-only, and a server running as another user
+    could not read them. Hard links (a shard linked from the source or the dequantized cache) are
+    someone else's file too, and keep their modes."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            if not os.path.islink(path) and info.st_nlink == 1:
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def staging_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure (an
@@ -268,6 +284,7 @@ def staging_dir(out: str | Path, overwrite: bool = False):
         os.chmod(work, 0o777 & ~_umask())
         try:
             yield work
+            follow_umask(work)
             if out.exists():
                 if not overwrite:
                     raise UserError(f"output '{out}' appeared while writing: choose another folder or pass "

@@ -103,8 +103,9 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
          rank: int | None = None, layers: str | list[int] | None = None, verify: bool = True,
          tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False,
-         gate: "GateSettings | dict | None" = None, merge: bool = False) -> FoldResult:
-    """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`), a PEFT BEFT adapter
+         gate: "GateSettings | dict | None" = None, merge: bool = False, dtype: str = "auto") -> FoldResult:
+    """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`, in `dtype`: `auto` is the
+    precision of the target's own weights, or float32, bfloat16, float16), a PEFT BEFT adapter
     (mode `adapter`) or a PEFT LoRA with lora_bias (mode `lora`, `rank` default 8) in `out`, verified
     against the hooks before it is written. Mode `gated-lora` writes the gated edit instead (`scale`
     and `rank` unused): `gate` is its method.gate.GateSettings (or a dict of them: prompts, count,
@@ -120,17 +121,18 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
     if mode == "gated-lora":
         return fold_gated_lora(target, vectors, out, gate, merge=merge, link=link, overwrite=overwrite,
-                               verify=verify, tolerance=tolerance, progress=progress)
+                               verify=verify, tolerance=tolerance, progress=progress, dtype=dtype)
     if gate or merge:
         raise UserError("gate settings and merge apply to mode 'gated-lora' only")
     return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
-                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference)
+                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference,
+                      dtype=dtype)
 
 
 def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path,
                     gate: "GateSettings | dict | None" = None, *, merge: bool = False, link: bool = False,
                     overwrite: bool = False, verify: bool = True, tolerance: float = 1e-3, progress: bool = False,
-                    card_context: dict | None = None) -> FoldResult:
+                    card_context: dict | None = None, dtype: str = "auto") -> FoldResult:
     """`fold(mode="gated-lora")`: fit the gates (`fit_gates`) on the target, loaded once in float32
     (or used as it is when the caller's model is float32), and write the edit, verified against its
     hook form on that same model."""
@@ -151,7 +153,7 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
     context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
                f"{settings.offset + settings.count}], template {settings.template}"}
     return fold_gated(files, fit, vectors, out, merge=merge, link=link, overwrite=overwrite, verify=verify,
-                      tolerance=tolerance, progress=progress, reference=loaded, card_context=context)
+                      tolerance=tolerance, progress=progress, reference=loaded, card_context=context, dtype=dtype)
 
 
 def _settings(gate: "GateSettings | dict | None") -> "GateSettings":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..choices import MODES, OUTTYPES, ROUTES
+from ..choices import EXPORT_DTYPES, MODES, OUTTYPES, ROUTES
 from ..errors import UserError
 from .app import cli, emit
 from .options import choice, parse_multiplier
@@ -42,14 +42,19 @@ from .options import choice, parse_multiplier
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Reload the export with the stock library and compare logits with the hook-steered original.")
-@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max |dlogit| allowed by --verify (float32).")
+@click.option("--tolerance", default=1e-3, show_default=True, type=float,
+              help="Max |dlogit| allowed by --verify (float32), plus the precision floor of a bfloat16 or float16 "
+                   "export (how far computing the unsteered model in it moves logits, measured).")
+@click.option("--dtype", type=choice(("auto",) + EXPORT_DTYPES), default="auto", show_default=True,
+              help="Precision of a checkpoint's weights (bias mode, gated-lora --merge); auto: the target's own "
+                   "(its config's dtype: bfloat16 for most Hub releases).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
 @click.pass_context
 def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_prompts, gate_count, gate_heldout,
-         gate_offset, merge, layers, link, verify, tolerance, output, overwrite, allow_pickle):
+         gate_offset, merge, layers, link, verify, tolerance, dtype, output, overwrite, allow_pickle):
     """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
@@ -80,7 +85,7 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
                                 alpha=alpha, multiplier=parse_multiplier(multiplier), rank=1 if rank is None else rank)
         result = fold_gated_lora(target, vectors, output, settings, merge=merge, link=link, overwrite=overwrite,
                                  verify=verify, tolerance=tolerance, progress=not ctx.obj["quiet"],
-                                 card_context={"vectors_file": str(vectors_path)})
+                                 card_context={"vectors_file": str(vectors_path)}, dtype=dtype)
     else:
         if multiplier != "1" or gate_heldout != 8:
             raise UserError("--multiplier and --gate-heldout apply to --mode gated-lora only: drop them")
@@ -89,9 +94,10 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
         scale = 1.0 if scale is None else scale
         result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
                             overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
-                            card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"])
+                            card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"],
+                            dtype=dtype)
     ver = result.verification
-    check = (f"verified: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:g}, "
+    check = (f"verified in {ver['dtype']}: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:.3g}, "
              f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
     strength = f"multiplier {result.scale:g}" if mode == "gated-lora" else f"scale {result.scale:g}"
     emit(ctx, result.as_dict(), f"wrote {output} ({result.mode}, {result.exported_model_type}, "

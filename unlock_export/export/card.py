@@ -93,11 +93,27 @@ def _front(target: str, mode: str, source_dir: Path) -> dict:
 
 
 def _verification_line(ver: dict | None) -> str:
-    return (
-        f"max \\|dlogit\\| {ver['max_abs_dlogit']:.3g} against the hook-steered original on {ver['prompts']} prompts "
-        f"(tolerance {ver['tolerance']:g}, top-1 agreement {ver['top1_agreement']:.1%}; the steering itself moves "
-        f"logits by up to {ver['steering_effect_max_abs_dlogit']:.3g})" if ver else "not run (--no-verify)"
-    )
+    if not ver:
+        return "not run (--no-verify)"
+    line = (f"max \\|dlogit\\| {ver['max_abs_dlogit']:.3g} against the hook-steered original on {ver['prompts']} "
+            f"prompts (tolerance {ver['tolerance']:.3g}, top-1 agreement {ver['top1_agreement']:.1%}; the steering "
+            f"itself moves logits by up to {ver['steering_effect_max_abs_dlogit']:.3g})")
+    if ver.get("precision_floor_max_abs_dlogit"):
+        line += (f"; the tolerance is {ver['float32_tolerance']:g} plus the {ver['dtype']} floor "
+                 f"{ver['precision_floor_max_abs_dlogit']:.3g} (how far computing the unsteered model in "
+                 f"{ver['dtype']} moves its logits)")
+    if ver.get("exact_max_abs_dlogit") is not None:
+        line += (f"; against the hooks adding the offsets as stored in {ver['dtype']}: "
+                 f"{ver['exact_max_abs_dlogit']:.3g}")
+    return line
+
+
+def _precision_line(result) -> str:
+    """What precision the export's tensors are in."""
+    stored = (result.shards or {}).get("dtype")
+    if stored:
+        return f"{stored} (every floating tensor of the checkpoint)"
+    return "float32 adapter tensors, applied to the base model in the precision it is loaded in"
 
 
 def _load_hint(target: str, mode: str) -> str:
@@ -196,6 +212,7 @@ direction transferred training-free (UNLOCK, arXiv 2604.06377) as {what}
 | site | {result.site} |
 | scale | {result.scale:g} |
 | vector norms (x scale) | {min(norms.values()) * abs(result.scale):.4g} .. {max(norms.values()) * abs(result.scale):.4g} |
+| weights | {_precision_line(result)} |
 | verification | {verification} |
 {diag_rows}
 {note}

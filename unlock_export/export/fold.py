@@ -11,6 +11,7 @@ lora     a PEFT LoRA with lora_bias=True on that module (PEFT >= 0.14): standard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -84,17 +85,22 @@ def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[P
 
 
 def fold_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, scale: float,
-                 layers_path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(added, changed) tensors that carry `scale * vectors` as biases under `plan`."""
+                 layers_path: str, dtype: torch.dtype | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], SteeringVectors]:
+    """(added, changed) tensors that carry `scale * vectors` as biases under `plan`, in `dtype` (default:
+    each carrier's own), and the offsets they hold once rounded into it (scale 1: what `verify` checks
+    the fold against, beside the requested offsets)."""
     prefix = ckpt.layer_prefix(layers_path)
     added: dict[str, torch.Tensor] = {}
     changed: dict[str, torch.Tensor] = {}
+    stored: dict[int, torch.Tensor] = {}
     for layer in range(ckpt.layer_count()):
         for module in plan.zero_biases:
             weight = f"{prefix}.{layer}.{module}.weight"
             if not ckpt.has(weight):
                 raise UserError(f"expected tensor '{weight}' is missing from '{ckpt.dir}'; is the checkpoint complete?")
-            added[f"{prefix}.{layer}.{module}.bias"] = torch.zeros(ckpt.shape(weight)[0], dtype=ckpt.dtype(weight))
+            added[f"{prefix}.{layer}.{module}.bias"] = torch.zeros(ckpt.shape(weight)[0],
+                                                                   dtype=dtype or ckpt.dtype(weight))
         if layer not in vectors.directions:
             continue
         offset = vectors.directions[layer].double() * scale
@@ -102,12 +108,22 @@ def fold_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, sca
         if plan.native_bias:
             if not ckpt.has(name):
                 raise UserError(f"expected bias '{name}' is missing from '{ckpt.dir}'; is the checkpoint complete?")
-            current = ckpt.read(name)
+            current = ckpt.read(name).to(dtype or ckpt.dtype(name))
             changed[name] = (current.double() + offset).to(current.dtype)
+            stored[layer] = (changed[name].double() - current.double()).float()
         else:
-            dtype = ckpt.dtype(f"{prefix}.{layer}.{plan.carrier}.weight")
-            added[name] = offset.to(dtype)
-    return added, changed
+            added[name] = offset.to(dtype or ckpt.dtype(f"{prefix}.{layer}.{plan.carrier}.weight"))
+            stored[layer] = added[name].float()
+    return added, changed, dataclasses.replace(vectors, directions=stored)
+
+
+def export_dtype(ckpt: Checkpoint, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The precision a checkpoint export is written in: the checkpoint's own (`auto`, None) or `dtype`."""
+    from ..models.checkpoint import parse_dtype
+
+    if dtype is None or dtype == "auto":
+        return ckpt.weights_dtype()
+    return dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
 
 
 def _folded_config(config: dict, plan: BiasPlan) -> dict:
@@ -178,8 +194,10 @@ def _checked_rank(mode: str, rank: int | None) -> int | None:
 def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 1.0, mode: str = "bias",
          rank: int | None = None, link: bool = False, overwrite: bool = False, card_context: dict | None = None,
          verify: bool = True, tolerance: float = 1e-3, allow_pickle: bool = False, progress: bool = True,
-         reference=None) -> FoldResult:
-    """Export `target` with `scale * vectors` folded in; see the module docstring for the modes."""
+         reference=None, dtype: str | torch.dtype | None = "auto") -> FoldResult:
+    """Export `target` with `scale * vectors` folded in; see the module docstring for the modes. A bias
+    fold is written in `dtype` (`auto`: the precision of the target's own weights) and verified in it
+    (`verify.verify_export`); adapters keep their tensors in float32 beside the base."""
     from . import card
     from . import verify as verify_mod
 
@@ -208,13 +226,18 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
                 raise UserError(f"PEFT's BEFT adapts nn.Linear modules only and {arch.model_type}'s {carrier} is a "
                                 "Conv1D: use --mode lora (a LoRA with lora_bias) or --mode bias")
         exported_type, shards, verification = arch.model_type, {}, None
+        weights = export_dtype(ckpt, dtype) if mode == "bias" else torch.float32
+        if mode != "bias" and dtype not in (None, "auto"):
+            raise UserError(f"--dtype applies to --mode bias only (a {mode} adapter is float32 beside the base): "
+                            "drop it")
+        stored = None
         with staging_dir(out, overwrite) as work:
             if mode == "bias":
-                added, changed = fold_tensors(ckpt, plan, vectors, scale, arch.layers_path)
+                added, changed, stored = fold_tensors(ckpt, plan, vectors, scale, arch.layers_path, weights)
                 config = _folded_config(ckpt.config, plan)
                 exported_type = config.get("model_type", arch.model_type)
                 shards = write_checkpoint(ckpt, work, config, added, changed,
-                                          link=link or source.kind == "gguf", progress=progress)
+                                          link=link or source.kind == "gguf", progress=progress, dtype=weights)
             elif mode == "adapter":
                 _write_beft(ckpt, work, carrier, vectors, scale, arch.layers_path, target)
             else:
@@ -222,7 +245,8 @@ def fold(target: str, vectors: SteeringVectors, out: str | Path, scale: float = 
             if verify:
                 try:
                     verification = verify_mod.verify_export(work, vectors, scale, base=str(source_dir),
-                                                            tolerance=tolerance, reference=reference)
+                                                            tolerance=tolerance, reference=reference,
+                                                            dtype=weights, stored=stored)
                 except ExportFailure as exc:
                     raise ExportFailure(f"{exc}; no output was written")
             result = FoldResult(out, mode, arch.model_type, exported_type, vectors.layers, scale, vectors.site,

@@ -22,7 +22,7 @@ from ..method.gate import GateFit, gated_edit
 from ..method.vectors import SteeringVectors
 from ..models.architectures import architecture_for_config
 from ..models.checkpoint import Checkpoint, check_output_path, write_checkpoint
-from .fold import FoldResult, _write_peft, carrier_modules, materialize
+from .fold import FoldResult, _write_peft, carrier_modules, export_dtype, materialize
 
 MODE = "gated-lora"
 
@@ -41,13 +41,13 @@ def gated_lora_tensors(ckpt: Checkpoint, carrier: str, fit: GateFit,
 
 
 def merged_weights(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: str,
-                   conv1d: bool) -> dict[str, torch.Tensor]:
+                   conv1d: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The carrier weights with w (a_1 + .. + a_r)^T added (Conv1D stores [in, out]: the transpose), in
-    their own dtype."""
+    `dtype` (default: their own)."""
     changed = {}
     for layer, module in carrier_modules(ckpt, carrier, fit.gates, layers_path):
         gate, name = fit.gates[layer].sum(0), f"{module}.weight"
-        weight = ckpt.read(name)
+        weight = ckpt.read(name).to(dtype or ckpt.dtype(name))
         delta = torch.outer(gate.double(), fit.writes[layer].double()) if conv1d else \
             torch.outer(fit.writes[layer].double(), gate.double())
         changed[name] = (weight.double() + delta).to(weight.dtype)
@@ -56,9 +56,11 @@ def merged_weights(ckpt: Checkpoint, carrier: str, fit: GateFit, layers_path: st
 
 def fold_gated(target: str, fit: GateFit, vectors: SteeringVectors, out: str | Path, merge: bool = False,
                link: bool = False, overwrite: bool = False, card_context: dict | None = None, verify: bool = True,
-               tolerance: float = 1e-3, progress: bool = True, reference=None) -> FoldResult:
+               tolerance: float = 1e-3, progress: bool = True, reference=None,
+               dtype: str | torch.dtype | None = "auto") -> FoldResult:
     """Write the gated edit of `target` (gates and writes in `fit`, from `vectors`) to `out`: a PEFT
-    LoRA, or with `merge` a standalone checkpoint; verified against `gated_edit` on the target."""
+    LoRA (float32), or with `merge` a standalone checkpoint in `dtype` (`auto`: the target's own);
+    verified against `gated_edit` on the target (`verify.verify_export`: its precision floor)."""
     from . import card
     from .verify import verify_export
 
@@ -74,11 +76,15 @@ def fold_gated(target: str, fit: GateFit, vectors: SteeringVectors, out: str | P
         arch = architecture_for_config(ckpt.config)
         carrier = arch.adapter_carrier(vectors.site)
         shards, verification = {}, None
+        if not merge and dtype not in (None, "auto"):
+            raise UserError("--dtype applies to a merged gated edit only (--merge; the LoRA is float32 beside the "
+                            "base): drop it")
+        weights = export_dtype(ckpt, dtype) if merge else torch.float32
         with staging_dir(out, overwrite) as work:
             if merge:
-                changed = merged_weights(ckpt, carrier, fit, arch.layers_path, arch.conv1d)
+                changed = merged_weights(ckpt, carrier, fit, arch.layers_path, arch.conv1d, weights)
                 shards = write_checkpoint(ckpt, work, dict(ckpt.config), {}, changed,
-                                          link=link or source.kind == "gguf", progress=progress)
+                                          link=link or source.kind == "gguf", progress=progress, dtype=weights)
             else:
                 from peft import LoraConfig
 
@@ -90,7 +96,7 @@ def fold_gated(target: str, fit: GateFit, vectors: SteeringVectors, out: str | P
             if verify:
                 try:
                     verification = verify_export(work, vectors, fit.multiplier, base=str(source_dir),
-                                                 tolerance=tolerance, reference=reference,
+                                                 tolerance=tolerance, reference=reference, dtype=weights,
                                                  edit=lambda loaded: gated_edit(loaded, fit))
                 except ExportFailure as exc:
                     raise ExportFailure(f"{exc}; no output was written")

@@ -33,25 +33,75 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]
     return diff, float(agree)
 
 
+def _representable(model, dtype: torch.dtype) -> bool:
+    """Whether every float32 parameter of `model` is exactly a `dtype` value."""
+    return all(torch.equal(p, p.to(dtype).to(p.dtype)) for p in model.parameters() if p.is_floating_point())
+
+
+def _round_weights(model, dtype: torch.dtype) -> None:
+    """Round `model`'s parameters to `dtype` in place, keeping them float32 (the export's base weights)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(p.to(dtype))
+
+
+def precision_floor(loaded, texts: list[str], dtype: torch.dtype, plain: list[torch.Tensor]) -> float:
+    """max |dlogit| between the unsteered model computed in `dtype` and in float32 (`plain`): how far the
+    precision the export is served in moves logits by itself. The weights must be `dtype` values; the model
+    is put back exactly as it was (its float buffers restored)."""
+    model = loaded.model
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.is_floating_point()}
+    model.to(dtype)
+    try:
+        low = _logits(model, loaded.tokenizer, texts)
+    finally:
+        model.to(torch.float32)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return compare(low, plain)[0]
+
+
 def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base: str,
                   tolerance: float = 1e-3, texts: list[str] | None = None, raise_on_fail: bool = True,
-                  reference=None, edit=None) -> dict:
+                  reference=None, edit=None, dtype: torch.dtype = torch.float32,
+                  stored: SteeringVectors | None = None) -> dict:
     """Compare the export in `out` with `base` steered by `scale * vectors` (additive form), in float32.
-    `reference`: the base already loaded (a float32 LoadedModel) is used instead of loading it again;
-    an adapter is always checked on a fresh load, since PEFT wraps the model it is given. `edit(loaded)`:
-    the hook form of another edit to compare with (a context manager; the gated edit's), instead."""
+
+    `dtype`: the precision the export's weights are stored in. Both sides run in float32 on the same
+    weights (the base's rounded to `dtype`), so they differ by how the export carries the edit and by
+    the edit's own rounding into `dtype`. The bound is `tolerance` plus the precision floor: how far
+    computing the unsteered model in `dtype` moves its logits (measured here; 0 for float32).
+    `stored`: the offsets the export holds (scale 1, as rounded into `dtype`): the export must then also
+    equal the hooks adding exactly those within `tolerance` alone, which shows the fold itself is exact.
+    `reference`: the base already loaded (a float32 LoadedModel) is used instead of loading it again
+    when its weights are `dtype` values; an adapter is always checked on a fresh load, since PEFT wraps
+    the model it is given. `edit(loaded)`: the hook form of another edit to compare with (a context
+    manager; the gated edit's), instead."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
     texts = texts or prompts.apply_template("direct", prompts.builtin_arithmetic(DEFAULT_PROMPTS, seed=11))
-    usable = (reference is not None and not (out / "adapter_config.json").is_file()
-              and next(reference.model.parameters()).dtype == torch.float32)
+    half = dtype != torch.float32
+    adapter = (out / "adapter_config.json").is_file()
+    usable = (reference is not None and not adapter
+              and next(reference.model.parameters()).dtype == torch.float32
+              and (not half or _representable(reference.model, dtype)))
     reference_model = reference if usable else load(base, dtype="float32", device="cpu")
+    if half and not usable:
+        _round_weights(reference_model.model, dtype)
     tokenizer = reference_model.tokenizer
     plain = _logits(reference_model.model, tokenizer, texts)
     with (edit(reference_model) if edit else additive_steering(reference_model, vectors, scale)):
-        reference = _logits(reference_model.model, tokenizer, texts)
-    if (out / "adapter_config.json").is_file():
+        expected = _logits(reference_model.model, tokenizer, texts)
+    exact = None
+    if half and stored is not None:
+        with additive_steering(reference_model, stored, 1.0):
+            exact = _logits(reference_model.model, tokenizer, texts)
+    floor = precision_floor(reference_model, texts, dtype, plain) if half else 0.0
+    if adapter:
         import warnings
 
         from peft import PeftModel
@@ -69,13 +119,23 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
             raise UserError(f"transformers cannot load '{out}': {first_line(exc, 300)}")
         kind = "checkpoint"
     got = _logits(exported, tokenizer, texts)
-    max_diff, top1 = compare(got, reference)
-    effect, _ = compare(plain, reference)
-    report = {"kind": kind, "prompts": len(texts), "max_abs_dlogit": max_diff, "top1_agreement": top1,
-              "steering_effect_max_abs_dlogit": effect, "tolerance": tolerance, "passed": max_diff <= tolerance}
+    max_diff, top1 = compare(got, expected)
+    effect, _ = compare(plain, expected)
+    bound = tolerance + floor
+    report = {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "prompts": len(texts),
+              "max_abs_dlogit": max_diff, "top1_agreement": top1, "steering_effect_max_abs_dlogit": effect,
+              "tolerance": bound, "float32_tolerance": tolerance, "precision_floor_max_abs_dlogit": floor,
+              "passed": max_diff <= bound}
+    if exact is not None:
+        report["exact_max_abs_dlogit"] = compare(got, exact)[0]
+        report["passed"] = report["passed"] and report["exact_max_abs_dlogit"] <= tolerance
     if raise_on_fail and not report["passed"]:
+        if max_diff > bound:
+            floor_note = f" = {tolerance:g} + the {report['dtype']} floor {floor:.3g}" if half else ""
+            raise ExportFailure(
+                f"verification failed: exported {kind} differs from the hook-steered reference by max |dlogit| "
+                f"{max_diff:.3g} > tolerance {bound:.3g}{floor_note} (top-1 agreement {top1:.1%})")
         raise ExportFailure(
-            f"verification failed: exported {kind} differs from the hook-steered reference by max |dlogit| "
-            f"{max_diff:.3g} > tolerance {tolerance:g} (top-1 agreement {top1:.1%})"
-        )
+            f"verification failed: exported {kind} differs from the hooks adding the offsets it stores by max "
+            f"|dlogit| {report['exact_max_abs_dlogit']:.3g} > tolerance {tolerance:g}: the fold is not exact")
     return report

@@ -26,6 +26,23 @@ NEW_SHARD = "model-unlock-offsets.safetensors"
 RENAMED_SINGLE = "model-base.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 _SKIP_FILES = {INDEX, "config.json", "README.md", "unlock.json", ".gitattributes"}
+# safetensors dtype names of the floating types a checkpoint is exported in
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# the names a config.json or a user gives them
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A checkpoint dtype from its name (float32, bfloat16, float16; fp32, bf16, fp16)."""
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    key = aliases.get(str(name).lower(), str(name).lower())
+    if key not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
 
 
 def _shard_header(path: Path) -> dict:
@@ -88,8 +105,26 @@ class Checkpoint:
         return self.headers[self.weight_map[name]][name]["shape"]
 
     def dtype(self, name: str) -> torch.dtype:
-        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        return table.get(self.headers[self.weight_map[name]][name]["dtype"], torch.float32)
+        return FLOAT_DTYPES.get(self.headers[self.weight_map[name]][name]["dtype"], torch.float32)
+
+    def weights_dtype(self) -> torch.dtype:
+        """The precision of the weights: the config's `dtype` (`torch_dtype` before transformers 5) when
+        it names one, else the floating type most of the stored tensors have."""
+        for key in ("dtype", "torch_dtype"):
+            name = self.config.get(key)
+            if isinstance(name, str) and name in DTYPE_NAMES:
+                return DTYPE_NAMES[name]
+        counts: dict[torch.dtype, int] = {}
+        for name, shard in self.weight_map.items():
+            found = FLOAT_DTYPES.get(self.headers[shard][name]["dtype"])
+            if found is not None:
+                counts[found] = counts.get(found, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def shard_dtypes(self, shard: str) -> set[torch.dtype]:
+        """The floating types of the tensors in `shard`."""
+        return {FLOAT_DTYPES[v["dtype"]] for k, v in self.headers[shard].items()
+                if k != "__metadata__" and v["dtype"] in FLOAT_DTYPES}
 
     def read(self, name: str) -> torch.Tensor:
         with safe_open(str(self.dir / self.weight_map[name]), framework="pt") as fh:
@@ -149,17 +184,27 @@ def _place(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_checkpoint(ckpt: Checkpoint, work: Path, config: dict, added: dict[str, torch.Tensor],
-                     changed: dict[str, torch.Tensor], link: bool = False, progress: bool = True) -> dict:
+                     changed: dict[str, torch.Tensor], link: bool = False, progress: bool = True,
+                     dtype: torch.dtype | None = None) -> dict:
     """Write the exported checkpoint into `work`: untouched shards copied (or hard-linked),
     shards holding changed tensors rewritten, added tensors in one new shard, index and config
-    updated, side files copied. Returns {'rewritten': [...], 'copied': [...], 'added_shard': ...}."""
+    updated, side files copied. With `dtype`, every floating tensor is stored in that precision
+    (shards in another one are rewritten) and the config says so.
+    Returns {'rewritten': [...], 'copied': [...], 'added_shard': ..., 'dtype': ...}."""
     clash = [n for n in added if ckpt.has(n)]
     if clash:
         raise UserError(f"tensors {clash[:3]} already exist in the checkpoint; they cannot be added")
     rename = {SINGLE: RENAMED_SINGLE} if added else {}
     weight_map = {n: rename.get(s, s) for n, s in ckpt.weight_map.items()}
     touched = {ckpt.weight_map[n] for n in changed}
-    report = {"rewritten": sorted(touched), "copied": [], "added_shard": None}
+    if dtype is not None:
+        touched |= {shard for shard in ckpt.shards if ckpt.shard_dtypes(shard) - {dtype}}
+        added = {k: v.to(dtype) if v.is_floating_point() else v for k, v in added.items()}
+        config = {**config, "dtype": dtype_name(dtype)}
+        if "torch_dtype" in config:  # older transformers read this name: keep the two in step
+            config["torch_dtype"] = dtype_name(dtype)
+    report = {"rewritten": sorted(touched), "copied": [], "added_shard": None,
+              "dtype": dtype_name(dtype) if dtype is not None else None}
     from tqdm.auto import tqdm
 
     for shard in tqdm(ckpt.shards, desc="write shards", unit="shard", disable=not progress or len(ckpt.shards) < 2):
@@ -171,6 +216,8 @@ def write_checkpoint(ckpt: Checkpoint, work: Path, config: dict, added: dict[str
             for name, value in changed.items():
                 if ckpt.weight_map[name] == shard:
                     tensors[name] = value.to(tensors[name].dtype)
+            if dtype is not None:
+                tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
             save_file(tensors, str(dst), metadata=metadata)
             del tensors
         else:

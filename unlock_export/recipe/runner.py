@@ -208,7 +208,7 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
     t0 = time.perf_counter()
     result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
                   verify=f.verify, tolerance=f.tolerance, allow_pickle=recipe.runtime.allow_pickle, progress=progress,
-                  card_context=context())
+                  card_context=context(), dtype=f.dtype)
     clock.timings["fold_s"] = time.perf_counter() - t0
     return FoldStage(chosen, scale, {**result.as_dict(), "out": str(out_dir / "model")}, [*outputs, "model"])
 
@@ -227,7 +227,7 @@ def _gated_fold_stage(recipe: Recipe, pool, transfer: Transfer, chosen, work: Pa
     pool.release()  # the gate fit loads the target in float32 on its own
     t0 = time.perf_counter()
     result = fold_gated_lora(recipe.target.model, chosen, work / "model", settings, merge=f.merge, verify=f.verify,
-                             tolerance=f.tolerance, progress=progress, card_context=context)
+                             tolerance=f.tolerance, progress=progress, card_context=context, dtype=f.dtype)
     clock.timings["fold_s"] = time.perf_counter() - t0
     return FoldStage(chosen, result.scale, {**result.as_dict(), "out": str(out_dir / "model")}, ["model"])
 

@@ -139,7 +139,11 @@ class FoldSpec(_Strict):
                                                    default=None)
     verify: bool = _doc("Reload the export with the stock library and compare its logits with the hooks.",
                         default=True)
-    tolerance: float = _doc("verify: largest |dlogit| allowed (float32).", default=1e-3, gt=0)
+    tolerance: float = _doc("verify: largest |dlogit| allowed (float32), plus a half-precision export's floor.",
+                            default=1e-3, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _doc(
+        "Precision of a checkpoint's weights (mode bias, gated-lora with merge); auto: the target's own.",
+        default="auto")
 
 
 class GgufSpec(_Strict):
