@@ -112,3 +112,33 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     # checkpoint's does and llama.cpp does (the GGUF's rebuilt config named <|im_end|> only)
     saved = GenerationConfig.from_pretrained(out / "model").eos_token_id
     assert set(original.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])) <= set(saved)
+
+
+def test_a_zoo_gguf_is_dequantized_once_in_bfloat16_and_loads_as_transformers_reads_the_gguf(tmp_path, monkeypatch):
+    """The real loader: a copy of the SmolLM2 GGUF (Q4_1) dequantized once, in bfloat16; a second load
+    reads the copy; its weights are transformers' own GGUF dequantization rounded to bfloat16."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from unlock_export.models import dequantized
+    from unlock_export.models.loading import load, resolve
+
+    source = resolve("zoo:smollm2-135m-instruct")
+    gguf = tmp_path / source.gguf_file
+    shutil.copyfile(Path(source.path) / source.gguf_file, gguf)
+    calls = []
+    real = dequantized.dequantize
+    monkeypatch.setattr(dequantized, "dequantize", lambda *a: (calls.append(a[2]), real(*a))[1])
+    first = load(str(gguf), dtype="float32", device="cpu")
+    second = load(str(gguf), dtype="float32", device="cpu")
+    assert calls == ["bfloat16"]
+    direct = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf.name, dtype=torch.float32)
+    expected = {n: p.to(torch.bfloat16).float() for n, p in direct.named_parameters()}
+    for name, param in second.model.named_parameters():
+        assert torch.equal(param, expected[name]), name
+    enc = first.tokenizer(["The capital of France is"], return_tensors="pt")
+    assert enc["input_ids"].tolist() == second.tokenizer(["The capital of France is"], return_tensors="pt")[
+        "input_ids"].tolist()
+    with torch.inference_mode():
+        assert torch.equal(first.model(**enc).logits, second.model(**enc).logits)

@@ -53,9 +53,9 @@ class FoldResult:
 
 
 def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[Path, ModelSource]:
-    """A local safetensors directory for `spec`. GGUF files are dequantized into `scratch`
-    (transformers' GGUF loader), pickle-only folders (when allowed) converted there; Hub ids are
-    fetched with huggingface_hub."""
+    """A local safetensors directory for `spec`. GGUF files are dequantized once (models.dequantized:
+    the copy cached beside the file), pickle-only folders (when allowed) converted into `scratch`; Hub
+    ids are fetched with huggingface_hub."""
     from ..models.loading import check_weights, pickle_only
 
     source = resolve(spec)
@@ -70,15 +70,14 @@ def materialize(spec: str, scratch: Path, allow_pickle: bool = False) -> tuple[P
                 "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"])), source
         except Exception as exc:  # network or auth errors come in many types
             raise UserError(f"cannot download '{spec}' from the Hub ({type(exc).__name__}); pass a local directory")
+    if source.kind == "gguf":
+        from ..models.loading import checkpoint_source
+
+        return Path(checkpoint_source(source).path), source  # its dequantized copy (models.dequantized)
     from ..models.loading import load
 
-    loaded = load(spec, dtype="float32", device="cpu", allow_pickle=allow_pickle)
-    target = scratch / "dequantized"
-    # the weights are already dequantized to float32: drop the GGUF quantizer so they save as is
-    config = loaded.model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    loaded.model.hf_quantizer = None
+    loaded = load(spec, dtype="float32", device="cpu", allow_pickle=allow_pickle)  # pickle-only, allowed
+    target = scratch / "converted"
     loaded.model.save_pretrained(target)
     loaded.tokenizer.save_pretrained(target)
     return target, source

@@ -123,6 +123,17 @@ def _check_gguf_supported(source: ModelSource) -> None:
         )
 
 
+def checkpoint_source(source: ModelSource) -> ModelSource:
+    """Where a model's checkpoint files are: a GGUF's dequantized copy (models.dequantized: built once,
+    then reused by every stage and run), or the source itself."""
+    if source.kind != "gguf":
+        return source
+    from .dequantized import checkpoint_for
+
+    _check_gguf_supported(source)
+    return ModelSource(source.spec, "dir", str(checkpoint_for(Path(source.path) / source.gguf_file)))
+
+
 def choose_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,20 +252,16 @@ def load(
 
     source = resolve(spec)
     check_weights(source, allow_pickle)
-    if source.kind == "gguf":
-        _check_gguf_supported(source)
     target_device = choose_device(device)
     kwargs = {"dtype": choose_dtype(dtype, target_device), "trust_remote_code": trust_remote_code}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     if device_map:
         kwargs["device_map"] = device_map
     if source.kind == "dir" and pickle_only(source.path):
         kwargs.update(use_safetensors=False, weights_only=True)  # allowed above; never a full unpickle
     try:
-        tokenizer = load_tokenizer(source, trust_remote_code)
-        with _gguf_progress_follows_transformers():
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        files = checkpoint_source(source)
+        tokenizer = load_tokenizer(files, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(files.path, **kwargs)
     except UserError:
         raise
     except pickle.UnpicklingError as exc:
