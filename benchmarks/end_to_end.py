@@ -32,7 +32,8 @@ def main() -> None:
         summary = json.loads((args.reuse / "summary.json").read_text())
         source = str(args.reuse)
     else:
-        from unlock_export.recipe.spec import load_recipe, run_recipe
+        from unlock_export.recipe.runner import run_recipe
+        from unlock_export.recipe.spec import load_recipe
 
         t0 = time.perf_counter()
         summary = run_recipe(load_recipe(args.recipe), args.out, overwrite=True, progress=False,

@@ -162,9 +162,10 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
     assert strict.scale in [r["scale"] for r in strict.table if r["allowed"]] + [0.0]
 
 
-def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
-    """Scales run in ascending order whatever order they are given in. The search stops once two in a
-    row fail the perplexity guard, and it tries every scale with stop_after_rejected=0."""
+def test_calibration_stops_at_the_first_rejection(load_tiny, questions):
+    """Scales run in ascending order whatever order they are given in. The search stops as soon as a scale
+    fails the perplexity guard (stop_after_rejected=2: once two in a row fail), and it tries every scale
+    with stop_after_rejected=0."""
     from unlock_export.evaluation.calibrate import calibrate_scale
     from unlock_export.prompts import apply_template
 
@@ -176,12 +177,80 @@ def test_calibration_stops_after_consecutive_rejections(load_tiny, questions):
                             stop_after_rejected=0)
     assert [r["scale"] for r in every.table] == sorted(scales)
     allowed = [r["allowed"] for r in every.table]
-    first_stop = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
+    first = allowed.index(False)
     early = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                             reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False)
-    assert first_stop < len(scales) - 1  # the case must actually stop early
-    assert [r["scale"] for r in early.table] == sorted(scales)[:first_stop + 1]
-    assert early.table == every.table[:first_stop + 1]
+    assert first < len(scales) - 1  # the case must actually stop early
+    assert [r["scale"] for r in early.table] == sorted(scales)[:first + 1]
+    assert early.table == every.table[:first + 1]
+    two = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
+    patient = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+                              reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
+                              stop_after_rejected=2)
+    assert patient.table == every.table[:two + 1]
+
+
+def _count_forwards(monkeypatch, loaded) -> list:
+    calls = []
+    forward = loaded.model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counted)
+    return calls
+
+
+def test_what_does_not_depend_on_the_scale_is_measured_once(load_tiny, questions, monkeypatch):
+    """A search given its baseline runs two passes per scale it measures (answer start, perplexity) and
+    none for scale 0 (the unsteered model is the baseline's); without one it measures the baseline first:
+    the reference, the unsteered answer start and the unsteered perplexity, one pass each."""
+    from unlock_export.evaluation.calibrate import calibrate_scale, measure_baseline
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", questions[:6])
+    kwargs = dict(reference_form="paper", reference_strength=0.1, scales=(0.0, 0.5, 1.0, 2.0), ppl_margin=100.0,
+                  refine=False, batch_size=8)
+    calls = _count_forwards(monkeypatch, loaded)
+    alone = calibrate_scale(loaded, _vectors(), texts, questions[:6], **kwargs)
+    assert len(calls) == 3 + 2 * 3
+    baseline = measure_baseline(loaded, _vectors(), texts, questions[:6], "paper", 0.1, batch_size=8)
+    calls.clear()
+    shared = calibrate_scale(loaded, _vectors(), texts, questions[:6], baseline=baseline, **kwargs)
+    assert len(calls) == 2 * 3
+    assert shared.table == alone.table and shared.scale == alone.scale
+    assert alone.table[0]["perplexity_ratio"] == 1.0 and alone.table[0]["kl_to_reference"] == \
+        alone.kl_unsteered_to_reference
+    with pytest.raises(ValueError):
+        calibrate_scale(loaded, _vectors(), texts[:3], questions[:3], baseline=baseline, **kwargs)
+
+
+def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, questions, monkeypatch):
+    """check_alphas' greedy generations compute the unsteered and the paper form's answer-start
+    distributions in their prefill: the baseline built from them equals the one measured directly, and
+    the calibration is the same."""
+    from unlock_export.evaluation.calibrate import calibrate_scale, check_alphas, measure_baseline
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", questions[:8])
+    vectors = _vectors()
+    answer_start: dict = {}
+    check_alphas(loaded, vectors, texts, (0.1,), tokens=8, batch_size=8, answer_start=answer_start)
+    assert sorted(map(str, answer_start)) == ["0.1", "unsteered"]
+    direct = measure_baseline(loaded, vectors, texts, questions[:8], "paper", 0.1, batch_size=8)
+    calls = _count_forwards(monkeypatch, loaded)
+    reused = measure_baseline(loaded, vectors, texts, questions[:8], "paper", 0.1, batch_size=8, known=answer_start)
+    assert len(calls) == 1  # the perplexity only
+    assert torch.allclose(reused.reference, direct.reference, atol=1e-4)
+    assert torch.allclose(reused.plain, direct.plain, atol=1e-4)
+    assert (reused.reference - reused.plain).abs().max() > 1e-3  # the paper form changes the answer start
+    kwargs = dict(reference_form="paper", reference_strength=0.1, ppl_margin=0.5, batch_size=8)
+    a = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=direct, **kwargs)
+    b = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=reused, **kwargs)
+    assert a.scale == b.scale and abs(a.kl_to_reference - b.kl_to_reference) < 1e-4
 
 
 def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):

@@ -59,30 +59,78 @@ def load_model(spec: str | Path, options: RuntimeOptions | None = None) -> Loade
     return ModelPool(options or RuntimeOptions(), progress=False).get(str(spec))
 
 
-def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts: Prompts, count: int | None = None,
-               locked_template: str = "direct", unlocked_template: str = "cot", method: str = "mean",
-               answer_tokens: int = 0, options: RuntimeOptions | None = None, progress: bool = False) -> MasterKey:
+def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts: Prompts | None = None,
+               count: int | None = None, locked_template: str = "direct", unlocked_template: str = "cot",
+               method: str = "mean", answer_tokens: int = 0, pairs: "str | Sequence | None" = None,
+               chat: bool = False, system: str | None = None, locked_system: str | None = None,
+               unlocked_system: str | None = None, options: RuntimeOptions | None = None,
+               progress: bool = False) -> MasterKey:
     """The Master Key: per-layer mean (or first principal direction) of unlocked - locked residuals.
 
     Args:
-        locked: the capability-absent source (a base checkpoint, or the model under `locked_template`).
+        locked: the capability-absent source (a base checkpoint, or the model under `locked_template`);
+            with `pairs`, the one model both sides run on.
         unlocked: the capability-present source (default: `locked`, contrasted by template).
         prompts: prompt strings or a source name; `count` of them.
         locked_template, unlocked_template: `direct`, `cot`, `plain` or a format string with {question}.
         method: `mean` or `pca`.
         answer_tokens: 0 reads the last prompt token (the paper's key); K reads the answer's first K tokens.
+        pairs: contrastive pairs instead of prompts and templates: a JSONL file (rows `{"positive", "negative"}`
+            or `{"prompt", "positive", "negative"}`), or a list of such dicts or `(positive, negative)` tuples;
+            `count` of them. The key is positive - negative.
+        chat: wrap every prompt (or pair text) in the model's own chat template; `system` is the system
+            turn of both variants, `locked_system` / `unlocked_system` of one each (a system-prompt contrast).
     """
-    from .method.pipeline import compute_key
+    from .method.pipeline import compute_key, compute_pair_key
+    from .prompts import Chat
 
+    if not chat and (system or locked_system or unlocked_system):
+        raise UserError("system, locked_system and unlocked_system need chat=True (they are chat template turns)")
+    pool = _pool(options, progress)
+    if pairs is not None:
+        if prompts is not None or unlocked is not None or answer_tokens or locked_system or unlocked_system:
+            raise UserError("pairs replace prompts, unlocked, templates, answer_tokens and the per-variant system "
+                            "texts: pass pairs and the one model")
+        rows, name = _pairs(pairs, count)
+        return compute_pair_key(pool, locked, rows, method, Chat(system) if chat else None, name)
+    if prompts is None:
+        raise UserError("master_key needs prompts (a list or a source like builtin:gsm8k-train) or pairs")
     questions = _questions(prompts, count)
-    key, _ = compute_key(_pool(options, progress), locked, unlocked if unlocked is not None else locked,
-                         locked_template, unlocked_template, questions, method, answer_tokens)
+    locked_chat = Chat(locked_system or system) if chat else None
+    unlocked_chat = Chat(unlocked_system or system) if chat else None
+    key, _ = compute_key(pool, locked, unlocked if unlocked is not None else locked,
+                         locked_template, unlocked_template, questions, method, answer_tokens,
+                         locked_chat, unlocked_chat)
     return key
 
 
+def _pairs(pairs, count: int | None) -> tuple[list, str]:
+    """Pairs from a file name, or from a list of dicts or (positive, negative) tuples, and their source's name."""
+    from .prompts import Pair, load_pairs
+
+    if isinstance(pairs, (str, Path)):
+        return load_pairs(pairs, count), str(pairs)
+    rows = []
+    for i, row in enumerate(list(pairs)[:count] if count else list(pairs), 1):
+        if isinstance(row, Pair):
+            rows.append(row)
+            continue
+        if isinstance(row, (tuple, list)) and len(row) == 2:
+            row = {"positive": row[0], "negative": row[1]}
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                for k in ("positive", "negative")):
+            raise UserError(f"pairs[{i - 1}]: a pair needs non-empty 'positive' and 'negative' texts")
+        rows.append(Pair(row["positive"], row["negative"], row.get("prompt"), i))
+    if not rows:
+        raise UserError("pairs is empty: pass a JSONL file or a list of (positive, negative) pairs")
+    if len({r.prompt is None for r in rows}) > 1:
+        raise UserError("pairs mix two shapes: give every pair a prompt, or none")
+    return rows, "(pairs given in Python)"
+
+
 def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: int | None = None, rank: int = 16,
-            source_template: str = "direct", target_template: str | None = None,
-            options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
+            source_template: str = "direct", target_template: str | None = None, chat: bool = False,
+            system: str | None = None, options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
     """The per-layer low-rank map from `source` to `target` on shared unlabeled prompts.
 
     Args:
@@ -91,13 +139,18 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
         prompts: prompt strings or a source name; `count` of them.
         rank: the subspace rank k of each layer's map.
         target_template: the target's template (default: `source_template`).
+        chat: both models read the prompts through their own chat templates (`system`: a system turn).
     """
     from .method.pipeline import compute_map
 
     if rank < 1:
         raise UserError(f"rank must be >= 1, got {rank}")
+    from .prompts import Chat
+
+    if system and not chat:
+        raise UserError("system needs chat=True (it is a chat template turn)")
     return compute_map(_pool(options, progress), source, target, source_template, target_template or source_template,
-                       _questions(prompts, count), rank)
+                       _questions(prompts, count), rank, chat=Chat(system) if chat else None)
 
 
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",

@@ -6,6 +6,7 @@ import gzip
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -129,3 +130,87 @@ def load_questions(source: str | Path, field: str = "question", count: int | Non
     if not questions:
         raise UserError(f"prompt file '{source}' holds no prompts (after offset {offset}): give a non-empty JSONL file")
     return questions
+
+
+# -- contrastive pairs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    """One contrastive pair: two full texts (`prompt` None: read at each text's last token), or one
+    prompt with two completions (read over each completion's tokens). `line`: where it was read."""
+
+    positive: str
+    negative: str
+    prompt: str | None = None
+    line: int = 0
+
+
+def load_pairs(source: str | Path, count: int | None = None, offset: int = 0) -> list[Pair]:
+    """Contrastive pairs from a JSONL file: rows {"positive": ..., "negative": ...} (two full texts) or
+    {"prompt": ..., "positive": ..., "negative": ...} (one prompt, two completions), one shape per file
+    (repeng's and steering-vectors' (positive, negative) pairs; CAA's A/B pairs as completions)."""
+    if count is not None and count < 1:
+        raise UserError(f"pair count must be at least 1, got {count}")
+    pairs: list[Pair] = []
+    first_shape: tuple[int, bool] | None = None
+    for lineno, line in jsonl_lines(source, "pairs file"):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+        sides = [record.get(k) if isinstance(record, dict) else None for k in ("positive", "negative")]
+        if not all(isinstance(s, str) and s.strip() for s in sides):
+            missing = [k for k, s in zip(("positive", "negative"), sides) if not (isinstance(s, str) and s.strip())]
+            raise UserError(f"{source}:{lineno}: a pair needs non-empty 'positive' and 'negative' texts "
+                            f"('{missing[0]}' is missing or empty)")
+        prompt = record.get("prompt")
+        if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
+            raise UserError(f"{source}:{lineno}: 'prompt' must be a non-empty text, or left out")
+        shape = (lineno, prompt is not None)
+        if first_shape is None:
+            first_shape = shape
+        elif shape[1] != first_shape[1]:
+            has = "has a 'prompt'" if shape[1] else "has no 'prompt'"
+            raise UserError(f"{source}:{lineno} {has} but line {first_shape[0]} {'does not' if shape[1] else 'does'}: "
+                            "one shape per file (two texts, or a prompt with two completions)")
+        pairs.append(Pair(sides[0], sides[1], prompt, lineno))
+        if count is not None and len(pairs) >= offset + count:
+            break
+    pairs = pairs[offset:]
+    if not pairs:
+        raise UserError(f"pairs file '{source}' holds no pairs (after offset {offset}): give a JSONL file of "
+                        "{\"positive\": ..., \"negative\": ...} rows")
+    return pairs
+
+
+# -- chat templates ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chat:
+    """Prompts wrapped by the model's own chat template: a `system` turn when given, the prompt as the
+    user's turn, then the assistant's turn opened (as a chat endpoint sends it to the model)."""
+
+    system: str | None = None
+
+
+def chat_texts(tokenizer, texts: list[str], chat: Chat, model: str = "the model") -> list[str]:
+    """`texts` as `chat` wraps them with `tokenizer`'s chat template (refused in one line for a model
+    without one). A leading BOS the template writes and the tokenizer adds anyway is left to the tokenizer,
+    so it is not doubled."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{model} has no chat template (a base model?): drop --chat (chat: true), or give a "
+                        "template with {question} instead")
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    out = []
+    for text in texts:
+        messages = ([{"role": "system", "content": chat.system}] if chat.system else []) + \
+            [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if adds_bos and rendered.startswith(bos):
+            rendered = rendered[len(bos):]
+        out.append(rendered)
+    return out

@@ -14,12 +14,29 @@ from .options import choice, runtime_from, runtime_options
 
 
 # -- key -------------------------------------------------------------------------------------
+def chat_options(fn):
+    """--chat and --system: prompts wrapped by each model's own chat template."""
+    fn = click.option("--system", default=None,
+                      help="--chat: the system turn (both variants; --locked-system / --unlocked-system for one).")(fn)
+    return click.option("--chat", is_flag=True,
+                        help="Wrap each prompt in the model's own chat template (the user's turn, then the "
+                             "assistant's turn opened), as a chat endpoint serves it.")(fn)
+
+
 @cli.command()
-@click.option("--locked", required=True, help="Capability-absent source model (dir, .gguf, zoo:NAME, Hub id).")
+@click.option("--locked", required=True,
+              help="Capability-absent source model (dir, .gguf, zoo:NAME, Hub id); with --pairs, the one model.")
 @click.option("--unlocked", default=None, help="Capability-present source model (default: same as --locked).")
 @click.option("--locked-template", default="direct", show_default=True, help="Template for the locked variant.")
 @click.option("--unlocked-template", default="cot", show_default=True, help="Template for the unlocked variant.")
 @prompt_options
+@click.option("--pairs", "pairs_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help='Contrastive pairs instead of prompts and templates: JSONL rows {"positive": ..., "negative": ...} '
+                   '(two texts, read at the last token) or {"prompt": ..., "positive": ..., "negative": ...} (two '
+                   "completions, read over their tokens); --count and --offset apply. Key = positive - negative.")
+@chat_options
+@click.option("--locked-system", default=None, help="--chat: the locked variant's system turn.")
+@click.option("--unlocked-system", default=None, help="--chat: the unlocked variant's system turn.")
 @click.option("--method", type=choice(METHODS), default="mean", show_default=True,
               help="Aggregate the differences by their mean or first principal direction.")
 @click.option("--answer-tokens", type=click.IntRange(min=0), default=0, show_default=True,
@@ -32,8 +49,8 @@ from .options import choice, runtime_from, runtime_options
               help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
 @runtime_options
 @click.pass_context
-def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, method,
-        answer_tokens, output, overwrite, resume, **runtime):
+def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, pairs_path,
+        chat, system, locked_system, unlocked_system, method, answer_tokens, output, overwrite, resume, **runtime):
     """Compute the Master Key: per-layer difference between unlocked and locked source states.
 
     \b
@@ -41,18 +58,40 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
       unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct \\
           --locked-template direct --unlocked-template cot \\
           --prompts builtin:gsm8k-train --count 64 -o key.safetensors
+    Example (a behaviour from a system-prompt contrast, through the chat template):
+      unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct --chat --locked-template plain \\
+          --unlocked-template plain --locked-system "Answer in English." \\
+          --unlocked-system "Answer in French." --count 64 -o french.safetensors
+    Example (contrastive pairs):
+      unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct --pairs pairs.jsonl -o key.safetensors
     """
     from .. import prompts as prompts_mod
     from .._io import progress_folder
-    from ..method.pipeline import compute_key
+    from ..method.pipeline import compute_key, compute_pair_key
 
+    given = {name for name in ("unlocked", "locked_template", "unlocked_template", "prompts_path", "field",
+                               "answer_tokens", "locked_system", "unlocked_system")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if pairs_path is not None and given:
+        flags = ", ".join("--" + n.replace("_path", "").replace("_", "-") for n in sorted(given))
+        raise UserError(f"--pairs gives both sides of the contrast: drop {flags}")
+    if not chat and (system or locked_system or unlocked_system):
+        raise UserError("--system, --locked-system and --unlocked-system are chat turns: add --chat")
     refuse_existing(output, overwrite)
-    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
     pool = pool_for(ctx, runtime_from(runtime))
-    with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
-        master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
-                                method, answer_tokens)
-        master.save(output)
+    if pairs_path is not None:
+        pairs = prompts_mod.load_pairs(pairs_path, count, offset)
+        with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
+            master = compute_pair_key(pool, locked, pairs, method, prompts_mod.Chat(system) if chat else None,
+                                      str(pairs_path))
+            master.save(output)
+    else:
+        questions = prompts_mod.load_questions(prompts_path, field, count, offset)
+        chats = [prompts_mod.Chat(side or system) if chat else None for side in (locked_system, unlocked_system)]
+        with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
+            master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
+                                    method, answer_tokens, *chats)
+            master.save(output)
     norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
     emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
           f"wrote {output}: key for {len(norms)} layers, norms {min(norms):.3g}..{max(norms):.3g}")
@@ -65,6 +104,7 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
 @click.option("--source-template", default="direct", show_default=True)
 @click.option("--target-template", default="direct", show_default=True)
 @prompt_options
+@chat_options
 @click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -72,8 +112,8 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
               help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
 @runtime_options
 @click.pass_context
-def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, rank,
-          output, overwrite, resume, **runtime):
+def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, chat, system,
+          rank, output, overwrite, resume, **runtime):
     """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
 
     \b
@@ -87,11 +127,14 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
+    if system and not chat:
+        raise UserError("--system is a chat turn: add --chat")
     refuse_existing(output, overwrite)
     questions = prompts_mod.load_questions(prompts_path, field, count, offset)
     pool = pool_for(ctx, runtime_from(runtime))
     with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
-        lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank)
+        lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank,
+                            chat=prompts_mod.Chat(system) if chat else None)
         lrmap.save(output)
     emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
                 "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},
@@ -161,10 +204,11 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
       unlock-export run --dry-run recipes/demo.yaml out/demo
       unlock-export run recipes/demo.yaml out/demo
     Recipe keys (docs/recipes.md has each key's type, default and meaning):
-    name, description, source.{locked,unlocked}.{model,template}, target.{model,template},
-    prompts.{path,field,key_count,align_count,offset}, key.{method,answer_tokens}, align.rank,
+    name, description, source.{locked,unlocked}.{model,template,system} or source.pairs.{path,model,count,offset,template},
+    target.{model,template},
+    prompts.{path,field,key_count,align_count,offset,chat,system}, key.{method,answer_tokens}, align.rank,
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,scales,objective,continuation_tokens,calibrate_count,
-    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance; mode gated-lora: multiplier,gate_prompts,
+    ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance,dtype; mode gated-lora: multiplier,gate_prompts,
     gate_count,gate_offset,gate_heldout,merge} (optional: writes OUT_DIR/model),
     gguf.{model,base,control_vector,scale,lora} (optional: llama.cpp files),
     diagnostics.{enabled,heldout_count,target_key},

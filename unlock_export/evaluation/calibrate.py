@@ -66,13 +66,15 @@ def perplexity(loaded, texts: list[str], batch_size: int = 8) -> float:
 
 
 @torch.inference_mode()
-def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int | str = 8) -> list[list[int]]:
-    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of text, at least one)."""
+def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int | str = 8,
+                         first_logprobs: list | None = None) -> list[list[int]]:
+    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of text, at least one);
+    `first_logprobs` receives the answer-start log-probabilities the prefill computed on the way."""
     from ..method.capture import resolve_batch_size
     from ..method.generate import greedy
 
     batch_size = resolve_batch_size(batch_size, loaded, texts, extra_tokens=tokens)
-    return greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)
+    return greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False, first_logprobs=first_logprobs)
 
 
 @torch.inference_mode()
@@ -133,14 +135,71 @@ class Calibration:
         return dict(self.details)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """What a scale search compares with and what does not change with the scale: the reference form's
+    next-token log-probabilities at the answer start of `texts`, the unsteered model's, the unsteered
+    perplexity of `ppl_texts`, and for the continuation objective the reference's greedy continuations
+    with their unsteered cross-entropy. Measured once (`measure_baseline`) and shared by every search
+    on the same prompts (the bias scale's and the gated multiplier's)."""
+
+    texts: tuple[str, ...]
+    ppl_texts: tuple[str, ...]
+    reference_form: str
+    reference_strength: float
+    objective: str
+    reference: torch.Tensor
+    plain: torch.Tensor
+    base_ppl: float
+    continuations: list | None = None
+    plain_ce: float | None = None
+
+    def fits(self, texts, ppl_texts, reference_form, reference_strength, objective) -> bool:
+        return (self.texts, self.ppl_texts, self.reference_form, self.reference_strength, self.objective) == (
+            tuple(texts), tuple(ppl_texts), reference_form, reference_strength, objective)
+
+
+def measure_baseline(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
+                     reference_form: str = "paper", reference_strength: float = 0.1, objective: str = "answer-start",
+                     continuation_tokens: int = 32, batch_size: int = 8, known: dict | None = None) -> Baseline:
+    """The Baseline of a scale search. `known`: answer-start log-probabilities already computed on exactly
+    `texts` ({"unsteered": [n, vocab], reference_strength: [n, vocab]}, as check_alphas records them),
+    used instead of measuring them again."""
+    known = known or {}
+    continuations = plain_ce = None
+    if objective == "continuation":
+        with steering(loaded, vectors, reference_form, reference_strength):
+            continuations = greedy_continuations(loaded, texts, continuation_tokens, batch_size)
+        plain, plain_ce = continuation_logprobs(loaded, texts, continuations, batch_size)
+    else:
+        plain = known.get("unsteered")
+        if plain is None:
+            plain = answer_start_logprobs(loaded, texts, batch_size)
+    reference = known.get(reference_strength) if reference_form == "paper" else None
+    if reference is None:
+        with steering(loaded, vectors, reference_form, reference_strength):
+            reference = answer_start_logprobs(loaded, texts, batch_size)
+    return Baseline(tuple(texts), tuple(ppl_texts), reference_form, reference_strength, objective, reference, plain,
+                    perplexity(loaded, ppl_texts, batch_size), continuations, plain_ce)
+
+
 def _search(measure, table: dict, scales, key: str, refine: bool, stop_after_rejected: int, progress: bool) -> None:
     """Measure the grid in ascending order, stopping once `stop_after_rejected` scales in a row fail the
-    perplexity guard; then one finer pass around the best allowed grid point. Fills `table`."""
+    perplexity guard; then one finer pass around the best allowed grid point. Fills `table`; with
+    `progress`, one line per scale measured."""
     from tqdm.auto import tqdm
 
+    def measured(scale: float) -> dict:
+        fresh = scale not in table
+        row = measure(scale)
+        if progress and fresh:
+            tqdm.write(f"calibrate: scale {scale:g}: KL {row['kl_to_reference']:.4g}, perplexity x"
+                       f"{row['perplexity_ratio']:.3f}" + ("" if row["allowed"] else " (over the guard: not allowed)"))
+        return row
+
     rejected = 0
-    for scale in tqdm(sorted(scales), desc="calibrate scales", unit="scale", disable=not progress):
-        rejected = 0 if measure(scale)["allowed"] else rejected + 1
+    for scale in sorted(scales):
+        rejected = 0 if measured(scale)["allowed"] else rejected + 1
         if stop_after_rejected and rejected >= stop_after_rejected:
             break
     if not refine:
@@ -151,16 +210,16 @@ def _search(measure, table: dict, scales, key: str, refine: bool, stop_after_rej
         for factor in (0.7071, 0.8409, 1.1892, 1.4142):
             candidate = round(best * factor, 4)
             if candidate > 0 and all(abs(candidate - s) > 0.005 * candidate for s in table):
-                measure(candidate)  # a grid point within 0.5% was measured already
+                measured(candidate)  # a grid point within 0.5% was measured already
 
 
 def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
-                    stop_after_rejected: int = 2, additive_layers: list[int] | None = None,
+                    stop_after_rejected: int = 1, additive_layers: list[int] | None = None,
                     objective: str = "answer-start", continuation_tokens: int = 32,
-                    edit=None, form: str = "additive") -> "Calibration":
+                    edit=None, form: str = "additive", baseline: Baseline | None = None) -> "Calibration":
     """Pick the additive scale closest to `reference_form` at `reference_strength` by `objective`
     (see the module docstring), subject to perplexity <= (1 + ppl_margin) x unsteered.
 
@@ -168,10 +227,12 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     the additive form to a band, as a fold with `--layers` would.
 
     Scales are tried in ascending order; perplexity grows with the scale, so the search stops once
-    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale).
+    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale). Scale 0 is
+    the unsteered model, measured once in the baseline.
 
     `edit` (a callable: scale -> context manager) calibrates another edit's strength by the same rule,
-    named `form` in the result: the gated edit's multiplier (method.gate) does."""
+    named `form` in the result: the gated edit's multiplier (method.gate) does. `baseline`: what does
+    not depend on the scale, measured already (`measure_baseline`) for these prompts and reference."""
     if not texts or not ppl_texts:
         raise UserError("calibration needs prompts and plain texts; pass --count > 0")
     if any(s < 0 or not math.isfinite(s) for s in scales):
@@ -182,21 +243,25 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
         raise UserError("continuation tokens must be at least 1")
     additive = vectors if additive_layers is None else vectors.select(additive_layers)
     candidate = edit or (lambda scale: steering(loaded, additive, "additive", scale))
-    continuations = None
-    if objective == "continuation":
-        with steering(loaded, vectors, reference_form, reference_strength):
-            continuations = greedy_continuations(loaded, texts, continuation_tokens, batch_size)
+    if baseline is None:
+        baseline = measure_baseline(loaded, vectors, texts, ppl_texts, reference_form, reference_strength, objective,
+                                    continuation_tokens, batch_size)
+    elif not baseline.fits(texts, ppl_texts, reference_form, reference_strength, objective):
+        raise ValueError("the baseline was measured on other prompts or another reference")
+    continuations, reference, plain = baseline.continuations, baseline.reference, baseline.plain
+    plain_ce, base_ppl = baseline.plain_ce, baseline.base_ppl
 
     def score() -> tuple[torch.Tensor, float | None]:
         if continuations is None:
             return answer_start_logprobs(loaded, texts, batch_size), None
         return continuation_logprobs(loaded, texts, continuations, batch_size)
 
-    with steering(loaded, vectors, reference_form, reference_strength):
-        reference = answer_start_logprobs(loaded, texts, batch_size)
-    plain, plain_ce = score()
-    base_ppl = perplexity(loaded, ppl_texts, batch_size)
     table: dict[float, dict] = {}
+    if 0.0 in scales:  # the unsteered model: measured in the baseline
+        table[0.0] = {"scale": 0.0, "kl_to_reference": kl(reference, plain), "perplexity": base_ppl,
+                      "perplexity_ratio": 1.0, "allowed": True}
+        if continuations is not None:
+            table[0.0]["continuation_ce"] = plain_ce
 
     def measure(scale: float) -> dict:
         if scale not in table:
@@ -241,7 +306,7 @@ DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tuple[float, ...] = DEFAULT_ALPHAS,
                  margin: float = 1.0, tokens: int = 32, skip: int = 1, batch_size: int = 8,
-                 stop_after_rejected: int = 1, progress: bool = False) -> dict:
+                 stop_after_rejected: int = 1, progress: bool = False, answer_start: dict | None = None) -> dict:
     """Label-free guard for the paper form's alpha: does the steered model still write text?
 
     For each alpha (ascending) the paper form's greedy continuations of `texts` (at most `tokens`)
@@ -250,7 +315,9 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     over the unsteered model's perplexity of its own greedy continuations, scored the same way; an
     alpha passes when the ratio is at most 1 + `margin`. The chosen alpha is the largest that passes
     (None if none does). The search stops once `stop_after_rejected` alphas in a row fail (0: try
-    every alpha). No labels are read."""
+    every alpha). No labels are read. `answer_start`: a dict that receives what the generations
+    computed on the way, the answer-start log-probabilities of `texts` unsteered ("unsteered") and
+    under the paper form at each alpha tried (a Baseline's `known`: the calibration then skips them)."""
     if not texts:
         raise UserError("the alpha check needs prompts; pass --count > 0")
     if not alphas or any(a <= 0 or not math.isfinite(a) for a in alphas):
@@ -261,15 +328,21 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
         raise UserError("the fluency margin must be >= 0")
     require_paper_site(vectors)  # before any generation
     tok = loaded.tokenizer
-    plain = greedy_continuations(loaded, texts, tokens, batch_size)
+    firsts: list = []
+    plain = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=firsts)
+    if answer_start is not None:
+        answer_start["unsteered"] = torch.stack(firsts)
     _, plain_nll = continuation_logprobs(loaded, texts, plain, batch_size, skip=skip)
 
     from tqdm.auto import tqdm
 
     table, rejected = [], 0
     for alpha in tqdm(sorted(alphas), desc="check alphas", unit="alpha", disable=not progress):
+        firsts = []
         with steering(loaded, vectors, "paper", alpha):
-            steered = greedy_continuations(loaded, texts, tokens, batch_size)
+            steered = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=firsts)
+        if answer_start is not None:
+            answer_start[alpha] = torch.stack(firsts)
         _, nll = continuation_logprobs(loaded, texts, steered, batch_size, skip=skip)
         ratio = math.exp(nll - plain_nll)
         table.append({"alpha": alpha, "perplexity": math.exp(nll), "fluency_ratio": ratio,
@@ -322,10 +395,11 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
         return gated_edit(loaded, fit.scaled(multiplier)) if multiplier > 0 else contextlib.nullcontext()
 
     auto, ppl_margin = settings.multiplier == "auto", settings.ppl_margin
+    shared = measure_baseline(loaded, vectors, heldout, plain, "paper", settings.alpha, batch_size=batch_size)
     gated = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha,
                             scales=MULTIPLIERS if auto else (0.0, fit.multiplier), ppl_margin=ppl_margin,
-                            batch_size=batch_size, refine=auto, progress=progress, stop_after_rejected=2 if auto else 0,
-                            edit=edit, form="gated-lora")
+                            batch_size=batch_size, refine=auto, progress=progress, stop_after_rejected=1 if auto else 0,
+                            edit=edit, form="gated-lora", baseline=shared)
     calibration = None
     if auto:
         if gated.scale <= 0:
@@ -339,7 +413,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
         return dataclasses.replace(fit, calibration=calibration)
     at = next(row for row in gated.table if row["scale"] == fit.multiplier)
     bias = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha, ppl_margin=ppl_margin,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, baseline=shared)
     report = {"prompts": len(heldout), "paper_alpha": settings.alpha,
                  "measure": "KL(paper form || form) of the next token at the last prompt token, held-out prompts",
                  "unsteered": gated.kl_unsteered_to_reference,

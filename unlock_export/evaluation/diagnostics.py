@@ -4,9 +4,11 @@ diagnostics.png) and summarised in the model card:
   key_norm             |key| at the source layer the target layer reads
   vector_norm          |projected key| at the target layer
   map_r2_heldout       R^2 of the low-rank map on held-out prompt pairs (not used to fit it)
+  key_share_in_subspace  the share of the source key's norm inside the map's source subspace
+                       (|P key| / |key|): what a rank-k map can carry at all (label-free fidelity)
   cosine_target_key    cosine between the projected key and the target's own key (the same
                        prompt contrast run on the target), when the recipe's key is a prompt
-                       contrast the target can run itself
+                       contrast the target can run itself (label-free fidelity)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def transfer_diagnostics(key: MasterKey, lrmap: LowRankMap, vectors: SteeringVec
         "vector_norm": [round(float(v), 6) for v in projected.norm(dim=-1)],
         "steered_layers": vectors.layers,
         "rank": lrmap.rank,
+        "key_share_in_subspace": [round(float(v), 6) for v in lrmap.key_share(key.vectors)],
         "map_r2_heldout": None,
         "heldout_prompts": None,
         "cosine_target_key": None,
@@ -68,6 +71,9 @@ def summary_line(diag: dict) -> str:
     if diag.get("cosine_target_key"):
         cos = [diag["cosine_target_key"][i] for i in diag["steered_layers"]] or diag["cosine_target_key"]
         parts.append(f"cosine to the target's own key mean {sum(cos) / len(cos):.3f}")
+    if diag.get("key_share_in_subspace"):
+        share = [diag["key_share_in_subspace"][i] for i in diag["steered_layers"]] or diag["key_share_in_subspace"]
+        parts.append(f"key inside the map's subspace {min(share):.0%}..{max(share):.0%} of its norm")
     norms = diag["vector_norm"]
     parts.append(f"vector norm {min(norms):.3g}..{max(norms):.3g}")
     return "; ".join(parts)
@@ -96,8 +102,12 @@ def plot_diagnostics(diag: dict, path: str | Path) -> Path:
     panels = [("norm", [("key (source layer read)", diag["key_norm"]), ("projected vector", diag["vector_norm"])])]
     if diag.get("map_r2_heldout"):
         panels.append(("held-out R^2", [("low-rank map", diag["map_r2_heldout"])]))
+    fidelity = [("key's share inside the map's subspace", diag["key_share_in_subspace"])] \
+        if diag.get("key_share_in_subspace") else []
     if diag.get("cosine_target_key"):
-        panels.append(("cosine", [("projected vs target's own key", diag["cosine_target_key"])]))
+        fidelity.append(("cosine, projected vs target's own key", diag["cosine_target_key"]))
+    if fidelity:
+        panels.append(("fidelity", fidelity))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
     for ax, (ylabel, series) in zip(axes[:, 0], panels):
         for label, values in series:

@@ -94,6 +94,15 @@ class LowRankMap:
         coords = torch.einsum("bk,bkj->bj", coords, self.core)
         return torch.einsum("bj,bjd->bd", coords, self.target_basis)
 
+    def key_share(self, key: torch.Tensor) -> torch.Tensor:
+        """Per target layer, the share of the source key's norm that lies inside the map's source subspace,
+        |P key_s| / |key_s| with P the projection onto the rows of `source_basis` (orthonormal): what the map
+        can carry at all; the rest it throws away. [B] in [0, 1]."""
+        self.map_key(key)  # the same shape checks
+        picked = key.float()[self.layer_map]
+        coords = torch.einsum("bd,bkd->bk", picked, self.source_basis.float())
+        return coords.norm(dim=-1) / picked.norm(dim=-1).clamp_min(1e-12)
+
     def dense_bytes(self, dtype_bytes: int = 4) -> int:
         """Size of the dense per-layer d_s x d_t maps the factors stand for."""
         return self.target_layer_count * self.source_hidden * self.target_hidden * dtype_bytes

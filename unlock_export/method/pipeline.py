@@ -17,12 +17,27 @@ from .vectors import SteeringVectors, parse_layers
 log = logging.getLogger("unlock_export")
 
 
-def capture_states(pool: ModelPool, spec: str, template: str, questions: list[str], desc: str,
-                   layers: list[int] | None = None, answers: list[str] | None = None) -> torch.Tensor:
-    """The residual at the last prompt token; with `answers` (one text per question, appended to
-    its prompt) the mean over the last prompt token and the answer's tokens after it."""
-    loaded = pool.get(spec)
+def prompt_texts(loaded, template: str, questions: list[str], chat: prompts.Chat | None = None,
+                 spec: str = "the model") -> list[str]:
+    """The questions under `template`, wrapped by the model's chat template when `chat` is given."""
     texts = prompts.apply_template(template, questions)
+    return texts if chat is None else prompts.chat_texts(loaded.tokenizer, texts, chat, f"model '{spec}'")
+
+
+def capture_states(pool: ModelPool, spec: str, template: str, questions: list[str], desc: str,
+                   layers: list[int] | None = None, answers: list[str] | None = None,
+                   chat: prompts.Chat | None = None) -> torch.Tensor:
+    """The residual at the last prompt token; with `answers` (one text per question, appended to
+    its prompt) the mean over the last prompt token and the answer's tokens after it. `chat`: the
+    prompts wrapped by the model's chat template."""
+    loaded = pool.get(spec)
+    texts = prompt_texts(loaded, template, questions, chat, describe(spec))
+    return _read(pool, loaded, texts, answers, desc, layers)
+
+
+def _read(pool: ModelPool, loaded, texts: list[str], answers: list[str] | None, desc: str,
+          layers: list[int] | None = None) -> torch.Tensor:
+    """capture at the last token of `texts`, or with `answers` over the last prompt token and the answer's."""
     tail = None
     if answers is not None:
         tok = loaded.tokenizer
@@ -35,20 +50,22 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
                            progress=pool.progress, desc=desc, checkpoint_dir=pool.checkpoint_dir, tail_tokens=tail)
 
 
-def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[str], tokens: int) -> list[str]:
+def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[str], tokens: int,
+                    chat: prompts.Chat | None = None) -> list[str]:
     """The first `tokens` tokens of each question's greedy answer under `template`, as text."""
     from .capture import resolve_batch_size
     from .generate import greedy
 
     loaded = pool.get(spec)
-    texts = prompts.apply_template(template, questions)
+    texts = prompt_texts(loaded, template, questions, chat, describe(spec))
     batch_size = resolve_batch_size(pool.options.batch_size, loaded, texts, pool.options.max_length, extra_tokens=tokens)
     return [loaded.tokenizer.decode(row) for row in greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)]
 
 
 def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,
-                questions: list[str], method: str = "mean",
-                answer_tokens: int = 0) -> tuple[MasterKey, torch.Tensor | None]:
+                questions: list[str], method: str = "mean", answer_tokens: int = 0,
+                locked_chat: prompts.Chat | None = None,
+                unlocked_chat: prompts.Chat | None = None) -> tuple[MasterKey, torch.Tensor | None]:
     """Master Key from locked/unlocked source variants. Also returns the locked states [S, N, d] at
     the last prompt token, for the map to reuse (None when the key read the answer instead).
 
@@ -56,35 +73,46 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     the answer instead: the unlocked variant writes its greedy first K tokens, both variants are
     teacher-forced on that same opening after their own prompt, and each difference is the mean
     over the last prompt token and the K tokens after it: a direction present at every position of
-    the answer's start, which is what a fold (a constant offset) applies."""
+    the answer's start, which is what a fold (a constant offset) applies.
+
+    `locked_chat`, `unlocked_chat`: each variant's prompts wrapped by its model's chat template (a
+    system text of its own each: a contrast by system prompt)."""
     from ..errors import UserError
 
-    if locked == unlocked and locked_template == unlocked_template:
-        raise UserError("locked and unlocked variants are identical: give two models, two templates, or both")
+    if locked == unlocked and locked_template == unlocked_template and locked_chat == unlocked_chat:
+        raise UserError("locked and unlocked variants are identical: give two models, two templates, two system "
+                        "texts, or more than one of these")
     if answer_tokens < 0:
         raise UserError(f"answer tokens must be 0 (the last prompt token) or more, got {answer_tokens}")
-    answers = answer_openings(pool, unlocked, unlocked_template, questions, answer_tokens) if answer_tokens else None
+    answers = answer_openings(pool, unlocked, unlocked_template, questions, answer_tokens,
+                              unlocked_chat) if answer_tokens else None
     unlocked_states = capture_states(pool, unlocked, unlocked_template, questions, "capture source (unlocked)",
-                                     answers=answers)
+                                     answers=answers, chat=unlocked_chat)
     locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)",
-                                   answers=answers)
-    key = MasterKey(master_key(locked_states, unlocked_states, method), {
+                                   answers=answers, chat=locked_chat)
+    provenance = {
         "locked_model": describe(locked), "unlocked_model": describe(unlocked),
         "locked_template": locked_template, "unlocked_template": unlocked_template,
         "method": method, "n_prompts": str(len(questions)), "answer_tokens": str(answer_tokens),
         "model_hint": pool.get(unlocked).model.config.model_type,
-    })
+    }
+    for side, chat in (("locked", locked_chat), ("unlocked", unlocked_chat)):
+        if chat is not None:
+            provenance[f"{side}_chat"] = "chat template" + (f", system: {chat.system}" if chat.system else "")
+    key = MasterKey(master_key(locked_states, unlocked_states, method), provenance)
     return key, (None if answers else locked_states)
 
 
 def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
-                questions: list[str], rank: int, source_states: torch.Tensor | None = None) -> align.LowRankMap:
+                questions: list[str], rank: int, source_states: torch.Tensor | None = None,
+                chat: prompts.Chat | None = None) -> align.LowRankMap:
     """Low-rank map source -> target on paired prompts. `source_states` reuses an earlier capture
-    of the same prompts and template on the source (all layers)."""
+    of the same prompts and template on the source (all layers). `chat`: both models read the prompts
+    through their own chat templates."""
     if source_states is None:
-        source_states = capture_states(pool, source, source_template, questions, "capture source (align)")
+        source_states = capture_states(pool, source, source_template, questions, "capture source (align)", chat=chat)
     target_loaded = pool.get(target)
-    target_states = capture_states(pool, target, target_template, questions, "capture target (align)")
+    target_states = capture_states(pool, target, target_template, questions, "capture target (align)", chat=chat)
     device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
@@ -92,7 +120,57 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
         "source_template": source_template, "target_template": target_template,
         "target_model_type": target_loaded.model.config.model_type,
     })
+    if chat is not None:
+        lrmap.provenance["chat"] = "chat template" + (f", system: {chat.system}" if chat.system else "")
     return lrmap
+
+
+def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], method: str = "mean",
+                     chat: prompts.Chat | None = None, source_name: str = "") -> MasterKey:
+    """The Master Key of contrastive pairs on one model: positive - negative, read at each text's last
+    token (pairs of two texts) or, for a prompt with two completions, over the last prompt token and each
+    completion's tokens (like `answer_tokens`). `chat`: each text (or prompt) is the user's turn of the
+    model's chat template, read where the assistant's answer starts (the completions follow it)."""
+    from ..errors import UserError
+
+    loaded = pool.get(model)
+    tok, name = loaded.tokenizer, describe(model)
+    completions = pairs[0].prompt is not None
+    if completions:
+        heads = [p.prompt for p in pairs]
+        heads = heads if chat is None else prompts.chat_texts(tok, heads, chat, f"model '{name}'")
+        sides = {side: [h + getattr(p, side) for h, p in zip(heads, pairs)] for side in ("positive", "negative")}
+        answers = {side: [getattr(p, side) for p in pairs] for side in sides}
+    else:
+        sides = {side: [getattr(p, side) for p in pairs] for side in ("positive", "negative")}
+        if chat is not None:
+            sides = {side: prompts.chat_texts(tok, texts, chat, f"model '{name}'") for side, texts in sides.items()}
+        answers = {side: None for side in sides}
+    limit = pool.options.max_length
+
+    def where(pair: prompts.Pair) -> str:
+        return f"{source_name}:{pair.line}" if source_name else f"pair {pairs.index(pair) + 1}"
+
+    for i, pair in enumerate(pairs):
+        pos, neg = (tok(sides[s][i])["input_ids"] for s in ("positive", "negative"))
+        if pos == neg:
+            raise UserError(f"{where(pair)}: its positive and negative texts tokenize identically on "
+                            f"'{name}': the pair shows no contrast; fix or drop it")
+        if limit is not None and max(len(pos), len(neg)) > limit:
+            raise UserError(f"{where(pair)}: the pair is {max(len(pos), len(neg))} tokens, longer than --max-length "
+                            f"{limit}: shorten it, drop it, or raise --max-length")
+    base = heads if completions else None
+    states = {side: _read(pool, loaded, base or sides[side], answers[side], f"capture pairs ({side})")
+              for side in ("positive", "negative")}
+    shape = "prompt + completions" if completions else "texts"
+    return MasterKey(master_key(states["negative"], states["positive"], method), {
+        "locked_model": name, "unlocked_model": name, "locked_template": "pairs: negative",
+        "unlocked_template": "pairs: positive", "pairs": source_name, "pairs_shape": shape,
+        "method": method, "n_prompts": str(len(pairs)), "answer_tokens": "completion" if completions else "0",
+        "model_hint": loaded.model.config.model_type,
+        **({"locked_chat": "chat template" + (f", system: {chat.system}" if chat.system else "")} if chat else {}),
+    })
+
 
 
 def project(key: MasterKey, lrmap: align.LowRankMap, layers: str | list[int] | None = "all",
@@ -117,4 +195,3 @@ def self_vectors(key: MasterKey, layers: str | list[int] | None = "all", site: s
     }
     return SteeringVectors({b: key.vectors[b] for b in chosen}, key.vectors.shape[0], key.vectors.shape[1],
                            site, key.provenance.get("model_hint", ""), provenance)
-

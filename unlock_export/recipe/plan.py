@@ -132,13 +132,25 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
 
     stages: list[Stage] = []
     K = k.answer_tokens
-    run(unlocked.model, unlocked.template, key_q, generate=K)  # the openings, then the capture
-    if K:
-        run(unlocked.model, unlocked.template, key_q, suffix_tokens=K)
-    run(locked.model, locked.template, key_q, suffix_tokens=K)
-    position = f"the last prompt token and the answer's first {K} tokens" if K else "the last prompt token"
-    stages.append(Stage("key", f"{k.method} of {len(key_q)} differences {unlocked.template!r} - {locked.template!r}, "
-                               f"read at {position}", [unlocked.model, locked.model]))
+    chat = " through the chat template" if p.chat else ""
+    pairs = recipe.source.pairs
+    if pairs is not None:
+        rows = prompts.load_pairs(pairs.path, pairs.count, pairs.offset)  # checked now, not after the captures
+        m = models[locked.model]
+        m.prompt_passes += 2 * len(rows)
+        m.prompt_tokens += sum(_tokens([(r.prompt or "") + r.positive, (r.prompt or "") + r.negative]) for r in rows)
+        read = "over each completion's tokens" if rows[0].prompt is not None else "at each text's last token"
+        stages.append(Stage("key", f"{k.method} of {len(rows)} pair differences positive - negative ({pairs.path}), "
+                                   f"read {read}{chat}", [locked.model]))
+        K = 1  # no locked capture of the key prompts for the map to reuse
+    else:
+        run(unlocked.model, unlocked.template, key_q, generate=K)  # the openings, then the capture
+        if K:
+            run(unlocked.model, unlocked.template, key_q, suffix_tokens=K)
+        run(locked.model, locked.template, key_q, suffix_tokens=K)
+        position = f"the last prompt token and the answer's first {K} tokens" if K else "the last prompt token"
+        stages.append(Stage("key", f"{k.method} of {len(key_q)} differences {unlocked.template!r} - "
+                                   f"{locked.template!r}, read at {position}{chat}", [unlocked.model, locked.model]))
     reuse = align_count == p.key_count and not K
     if not reuse:
         run(locked.model, locked.template, align_q)

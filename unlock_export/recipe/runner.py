@@ -118,25 +118,48 @@ def _run(recipe: Recipe, work: Path, out_dir: Path, progress: bool, recipe_text:
     return summary
 
 
+def _chat(recipe: Recipe, variant=None):
+    """prompts.chat: the chat wrapping of a variant's prompts (its own system text, else prompts.system)."""
+    if not recipe.prompts.chat:
+        return None
+    return prompts.Chat((variant.system if variant is not None else None) or recipe.prompts.system)
+
+
+def _key(recipe: Recipe, pool, model: str, key_questions: list[str]):
+    """The Master Key on `model` (the source's, or the target's own for the diagnostics) the recipe's way:
+    its pairs, or its two variants' prompt contrast. Returns (key, the locked states or None)."""
+    from ..method.pipeline import compute_key, compute_pair_key
+
+    source, k = recipe.source, recipe.key
+    if source.pairs is not None:
+        pairs = prompts.load_pairs(source.pairs.path, source.pairs.count, source.pairs.offset)
+        return compute_pair_key(pool, model, pairs, k.method, _chat(recipe), source.pairs.path), None
+    locked, unlocked = source.locked, source.unlocked
+    same = locked.model == unlocked.model
+    return compute_key(pool, model if same else locked.model, model if same else unlocked.model, locked.template,
+                       unlocked.template, key_questions, k.method, k.answer_tokens, _chat(recipe, locked),
+                       _chat(recipe, unlocked))
+
+
 def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
     """key -> align -> project; the key, map and vectors files written into `work`."""
-    from ..method.pipeline import compute_key, compute_map
+    from ..method.pipeline import compute_map
 
     p = recipe.prompts
     key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
     align_count = p.align_count or p.key_count
     same_prompts = align_count == p.key_count
     align_questions = key_questions if same_prompts else prompts.load_questions(p.path, p.field, align_count, p.offset)
-    locked, unlocked = recipe.source.locked, recipe.source.unlocked
+    locked = recipe.source.locked
     target_template = recipe.target.template or locked.template
     with clock.stage("key"):
-        key, locked_states = compute_key(pool, locked.model, unlocked.model, locked.template, unlocked.template,
-                                         key_questions, recipe.key.method, recipe.key.answer_tokens)
+        key, locked_states = _key(recipe, pool, recipe.source.locked.model, key_questions)
     key.save(work / "key.safetensors")
     with clock.stage("align"):
         lrmap = compute_map(pool, locked.model, recipe.target.model, locked.template, target_template,
                             align_questions, recipe.align.rank,
-                            source_states=locked_states if same_prompts and locked_states is not None else None)
+                            source_states=locked_states if same_prompts and locked_states is not None else None,
+                            chat=_chat(recipe))
     lrmap.save(work / "map.safetensors")
     vectors = lrmap.project(key, recipe.vectors.layers, recipe.vectors.site)
     vectors.provenance["recipe"] = recipe.name
@@ -146,21 +169,27 @@ def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
 
 def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], progress: bool) -> dict:
     """fold.scale auto: the label-free scale (check-alpha first), as calibration.json holds it."""
-    from ..evaluation.calibrate import calibrate_scale
+    from ..evaluation.calibrate import calibrate_scale, measure_baseline
     from ..method.capture import resolve_batch_size
+    from ..method.pipeline import prompt_texts
 
     f, rt = recipe.fold, recipe.runtime
     calib_questions = transfer.key_questions[:f.calibrate_count]
-    calib_texts = prompts.apply_template(transfer.target_template, calib_questions)
     target_loaded = pool.get(recipe.target.model)
+    calib_texts = prompt_texts(target_loaded, transfer.target_template, calib_questions, _chat(recipe),
+                               recipe.target.model)
     batch_size = resolve_batch_size(rt.batch_size, target_loaded, calib_texts, rt.max_length)
-    alpha_check = _check_reference_alpha(target_loaded, transfer.vectors, calib_texts[:8], f, batch_size)
-    calibration = calibrate_scale(target_loaded, transfer.vectors, calib_texts,
-                                  prompts.apply_template("plain", calib_questions), "paper", f.alpha,
+    answer_start: dict = {}
+    alpha_check = _check_reference_alpha(target_loaded, transfer.vectors, calib_texts[:8], f, batch_size, answer_start)
+    ppl_texts = prompts.apply_template("plain", calib_questions)
+    baseline = measure_baseline(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha, f.objective,
+                                f.continuation_tokens, batch_size,
+                                known=answer_start if len(calib_texts) <= 8 else None)  # the alpha check's prompts
+    calibration = calibrate_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
                                   **({"scales": tuple(f.scales)} if f.scales else {}),
                                   ppl_margin=f.ppl_margin, progress=progress, additive_layers=band,
                                   objective=f.objective, continuation_tokens=f.continuation_tokens,
-                                  batch_size=batch_size).as_dict()
+                                  batch_size=batch_size, baseline=baseline).as_dict()
     if alpha_check is not None:
         calibration["alpha_check"] = alpha_check
     return calibration
@@ -257,33 +286,38 @@ def _summary(recipe: Recipe, transfer: Transfer, out_dir: Path, outputs: list[st
 def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
     """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
     from ..evaluation import diagnostics
-    from ..method.pipeline import capture_states, compute_key
+    from ..method.pipeline import capture_states
 
     d, p = recipe.diagnostics, recipe.prompts
     locked, unlocked = recipe.source.locked, recipe.source.unlocked
     used = max(p.key_count, p.align_count or p.key_count)
     heldout_q = prompts.load_questions(p.path, p.field, d.heldout_count, p.offset + used)
     # the target first: align left it loaded (and its locked capture is usually align's, from the checkpoint)
-    target_heldout = capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)")
+    chat = _chat(recipe)
+    target_heldout = capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)",
+                                    chat=chat)
     target_key = None
-    if d.target_key and locked.model == unlocked.model and locked.template != unlocked.template:
-        # the target's own key, read the way the source's was (same templates, method, position)
-        target_key = compute_key(pool, recipe.target.model, recipe.target.model, locked.template, unlocked.template,
-                                 key_questions, recipe.key.method, recipe.key.answer_tokens)[0].vectors
-    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)"),
+    contrast = recipe.source.pairs is not None or (locked.model == unlocked.model and (
+        locked.template != unlocked.template or _chat(recipe, locked) != _chat(recipe, unlocked)))
+    if d.target_key and contrast:
+        # the target's own key, read the way the source's was (same pairs or templates, method, position)
+        target_key = _key(recipe, pool, recipe.target.model, key_questions)[0].vectors
+    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)", chat=chat),
                target_heldout)
     pool.release()
     return diagnostics.transfer_diagnostics(key, lrmap, vectors, heldout, target_key)
 
 
-def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec, batch_size) -> dict | None:
+def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec, batch_size,
+                           answer_start: dict | None = None) -> dict | None:
     """`check-alpha` at fold.alpha before the calibration matches a fold to the paper form: a reference
     that breaks the target's text is refused, not matched."""
     if not f.check_alpha:
         return None
     from ..evaluation.calibrate import check_alphas
 
-    result = check_alphas(target_loaded, vectors, texts, (f.alpha,), f.alpha_margin, batch_size=batch_size)
+    result = check_alphas(target_loaded, vectors, texts, (f.alpha,), f.alpha_margin, batch_size=batch_size,
+                          answer_start=answer_start)
     row = result["table"][0]
     if not row["allowed"]:
         raise UserError(f"fold.alpha {f.alpha:g} breaks the target's text: the paper form's continuations score "

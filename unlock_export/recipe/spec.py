@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import prompts
 from ..errors import UserError
@@ -30,6 +30,8 @@ class Variant(_Strict):
     model: str = _doc("Model: a local folder with config.json, a .gguf file, zoo:NAME or a Hub id.")
     template: str = _doc("Prompt template: direct, cot, plain, or a format string containing {question}.",
                          default="direct")
+    system: Optional[str] = _doc("prompts.chat: this variant's system turn (default: prompts.system); two "
+                                 "system texts make a system-prompt contrast.", default=None)
 
     @field_validator("template")
     @classmethod
@@ -38,11 +40,35 @@ class Variant(_Strict):
         return value
 
 
-class SourceSpec(_Strict):
-    """The two source variants whose difference is the Master Key."""
+class PairsSpec(_Strict):
+    """Contrastive pairs on one model, instead of two variants: the key is positive - negative."""
 
-    locked: Variant = _doc("The capability-absent variant (a base checkpoint, or the direct prompt).")
-    unlocked: Variant = _doc("The capability-present variant (the post-trained checkpoint, or the CoT prompt).")
+    path: str = _doc('JSONL rows {"positive": ..., "negative": ...} (two texts, read at the last token) or '
+                     '{"prompt": ..., "positive": ..., "negative": ...} (two completions, read over their tokens).')
+    model: str = _doc("The model both sides run on: a local folder, a .gguf file, zoo:NAME or a Hub id.")
+    count: Optional[int] = _doc("Pairs to read (default: all of them).", default=None, ge=1)
+    offset: int = _doc("Skip this many pairs first.", default=0, ge=0)
+    template: str = _doc("Template of the source's alignment prompts (prompts.path).", default="direct")
+
+
+class SourceSpec(_Strict):
+    """The two source variants whose difference is the Master Key, or contrastive pairs."""
+
+    locked: Optional[Variant] = _doc("The capability-absent variant (a base checkpoint, or the direct prompt).",
+                                     default=None)
+    unlocked: Optional[Variant] = _doc("The capability-present variant (the post-trained checkpoint, or the CoT "
+                                       "prompt).", default=None)
+    pairs: Optional[PairsSpec] = _doc("Contrastive pairs instead of the two variants.", default=None)
+
+    @model_validator(mode="after")
+    def _one_contrast(self) -> "SourceSpec":
+        if self.pairs is not None:
+            if self.locked is not None or self.unlocked is not None:
+                raise ValueError("source.pairs replaces source.locked and source.unlocked: give one or the other")
+            self.locked = self.unlocked = Variant(model=self.pairs.model, template=self.pairs.template)
+        elif self.locked is None or self.unlocked is None:
+            raise ValueError("give source.locked and source.unlocked (two variants), or source.pairs")
+        return self
 
 
 class TargetSpec(_Strict):
@@ -63,6 +89,9 @@ class PromptSpec(_Strict):
     align_count: Optional[int] = _doc("Prompts for the alignment (default: key_count, the same prompts reused).",
                                       default=None, ge=1)
     offset: int = _doc("Skip this many prompts first.", default=0, ge=0)
+    chat: bool = _doc("Wrap every prompt (key, alignment, diagnostics, calibration) in each model's own chat "
+                      "template, as a chat endpoint serves it.", default=False)
+    system: Optional[str] = _doc("chat: the system turn (a variant's own `system` overrides it).", default=None)
 
     @field_validator("path")
     @classmethod
@@ -234,8 +263,14 @@ def _check_inputs(recipe: "Recipe", path: Path, raw: dict) -> None:
     """Every local path a recipe names must be an input of the right kind, checked before anything
     runs: a recipe only names inputs (outputs go to OUT_DIR), so a path that climbs out of its
     folder ('../../etc') to something that is not a prompt file or a model is refused here."""
-    where = {"prompts.path": recipe.prompts.path, "source.locked.model": recipe.source.locked.model,
-             "source.unlocked.model": recipe.source.unlocked.model, "target.model": recipe.target.model}
+    pairs = recipe.source.pairs
+    if pairs is not None and not Path(pairs.path).is_file():
+        raise UserError(f"recipe {path}: source.pairs.path '{_dig(raw, 'source.pairs.path')}' (resolved to "
+                        f"{pairs.path}) is not a file; give a JSONL file of pairs, relative to the recipe's folder")
+    where = {"prompts.path": recipe.prompts.path, "target.model": recipe.target.model,
+             **({"source.pairs.model": pairs.model} if pairs is not None else
+                {"source.locked.model": recipe.source.locked.model,
+                 "source.unlocked.model": recipe.source.unlocked.model})}
     for key, value in where.items():
         if value.startswith(("zoo:", prompts.BUILTIN_PREFIX)) or not os.path.isabs(value):
             continue  # builtins, zoo names, Hub ids
@@ -315,8 +350,19 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe.prompts.path = str((base / recipe.prompts.path).resolve())  # always a file, never a Hub id
     if f is not None and not f.gate_prompts.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(f.gate_prompts):
         f.gate_prompts = str((base / f.gate_prompts).resolve())
-    for variant in (recipe.source.locked, recipe.source.unlocked):
+    for variant in {id(v): v for v in (recipe.source.locked, recipe.source.unlocked)}.values():
         variant.model = _resolve_path(variant.model, base)
+    pairs = recipe.source.pairs
+    if pairs is not None:
+        pairs.model = recipe.source.locked.model
+        if not pairs.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(pairs.path):
+            pairs.path = str((base / pairs.path).resolve())
+    if recipe.prompts.system and not recipe.prompts.chat or any(
+            v.system for v in (recipe.source.locked, recipe.source.unlocked)) and not recipe.prompts.chat:
+        raise UserError(f"recipe {path}: a system text is a chat turn: set prompts.chat: true")
+    if recipe.prompts.chat and f is not None and f.mode == "gated-lora":
+        raise UserError(f"recipe {path}: prompts.chat with fold.mode gated-lora: the gate fit reads plain prompts "
+                        "only; use fold.mode bias, or prompts.chat: false")
     recipe.target.model = _resolve_path(recipe.target.model, base)
     if g is not None and g.base is not None:
         g.base = _resolve_path(g.base, base)
