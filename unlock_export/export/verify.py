@@ -101,6 +101,12 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
         with additive_steering(reference_model, stored, 1.0):
             exact = _logits(reference_model.model, tokenizer, texts)
     floor = precision_floor(reference_model, texts, dtype, plain) if half else 0.0
+    device = reference_model.device
+    if not adapter and reference_model is not reference:  # every reference logit is in hand: free it first,
+        del reference_model  # so the base and the export are never in memory together
+        import gc
+
+        gc.collect()
     if adapter:
         import warnings
 
@@ -114,7 +120,7 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     else:
         try:
             exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-            exported.to(reference_model.device)
+            exported.to(device)
         except (OSError, ValueError) as exc:
             raise UserError(f"transformers cannot load '{out}': {first_line(exc, 300)}")
         kind = "checkpoint"
