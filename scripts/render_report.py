@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -1216,11 +1217,36 @@ def readme_results(results: Path = RESULTS) -> str:
     return "\n".join([README_START, *lines, "", source, README_END])
 
 
-def readme_with_results(text: str, block: str) -> str:
-    start, end = text.find(README_START), text.find(README_END)
+def readme_with_results(text: str, block: str, start_mark: str = README_START, end_mark: str = README_END) -> str:
+    start, end = text.find(start_mark), text.find(end_mark)
     if start < 0 or end < start:
-        raise SystemExit(f"README.md has no {README_START} ... {README_END} block")
-    return text[:start] + block + text[end + len(README_END):]
+        raise SystemExit(f"README.md has no {start_mark} ... {end_mark} block")
+    return text[:start] + block + text[end + len(end_mark):]
+
+
+DEMO = "demo.json"
+DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
+DEMO_STAGES = (("key_s", "key"), ("align_s", "align"), ("diagnostics_s", "diagnostics"),
+               ("calibrate_s", "label-free calibration"), ("fold_s", "fold with verification"), ("gguf_s", "GGUF files"))
+
+
+def readme_demo(results: Path = RESULTS) -> str:
+    """The README's demo sentence: benchmarks/demo.py's measurement of `make demo`'s run."""
+    path = results / DEMO
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the README's demo sentence is rendered from it (python benchmarks/demo.py)")
+    doc = json.loads(path.read_text())
+    timings = doc["timings_s"]
+    stages = ", ".join(f"{label} {timings[k] / 60:.1f}" for k, label in DEMO_STAGES if k in timings)
+    ver = doc["verification"]
+    text = (f"Measured by `python benchmarks/demo.py` on a {doc['provenance']['machine']['cpu_count']}-core machine "
+            f"({doc['conditions']}; the zoo models already fetched{doc.get('cache_note', '')}): "
+            f"{doc['run_wall_s'] / 60:.1f} min (minutes: {stages}), peak memory {doc['peak_rss_gib']:.1f} GiB, "
+            f"{doc['written_bytes'] / 1e9:.2f} GB written; it picks the scale {doc['scale']:g} and writes the "
+            f"checkpoint in {doc['weights_dtype']}, verified at max |dlogit| {ver['max_abs_dlogit']:.2g} (tolerance "
+            f"{ver['tolerance']:.2g}: 0.001 plus the {doc['weights_dtype']} precision floor) "
+            f"([reports/results/{DEMO}](reports/results/{DEMO})).")
+    return "\n".join([DEMO_START, *textwrap.wrap(text, 100, break_on_hyphens=False), DEMO_END])
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -1243,7 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
         if str(args.readme):
             readme = args.readme
             current = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-            reports[readme] = readme_with_results(current, readme_results(args.results.resolve()))
+            current = readme_with_results(current, readme_results(args.results.resolve()))
+            reports[readme] = readme_with_results(current, readme_demo(args.results.resolve()), DEMO_START, DEMO_END)
     except Inconsistent as exc:
         print(f"render_report: inconsistent results: {exc}", file=sys.stderr)
         return 2

@@ -64,20 +64,18 @@ def test_eval_steering_changes_outputs(tiny_model_dir, math_set, tmp_path, capsy
     assert outputs["plain"] != outputs["steered"]
 
 
-def test_deprecated_strength_is_the_forms_own_word(tiny_model_dir, math_set, tmp_path, capsys):
-    """--strength (deprecated) is --scale for the additive form and --alpha for the paper form, with a warning."""
+def test_each_form_takes_its_own_word_and_the_old_strength_is_gone(tiny_model_dir, math_set, tmp_path, capsys):
+    """--scale is the additive form's strength, --alpha the paper form's; --strength (never released) is gone."""
     model = tiny_model_dir("llama")
     vec = str(_vectors(scale=3).save(tmp_path / "v.safetensors"))
     common = ["eval", str(model), "--data", str(math_set), "--max-new-tokens", "6", "--vectors", vec]
     for form, word in (("additive", "--scale"), ("paper", "--alpha")):
         assert main(["--quiet", *common, "--form", form, word, "0.7", "-o", str(tmp_path / f"{form}-new")]) == 0
-        capsys.readouterr()
-        assert main(["--quiet", *common, "--form", form, "--strength", "0.7", "-o", str(tmp_path / f"{form}-old")]) == 0
-        assert "--strength is deprecated" in capsys.readouterr().err
-        new, old = ((tmp_path / f"{form}-{k}" / "predictions.jsonl").read_text() for k in ("new", "old"))
-        assert new == old
         steering = json.loads((tmp_path / f"{form}-new" / "summary.json").read_text())["steering"]
         assert steering[word[2:]] == 0.7 and "strength" not in steering
+    capsys.readouterr()
+    assert main(["--quiet", *common, "--strength", "0.7", "-o", str(tmp_path / "old")]) == 2
+    assert "No such option '--strength'" in capsys.readouterr().err and not (tmp_path / "old").exists()
 
 
 def test_paired_comparison_exact_mcnemar():

@@ -141,3 +141,24 @@ def test_answer_token_key_reads_the_unlocked_opening_in_both_variants(tiny_model
     assert (key.vectors - last.vectors).norm() > 0.1 * last.vectors.norm()
     with pytest.raises(UserError, match="answer tokens must be 0"):
         compute_key(pool, spec, spec, "direct", "cot", qs, "mean", answer_tokens=-1)
+
+
+def test_centring_ignores_a_shared_offset_and_ridge_shrinks_the_map():
+    """fit(center=True) on states shifted by a constant equals the fit on the states themselves (centred);
+    ridge 0 is the paper's pseudo-inverse; a ridge shrinks the core toward zero."""
+    from unlock_export.method.align import fit
+
+    g = torch.Generator().manual_seed(0)
+    xs, xb = torch.randn(3, 50, 16, generator=g), torch.randn(3, 50, 12, generator=g)
+    shift_s, shift_b = torch.randn(16, generator=g) * 20, torch.randn(12, generator=g) * 20
+    centred = fit(xs - xs.mean(1, keepdim=True), xb - xb.mean(1, keepdim=True), 4)
+    shifted = fit(xs + shift_s, xb + shift_b, 4, center=True)
+    key = torch.randn(3, 16, generator=g)
+    assert torch.allclose(centred.map_key(key), shifted.map_key(key), atol=1e-4)
+    assert not torch.allclose(fit(xs + shift_s, xb + shift_b, 4).map_key(key), centred.map_key(key), atol=1e-2)
+    plain, zero = fit(xs, xb, 4), fit(xs, xb, 4, ridge=0.0)
+    assert torch.equal(plain.core, zero.core)
+    ridged = fit(xs, xb, 4, ridge=1.0)
+    assert torch.allclose(ridged.source_basis, plain.source_basis)
+    assert float(ridged.core.norm()) < 0.9 * float(plain.core.norm())
+    assert ridged.provenance["ridge"] == "1.0" and shifted.provenance["center"] == "true"

@@ -281,3 +281,26 @@ def test_recipe_contrast_keys_are_checked_in_one_line(tmp_path, capsys, chat_mod
     code = main(["--quiet", "run", "--dry-run", str(path), str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_readme_pairs_and_chat_lines_run_with_a_tiny_chat_model(tmp_path, chat_model):
+    """The README's block for your own behaviour, line by line, $S and $T replaced by a tiny chat model."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) if "--pairs" in b)
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(lines) == 3
+    _write_pairs(tmp_path / "pairs.jsonl", COMPLETION_PAIRS)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "S": str(chat_model),
+           "T": str(chat_model), "HF_HUB_OFFLINE": "1"}
+    for line in lines:
+        line = line.replace("unlock-export", "unlock-export --quiet", 1) + " --device cpu --dtype float32 --count 16"
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, (line, done.stderr[-800:])
+    for name in ("key.safetensors", "french.safetensors", "map.safetensors"):
+        assert (tmp_path / name).is_file(), name

@@ -331,6 +331,23 @@ def test_the_readme_block_is_current(rr, capsys):
     assert rr.readme_with_results(current, rr.readme_results()) == current
 
 
+def test_the_readme_demo_sentence_is_rendered_from_demo_json(rr, tmp_path):
+    """benchmarks/demo.py's file gives every figure of the README's demo sentence; the README's is current."""
+    doc = json.loads((REPO / "reports" / "results" / "demo.json").read_text())
+    doc.update(run_wall_s=600.0, peak_rss_gib=7.25, scale=0.3333, written_bytes=2_500_000_000)
+    doc["timings_s"]["calibrate_s"] = 90.0
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / rr.DEMO).write_text(json.dumps(doc))
+    block = " ".join(rr.readme_demo(results).split())
+    assert block.startswith(rr.DEMO_START) and block.endswith(rr.DEMO_END)
+    for figure in ("10.0 min", "label-free calibration 1.5", "peak memory 7.2 GiB", "2.50 GB written",
+                   "the scale 0.3333"):
+        assert figure in block, figure
+    current = (REPO / "README.md").read_text()
+    assert rr.readme_with_results(current, rr.readme_demo(), rr.DEMO_START, rr.DEMO_END) == current
+
+
 def test_the_gated_lora_section_pairs_each_row_from_its_indices(rr, tmp_path):
     """experiments/gated_lora_table.py's file: each 512-token row's won / lost against unsteered, the gated
     LoRA against the paper form, the 256-token rows against the recorded runs, and the rows it lacks."""

@@ -69,8 +69,6 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
               help="Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for "
                    "transformers and vllm, a PEFT folder or LoRA GGUF for llamacpp (the scale sent per request; "
                    "vllm: 1 only).")
-@click.option("--strength", default=None, type=float, hidden=True,
-              help="Deprecated: --alpha (paper) or --scale (additive).")
 @click.option("--layers", default=None,
               help="Steer only these layers of --vectors (all, A-B, 1,4,7), as `fold --layers` would.")
 @click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -94,7 +92,7 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
                    "adds questions won and lost against it and the exact McNemar p-value.")
 @runtime_options
 @click.pass_context
-def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
+def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
     """Greedy accuracy of MODEL on a math set, optionally steered; writes predictions and a summary.
 
     MODEL is anything `fold` accepts, or a bias export folder / folded GGUF (loaded as it is). The
@@ -118,9 +116,6 @@ def eval_cmd(ctx, model, data_path, vectors_path, strength, output, **options):
         raise UserError("--layers selects layers of --vectors: pass --vectors too")
     if options["max_new_tokens"] < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    if strength is not None:
-        click.echo("warning: --strength is deprecated: use --alpha (paper form) or --scale (additive form)", err=True)
-        options["alpha" if options["form"] == "paper" else "scale"] = strength
     for name in ("control_vector", "baseline"):
         options[name] = str(options[name]) if options[name] else None
     gate = {name: options.pop(name) for name in ("multiplier", "gate_rank", "gate_prompts", "gate_count")}

@@ -153,15 +153,23 @@ def fit(
     rank: int,
     source_layer_count: int | None = None,
     device: str | torch.device = "cpu",
+    center: bool = False,
+    ridge: float = 0.0,
 ) -> LowRankMap:
     """Fit the per-layer low-rank map.
 
     source_states: [S, M, d_s] for every source layer, or {source layer: [M, d_s]} holding at
         least the layers the layer map reads (pass source_layer_count then).
     target_states: [B, M, d_t].
+    center: subtract each side's mean state first (the subspaces then follow the states' variation, not
+        their mean; a key is a difference, so the means' offset does not enter its projection).
+    ridge: least squares in the subspace with a ridge, lambda = ridge x the mean eigenvalue of Zs^T Zs
+        (0: the paper's pseudo-inverse).
     """
     if rank < 1:
         raise UserError(f"rank must be at least 1, got {rank}")
+    if ridge < 0:
+        raise UserError(f"ridge must be >= 0, got {ridge}")
     if isinstance(source_states, torch.Tensor):
         source_layer_count = source_states.shape[0]
         source_states = {s: source_states[s] for s in range(source_layer_count)}
@@ -185,14 +193,23 @@ def fit(
     for b, s in enumerate(mapping):
         xs = source_states[s].to(device, torch.float32)
         xb = target_states[b].to(device, torch.float32)
+        if center:
+            xs, xb = xs - xs.mean(0), xb - xb.mean(0)
         vs = _top_right_singular(xs, k)
         vb = _top_right_singular(xb, k)
-        core = torch.linalg.pinv(xs @ vs.T) @ (xb @ vb.T)
+        zs, zb = xs @ vs.T, xb @ vb.T
+        if ridge:
+            gram = zs.T @ zs
+            lam = ridge * torch.diagonal(gram).mean()
+            core = torch.linalg.solve(gram + lam * torch.eye(k, device=device), zs.T @ zb)
+        else:
+            core = torch.linalg.pinv(zs) @ zb
         sb.append(vs.cpu())
         cores.append(core.cpu())
         tb.append(vb.cpu())
     return LowRankMap(torch.stack(sb), torch.stack(cores), torch.stack(tb), mapping, source_layer_count,
-                      {"rank_requested": str(rank), "n_prompts": str(n_prompts)})
+                      {"rank_requested": str(rank), "n_prompts": str(n_prompts),
+                       **({"center": "true"} if center else {}), **({"ridge": str(ridge)} if ridge else {})})
 
 
 def fit_r2(lrmap: LowRankMap, source_states: dict[int, torch.Tensor], target_states: torch.Tensor) -> list[float]:
