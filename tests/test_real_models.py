@@ -79,7 +79,9 @@ def test_smollm2_cot_key_self_alignment_vectors(tmp_path, capsys):
 
 def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     """zoo GGUF (qwen2) -> CoT vector by prompt contrast -> folded (relabelled llama) checkpoint;
-    stock transformers reloads it and matches the hook-steered original within 1e-3 (fp32)."""
+    stock transformers reloads it (bfloat16, the zoo's release precision, computed in float32) and matches
+    the hooks adding its offsets as stored within 1e-3, and the requested offsets within the tolerance
+    unlock.json states (1e-3 plus the bfloat16 precision floor)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from unlock_export.method.steer import additive_steering
@@ -101,12 +103,21 @@ def test_qwen_0_5b_gguf_folded_with_a_real_cot_vector(tmp_path, capsys):
     original = load("zoo:qwen2.5-coder-0.5b-instruct", dtype="float32", device="cpu")
     text = "Question: A baker makes 24 rolls and sells 3 bags of 5. How many are left?\nAnswer:"
     enc = original.tokenizer([text], return_tensors="pt")
+    stored = SteeringVectors({k: (v * 4.0).to(torch.bfloat16).float() for k, v in vec.directions.items()},
+                             vec.layer_count, vec.hidden_size)
     with torch.inference_mode():
         plain = original.model(**enc).logits
         with additive_steering(original, vec, 4.0):
             reference = original.model(**enc).logits
+        with additive_steering(original, stored, 1.0):
+            exact = original.model(**enc).logits
         got = folded(**enc).logits
-    assert (got - reference).abs().max() <= 1e-3
+    import json
+
+    ver = json.loads((out / "model" / "unlock.json").read_text())["verification"]
+    assert ver["dtype"] == "bfloat16" and ver["passed"] and ver["exact_max_abs_dlogit"] <= 1e-3
+    assert (got - exact).abs().max() <= 1e-3  # the fold is exact
+    assert (got - reference).abs().max() <= ver["tolerance"]
     assert (got - plain).abs().max() > 0.5  # a real, visible steering effect
     # the exported generation config stops at both of Qwen's end-of-text tokens, as the original
     # checkpoint's does and llama.cpp does (the GGUF's rebuilt config named <|im_end|> only)

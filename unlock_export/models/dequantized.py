@@ -25,7 +25,7 @@ from . import zoo
 log = logging.getLogger("unlock_export")
 
 RECORD = "dequantized.json"
-FORMAT = 1
+FORMAT = 2  # 2: the generation config names every end-of-text token
 # llama.cpp's general.file_type (LLAMA_FTYPE): the unquantized ones; every other value is quantized
 _FILE_TYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
 QUANTIZED_DTYPE = "bfloat16"
@@ -162,5 +162,8 @@ def dequantize(gguf: Path, out: Path, dtype: str) -> None:
     if hasattr(config, "quantization_config"):  # the weights are dequantized: save them as they are
         del config.quantization_config
     model.hf_quantizer = None
+    from .loading import complete_generation_eos
+
+    complete_generation_eos(model, tokenizer)  # the GGUF's rebuilt config names one EOS; llama.cpp stops at all
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
