@@ -48,16 +48,6 @@ def is_french(text: str) -> bool:
     return fr > en
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 @torch.inference_mode()
 def token_states(loaded, texts: list[str], batch_size: int = 8) -> tuple[torch.Tensor, list[list[int]]]:
     """Every decoder layer's output at every real token: [layers, rows, d] (the prompts' tokens in order)
@@ -178,6 +168,7 @@ def measure(args) -> dict:
 def behaviour(args, pool, keys, states, record) -> dict:
     """The target's French rate on held-out questions under additive hooks, per direction and scale."""
     from unlock_export import prompts
+    from unlock_export.evaluation.run import wilson
     from unlock_export.method import align
     from unlock_export.method.generate import greedy
     from unlock_export.method.pipeline import prompt_texts

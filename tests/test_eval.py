@@ -237,7 +237,7 @@ def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, 
     vectors = _vectors()
     answer_start: dict = {}
     check_alphas(loaded, vectors, texts, (0.1,), tokens=8, batch_size=8, answer_start=answer_start)
-    assert sorted(map(str, answer_start)) == ["0.1", "unsteered"]
+    assert sorted(map(str, answer_start)) == ["0.1", "texts", "unsteered"]
     direct = measure_baseline(loaded, vectors, texts, questions[:8], "paper", 0.1, batch_size=8)
     calls = _count_forwards(monkeypatch, loaded)
     reused = measure_baseline(loaded, vectors, texts, questions[:8], "paper", 0.1, batch_size=8, known=answer_start)
@@ -245,6 +245,9 @@ def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, 
     assert torch.allclose(reused.reference, direct.reference, atol=1e-4)
     assert torch.allclose(reused.plain, direct.plain, atol=1e-4)
     assert (reused.reference - reused.plain).abs().max() > 1e-3  # the paper form changes the answer start
+    calls.clear()  # recorded on other prompts: measured again, not reused
+    measure_baseline(loaded, vectors, texts[:4], questions[:4], "paper", 0.1, batch_size=8, known=answer_start)
+    assert len(calls) == 3
     kwargs = dict(reference_form="paper", reference_strength=0.1, ppl_margin=0.5, batch_size=8)
     a = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=direct, **kwargs)
     b = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=reused, **kwargs)

@@ -98,6 +98,19 @@ def jsonl_lines(source: str | Path, what: str = "prompt file") -> Iterator[tuple
         yield from enumerate(fh, 1)
 
 
+def jsonl_records(source: str | Path, what: str = "prompt file") -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line (jsonl_lines); a line that is not JSON is
+    refused in one line naming it."""
+    for lineno, line in jsonl_lines(source, what):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+
+
 def load_questions(source: str | Path, field: str = "question", count: int | None = None,
                    offset: int = 0) -> list[str]:
     """Read `count` prompts starting at `offset` from a JSONL file (field `field`) or a builtin set."""
@@ -108,14 +121,7 @@ def load_questions(source: str | Path, field: str = "question", count: int | Non
     if name in BUILTIN_SETS:
         return BUILTIN_SETS[name]((count or 256) + offset)[offset:]
     questions: list[str] = []
-    for lineno, line in jsonl_lines(source):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+    for lineno, record in jsonl_records(source):
         if isinstance(record, str):
             text = record
         elif isinstance(record, dict) and isinstance(record.get(field), str):
@@ -153,14 +159,7 @@ def load_pairs(source: str | Path, count: int | None = None, offset: int = 0) ->
         raise UserError(f"pair count must be at least 1, got {count}")
     pairs: list[Pair] = []
     first_shape: tuple[int, bool] | None = None
-    for lineno, line in jsonl_lines(source, "pairs file"):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}:{lineno} is not valid JSON ({exc.msg}); each line must be one JSON object")
+    for lineno, record in jsonl_records(source, "pairs file"):
         sides = [record.get(k) if isinstance(record, dict) else None for k in ("positive", "negative")]
         if not all(isinstance(s, str) and s.strip() for s in sides):
             missing = [k for k, s in zip(("positive", "negative"), sides) if not (isinstance(s, str) and s.strip())]
@@ -194,6 +193,10 @@ class Chat:
     user's turn, then the assistant's turn opened (as a chat endpoint sends it to the model)."""
 
     system: str | None = None
+
+    def describe(self) -> str:
+        """How a key or map file's provenance names this wrapping."""
+        return "chat template" + (f", system: {self.system}" if self.system else "")
 
 
 def chat_texts(tokenizer, texts: list[str], chat: Chat, model: str = "the model") -> list[str]:

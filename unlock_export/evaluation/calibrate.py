@@ -105,6 +105,14 @@ def continuation_logprobs(loaded, texts: list[str], continuations: list[list[int
     return torch.stack(first), nll / max(count, 1)
 
 
+def _score(loaded, texts: list[str], continuations: list[list[int]] | None, batch_size) -> tuple[torch.Tensor, float | None]:
+    """What a search compares: the answer-start log-probabilities, or with `continuations` the
+    teacher-forced ones and the continuations' mean NLL."""
+    if continuations is None:
+        return answer_start_logprobs(loaded, texts, batch_size), None
+    return continuation_logprobs(loaded, texts, continuations, batch_size)
+
+
 def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     """mean over rows of KL(p || q), both given as log-probabilities."""
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
@@ -162,19 +170,16 @@ class Baseline:
 def measure_baseline(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                      reference_form: str = "paper", reference_strength: float = 0.1, objective: str = "answer-start",
                      continuation_tokens: int = 32, batch_size: int = 8, known: dict | None = None) -> Baseline:
-    """The Baseline of a scale search. `known`: answer-start log-probabilities already computed on exactly
-    `texts` ({"unsteered": [n, vocab], reference_strength: [n, vocab]}, as check_alphas records them),
-    used instead of measuring them again."""
-    known = known or {}
-    continuations = plain_ce = None
+    """The Baseline of a scale search. `known`: answer-start log-probabilities check_alphas recorded
+    ({"texts": ..., "unsteered": [n, vocab], alpha: [n, vocab]}), used instead of measuring them again
+    when they were computed on exactly `texts`."""
+    known = known if known and known.get("texts") == tuple(texts) else {}
+    continuations = None
     if objective == "continuation":
         with steering(loaded, vectors, reference_form, reference_strength):
             continuations = greedy_continuations(loaded, texts, continuation_tokens, batch_size)
-        plain, plain_ce = continuation_logprobs(loaded, texts, continuations, batch_size)
-    else:
-        plain = known.get("unsteered")
-        if plain is None:
-            plain = answer_start_logprobs(loaded, texts, batch_size)
+    plain, plain_ce = (known["unsteered"], None) if objective != "continuation" and "unsteered" in known else \
+        _score(loaded, texts, continuations, batch_size)
     reference = known.get(reference_strength) if reference_form == "paper" else None
     if reference is None:
         with steering(loaded, vectors, reference_form, reference_strength):
@@ -251,11 +256,6 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     continuations, reference, plain = baseline.continuations, baseline.reference, baseline.plain
     plain_ce, base_ppl = baseline.plain_ce, baseline.base_ppl
 
-    def score() -> tuple[torch.Tensor, float | None]:
-        if continuations is None:
-            return answer_start_logprobs(loaded, texts, batch_size), None
-        return continuation_logprobs(loaded, texts, continuations, batch_size)
-
     table: dict[float, dict] = {}
     if 0.0 in scales:  # the unsteered model: measured in the baseline
         table[0.0] = {"scale": 0.0, "kl_to_reference": kl(reference, plain), "perplexity": base_ppl,
@@ -266,7 +266,7 @@ def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_text
     def measure(scale: float) -> dict:
         if scale not in table:
             with candidate(scale):
-                q, ce = score()
+                q, ce = _score(loaded, texts, continuations, batch_size)
                 ppl = perplexity(loaded, ppl_texts, batch_size)
             table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
                             "perplexity_ratio": ppl / base_ppl, "allowed": ppl <= base_ppl * (1 + ppl_margin)}
@@ -331,7 +331,7 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     firsts: list = []
     plain = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=firsts)
     if answer_start is not None:
-        answer_start["unsteered"] = torch.stack(firsts)
+        answer_start.update(texts=tuple(texts), unsteered=torch.stack(firsts))
     _, plain_nll = continuation_logprobs(loaded, texts, plain, batch_size, skip=skip)
 
     from tqdm.auto import tqdm

@@ -118,11 +118,11 @@ def fold_tensors(ckpt: Checkpoint, plan: BiasPlan, vectors: SteeringVectors, sca
 
 def export_dtype(ckpt: Checkpoint, dtype: str | torch.dtype | None) -> torch.dtype:
     """The precision a checkpoint export is written in: the checkpoint's own (`auto`, None) or `dtype`."""
-    from ..models.checkpoint import parse_dtype
+    from ..models.loading import choose_dtype
 
     if dtype is None or dtype == "auto":
         return ckpt.weights_dtype()
-    return dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else choose_dtype(dtype, torch.device("cpu"))
 
 
 def _folded_config(config: dict, plan: BiasPlan) -> dict:

@@ -11,6 +11,7 @@ from .. import prompts
 from ..errors import ExportFailure, UserError, first_line
 from ..method.steer import additive_steering
 from ..method.vectors import SteeringVectors
+from ..models.checkpoint import dtype_name
 from ..models.loading import load
 
 DEFAULT_PROMPTS = 4
@@ -128,7 +129,7 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     max_diff, top1 = compare(got, expected)
     effect, _ = compare(plain, expected)
     bound = tolerance + floor
-    report = {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "prompts": len(texts),
+    report = {"kind": kind, "dtype": dtype_name(dtype), "prompts": len(texts),
               "max_abs_dlogit": max_diff, "top1_agreement": top1, "steering_effect_max_abs_dlogit": effect,
               "tolerance": bound, "float32_tolerance": tolerance, "precision_floor_max_abs_dlogit": floor,
               "passed": max_diff <= bound}

@@ -98,7 +98,7 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     }
     for side, chat in (("locked", locked_chat), ("unlocked", unlocked_chat)):
         if chat is not None:
-            provenance[f"{side}_chat"] = "chat template" + (f", system: {chat.system}" if chat.system else "")
+            provenance[f"{side}_chat"] = chat.describe()
     key = MasterKey(master_key(locked_states, unlocked_states, method), provenance)
     return key, (None if answers else locked_states)
 
@@ -121,7 +121,7 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
         "target_model_type": target_loaded.model.config.model_type,
     })
     if chat is not None:
-        lrmap.provenance["chat"] = "chat template" + (f", system: {chat.system}" if chat.system else "")
+        lrmap.provenance["chat"] = chat.describe()
     return lrmap
 
 
@@ -148,16 +148,14 @@ def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], met
         answers = {side: None for side in sides}
     limit = pool.options.max_length
 
-    def where(pair: prompts.Pair) -> str:
-        return f"{source_name}:{pair.line}" if source_name else f"pair {pairs.index(pair) + 1}"
-
     for i, pair in enumerate(pairs):
+        where = f"{source_name}:{pair.line}" if source_name else f"pair {i + 1}"
         pos, neg = (tok(sides[s][i])["input_ids"] for s in ("positive", "negative"))
         if pos == neg:
-            raise UserError(f"{where(pair)}: its positive and negative texts tokenize identically on "
+            raise UserError(f"{where}: its positive and negative texts tokenize identically on "
                             f"'{name}': the pair shows no contrast; fix or drop it")
         if limit is not None and max(len(pos), len(neg)) > limit:
-            raise UserError(f"{where(pair)}: the pair is {max(len(pos), len(neg))} tokens, longer than --max-length "
+            raise UserError(f"{where}: the pair is {max(len(pos), len(neg))} tokens, longer than --max-length "
                             f"{limit}: shorten it, drop it, or raise --max-length")
     base = heads if completions else None
     states = {side: _read(pool, loaded, base or sides[side], answers[side], f"capture pairs ({side})")
@@ -168,7 +166,7 @@ def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], met
         "unlocked_template": "pairs: positive", "pairs": source_name, "pairs_shape": shape,
         "method": method, "n_prompts": str(len(pairs)), "answer_tokens": "completion" if completions else "0",
         "model_hint": loaded.model.config.model_type,
-        **({"locked_chat": "chat template" + (f", system: {chat.system}" if chat.system else "")} if chat else {}),
+        **({"locked_chat": chat.describe()} if chat else {}),
     })
 
 

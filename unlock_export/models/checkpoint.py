@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..choices import EXPORT_DTYPES
 from ..errors import UserError
 from .architectures import config_size
 
@@ -28,21 +29,12 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", 
 _SKIP_FILES = {INDEX, "config.json", "README.md", "unlock.json", ".gitattributes"}
 # safetensors dtype names of the floating types a checkpoint is exported in
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-# the names a config.json or a user gives them
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the names a config.json gives them
+DTYPE_NAMES = {name: getattr(torch, name) for name in EXPORT_DTYPES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """A checkpoint dtype from its name (float32, bfloat16, float16; fp32, bf16, fp16)."""
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-    key = aliases.get(str(name).lower(), str(name).lower())
-    if key not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[key]
 
 
 def _shard_header(path: Path) -> dict:

@@ -142,7 +142,6 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         read = "over each completion's tokens" if rows[0].prompt is not None else "at each text's last token"
         stages.append(Stage("key", f"{k.method} of {len(rows)} pair differences positive - negative ({pairs.path}), "
                                    f"read {read}{chat}", [locked.model]))
-        K = 1  # no locked capture of the key prompts for the map to reuse
     else:
         run(unlocked.model, unlocked.template, key_q, generate=K)  # the openings, then the capture
         if K:
@@ -151,7 +150,7 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         position = f"the last prompt token and the answer's first {K} tokens" if K else "the last prompt token"
         stages.append(Stage("key", f"{k.method} of {len(key_q)} differences {unlocked.template!r} - "
                                    f"{locked.template!r}, read at {position}{chat}", [unlocked.model, locked.model]))
-    reuse = align_count == p.key_count and not K
+    reuse = align_count == p.key_count and not K and pairs is None  # a pairs key has no locked capture to reuse
     if not reuse:
         run(locked.model, locked.template, align_q)
     run(target.model, target_template, align_q)

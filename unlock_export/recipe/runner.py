@@ -183,8 +183,7 @@ def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], 
     alpha_check = _check_reference_alpha(target_loaded, transfer.vectors, calib_texts[:8], f, batch_size, answer_start)
     ppl_texts = prompts.apply_template("plain", calib_questions)
     baseline = measure_baseline(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha, f.objective,
-                                f.continuation_tokens, batch_size,
-                                known=answer_start if len(calib_texts) <= 8 else None)  # the alpha check's prompts
+                                f.continuation_tokens, batch_size, known=answer_start)  # used if the same prompts
     calibration = calibrate_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
                                   **({"scales": tuple(f.scales)} if f.scales else {}),
                                   ppl_margin=f.ppl_margin, progress=progress, additive_layers=band,

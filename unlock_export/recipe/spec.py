@@ -357,8 +357,8 @@ def load_recipe(path: str | Path) -> Recipe:
         pairs.model = recipe.source.locked.model
         if not pairs.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(pairs.path):
             pairs.path = str((base / pairs.path).resolve())
-    if recipe.prompts.system and not recipe.prompts.chat or any(
-            v.system for v in (recipe.source.locked, recipe.source.unlocked)) and not recipe.prompts.chat:
+    systems = [recipe.prompts.system, recipe.source.locked.system, recipe.source.unlocked.system]
+    if any(systems) and not recipe.prompts.chat:
         raise UserError(f"recipe {path}: a system text is a chat turn: set prompts.chat: true")
     if recipe.prompts.chat and f is not None and f.mode == "gated-lora":
         raise UserError(f"recipe {path}: prompts.chat with fold.mode gated-lora: the gate fit reads plain prompts "
