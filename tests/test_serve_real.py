@@ -42,7 +42,9 @@ def real(tmp_path_factory):
     vectors = SteeringVectors(directions, n_layers, hidden, model_hint="qwen2")
     vec_path = vectors.save(root / "vectors.safetensors")
     folded = root / "folded"
-    assert main(["--quiet", "fold", ZOO, "--vectors", str(vec_path), "-o", str(folded)]) == 0
+    # float32: the zoo's own precision is bfloat16 (its dequantized copy), and the float32 routes below
+    # are compared value by value with transformers' float32 run of the same weights
+    assert main(["--quiet", "fold", ZOO, "--vectors", str(vec_path), "-o", str(folded), "--dtype", "float32"]) == 0
     gguf_file = source.path + "/" + source.gguf_file
     plain, _ = hf_reference(ZOO, None, ids)
     steered, greedy = hf_reference(ZOO, vectors, ids, generate=6)
