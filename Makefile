@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# torch first: the pinned CPU build (on disk here); an unpinned torch would pull a CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,plots,convert,lint]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,math,plots,convert,lint]'
 	touch $(STAMP)
 
 # ruff: pyflakes, import order, unused code (pyproject.toml [tool.ruff])

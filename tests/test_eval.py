@@ -129,7 +129,7 @@ def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"question": "q", "answer": "no number"}) + "\n")
     model = str(tiny_model_dir("llama"))
     assert main(["eval", model, "--data", str(bad), "-o", str(tmp_path / "o")]) == 2
-    assert "has no number" in capsys.readouterr().err
+    assert "is not a number" in capsys.readouterr().err
     assert main(["eval", model, "--data", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
     good = tmp_path / "g.jsonl"

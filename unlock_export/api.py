@@ -312,13 +312,14 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
 
 def evaluate(model: ModelLike, *, data: str = "builtin:gsm8k-dev", count: int | None = None, offset: int = 0,
              vectors: SteeringVectors | None = None, form: str = "additive", scale: float = 1.0, alpha: float = 0.1,
-             template: str = "direct", max_new_tokens: int = 256, engine: str = "transformers",
+             template: str | None = None, max_new_tokens: int = 256, engine: str = "transformers",
              out: str | Path | None = None, options: RuntimeOptions | None = None, progress: bool = False,
              **request) -> EvalSummary:
-    """Greedy accuracy on a numeric-answer math set, optionally steered by `vectors` (`form` additive at
-    `scale`, or paper at `alpha`), on `engine` (transformers; llamacpp for a GGUF file; vllm for a model
-    folder). Writes predictions.jsonl and summary.json into `out` (a temporary folder when None).
-    Further settings of evaluation.run.EvalRequest (chat, layers, baseline, resume, llama_server,
+    """Greedy accuracy on a math set (GSM8K's numbers, or MATH's LaTeX answers scored by math-verify),
+    optionally steered by `vectors` (`form` additive at `scale`, or paper at `alpha`), on `engine`
+    (transformers; llamacpp for a GGUF file; vllm for a model folder). `template` None: the data set's
+    (direct for GSM8K, math for MATH sets). Writes predictions.jsonl and summary.json into `out` (a
+    temporary folder when None). Further settings of evaluation.run.EvalRequest (task, chat, layers, baseline, resume, llama_server,
     parallel, vllm, tensor_parallel_size, data_parallel_size, gpu_memory_utilization) pass through."""
     from .evaluation.run import EvalRequest, run_eval
 

@@ -18,6 +18,9 @@ TEMPLATES: dict[str, str] = {
     "plain": "{question}",
     "direct": "Question: {question}\nAnswer:",
     "cot": "Question: {question}\nAnswer: Let's think step by step.\n",
+    # MATH-style problems, whose answers are LaTeX: the final answer asked for in \\boxed{}
+    "math": "Problem: {question}\nGive the final answer in \\boxed{}.\nSolution:",
+    "math-cot": "Problem: {question}\nGive the final answer in \\boxed{}.\nSolution: Let's think step by step.\n",
 }
 
 BUILTIN_PREFIX = "builtin:"
@@ -63,11 +66,17 @@ def builtin_arithmetic(count: int, seed: int = 0) -> list[str]:
     return out
 
 
-# Data sets shipped inside the package (unlock_export/data, GSM8K under its MIT licence, LICENSE-GSM8K):
-# name -> (file, what it holds). Train: questions only (unlabeled prompts); dev: questions and answers.
+# Data sets shipped inside the package (unlock_export/data, each under its MIT licence: LICENSE-GSM8K,
+# LICENSE-MATH500, LICENSE-AGIEVAL-MATH): name -> (file, what it holds). Train: questions only (unlabeled
+# prompts); the others: questions and answers. Choose on dev; confirm a choice once on gsm8k-confirm.
 BUILTIN_FILES: dict[str, tuple[str, str]] = {
     "gsm8k-train": ("gsm8k-train.jsonl.gz", "GSM8K train questions (7,473, no answers)"),
-    "gsm8k-dev": ("gsm8k-dev.jsonl.gz", "GSM8K dev split (400 questions with answers)"),
+    "gsm8k-dev": ("gsm8k-dev.jsonl.gz", "GSM8K dev split (400 test questions with answers, for development)"),
+    "gsm8k-confirm": ("gsm8k-confirm.jsonl.gz", "GSM8K confirmation split (400 other test questions with answers, "
+                                                "for confirming a choice made on dev, once)"),
+    "math500": ("math500.jsonl.gz", "MATH-500 (PRM800K's 500 MATH test problems; LaTeX answers, level, subject)"),
+    "agieval-math": ("agieval-math.jsonl.gz", "AGIEval-Math (AGIEval's 1,000 MATH problems; LaTeX answers, level, "
+                                              "subject)"),
 }
 BUILTIN_SETS = {"arithmetic": builtin_arithmetic}
 BUILTIN_NAMES = tuple(BUILTIN_PREFIX + n for n in (*BUILTIN_SETS, *BUILTIN_FILES))
@@ -78,7 +87,7 @@ def is_builtin(source: str | Path) -> bool:
 
 
 def builtin_file(name: str) -> Path:
-    """The packaged file behind `builtin:NAME` (gsm8k-train, gsm8k-dev)."""
+    """The packaged file behind `builtin:NAME` (BUILTIN_FILES)."""
     if name not in BUILTIN_FILES:
         raise UserError(f"unknown builtin data set '{BUILTIN_PREFIX}{name}': use {', '.join(BUILTIN_NAMES)}")
     return Path(str(resources.files("unlock_export") / "data" / BUILTIN_FILES[name][0]))

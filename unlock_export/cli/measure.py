@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..choices import ENGINES, EVAL_FORMS, OBJECTIVES
+from ..choices import ENGINES, EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
 from .options import choice, parse_multiplier, runtime_from, runtime_options
@@ -41,11 +41,17 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", "data_path", required=True,
-              help="builtin:gsm8k-dev (packaged), or a JSONL file (plain or .gz) with question and answer "
-                   "(GSM8K '#### N', or a plain number).")
+              help="builtin:gsm8k-dev, builtin:gsm8k-confirm, builtin:math500, builtin:agieval-math (packaged), or "
+                   "a JSONL file (plain or .gz) with question and answer (GSM8K '#### N', or a plain number).")
+@click.option("--task", default=None, type=choice(TASKS),
+              help="How answers are read and scored: gsm8k (numbers) or math (LaTeX, by math-verify; fields problem "
+                   "and answer). Default: the data set's own (math for builtin:math500 and builtin:agieval-math), "
+                   "else gsm8k.")
 @click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
 @click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
-@click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
+@click.option("--template", default=None,
+              help="direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's "
+                   "(direct for gsm8k, math for math).")
 @click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
 @click.option("--engine", type=choice(ENGINES), default="transformers", show_default=True,
               help="transformers (hooks, both forms), llamacpp (a stock llama-server; GGUF models) or vllm (a stock "
@@ -155,6 +161,127 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
                                  + (f"; against the baseline {paired['won']} won, {paired['lost']} lost "
                                     f"(McNemar p = {paired['p_mcnemar_exact']:.2g})" if paired else "")
                                  + f"; wrote {output}/predictions.jsonl and summary.json")
+
+
+def _budgets(value: str) -> tuple[int, ...]:
+    try:
+        budgets = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        budgets = ()
+    if not budgets or min(budgets) < 1:
+        raise UserError(f"--max-new-tokens '{value}' is not a comma list of whole numbers >= 1 (such as 256,512)")
+    return budgets
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--arm", "arm_specs", multiple=True, metavar="NAME[=WHAT]",
+              help="An arm (repeat): NAME alone is MODEL as it is; NAME=PATH a model folder or GGUF (a fold); "
+                   "NAME=template:T MODEL with prompt template T (cot: the prompt baseline); "
+                   "NAME=control-vector:FILE MODEL's GGUF with a control vector; NAME=lora:PATH[:SCALE] MODEL with "
+                   "a LoRA; NAME=paper:VECTORS[@ALPHA] or NAME=additive:VECTORS[@SCALE] the reference hooks "
+                   "(transformers, slow).")
+@click.option("--unsteered/--no-unsteered", default=True, show_default=True,
+              help="Add MODEL as it is as the first arm, named 'unsteered' (the baseline unless --baseline).")
+@click.option("--baseline", default=None, help="The arm every other arm is paired against (default: the first).")
+@click.option("--data", "data_path", default="builtin:gsm8k-dev", show_default=True,
+              help="As eval's --data: builtin:gsm8k-dev (choose here), builtin:gsm8k-confirm (confirm here, once), "
+                   "builtin:math500, builtin:agieval-math, or a JSONL file.")
+@click.option("--task", default=None, type=choice(TASKS), help="As eval's --task (default: the data set's own).")
+@click.option("--count", default=None, type=int, help="The first N questions (after --offset).")
+@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--template", default=None, help="The prompt template of every arm but template arms (default: the task's).")
+@click.option("--chat", is_flag=True, help="Wrap every prompt in the model's chat template.")
+@click.option("--max-new-tokens", "budgets", default="256", show_default=True,
+              help="Budgets, a comma list (256,512,1024): generated once at the largest, each smaller one scored on "
+                   "the answers' first N tokens (run separately on engines that return no prefixes: vLLM).")
+@click.option("--engine", type=choice(("auto",) + ENGINES), default="auto", show_default=True,
+              help="The engine of MODEL and model arms: auto is llamacpp for a GGUF (zoo models too), else "
+                   "transformers. Hook arms run on transformers, control vectors on llamacpp.")
+@click.option("--confirm", "confirm_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="A choice record from `choose`: refuse questions the choice saw, and title the report a "
+                   "confirmation of its arm.")
+@click.option("--allow-overlap", is_flag=True,
+              help="With --confirm, run on overlapping questions anyway; the report's title says it is no "
+                   "confirmation.")
+@click.option("--llama-server", "llama_server", default=None, help="llamacpp arms: the llama-server binary.")
+@click.option("--vllm", "vllm", default=None, help="vllm arms: the `vllm` executable or its Python.")
+@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for results.json, report.md, report.png and each arm's eval (arms/NAME).")
+@click.option("--overwrite", is_flag=True, help="Replace a comparison in OUTPUT (an interrupted one resumes without it).")
+@runtime_options
+@click.pass_context
+def compare(ctx, model, arm_specs, unsteered, baseline, data_path, budgets, confirm_path, allow_overlap, output,
+            overwrite, **options):
+    """Score several arms of MODEL on the same questions, paired against the unsteered model.
+
+    Each arm is an `eval` run on the engine that serves it (OUTPUT/arms/NAME); results.json has per
+    arm and budget the accuracy (95% Wilson interval), mean output tokens, the cut rate, and against
+    the baseline arm the questions won and lost, the exact McNemar p and Holm's adjusted p across the
+    arms; report.md (and report.png, with matplotlib) are rendered from it. An interrupted comparison
+    (Ctrl-C, a lost server) continues when rerun with the same arguments.
+
+    Choose on dev, then confirm once: `choose OUT ARM -o choice.json` records the choice and the
+    questions it saw; `compare --confirm choice.json --data builtin:gsm8k-confirm` refuses questions
+    the choice saw.
+
+    \b
+    Example:
+      unlock-export compare zoo:qwen2.5-coder-1.5b-instruct --arm fold=out/demo/model.gguf \\
+          --arm cvec=control-vector:out/demo/steer.gguf --arm cot=template:cot \\
+          --data builtin:gsm8k-dev --count 64 --max-new-tokens 256,512 -o cmp/dev
+      unlock-export choose cmp/dev fold -o choice.json
+      unlock-export compare zoo:qwen2.5-coder-1.5b-instruct --arm fold=out/demo/model.gguf --arm cot=template:cot \\
+          --data builtin:gsm8k-confirm --max-new-tokens 256,512 --confirm choice.json -o cmp/confirm
+    """
+    from .._io import output_lock
+    from ..evaluation.compare import Arm, CompareRequest
+    from ..evaluation.compare import compare as run_compare
+
+    runtime = runtime_from(options)
+    arms = ([Arm("unsteered")] if unsteered else []) + [Arm.parse(spec) for spec in arm_specs]
+    if allow_overlap and not confirm_path:
+        raise UserError("--allow-overlap applies to --confirm only")
+    request = CompareRequest(data=data_path, budgets=_budgets(budgets), baseline=baseline, **options)
+    _refuse_output_in_model(output, model)
+    import sys
+
+    with output_lock(output):
+        results = run_compare(model, arms, request, output, runtime, progress=not ctx.obj["quiet"],
+                              confirm=confirm_path, allow_overlap=allow_overlap, overwrite=overwrite,
+                              command=["unlock-export", *sys.argv[1:]])
+    lines = [results["title"]]
+    for e in results["table"]:
+        paired = (f", vs {results['baseline']} {e['won']} won / {e['lost']} lost, p {e['p_mcnemar_exact']:.2g} "
+                  f"(Holm {e['p_holm']:.2g})" if "won" in e else " (baseline)")
+        lines.append(f"  {e['budget']:>5} tokens  {e['arm']:<16} {e['correct']}/{e['n']} = {e['accuracy']:.1%} "
+                     f"[{e['ci95'][0]:.1%}-{e['ci95'][1]:.1%}], cut {e['cut_rate']:.0%}{paired}")
+    lines.append(f"wrote {output}/results.json and report.md")
+    emit(ctx, results, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("arm")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The choice record to write (never replaced).")
+@click.option("--note", default=None, help="Why this arm (kept in the record).")
+@click.pass_context
+def choose(ctx, results_dir, arm, output, note):
+    """Record the choice of ARM from a comparison (RESULTS_DIR, a `compare` output) before confirming it.
+
+    The record (pre-registration) holds the arm and its settings, every question the choice saw, the
+    commit and the date; `compare --confirm RECORD` then refuses those questions.
+
+    \b
+    Example:
+      unlock-export choose cmp/dev fold -o choice.json --note "best at 512 tokens on dev"
+    """
+    from ..evaluation.compare import choose as record_choice
+
+    record = record_choice(results_dir, arm, output, note)
+    emit(ctx, record, f"recorded the choice of arm '{arm}' ({len(record['seen'])} questions seen) in {output}")
 
 
 @cli.command()

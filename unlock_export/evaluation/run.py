@@ -21,8 +21,9 @@ from .. import prompts as prompt_mod
 from .._io import atomic_write_text
 from ..choices import ENGINES, EVAL_FORMS
 from ..errors import UserError
-from .answers import extract_prediction, gold_answer, shows_steps, states_answer
+from .answers import shows_steps, states_answer
 from .engines import STOP, EngineLost, LlamaServerEngine, TransformersEngine, VllmServerEngine
+from .tasks import task_for
 
 __all__ = ["STOP", "EngineLost", "LlamaServerEngine", "TransformersEngine", "VllmServerEngine"]
 
@@ -31,13 +32,17 @@ __all__ = ["STOP", "EngineLost", "LlamaServerEngine", "TransformersEngine", "Vll
 class Item:
     index: int
     question: str
-    gold: object  # Fraction
+    gold: object  # what the task's read_gold gives: a Fraction (gsm8k) or a LaTeX string (math)
+    groups: dict = dataclasses.field(default_factory=dict)  # the task's group_fields: MATH's level, subject
 
 
-def load_items(source: str | Path, count: int | None = None, offset: int = 0, field: str = "question",
-               answer_field: str = "answer") -> list[Item]:
-    """Questions with gold answers from a JSONL file (plain or gzip) or a packaged set (builtin:gsm8k-dev);
+def load_items(source: str | Path, count: int | None = None, offset: int = 0, field: str | None = None,
+               answer_field: str | None = None, task: str | None = None) -> list[Item]:
+    """Questions with gold answers from a JSONL file (plain or gzip) or a packaged set (builtin:gsm8k-dev,
+    builtin:math500, ...), read as `task` says (evaluation.tasks; default: the data set's own, else gsm8k);
     `offset` skips that many lines, and an item's index is its line number from 0."""
+    kind = task_for(source, task)
+    field, answer_field = field or kind.question_field, answer_field or kind.answer_field
     items = []
     for lineno, line in prompt_mod.jsonl_lines(source, "eval data"):
         n = lineno - 1
@@ -47,11 +52,13 @@ def load_items(source: str | Path, count: int | None = None, offset: int = 0, fi
             row = json.loads(line)
             question, answer = row[field], row[answer_field]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{source}:{lineno}: expected a JSON object with '{field}' and '{answer_field}'")
-        gold = gold_answer(answer)
+            raise UserError(f"{source}:{lineno}: expected a JSON object with '{field}' and '{answer_field}' "
+                            f"(task {kind.name}; --task chooses another)")
+        gold = kind.read_gold(answer)
         if gold is None:
-            raise UserError(f"{source}:{lineno}: answer {str(answer)[-40:]!r} has no number (GSM8K: '... #### N')")
-        items.append(Item(n, str(question), gold))
+            raise UserError(f"{source}:{lineno}: answer {str(answer)[-40:]!r} is not {kind.gold_hint} "
+                            f"(task {kind.name}; --task chooses another)")
+        items.append(Item(n, str(question), gold, {g: row[g] for g in kind.group_fields if g in row}))
         if count is not None and len(items) >= count:
             break
     if not items:
@@ -93,16 +100,18 @@ PROGRESS = "progress.jsonl"
 CHUNK = 16  # questions per checkpoint; fixed chunks make a resumed run identical to an uninterrupted one
 
 
-def _fingerprint(texts: list[str], label: dict | None, max_new_tokens: int) -> str:
-    digest = hashlib.sha256(json.dumps([label or {}, max_new_tokens], sort_keys=True, default=str).encode())
+def _fingerprint(texts: list[str], label: dict | None, max_new_tokens: int, prefixes: tuple[int, ...] = ()) -> str:
+    settings = [label or {}, max_new_tokens] + ([list(prefixes)] if prefixes else [])
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode()).digest())
     return digest.hexdigest()
 
 
-def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple[str, int]]:
-    """Finished chunks of an interrupted run with the same prompts and settings: {position: (output, tokens)}."""
-    done: dict[int, tuple[str, int]] = {}
+def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple]:
+    """Finished chunks of an interrupted run with the same prompts and settings: {position: (output, tokens[,
+    prefix texts])}."""
+    done: dict[int, tuple] = {}
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
         raise UserError(f"'{path}' belongs to a run with other prompts or settings: rerun with the same "
@@ -112,8 +121,8 @@ def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple[str, int]]:
             chunk = json.loads(line)
         except json.JSONDecodeError:
             break  # a chunk cut off mid-write: redo it
-        for pos, output, n_tokens in chunk["rows"]:
-            done[pos] = (output, n_tokens)
+        for pos, *result in chunk["rows"]:
+            done[pos] = tuple(result)
     return done
 
 
@@ -162,20 +171,56 @@ def paired_comparison(rows: list[dict], baseline: list[dict]) -> dict:
             "baseline_accuracy": sum(theirs[r["index"]]["correct"] for r in rows) / len(rows)}
 
 
+def score_row(task, item: Item, output: str, n_tokens: int, max_new_tokens: int) -> dict:
+    """One question's row of predictions.jsonl: the output cut at the stop strings, scored by `task`
+    (evaluation.tasks; None: gsm8k)."""
+    output = _cut(output)
+    predicted, correct = (task or task_for("")).score(output, item.gold)
+    return {"index": item.index, "question": item.question, "gold": str(item.gold), **item.groups,
+            "predicted": predicted, "correct": correct, "output_tokens": n_tokens, "cut": n_tokens >= max_new_tokens,
+            "shows_steps": shows_steps(output), "states_answer": states_answer(output), "output": output}
+
+
+def summarize(rows: list[dict], max_new_tokens: int, group_fields: tuple[str, ...] = ("level", "subject")) -> dict:
+    """Accuracy with its 95% Wilson interval, mean output length, the rates of steps shown, answers
+    stated and answers cut, and accuracy by each group field the rows carry (MATH: level, subject)."""
+    n = len(rows)
+    correct = sum(r["correct"] for r in rows)
+    low, high = wilson(correct, n)
+    summary = {"n": n, "correct": correct, "accuracy": correct / n, "ci95": [round(low, 4), round(high, 4)],
+               "ci_method": "wilson", "mean_output_tokens": sum(r["output_tokens"] for r in rows) / n,
+               "steps_rate": sum(r["shows_steps"] for r in rows) / n,
+               "states_answer_rate": sum(r["states_answer"] for r in rows) / n,
+               "cut_rate": sum(r["cut"] for r in rows) / n, "max_new_tokens": max_new_tokens}
+    groups = {}
+    for field in group_fields:
+        values = sorted({str(r[field]) for r in rows if field in r})
+        if values:
+            groups[field] = {v: {"n": sum(str(r.get(field)) == v for r in rows),
+                                 "correct": sum(r["correct"] for r in rows if str(r.get(field)) == v)} for v in values}
+    if groups:
+        summary["by_group"] = groups
+    return summary
+
+
 def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
              label: dict | None = None, progress: bool = True, resume: bool = False,
-             baseline: list[dict] | None = None) -> dict:
+             baseline: list[dict] | None = None, task=None, prefixes: tuple[int, ...] = ()) -> dict:
     """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically.
 
     Finished chunks of CHUNK questions are appended to OUT/progress.jsonl as they complete; with
     `resume`, an interrupted run (crash, Ctrl-C) continues from there with identical results.
     With `baseline` (the rows of an earlier run on the same questions) the summary also holds the
-    paired comparison against it."""
+    paired comparison against it. `task` (evaluation.tasks) scores the answers (None: gsm8k). `prefixes`:
+    smaller budgets whose answers the rows keep too (prefix_outputs: the text of an answer's first N
+    tokens, for each N it ran past), where the engine gives them (evaluation.compare scores them)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(texts, label, max_new_tokens)
+    prefixes = tuple(sorted(b for b in prefixes if b < max_new_tokens)) if getattr(engine, "gives_prefixes", False) \
+        else ()
+    fingerprint = _fingerprint(texts, label, max_new_tokens, prefixes)
     progress_path = out_dir / PROGRESS
     done = _read_progress(progress_path, fingerprint) if resume and progress_path.exists() else {}
     if not done:
@@ -189,7 +234,8 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
             if all(i in done for i in positions):
                 continue
             try:
-                results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update)
+                asked = {"prefixes": prefixes} if prefixes else {}
+                results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update, **asked)
             except EngineLost as exc:
                 chunks = -(-len(texts) // CHUNK)
                 kept = (f"questions 1-{first} (chunks 1-{first // CHUNK} of {chunks}) finished" if first
@@ -204,25 +250,11 @@ def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, o
     wall = time.perf_counter() - start
     bar.close()
     outputs = [done[i] for i in range(len(texts))]
-    rows = []
-    for item, text, (output, n_tokens) in zip(items, texts, outputs):
-        output = _cut(output)
-        predicted = extract_prediction(output)
-        rows.append({"index": item.index, "question": item.question, "gold": str(item.gold),
-                     "predicted": None if predicted is None else str(predicted),
-                     "correct": predicted is not None and predicted == item.gold,
-                     "output_tokens": n_tokens, "cut": n_tokens >= max_new_tokens,
-                     "shows_steps": shows_steps(output), "states_answer": states_answer(output), "output": output})
-    n = len(rows)
-    correct = sum(r["correct"] for r in rows)
-    low, high = wilson(correct, n)
-    summary = {**(label or {}), "n": n, "correct": correct, "accuracy": correct / n,
-               "ci95": [round(low, 4), round(high, 4)], "ci_method": "wilson",
-               "mean_output_tokens": sum(r["output_tokens"] for r in rows) / n,
-               "steps_rate": sum(r["shows_steps"] for r in rows) / n,
-               "states_answer_rate": sum(r["states_answer"] for r in rows) / n,
-               "cut_rate": sum(r["cut"] for r in rows) / n, "max_new_tokens": max_new_tokens,
-               "wall_s": round(wall, 1), "resumed_from": resumed,
+    rows = [score_row(task, item, output[0], output[1], max_new_tokens) for item, output in zip(items, outputs)]
+    for row, output in zip(rows, outputs):
+        if prefixes:
+            row["prefix_outputs"] = output[2]
+    summary = {**(label or {}), **summarize(rows, max_new_tokens), "wall_s": round(wall, 1), "resumed_from": resumed,
                "output_tokens_per_s": round(sum(r["output_tokens"] for r in rows) / wall, 2)
                if wall and not resumed else None}
     if baseline is not None:
@@ -244,7 +276,8 @@ class EvalRequest:
     data: str = "builtin:gsm8k-dev"
     count: int | None = None
     offset: int = 0
-    template: str = "direct"
+    template: str | None = None  # None: the task's (direct for gsm8k, math for MATH sets)
+    task: str | None = None  # how answers are read and scored (evaluation.tasks); None: the data set's own
     chat: bool = False
     engine: str = "transformers"
     form: str = "paper"  # paper, additive or gated-lora (choices.EVAL_FORMS)
@@ -264,6 +297,7 @@ class EvalRequest:
     overwrite: bool = False
     resume: bool = False
     baseline: str | None = None  # the output folder of an earlier eval on the same questions
+    prefixes: tuple[int, ...] = ()  # smaller budgets whose answer prefixes the rows keep, where the engine can
 
     @property
     def strength(self) -> float:
@@ -353,7 +387,9 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         raise UserError(f"'{out}' already holds results: choose another folder or pass --overwrite")
     if (out / PROGRESS).exists() and not (request.resume or request.overwrite):
         raise UserError(f"'{out}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
-    items = load_items(request.data, request.count, request.offset)
+    task = task_for(request.data, request.task)
+    items = load_items(request.data, request.count, request.offset, task=task.name)
+    request = dataclasses.replace(request, template=request.template or task.template, task=task.name)
     baseline_rows = read_baseline(request.baseline, items) if request.baseline else None
     if request.layers and vectors is None:
         raise UserError("layers selects layers of the vectors: pass vectors too")
@@ -368,7 +404,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     if request.form == "gated-lora" and vectors is not None and request.engine != "transformers":
         raise UserError(f"the {request.engine} engine runs no gate hooks: `unlock-export fold --mode gated-lora` "
                         "writes the same edit as a LoRA; evaluate it with --lora")
-    label = {"model": describe(model), "engine": request.engine, "template": request.template,
+    label = {"model": describe(model), "engine": request.engine, "task": task.name, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,
              "steering": _steering_label(request, vectors, vectors_name)}
     if request.lora:
@@ -397,7 +433,8 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length,
                                         extra_tokens=request.max_new_tokens)
         summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), request.max_new_tokens, out,
-                           label, progress, resume=request.resume, baseline=baseline_rows)
+                           label, progress, resume=request.resume, baseline=baseline_rows, task=task,
+                           prefixes=request.prefixes)
         return EvalSummary.from_summary(summary, out)
     if request.engine == "vllm":
         return _run_vllm(model, request, out, items, vectors, label, baseline_rows, progress, options)
@@ -473,7 +510,8 @@ def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, bas
                   "data_parallel_size": request.data_parallel_size}
     with engine as server:
         summary = evaluate(items, texts, server, request.max_new_tokens, out, vllm_label, progress,
-                           resume=request.resume, baseline=baseline_rows)
+                           resume=request.resume, baseline=baseline_rows, task=task_for(request.data, request.task),
+                               prefixes=request.prefixes)
     return EvalSummary.from_summary(summary, out)
 
 
@@ -519,7 +557,8 @@ def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label,
         with LlamaServerEngine(gguf_path, cvec, request.llama_server, parallel=request.parallel,
                                ctx_per_slot=request.max_new_tokens + 768, lora=lora, lora_scale=lora_scale) as server:
             summary = evaluate(items, texts, server, request.max_new_tokens, out, cpp_label, progress,
-                               resume=request.resume, baseline=baseline_rows)
+                               resume=request.resume, baseline=baseline_rows, task=task_for(request.data, request.task),
+                               prefixes=request.prefixes)
     return EvalSummary.from_summary(summary, out)
 
 
