@@ -225,3 +225,45 @@ def test_lost_llama_server_stops_eval_keeps_progress(served_tiny, tmp_path):
     assert main(["--quiet", *common, "--resume", "-o", str(cut)]) == 0
     assert _rows(cut) == _rows(tmp_path / "whole")
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] >= ev.CHUNK
+
+
+@pytest.mark.engines
+def test_compare_budgets_from_llama_server_prefixes_equal_separate_runs(served_tiny, tmp_path, capsys):
+    """llama-server returns each answer's token ids (return_tokens) and detokenizes their prefixes:
+    compare's smaller budget, scored on those prefixes, equals a separate eval at that budget."""
+    from engines import llama_cpp_src
+
+    from unlock_export.export.gguf import convert_gguf
+
+    m = served_tiny("llama")
+    gguf = tmp_path / "base-f32.gguf"
+    convert_gguf(m["dir"], gguf, llama_cpp=llama_cpp_src(), outtype="f32")
+    questions = [(f"Question {i}: what is {i} plus {i + 1}?", 2 * i + 1) for i in range(8)]
+    data = str(_data(tmp_path / "d.jsonl", questions))
+    common = ["--engine", "llamacpp", "--parallel", "1", "--data", data]
+    out = tmp_path / "cmp"
+    assert main(["--quiet", "compare", str(gguf), "--arm", "plain=template:plain", *common,
+                 "--max-new-tokens", "3,12", "-o", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert not (out / "arms" / "unsteered@3").exists()  # from the prefixes, not a second run
+    keys = ("index", "output", "output_tokens", "predicted", "correct", "cut")
+    for arm, extra in (("unsteered", []), ("plain", ["--template", "plain"])):
+        whole = _rows(out / "arms" / arm)
+        assert any(r["output_tokens"] > 3 for r in whole)
+        for budget in (3, 12):
+            folder = tmp_path / f"ev-{arm}-{budget}"
+            assert main(["--quiet", "eval", str(gguf), *common, *extra, "--max-new-tokens", str(budget),
+                         "-o", str(folder)]) == 0
+            separate = _rows(folder)
+            entry = next(e for e in results["table"] if e["arm"] == arm and e["budget"] == budget)
+            assert entry["correct"] == sum(r["correct"] for r in separate)
+            assert entry["cut_rate"] == sum(r["cut"] for r in separate) / len(separate)
+            if budget == 12:
+                assert [[r[k] for k in keys] for r in whole] == [[r[k] for k in keys] for r in separate]
+            else:
+                from unlock_export.evaluation.compare import budget_rows
+                from unlock_export.evaluation.run import load_items
+                from unlock_export.evaluation.tasks import task_for
+
+                prefix = budget_rows(task_for(data), load_items(data), whole, 3)
+                assert [[r[k] for k in keys] for r in prefix] == [[r[k] for k in keys] for r in separate]
