@@ -267,3 +267,37 @@ def test_compare_budgets_from_llama_server_prefixes_equal_separate_runs(served_t
 
                 prefix = budget_rows(task_for(data), load_items(data), whole, 3)
                 assert [[r[k] for k in keys] for r in prefix] == [[r[k] for k in keys] for r in separate]
+
+
+def test_llama_server_crashing_while_repacking_is_started_again_without_repacking(tmp_path, monkeypatch, caplog):
+    """llama.cpp 11434 segfaults repacking some quantized weights on AMX CPUs: the engine starts it
+    again once with --no-repack (here a stand-in server that crashes unless given that flag)."""
+    import stat
+    import textwrap
+
+    from unlock_export.evaluation.engines import LlamaServerEngine
+
+    fake = tmp_path / "llama-server"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import http.server, os, signal, sys
+        with open({str(tmp_path / "calls")!r}, "a") as log:
+            log.write(" ".join(sys.argv[1:]) + "\\n")
+        if "--no-repack" not in sys.argv:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        port = int(sys.argv[sys.argv.index("--port") + 1])
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+            def log_message(self, *a):
+                pass
+        http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+        """))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    with caplog.at_level("WARNING"), LlamaServerEngine(model, server=str(fake), startup_timeout=30) as server:
+        assert not server.repack and "--no-repack" in server._command()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and "--no-repack" not in calls[0] and "--no-repack" in calls[1]
+    assert "starting it again with --no-repack" in caplog.text

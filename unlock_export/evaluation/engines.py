@@ -14,8 +14,10 @@ eval keeps its finished chunks for `--resume`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -123,6 +125,10 @@ class _LocalServer:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
+    def _retry_after_crash(self, returncode: int) -> bool:
+        """Whether to start again (with other flags) after the server died at start with `returncode`."""
+        return False
+
     def _env(self) -> dict:
         return dict(os.environ)
 
@@ -141,6 +147,8 @@ class _LocalServer:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
+                if self._retry_after_crash(self.proc.returncode):
+                    return self.__enter__()
                 raise UserError(f"{self.name} could not start on '{self.model}': {self._log_tail()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
@@ -212,6 +220,7 @@ class LlamaServerEngine(_LocalServer):
         self.binary = find_llama_server(server)
         self.ctx = ctx_per_slot * parallel
         self.threads = threads or os.cpu_count() or 2
+        self.repack = True  # llama.cpp's CPU weight repacking (off after a crash at load: see below)
 
     def _command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
@@ -220,7 +229,19 @@ class LlamaServerEngine(_LocalServer):
             cmd += ["--control-vector", str(self.control_vector)]
         if self.lora:
             cmd += ["--lora", str(self.lora)]
+        if not self.repack:
+            cmd.append("--no-repack")
         return cmd
+
+    def _retry_after_crash(self, returncode: int) -> bool:
+        # llama.cpp 11434 segfaults while repacking some quantized weights for AMX CPUs (the zoo's
+        # Q4_0 Qwen2.5-Coder-1.5B on a Sapphire Rapids Xeon); without repacking the same weights serve
+        if returncode == -signal.SIGSEGV and self.repack:
+            logging.getLogger(__name__).warning("llama-server crashed loading '%s' (SIGSEGV); starting it again "
+                                                "with --no-repack", self.model)
+            self.repack = False
+            return True
+        return False
 
     gives_prefixes = True  # the answer's token ids (return_tokens), detokenized by the server itself
 
