@@ -205,3 +205,14 @@ def test_arm_specs_parse():
     assert Arm.parse("g=lora:adapter:0.5") == Arm("g", "lora", "adapter:0.5")
     assert Arm.parse("p=paper:v.safetensors@0.2") == Arm("p", "paper", "v.safetensors", 0.2)
     assert Arm.parse("cot=template:cot") == Arm("cot", "template", "cot")
+
+
+def test_checked_in_compare_reports_are_their_results_rendered():
+    from pathlib import Path
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    results = sorted((reports / "results").glob("compare_*.json"))
+    assert results, "reports/results holds a compare results file"
+    for path in results:
+        report = reports / (path.stem.replace("_", "-") + ".md")
+        assert report.read_text() == render_report(json.loads(path.read_text())), report
