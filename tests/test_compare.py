@@ -216,3 +216,35 @@ def test_checked_in_compare_reports_are_their_results_rendered():
     for path in results:
         report = reports / (path.stem.replace("_", "-") + ".md")
         assert report.read_text() == render_report(json.loads(path.read_text())), report
+
+
+def test_compare_a_run_takes_every_artifact_it_wrote(tiny_recipe, math_set, tmp_path, capsys):
+    import yaml
+
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "scale": 0.5, "alpha": 0.2}
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["--quiet", "run", str(path), str(run)]) == 0, capsys.readouterr().err
+    out = tmp_path / "cmp"
+    assert main(["--json", "compare", "--run", str(run), "--paper", "--arm", "cot=template:cot", "--data",
+                 str(math_set), "--count", "3", "--max-new-tokens", "4", "-o", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads(capsys.readouterr().out)
+    assert results["model"] == recipe["target"]["model"]  # the run's target, recorded in its summary
+    arms = {a["name"]: a for a in results["arms"]}
+    assert list(arms) == ["unsteered", "fold", "paper", "cot"]
+    assert arms["fold"]["model"] == str(run / "model") and arms["fold"]["engine"] == "transformers"
+    assert arms["paper"]["kind"] == "paper" and arms["paper"]["strength"] == 0.2  # the fold's alpha
+    # the fold arm is the folded checkpoint as eval scores it
+    assert main(["--quiet", "eval", str(run / "model"), "--data", str(math_set), "--count", "3",
+                 "--max-new-tokens", "4", "-o", str(tmp_path / "ev")]) == 0
+    assert _key(_rows(tmp_path / "ev")) == _key(_rows(out / "arms" / "fold"))
+
+
+def test_compare_run_refusals(tmp_path, capsys):
+    assert main(["compare", "--run", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "holds no run summary.json" in capsys.readouterr().err
+    assert main(["compare", "m", "--paper", "--arm", "c=template:cot", "-o", str(tmp_path / "o")]) == 2
+    assert "--paper adds the hooks" in capsys.readouterr().err
+    assert main(["compare", "--arm", "c=template:cot", "-o", str(tmp_path / "o")]) == 2
+    assert "pass MODEL" in capsys.readouterr().err

@@ -174,7 +174,11 @@ def _budgets(value: str) -> tuple[int, ...]:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="A `run` output folder: one arm per artifact it wrote (fold-gguf, control-vector, gated-lora, "
+                   "fold), beside any --arm; MODEL defaults to its target.")
+@click.option("--paper", is_flag=True, help="With --run: add the paper form's hooks at the fold's alpha (slow).")
 @click.option("--arm", "arm_specs", multiple=True, metavar="NAME[=WHAT]",
               help="An arm (repeat): NAME alone is MODEL as it is; NAME=PATH a model folder or GGUF (a fold); "
                    "NAME=template:T MODEL with prompt template T (cot: the prompt baseline); "
@@ -212,8 +216,8 @@ def _budgets(value: str) -> tuple[int, ...]:
 @click.option("--overwrite", is_flag=True, help="Replace a comparison in OUTPUT (an interrupted one resumes without it).")
 @runtime_options
 @click.pass_context
-def compare(ctx, model, arm_specs, unsteered, baseline, data_path, budgets, confirm_path, allow_overlap, output,
-            overwrite, **options):
+def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_path, budgets, confirm_path, allow_overlap,
+            output, overwrite, **options):
     """Score several arms of MODEL on the same questions, paired against the unsteered model.
 
     Each arm is an `eval` run on the engine that serves it (OUTPUT/arms/NAME); results.json has per
@@ -231,6 +235,7 @@ def compare(ctx, model, arm_specs, unsteered, baseline, data_path, budgets, conf
       unlock-export compare zoo:qwen2.5-coder-1.5b-instruct --arm fold=out/demo/model.gguf \\
           --arm cvec=control-vector:out/demo/steer.gguf --arm cot=template:cot \\
           --data builtin:gsm8k-dev --count 64 --max-new-tokens 256,512 -o cmp/dev
+      unlock-export compare --run out/demo --arm cot=template:cot --count 64 --max-new-tokens 256,512 -o cmp/run
       unlock-export choose cmp/dev fold -o choice.json
       unlock-export compare zoo:qwen2.5-coder-1.5b-instruct --arm fold=out/demo/model.gguf --arm cot=template:cot \\
           --data builtin:gsm8k-confirm --max-new-tokens 256,512 --confirm choice.json -o cmp/confirm
@@ -240,7 +245,17 @@ def compare(ctx, model, arm_specs, unsteered, baseline, data_path, budgets, conf
     from ..evaluation.compare import compare as run_compare
 
     runtime = runtime_from(options)
-    arms = ([Arm("unsteered")] if unsteered else []) + [Arm.parse(spec) for spec in arm_specs]
+    if paper and not run_dir:
+        raise UserError("--paper adds the hooks of a --run's vectors: pass --run too (or --arm NAME=paper:VECTORS)")
+    run_target, run_arms = None, []
+    if run_dir:
+        from ..recipe.outputs import run_arms as arms_of_run
+
+        run_target, run_arms = arms_of_run(run_dir, paper)
+    model = model or run_target
+    if not model:
+        raise UserError("pass MODEL (the unsteered target), or --run with a run folder that records its target")
+    arms = ([Arm("unsteered")] if unsteered else []) + run_arms + [Arm.parse(spec) for spec in arm_specs]
     if allow_overlap and not confirm_path:
         raise UserError("--allow-overlap applies to --confirm only")
     request = CompareRequest(data=data_path, budgets=_budgets(budgets), baseline=baseline, **options)

@@ -265,6 +265,8 @@ def _summary(recipe: Recipe, transfer: Transfer, out_dir: Path, outputs: list[st
     key, lrmap, vectors = transfer.key, transfer.lrmap, transfer.vectors
     return {
         "recipe": recipe.name,
+        "target": recipe.target.model,
+        "paper_alpha": recipe.fold.alpha if recipe.fold else None,  # the reference the fold was matched to
         "outputs": {name: str(out_dir / name) for name in outputs},
         "source_layers": lrmap.source_layer_count,
         "target_layers": lrmap.target_layer_count,
