@@ -248,3 +248,61 @@ def test_compare_run_refusals(tmp_path, capsys):
     assert "--paper adds the hooks" in capsys.readouterr().err
     assert main(["compare", "--arm", "c=template:cot", "-o", str(tmp_path / "o")]) == 2
     assert "pass MODEL" in capsys.readouterr().err
+
+
+def test_a_recipe_evaluate_stage_compares_the_runs_outputs(tiny_recipe, math_set, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    path, recipe = tiny_recipe
+    recipe["fold"] = {"mode": "bias", "scale": 0.5, "alpha": 0.2}
+    recipe["evaluate"] = {"data": str(math_set), "count": 3, "budgets": [2, 5], "arms": {"cot": "template:cot"}}
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", "--dry-run", str(path), str(tmp_path / "planned")]) == 0
+    plan = capsys.readouterr().out
+    assert "evaluate" in plan and "compare unsteered, model/, cot on 3 questions" in plan and "budgets 2, 5" in plan
+    run = tmp_path / "run"
+    import unlock_export.evaluation.run as run_mod
+
+    real, calls = run_mod.run_eval, []
+
+    def dies_on_the_third_arm(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "run_eval", dies_on_the_third_arm)
+    assert main(["--quiet", "run", str(path), str(run)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted") and f"'{run / 'compare'}'" in err and "--resume" in err
+    assert (run / "summary.json").is_file() and not (run / "compare" / "results.json").exists()
+    monkeypatch.setattr(run_mod, "run_eval", real)
+    assert main(["--json", "run", "--resume", str(path), str(run)]) == 0  # the comparison only, resumed
+    summary = json.loads(capsys.readouterr().out)
+    results = json.loads((run / "compare" / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["unsteered", "fold", "cot"]
+    assert summary["evaluate"]["title"] == results["title"] and len(summary["evaluate"]["table"]) == 6
+    assert json.loads((run / "summary.json").read_text())["evaluate"] == summary["evaluate"]
+    # the same as compare --run on the finished run
+    assert main(["--quiet", "compare", "--run", str(run), "--arm", "cot=template:cot", "--data", str(math_set),
+                 "--count", "3", "--max-new-tokens", "2,5", "-o", str(tmp_path / "cmp")]) == 0
+    again = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert again["table"] == results["table"]
+
+
+@pytest.mark.parametrize("evaluate,message", [
+    ({"arms": {"bad name": "template:cot"}}, "must be letters"),
+    ({"budgets": [256, 256]}, "distinct whole numbers"),
+    ({"paper": True}, "add a fold step"),
+    ({"colour": "red"}, "colour"),
+])
+def test_a_bad_evaluate_section_is_refused_before_anything_runs(tiny_recipe, tmp_path, capsys, evaluate, message):
+    import yaml
+
+    path, recipe = tiny_recipe
+    recipe["evaluate"] = evaluate
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -213,6 +213,8 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     gguf.{model,base,control_vector,scale,lora} (optional: llama.cpp files),
     diagnostics.{enabled,heldout_count,target_key},
     push.{repo_id,artifact (model|vectors),private,revision,base_model} (optional, after the outputs are written),
+    evaluate.{data,count,offset,task,budgets,engine,paper,arms,confirm} (optional: `compare` of the outputs into
+    OUT_DIR/compare; an interrupted one continues with --resume),
     runtime.{dtype,device,device_map,batch_size,max_length,trust_remote_code,allow_pickle}.
     """
     from ..recipe.runner import run_recipe

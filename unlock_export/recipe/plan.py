@@ -217,6 +217,16 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
             outputs += files
     if recipe.push is not None:
         stages.append(Stage("push", f"{recipe.push.artifact} to {recipe.push.repo_id}"))
+    e = recipe.evaluate
+    if e is not None:
+        written = [name for name in ("model.gguf", "control-vector.gguf", "lora.gguf") if name in outputs]
+        arms = ["unsteered", *written] + (["model/"] if "model/" in outputs and not written else []) \
+            + (["paper hooks"] if e.paper else []) + list(e.arms)
+        questions = f"{e.count} questions" if e.count else "every question"
+        stages.append(Stage("evaluate", f"compare {', '.join(arms)} on {questions} of {e.data} from {e.offset}, "
+                                        f"budgets {', '.join(map(str, sorted(e.budgets)))}"
+                                        + (f", confirming {e.confirm}" if e.confirm else ""), [target.model]))
+        outputs.append("compare/")
     downloads = sum(zoo.lookup(m.spec).size for m in models.values() if m.kind == "zoo" and not m.ready)
     source_note = p.path + (f" ({prompts.BUILTIN_FILES[p.path.split(':', 1)[1]][1]})"
                             if p.path.split(":", 1)[-1] in prompts.BUILTIN_FILES else "")

@@ -75,6 +75,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     from .._io import progress_folder, staging_dir
 
     out_dir = Path(out_dir)
+    if resume and not overwrite and recipe.evaluate is not None and (out_dir / "summary.json").is_file() \
+            and not (out_dir / "compare" / "results.json").is_file():  # the run finished; its comparison did not
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+        summary["evaluate"] = evaluate_stage(recipe, out_dir, progress)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     if out_dir.exists() and not overwrite:
         raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,37 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     if recipe.push is not None:
         summary["push"] = _push(recipe.push, out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if recipe.evaluate is not None:
+        summary["evaluate"] = evaluate_stage(recipe, out_dir, progress)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def evaluate_stage(recipe: Recipe, out_dir: Path, progress: bool) -> dict:
+    """The evaluate stage, after the outputs are in place: `compare` of the run's outputs into
+    OUT_DIR/compare. An interrupted comparison continues with `run --resume` (its arms resume)."""
+    import dataclasses
+
+    from ..evaluation.compare import Arm, CompareRequest, compare
+    from .outputs import run_arms
+
+    e = recipe.evaluate
+    _, arms = run_arms(out_dir, e.paper)
+    arms = [Arm("unsteered"), *arms, *(Arm.parse(f"{name}={what}") for name, what in e.arms.items())]
+    request = CompareRequest(**{f.name: getattr(e, f.name) for f in dataclasses.fields(CompareRequest)
+                                if hasattr(e, f.name)})
+    request = dataclasses.replace(request, budgets=tuple(e.budgets), chat=recipe.prompts.chat)
+    try:
+        results = compare(recipe.target.model, arms, request, out_dir / "compare", recipe.runtime, progress=progress,
+                          confirm=e.confirm, command=["unlock-export", "run", f"# recipe {recipe.name}: evaluate"])
+    except KeyboardInterrupt as exc:  # the outputs are in place; `run --resume` continues the comparison
+        from .._io import note_progress
+
+        note_progress(exc, out_dir / "compare")
+        raise
+    return {"results": str(out_dir / "compare" / "results.json"), "report": str(out_dir / "compare" / "report.md"),
+            "title": results["title"], "table": [{k: row.get(k) for k in (
+                "arm", "budget", "correct", "n", "accuracy", "won", "lost", "p_holm")} for row in results["table"]]}
 
 
 def _run(recipe: Recipe, work: Path, out_dir: Path, progress: bool, recipe_text: str | None,

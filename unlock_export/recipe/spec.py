@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .. import prompts
 from ..errors import UserError
+from ..evaluation.compare import CompareRequest
 from ..models.runtime import RuntimeOptions
+
+_COMPARE = CompareRequest()  # the evaluate stage's defaults are compare's
 
 
 class _Strict(BaseModel):
@@ -219,6 +222,29 @@ class PushSpec(_Strict):
         return validate_repo_id(value)
 
 
+class EvaluateSpec(_Strict):
+    """Optional last stage: `compare` on the run's outputs (OUT_DIR/compare): the unsteered target, every
+    artifact the run wrote, the hooks when asked and any extra arm, paired, at each budget."""
+
+    data: str = _doc("Questions with answers: builtin:gsm8k-dev (choose here), builtin:gsm8k-confirm (confirm "
+                     "here, once), builtin:math500, builtin:agieval-math, or a JSONL file.",
+                     default=_COMPARE.data)
+    count: Optional[int] = _doc("The first N questions after `offset` (default: all).", default=_COMPARE.count, ge=1)
+    offset: int = _doc("Skip this many questions first.", default=_COMPARE.offset, ge=0)
+    task: Optional[Literal["gsm8k", "math"]] = _doc("How answers are scored (default: the data set's own).",
+                                                   default=_COMPARE.task)
+    budgets: list[int] = _doc("Max new tokens, each scored from one generation at the largest.",
+                              default=list(_COMPARE.budgets), min_length=1)
+    engine: Literal["auto", "transformers", "llamacpp", "vllm"] = _doc(
+        "The engine of the target and model arms: auto is llamacpp for a GGUF, else transformers.",
+        default=_COMPARE.engine)
+    paper: bool = _doc("Also the paper form's hooks at fold.alpha (slow: transformers).", default=False)
+    arms: dict[str, str] = _doc("Extra arms, NAME: WHAT as `compare --arm NAME=WHAT` takes it (template:cot, "
+                                "control-vector:FILE, lora:PATH, paper:VECTORS@ALPHA, a model path).", default={})
+    confirm: Optional[str] = _doc("A choice record (`choose`): refuse questions it saw; the report is then a "
+                                  "confirmation.", default=None)
+
+
 class Recipe(_Strict):
     """A whole run: key -> align -> project, then optionally fold, GGUF files and a Hub push."""
 
@@ -235,6 +261,8 @@ class Recipe(_Strict):
     gguf: Optional[GgufSpec] = _doc("llama.cpp files (off when absent).", default=None)
     diagnostics: DiagnosticsSpec = _doc("Diagnostics.", default=DiagnosticsSpec())
     push: Optional[PushSpec] = _doc("Hub push (off when absent).", default=None)
+    evaluate: Optional[EvaluateSpec] = _doc("compare the outputs, paired against the target (off when absent).",
+                                            default=None)
     runtime: RuntimeOptions = _doc("How models run (the same settings as the CLI's runtime flags).",
                                    default=RuntimeOptions())
 
@@ -366,5 +394,20 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe.target.model = _resolve_path(recipe.target.model, base)
     if g is not None and g.base is not None:
         g.base = _resolve_path(g.base, base)
+    e = recipe.evaluate
+    if e is not None:
+        from ..evaluation.compare import Arm
+
+        if not e.data.startswith(prompts.BUILTIN_PREFIX):
+            e.data = _resolve_path(e.data, base)
+        if e.confirm is not None:
+            e.confirm = _resolve_path(e.confirm, base)
+        for name, what in e.arms.items():
+            Arm.parse(f"{name}={what}")  # a bad arm is refused now, not after the run
+        if e.paper and f is None:
+            raise UserError(f"recipe {path}: evaluate.paper compares the hooks at fold.alpha: add a fold step, or an "
+                            "evaluate.arms entry paper: paper:VECTORS@ALPHA")
+        if len(set(e.budgets)) != len(e.budgets) or min(e.budgets) < 1:
+            raise UserError(f"recipe {path}: evaluate.budgets must be distinct whole numbers >= 1, such as [256, 512]")
     _check_inputs(recipe, path, data)
     return recipe
