@@ -150,7 +150,7 @@ def test_packaged_task_is_the_writers_default(tmp_path):
     task = read_task(out)
     assert task["task"] == "unlock_gsm8k" and task["output_type"] == "generate_until"
     assert task["generation_kwargs"] == {"until": STOP, "do_sample": False, "max_gen_toks": 256}
-    assert task["dataset_kwargs"] == {"data": "builtin:gsm8k-dev", "offset": 0, "template": "direct"}
+    assert task["dataset_kwargs"] == {"data": "builtin:gsm8k-dev", "offset": 0, "template": "direct", "answers": "gsm8k"}
     assert task["custom_dataset"] == "!function utils.load_docs"
     assert task["process_results"] == "!function utils.process_results"
     assert task["metric_list"][0]["metric"] == "exact_match"
@@ -168,7 +168,7 @@ def test_task_for_another_file_and_refusals(tmp_path, capsys):
     finally:
         os.chdir(old)
     task = read_task(out, "mine")
-    assert task["dataset_kwargs"] == {"data": str(data.resolve()), "offset": 0, "template": "cot"}
+    assert task["dataset_kwargs"] == {"data": str(data.resolve()), "offset": 0, "template": "cot", "answers": "gsm8k"}
     assert task["generation_kwargs"]["max_gen_toks"] == 32
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no answer"}\n')
@@ -191,6 +191,18 @@ def test_process_results_scores_as_eval():
     assert lmeval.process_results(doc, [" no number"]) == {"exact_match": 0.0}
     assert lmeval.process_results({"gold": "3/4"}, [" \\boxed{\\frac{3}{4}}"]) == {"exact_match": 1.0}
     assert lmeval.process_results(doc, [" 18\nQuestion: what is 5?"]) == {"exact_match": 1.0}  # cut at STOP
+
+
+def test_a_math_task_reads_and_scores_as_eval(tmp_path):
+    out = tmp_path / "m"
+    info = lmeval.write_task(out, data="builtin:math500", task="unlock_math500", max_new_tokens=1024)
+    assert info["answers"] == "math" and info["template"] == "math" and info["questions"] == 500
+    task = read_task(out, "unlock_math500")
+    assert task["dataset_kwargs"] == {"data": "builtin:math500", "offset": 0, "template": "math", "answers": "math"}
+    doc = {"gold": "\\left( 3, \\frac{\\pi}{2} \\right)", "answers": "math"}
+    assert lmeval.process_results(doc, [" so the point is \\boxed{(3,\\pi/2)}."]) == {"exact_match": 1.0}
+    assert lmeval.process_results(doc, [" \\boxed{(3, \\pi)}"]) == {"exact_match": 0.0}
+    assert lmeval.process_results(doc, [" \\boxed{"]) == {"exact_match": 0.0}
 
 
 # -- lm-eval itself ------------------------------------------------------------------------------

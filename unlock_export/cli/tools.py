@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import TASKS
 from .app import cli, emit
 
 
@@ -111,15 +112,20 @@ def lm_eval_config(ctx, vectors_path, scale, layers, model_dir, output, overwrit
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write (lm_eval --include_path).")
 @click.option("--data", default="builtin:gsm8k-dev", show_default=True,
-              help="builtin:gsm8k-dev (packaged), or a JSONL file (plain or .gz) with question and answer.")
+              help="As eval's --data: builtin:gsm8k-dev, builtin:gsm8k-confirm, builtin:math500, builtin:agieval-math "
+                   "(packaged), or a JSONL file (plain or .gz).")
+@click.option("--answers", default=None, type=click.Choice(TASKS),
+              help="How answers are scored, as eval's --task: gsm8k or math (default: the data set's own).")
 @click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
-@click.option("--template", default="direct", show_default=True, help="direct, cot, plain, or a format string with {question}.")
+@click.option("--template", default=None,
+              help="direct, cot, math, math-cot, plain, or a format string with {question} (default: the answers' "
+                   "own: direct for gsm8k, math for math).")
 @click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer (max_gen_toks).")
 @click.option("--task", "task_name", default="unlock_gsm8k", show_default=True, help="The task's name in lm-eval.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.pass_context
-def lm_eval_task(ctx, output, data, offset, template, max_new_tokens, task_name, overwrite):
-    """Write an lm-eval task folder that scores GSM8K as `eval` does, from the packaged questions.
+def lm_eval_task(ctx, output, data, answers, offset, template, max_new_tokens, task_name, overwrite):
+    """Write an lm-eval task folder that scores a math set as `eval` does, from the packaged questions.
 
     The task reads its questions through unlock_export (installed beside lm_eval), so nothing is
     downloaded; the prompt is `eval`'s template, generation greedy and cut at `eval`'s stop strings,
@@ -131,10 +137,11 @@ def lm_eval_task(ctx, output, data, offset, template, max_new_tokens, task_name,
       unlock-export lm-eval-task -o tasks
       lm_eval --model hf --model_args pretrained=out/folded --device cpu --include_path tasks \\
           --tasks unlock_gsm8k --limit 200 --log_samples --output_path lm-eval-out
+      unlock-export lm-eval-task -o math-tasks --data builtin:math500 --task unlock_math500 --max-new-tokens 1024
     """
     from ..evaluation.lmeval import write_task
 
     info = write_task(output, data=data, offset=offset, template=template, max_new_tokens=max_new_tokens,
-                      task=task_name, overwrite=overwrite)
+                      task=task_name, overwrite=overwrite, answers=answers)
     emit(ctx, info, f"wrote {output} (task {task_name}: {info['questions']} questions from {info['data']}); "
                     f"lm_eval --model hf --model_args pretrained=MODEL --include_path {output} --tasks {task_name}")

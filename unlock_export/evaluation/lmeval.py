@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
@@ -135,17 +134,18 @@ def write_steer_config(vectors, output: str | Path, scale: float = 1.0, model: s
 # -- the task -----------------------------------------------------------------------------------
 
 def task_yaml(task: str = TASK_NAME, data: str = DEFAULT_DATA, offset: int = 0, template: str = "direct",
-              max_new_tokens: int = 256) -> str:
-    """The task's YAML text (JSON strings are YAML strings, so every value is written with json.dumps)."""
+              max_new_tokens: int = 256, answers: str = "gsm8k") -> str:
+    """The task's YAML text (JSON strings are YAML strings, so every value is written with json.dumps);
+    `answers`: how they are scored, an evaluation.tasks name (gsm8k, math)."""
     from .run import STOP
 
     def q(value) -> str:
         return json.dumps(value)
 
     until = "\n".join(f"    - {q(s)}" for s in STOP)
-    return f"""# GSM8K for lm-evaluation-harness {LM_EVAL_VERSION} with `unlock-export eval`'s prompt and scoring,
-# written by `unlock-export lm-eval-task`. The questions are read by unlock_export (installed beside
-# lm_eval) from {data}: nothing is downloaded.
+    return f"""# {data} for lm-evaluation-harness {LM_EVAL_VERSION} with `unlock-export eval`'s prompt and scoring
+# ({answers}), written by `unlock-export lm-eval-task`. The questions are read by unlock_export (installed
+# beside lm_eval): nothing is downloaded.
 #   lm_eval --model hf --model_args pretrained=MODEL --include_path THIS_FOLDER --tasks {task}
 task: {q(task)}
 output_type: generate_until
@@ -154,6 +154,7 @@ dataset_kwargs:
   data: {q(data)}
   offset: {int(offset)}
   template: {q(template)}
+  answers: {q(answers)}
 test_split: test
 num_fewshot: 0
 doc_to_text: prompt
@@ -173,11 +174,18 @@ metadata:
 """
 
 
-def write_task(output: str | Path, data: str = DEFAULT_DATA, offset: int = 0, template: str = "direct",
-               max_new_tokens: int = 256, task: str = TASK_NAME, overwrite: bool = False) -> dict:
-    """Write the task folder (`{task}.yaml`, `utils.py`) to `output`, atomically; returns what it holds."""
+def write_task(output: str | Path, data: str = DEFAULT_DATA, offset: int = 0, template: str | None = None,
+               max_new_tokens: int = 256, task: str = TASK_NAME, overwrite: bool = False,
+               answers: str | None = None) -> dict:
+    """Write the task folder (`{task}.yaml`, `utils.py`) to `output`, atomically; returns what it holds.
+    `answers` (an evaluation.tasks name; default the data set's own) says how answers are scored, and
+    `template` defaults to its template."""
     from ..prompts import is_builtin, template_text
     from .run import load_items
+    from .tasks import task_for
+
+    kind = task_for(data, answers)
+    template = template or kind.template
 
     output = Path(output)
     if not _TASK_NAME.match(task):
@@ -189,37 +197,42 @@ def write_task(output: str | Path, data: str = DEFAULT_DATA, offset: int = 0, te
     template_text(template)
     if not is_builtin(data):
         data = str(Path(data).expanduser().resolve())  # lm_eval may run from another folder
-    items = load_items(data, offset=offset)  # every line checked now, not when lm_eval runs
+    items = load_items(data, offset=offset, task=kind.name)  # every line checked now, not when lm_eval runs
     if output.exists() and not overwrite:
         raise UserError(f"'{output}' exists: choose another folder or pass --overwrite")
     with staging_dir(output, overwrite=overwrite) as work:
-        atomic_write_text(work / f"{task}.yaml", task_yaml(task, data, offset, template, max_new_tokens))
+        atomic_write_text(work / f"{task}.yaml", task_yaml(task, data, offset, template, max_new_tokens, kind.name))
         atomic_write_text(work / "utils.py", UTILS_PY)
     return {"output": str(output), "task": task, "data": data, "offset": offset, "questions": len(items),
-            "template": template, "max_new_tokens": max_new_tokens, "lm_eval": LM_EVAL_VERSION}
+            "template": template, "answers": kind.name, "max_new_tokens": max_new_tokens, "lm_eval": LM_EVAL_VERSION}
 
 
-def load_docs(data: str = DEFAULT_DATA, offset: int = 0, template: str = "direct", **_metadata):
+def load_docs(data: str = DEFAULT_DATA, offset: int = 0, template: str | None = None, answers: str | None = None,
+              **_metadata):
     """The task's `custom_dataset`: {"test": one row per question} (lm-eval passes its task metadata,
-    the model arguments included, as keywords too: they are ignored)."""
+    the model arguments included, as keywords too: they are ignored). `answers`: how they are scored
+    (an evaluation.tasks name; default the data set's own)."""
     import datasets
 
     from .run import load_items, render_prompts
+    from .tasks import task_for
 
-    items = load_items(data, offset=int(offset))
-    texts = render_prompts(items, template)
-    rows = [{"index": item.index, "question": item.question, "gold": str(item.gold), "prompt": text}
-            for item, text in zip(items, texts)]
+    kind = task_for(data, answers)
+    items = load_items(data, offset=int(offset), task=kind.name)
+    texts = render_prompts(items, template or kind.template)
+    rows = [{"index": item.index, "question": item.question, "gold": str(item.gold), "prompt": text,
+             "answers": kind.name} for item, text in zip(items, texts)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """`exact_match`: `eval`'s extracted number equals the gold answer (exact fractions)."""
-    from .answers import extract_prediction
+    """`exact_match`: `eval`'s scoring of the answer (gsm8k: the extracted number equals the gold answer
+    as exact fractions; math: math-verify's equivalence), as the doc's `answers` say."""
     from .run import STOP
+    from .tasks import task_for
 
     text = results[0]
     for stop in STOP:  # lm-eval already cut there (`until`): as `eval` does, in case a config drops it
         text = text.split(stop)[0]
-    predicted = extract_prediction(text)
-    return {"exact_match": float(predicted is not None and predicted == Fraction(doc["gold"]))}
+    kind = task_for("", doc.get("answers"))
+    return {"exact_match": float(kind.score(text, kind.read_gold(doc["gold"]))[1])}
