@@ -105,6 +105,11 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
 @click.option("--target-template", default="direct", show_default=True)
 @prompt_options
 @chat_options
+@click.option("--contrast-template", default=None,
+              help="Also pair the same prompts in this template (the key's unlocked variant's, such as cot), in "
+                   "both models: the map then sees the contrast the key is made of, and carries it.")
+@click.option("--contrast-system", default=None,
+              help="--chat: also pair the same prompts under this system turn (the key's unlocked variant's).")
 @click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -113,13 +118,20 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
 @runtime_options
 @click.pass_context
 def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, chat, system,
-          rank, output, overwrite, resume, **runtime):
+          contrast_template, contrast_system, rank, output, overwrite, resume, **runtime):
     """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
+
+    With --contrast-template / --contrast-system the prompts are paired in the key's two formats (the
+    locked one, then the unlocked one), so the map carries a prompt-contrast key (a CoT template, a
+    system prompt) instead of dropping it.
 
     \b
     Example:
       unlock-export align --source zoo:qwen2.5-coder-0.5b-instruct \\
           --target zoo:qwen2.5-coder-1.5b-instruct --rank 16 --count 64 -o map.safetensors
+      unlock-export align --source S --target T --source-template plain --target-template plain --chat \\
+          --system "You always answer in English." --contrast-system "You always answer in French." \\
+          --offset 1000 -o french-map.safetensors
     """
     from .. import prompts as prompts_mod
     from .._io import progress_folder
@@ -127,14 +139,22 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
-    if system and not chat:
-        raise UserError("--system is a chat turn: add --chat")
+    if (system or contrast_system) and not chat:
+        raise UserError("--system and --contrast-system are chat turns: add --chat")
+    if contrast_template and source_template != target_template:
+        raise UserError("--contrast-template pairs one format on both models: give the source and target one template")
     refuse_existing(output, overwrite)
     questions = prompts_mod.load_questions(prompts_path, field, count, offset)
     pool = pool_for(ctx, runtime_from(runtime))
+    contrast = None
+    if contrast_template or contrast_system:
+        contrast = (contrast_template or source_template, prompts_mod.Chat(contrast_system or system) if chat else None)
+        if contrast == (source_template, prompts_mod.Chat(system) if chat else None):
+            raise UserError("the contrast format equals the prompts' own: give another --contrast-template or "
+                            "--contrast-system")
     with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
         lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank,
-                            chat=prompts_mod.Chat(system) if chat else None)
+                            chat=prompts_mod.Chat(system) if chat else None, contrast=contrast)
         lrmap.save(output)
     emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
                 "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},

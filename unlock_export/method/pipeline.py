@@ -105,14 +105,23 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
 
 def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
                 questions: list[str], rank: int, source_states: torch.Tensor | None = None,
-                chat: prompts.Chat | None = None) -> align.LowRankMap:
+                chat: prompts.Chat | None = None, contrast: tuple[str, prompts.Chat | None] | None = None,
+                ) -> align.LowRankMap:
     """Low-rank map source -> target on paired prompts. `source_states` reuses an earlier capture
     of the same prompts and template on the source (all layers). `chat`: both models read the prompts
-    through their own chat templates."""
+    through their own chat templates. `contrast` (a template and a chat wrapping, the key's other
+    variant's format): the same questions in that format are paired too, in both models, so the map
+    sees the variation the key is made of (reports/contrast-alignment.md: it then carries the key)."""
     if source_states is None:
         source_states = capture_states(pool, source, source_template, questions, "capture source (align)", chat=chat)
+    if contrast is not None:
+        source_states = torch.cat([source_states, capture_states(
+            pool, source, contrast[0], questions, "capture source (align, contrast)", chat=contrast[1])], dim=1)
     target_loaded = pool.get(target)
     target_states = capture_states(pool, target, target_template, questions, "capture target (align)", chat=chat)
+    if contrast is not None:
+        target_states = torch.cat([target_states, capture_states(
+            pool, target, contrast[0], questions, "capture target (align, contrast)", chat=contrast[1])], dim=1)
     device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
@@ -122,6 +131,8 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
     })
     if chat is not None:
         lrmap.provenance["chat"] = chat.describe()
+    if contrast is not None:
+        lrmap.provenance["contrast"] = f"template {contrast[0]}" + (f", {contrast[1].describe()}" if contrast[1] else "")
     return lrmap
 
 

@@ -154,7 +154,13 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
     if not reuse:
         run(locked.model, locked.template, align_q)
     run(target.model, target_template, align_q)
+    if recipe.align.contrast:  # the same prompts in the unlocked variant's format, on both models
+        run(locked.model, unlocked.template, align_q)
+        run(target.model, unlocked.template, align_q)
     stages.append(Stage("align", f"rank {recipe.align.rank} map on {len(align_q)} prompts"
+                                 + (f", and the same in the unlocked format {unlocked.template!r}"
+                                    + (f" (system {unlocked.system!r})" if unlocked.system else "")
+                                    if recipe.align.contrast else "")
                                  + (" (the source capture of the key reused)" if reuse else ""),
                         [locked.model, target.model]))
     stages.append(Stage("project", f"layers {recipe.vectors.layers}, site {recipe.vectors.site}"))
