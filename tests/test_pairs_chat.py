@@ -302,5 +302,8 @@ def test_the_readme_pairs_and_chat_lines_run_with_a_tiny_chat_model(tmp_path, ch
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, (line, done.stderr[-800:])
-    for name in ("key.safetensors", "french.safetensors", "map.safetensors"):
+    for name in ("key.safetensors", "french.safetensors", "french-map.safetensors"):
         assert (tmp_path / name).is_file(), name
+    from unlock_export.method.align import LowRankMap
+
+    assert "Answer in French." in LowRankMap.load(tmp_path / "french-map.safetensors").provenance["contrast"]
