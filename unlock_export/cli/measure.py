@@ -9,7 +9,7 @@ import click
 from ..choices import ENGINES, EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
-from .options import choice, parse_multiplier, runtime_from, runtime_options
+from .options import chat_options, choice, parse_multiplier, runtime_from, runtime_options
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -308,6 +308,7 @@ def choose(ctx, results_dir, arm, output, note):
 @click.option("--ppl-margin", default=0.10, show_default=True, type=float,
               help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
 @click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
+@chat_options
 @click.option("--layers", default=None,
               help="Calibrate a fold of only these layers (all, A-B, 1,4,7): the additive form steers them, "
                    "the paper-form reference keeps every layer of --vectors.")
@@ -321,8 +322,8 @@ def choose(ctx, results_dir, arm, output, note):
 @runtime_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 @click.pass_context
-def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, layers, objective, continuation_tokens,
-              prompts_path, field, count, offset, output, **runtime):
+def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, chat, system, layers, objective,
+              continuation_tokens, prompts_path, field, count, offset, output, **runtime):
     """Pick the additive (folded) scale without labels: the one closest to the paper form.
 
     The additive form adds the vector at every position, the paper form edits only the last prompt
@@ -338,14 +339,18 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, lay
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
     from ..evaluation.calibrate import DEFAULT_SCALES, calibrate_scale
+    from ..method.pipeline import prompt_texts
     from ..method.vectors import parse_layers
-    from ..prompts import apply_template
+    from ..prompts import Chat, apply_template
 
+    if system and not chat:
+        raise UserError("--system is a chat turn: add --chat")
     grid = number_list(scales, "--scales") or DEFAULT_SCALES
     loaded, vectors, questions, batch_size = _steering_inputs(
         ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
     band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
-    result = calibrate_scale(loaded, vectors, apply_template(template, questions), apply_template("plain", questions),
+    texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, model)
+    result = calibrate_scale(loaded, vectors, texts, apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
                              additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
     result = result.as_dict()

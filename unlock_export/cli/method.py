@@ -10,19 +10,10 @@ import click
 from ..choices import METHODS, SITES
 from ..errors import UserError
 from .app import cli, emit, pool_for, prompt_options, refuse_existing
-from .options import choice, runtime_from, runtime_options
+from .options import chat_options, choice, runtime_from, runtime_options
 
 
 # -- key -------------------------------------------------------------------------------------
-def chat_options(fn):
-    """--chat and --system: prompts wrapped by each model's own chat template."""
-    fn = click.option("--system", default=None,
-                      help="--chat: the system turn (both variants; --locked-system / --unlocked-system for one).")(fn)
-    return click.option("--chat", is_flag=True,
-                        help="Wrap each prompt in the model's own chat template (the user's turn, then the "
-                             "assistant's turn opened), as a chat endpoint serves it.")(fn)
-
-
 @cli.command()
 @click.option("--locked", required=True,
               help="Capability-absent source model (dir, .gguf, zoo:NAME, Hub id); with --pairs, the one model.")

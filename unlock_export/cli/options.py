@@ -62,3 +62,13 @@ def parse_multiplier(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise UserError(f"--multiplier takes a positive number or 'auto', not {text!r}") from None
+
+
+def chat_options(fn):
+    """--chat and --system: prompts wrapped by each model's own chat template."""
+    fn = click.option("--system", default=None,
+                      help="--chat: the system turn (for `key`, of both variants; --locked-system / --unlocked-system "
+                           "for one).")(fn)
+    return click.option("--chat", is_flag=True,
+                        help="Wrap each prompt in the model's own chat template (the user's turn, then the "
+                             "assistant's turn opened), as a chat endpoint serves it.")(fn)
