@@ -261,7 +261,8 @@ def test_model_card_and_provenance(tmp_path, capsys, tiny_model_dir):
         card = (out / "README.md").read_text()
         front = yaml.safe_load(card.split("---")[1])
         assert front["library_name"] == ("transformers" if mode == "bias" else "peft")
-        assert {"adapter": "beft", "lora": "lora"}.get(mode, "transformers") in front["tags"] + ["transformers"]
+        peft_tags = {"adapter": {"beft"}, "lora": {"lora"}, "bias": set()}[mode]
+        assert set(front["tags"]) & {"beft", "lora"} == peft_tags
         assert {"unlock-export", "steering"} <= set(front["tags"]) and front["base_model"]
         assert "max \\|dlogit\\|" in card and "unlock-export" in card
         info = json.loads((out / "unlock.json").read_text())

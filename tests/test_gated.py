@@ -90,8 +90,11 @@ def test_gated_lora_equals_its_hook_form_loaded_merged_and_as_a_checkpoint(arch,
     assert info["mode"] == "gated-lora" and info["adapter_rank"] == 1 and info["scale"] == 3
     assert fit["fit_prompts"] == 16 and fit["alpha"] == 0.1 and fit["multiplier"] == 3
     assert sorted(fit["heldout"]) == ["1", "2", "3"]
-    for row in fit["heldout"].values():  # the gate opens at the last prompt token, far less elsewhere
-        assert row["at_last_token"] > 0.5
+    # held out, the gate opens at the last prompt token (mean above 0.5); its largest reading at any other
+    # prompt token is recorded, not bounded: on these tiny random models it can exceed the last token's mean
+    # (qwen2: up to 1.07 against 0.82-0.88)
+    for row in fit["heldout"].values():
+        assert row["at_last_token"] > 0.5 and isinstance(row["max_abs_elsewhere"], float)
     card = (out / "README.md").read_text()
     assert "gate fit" in card and "--enable-lora --lora-modules steer=PATH_TO_THIS_FOLDER" in card
     assert "llama-server -m BASE.gguf --lora steer.gguf" in card and '"lora": [{"id": 0, "scale": 1}]' in card
@@ -158,8 +161,10 @@ def test_rank_two_adapter_holds_two_gates_and_equals_their_hook_form(arch, tiny_
         assert torch.allclose(fit.gates[layer], tensors[f"base_model.model.model.layers.{layer}.mlp.down_proj"
                                                         ".lora_A.weight"], atol=1e-6)
         held = fit.heldout[layer]
-        # measured, not asserted: on a tiny random model the first answer token's gate generalises poorly
+        # the held-out figures cover both gates; the second's is recorded without a bound: on a tiny random
+        # model the first answer token's gate generalises poorly (about 0.1-0.4 held out)
         assert held["at_last_token"] > 0.5 and len(held["at_answer_tokens"]) == 1
+        assert isinstance(held["at_answer_tokens"][0], float)
     with gated_edit(lm, fit):
         reference = _logits(lm.model, lm.tokenizer)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), out).eval()
@@ -298,7 +303,11 @@ def test_a_recipe_folds_gated_lora_and_writes_its_lora_gguf(tiny_recipe, tmp_pat
     assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
     info = json.loads((out / "model" / "unlock.json").read_text())
     assert info["mode"] == "gated-lora" and info["adapter_rank"] == 2
-    assert info["gate_fit"]["multiplier_calibration"] and info["gate_fit"]["closeness"]["bias"]["kl"] >= 0
+    closeness = info["gate_fit"]["closeness"]
+    assert info["gate_fit"]["multiplier_calibration"]
+    # each form at its label-free strength is at least as close to the paper form as the unsteered model
+    # (strength 0 is among those each search may choose)
+    assert closeness["gated"]["kl"] <= closeness["unsteered"] and closeness["bias"]["kl"] <= closeness["unsteered"]
     assert info["verification"]["passed"]
     assert (out / "lora.gguf").is_file()
     summary = json.loads((out / "summary.json").read_text())

@@ -125,7 +125,8 @@ def test_paper_form_in_generate_differs_and_hooks_are_removed(load_tiny):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     plain = lm.model.generate(**enc, **kwargs)
     with paper_steering(lm, vec, alpha=2.0):
-        lm.model.generate(**enc, **kwargs)
+        steered = lm.model.generate(**enc, **kwargs)
+    assert not torch.equal(steered, plain)
     assert torch.equal(lm.model.generate(**enc, **kwargs), plain)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
