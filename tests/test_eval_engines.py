@@ -269,7 +269,8 @@ def test_compare_budgets_from_llama_server_prefixes_equal_separate_runs(served_t
                 assert [[r[k] for k in keys] for r in prefix] == [[r[k] for k in keys] for r in separate]
 
 
-def test_llama_server_crashing_while_repacking_is_started_again_without_repacking(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("crash", ["SIGSEGV", "SIGILL"])
+def test_llama_server_crashing_while_repacking_is_started_again_without_repacking(tmp_path, caplog, crash):
     """llama.cpp 11434 segfaults repacking some quantized weights on AMX CPUs: the engine starts it
     again once with --no-repack (here a stand-in server that crashes unless given that flag)."""
     import stat
@@ -284,7 +285,7 @@ def test_llama_server_crashing_while_repacking_is_started_again_without_repackin
         with open({str(tmp_path / "calls")!r}, "a") as log:
             log.write(" ".join(sys.argv[1:]) + "\\n")
         if "--no-repack" not in sys.argv:
-            os.kill(os.getpid(), signal.SIGSEGV)
+            os.kill(os.getpid(), signal.{crash})
         port = int(sys.argv[sys.argv.index("--port") + 1])
         class Health(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
@@ -300,4 +301,4 @@ def test_llama_server_crashing_while_repacking_is_started_again_without_repackin
         assert not server.repack and "--no-repack" in server._command()
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2 and "--no-repack" not in calls[0] and "--no-repack" in calls[1]
-    assert "starting it again with --no-repack" in caplog.text
+    assert f"({crash}); starting it again with --no-repack" in caplog.text

@@ -234,11 +234,14 @@ class LlamaServerEngine(_LocalServer):
         return cmd
 
     def _retry_after_crash(self, returncode: int) -> bool:
-        # llama.cpp 11434 segfaults while repacking some quantized weights for AMX CPUs (the zoo's
-        # Q4_0 Qwen2.5-Coder-1.5B on a Sapphire Rapids Xeon); without repacking the same weights serve
-        if returncode == -signal.SIGSEGV and self.repack:
-            logging.getLogger(__name__).warning("llama-server crashed loading '%s' (SIGSEGV); starting it again "
-                                                "with --no-repack", self.model)
+        # llama.cpp 11434 built natively for an AMX CPU dies repacking quantized weights at load on some such
+        # machines (an AMX `tilezero` raising an illegal instruction, or a segfault: the zoo's Q4 Qwen2.5-Coder
+        # GGUFs on a Sapphire Rapids VM); without repacking the same weights serve (scripts/engines.sh builds
+        # without AMX there)
+        crashes = {-signal.SIGSEGV: "SIGSEGV", -signal.SIGILL: "SIGILL"}
+        if returncode in crashes and self.repack:
+            logging.getLogger(__name__).warning("llama-server crashed loading '%s' (%s); starting it again "
+                                                "with --no-repack", self.model, crashes[returncode])
             self.repack = False
             return True
         return False
