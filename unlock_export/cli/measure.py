@@ -240,6 +240,8 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
       unlock-export compare zoo:qwen2.5-coder-1.5b-instruct --arm fold=out/demo/model.gguf --arm cot=template:cot \\
           --data builtin:gsm8k-confirm --max-new-tokens 256,512 --confirm choice.json -o cmp/confirm
     """
+    import sys
+
     from .._io import output_lock
     from ..evaluation.compare import Arm, CompareRequest
     from ..evaluation.compare import compare as run_compare
@@ -260,8 +262,6 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
         raise UserError("--allow-overlap applies to --confirm only")
     request = CompareRequest(data=data_path, budgets=_budgets(budgets), baseline=baseline, **options)
     _refuse_output_in_model(output, model)
-    import sys
-
     with output_lock(output):
         results = run_compare(model, arms, request, output, runtime, progress=not ctx.obj["quiet"],
                               confirm=confirm_path, allow_overlap=allow_overlap, overwrite=overwrite,

@@ -72,7 +72,7 @@ class Arm:
         return cls(name, kind, value, strength)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "value": self.value, **({"strength": self.strength} if self.strength else {})}
+        return {"kind": self.kind, "value": self.value, **({"strength": self.strength} if self.strength is not None else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +160,8 @@ def _check_arms(arms: list[Arm], request: CompareRequest) -> str:
     if not request.budgets or any(b < 1 for b in request.budgets):
         raise UserError("budgets (--max-new-tokens) must be whole numbers >= 1, such as 256,512")
     for arm in arms:
-        if arm.kind in ("control-vector", "paper", "additive") or (arm.kind == "model" and arm.value):
-            path = arm.value
-            if arm.kind != "model" and not Path(path).is_file():
-                raise UserError(f"arm '{arm.name}': {arm.kind} file '{path}' not found")
+        if arm.kind in ("control-vector", "paper", "additive") and not Path(arm.value).is_file():
+            raise UserError(f"arm '{arm.name}': {arm.kind} file '{arm.value}' not found")
     return baseline
 
 
@@ -230,7 +228,7 @@ def _arm_folder(out: Path, name: str, budget: int | None = None) -> Path:
 
 
 def _arm_rows(arm: Arm, model: str, request: CompareRequest, out: Path, options, progress: bool,
-              vectors_cache: dict) -> dict[int, list[dict]]:
+              vectors_cache: dict, task, items) -> dict[int, list[dict]]:
     """Run one arm (resuming what an interrupted compare left) -> {budget: its rows}."""
     from ..method.vectors import SteeringVectors
     from .run import PROGRESS, run_eval
@@ -247,14 +245,14 @@ def _arm_rows(arm: Arm, model: str, request: CompareRequest, out: Path, options,
         ask = dataclasses.replace(ask, resume=(folder / PROGRESS).exists())
         vectors = None
         if vectors_file:
-            vectors = vectors_cache.setdefault(vectors_file, SteeringVectors.load(vectors_file))
+            if vectors_file not in vectors_cache:  # several arms may steer with one file: read it once
+                vectors_cache[vectors_file] = SteeringVectors.load(vectors_file)
+            vectors = vectors_cache[vectors_file]
         run_eval(served, ask, folder, vectors=vectors, vectors_name=vectors_file, options=options, progress=progress)
         return read_predictions(folder)
 
     rows = run(largest, smaller)
     runs[largest] = rows
-    task = task_for(request.data, request.task)
-    items = load_items(request.data, request.count, request.offset, task=task.name)
     for budget in smaller:
         if all(r["output_tokens"] <= budget or str(budget) in r.get("prefix_outputs", {}) for r in rows):
             runs[budget] = budget_rows(task, items, rows, budget)
@@ -309,7 +307,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
     atomic_write_text(plan_path, json.dumps(plan, indent=2) + "\n")
 
     vectors_cache: dict = {}
-    per_arm = {a.name: _arm_rows(a, model, request, out, options, progress, vectors_cache) for a in arms}
+    per_arm = {a.name: _arm_rows(a, model, request, out, options, progress, vectors_cache, task, items) for a in arms}
     table = []
     for budget in request.budgets:
         base_rows = {r["index"]: r for r in per_arm[baseline][budget]}
