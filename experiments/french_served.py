@@ -46,7 +46,7 @@ def measure(args) -> dict:
     import torch  # noqa: F401
 
     from unlock_export import prompts
-    from unlock_export.evaluation.engines import LlamaServerEngine
+    from unlock_export.evaluation.engines.llama_server import LlamaServerEngine
     from unlock_export.evaluation.run import wilson
     from unlock_export.method.generate import greedy
     from unlock_export.method.pipeline import prompt_texts

@@ -212,7 +212,8 @@ def main() -> None:
 
 
 def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:
-    from unlock_export.evaluation.run import TransformersEngine, evaluate, load_items, read_baseline, render_prompts
+    from unlock_export.evaluation.engines.transformers_engine import TransformersEngine
+    from unlock_export.evaluation.run import evaluate, load_items, read_baseline, render_prompts
 
     items = load_items(args.eval_data, args.eval_count)
     texts = render_prompts(items, "direct", loaded.tokenizer)

@@ -402,6 +402,7 @@ def test_calibrate_command_paper_reference(tiny_model_dir, tmp_path, capsys):
 
 def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import unlock_export.evaluation.run as ev
+    from unlock_export.evaluation.engines.transformers_engine import TransformersEngine
 
     rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a in range(1, 6) for b in range(2)]
     data = tmp_path / "ten.jsonl"
@@ -415,7 +416,7 @@ def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp
 
     assert main(args(tmp_path / "whole")) == 0
     # Ctrl-C during the third chunk
-    real, calls = ev.TransformersEngine.generate, []
+    real, calls = TransformersEngine.generate, []
 
     def interrupted(self, texts, max_new_tokens, progress=None):
         calls.append(len(texts))
@@ -423,15 +424,15 @@ def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp
             raise KeyboardInterrupt
         return real(self, texts, max_new_tokens, progress)
 
-    monkeypatch.setattr(ev.TransformersEngine, "generate", interrupted)
+    monkeypatch.setattr(TransformersEngine, "generate", interrupted)
     assert main(args(tmp_path / "cut")) == 130
     assert not (tmp_path / "cut" / "summary.json").exists()
     capsys.readouterr()
     assert main(args(tmp_path / "cut")) == 2  # neither --resume nor --overwrite
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(ev.TransformersEngine, "generate", real)
+    monkeypatch.setattr(TransformersEngine, "generate", real)
     seen = []
-    monkeypatch.setattr(ev.TransformersEngine, "generate",
+    monkeypatch.setattr(TransformersEngine, "generate",
                         lambda self, texts, n, progress=None: seen.append(len(texts)) or real(self, texts, n, progress))
     assert main(args(tmp_path / "cut", "--resume")) == 0
     assert seen == [3, 1]  # chunks 3 and 4 (of 3, 3, 3, 1) only: the first two were kept
@@ -449,7 +450,7 @@ def test_eval_resume_after_interrupt_gives_identical_results(tiny_model_dir, tmp
 def test_answer_ends_at_its_first_end_of_text_token(load_tiny):
     """A token that ends a text but is not the generation config's EOS (Qwen's `<|endoftext|>`
     from a GGUF, which is also its pad token) ends the answer: nothing after it is kept or counted."""
-    from unlock_export.evaluation.run import TransformersEngine
+    from unlock_export.evaluation.engines.transformers_engine import TransformersEngine
     from unlock_export.models.loading import end_of_text_ids
 
     lm = load_tiny("llama")

@@ -39,7 +39,7 @@ def _fold(m, tmp_path) -> Path:
 # -- no engine needed ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,message", [
-    (["--vectors", "{vectors}", "--form", "additive"], "vLLM runs no steering hooks"),
+    (["--vectors", "{vectors}", "--form", "additive"], "the vllm engine runs no additive steering hooks"),
     (["--parallel", "0"], "--parallel must be at least 1"),
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be at least 1"),
 ])
@@ -78,7 +78,7 @@ def test_vllm_engine_refuses_an_adapter_and_a_gguf(tmp_path, capsys, tiny_model_
 
 def test_find_vllm_takes_the_option_the_environment_and_a_scripts_python(tmp_path, monkeypatch):
     from unlock_export.errors import UserError
-    from unlock_export.evaluation.engines import VLLM_ENV, find_vllm
+    from unlock_export.evaluation.engines.vllm_server import VLLM_ENV, find_vllm
 
     venv = tmp_path / "venv" / "bin"
     venv.mkdir(parents=True)
@@ -102,13 +102,14 @@ def test_a_lost_server_stops_eval_in_one_line_keeping_progress(tmp_path, capsys,
     chunk, and progress.jsonl holding that chunk; --resume finishes with the uninterrupted rows."""
     import unlock_export.evaluation.run as ev
     from unlock_export.evaluation.engines import EngineLost
+    from unlock_export.evaluation.engines.transformers_engine import TransformersEngine
 
     src = tiny_model_dir("llama")
     questions = [(f"What is {i} plus {i}?", 2 * i) for i in range(ev.CHUNK + 4)]
     data = str(_data(tmp_path / "d.jsonl", questions))
     common = ["--quiet", "eval", str(src), "--data", data, "--max-new-tokens", "4", "--template", "plain"]
     assert main([*common, "-o", str(tmp_path / "whole")]) == 0
-    real, calls = ev.TransformersEngine.generate, []
+    real, calls = TransformersEngine.generate, []
 
     def lost_on_second_chunk(self, texts, max_new_tokens, progress=None):
         calls.append(len(texts))
@@ -116,7 +117,7 @@ def test_a_lost_server_stops_eval_in_one_line_keeping_progress(tmp_path, capsys,
             raise EngineLost("llama-server exited with code -9 (ConnectionRefusedError)")
         return real(self, texts, max_new_tokens, progress)
 
-    monkeypatch.setattr(ev.TransformersEngine, "generate", lost_on_second_chunk)
+    monkeypatch.setattr(TransformersEngine, "generate", lost_on_second_chunk)
     capsys.readouterr()
     code = main([*common, "-o", str(tmp_path / "cut")])
     err = capsys.readouterr().err.strip()
@@ -124,7 +125,7 @@ def test_a_lost_server_stops_eval_in_one_line_keeping_progress(tmp_path, capsys,
     assert "llama-server exited" in err and f"questions 1-{ev.CHUNK}" in err and "--resume" in err
     progress = (tmp_path / "cut" / ev.PROGRESS).read_text().splitlines()
     assert len(progress) == 2 and not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.setattr(ev.TransformersEngine, "generate", real)
+    monkeypatch.setattr(TransformersEngine, "generate", real)
     assert main([*common, "--resume", "-o", str(tmp_path / "cut")]) == 0
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
 
@@ -276,7 +277,7 @@ def test_llama_server_crashing_while_repacking_is_started_again_without_repackin
     import stat
     import textwrap
 
-    from unlock_export.evaluation.engines import LlamaServerEngine
+    from unlock_export.evaluation.engines.llama_server import LlamaServerEngine
 
     fake = tmp_path / "llama-server"
     fake.write_text(textwrap.dedent(f"""\

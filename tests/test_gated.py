@@ -267,7 +267,7 @@ def test_the_lora_leaves_a_loaded_model_as_it_was(tiny_model_dir, tmp_path, caps
     (["--lora", "missing-adapter"], "LoRA adapter 'missing-adapter' not found"),
     (["--lora", "ADAPTER:x"], "PATH or PATH:SCALE"),
     (["--lora", "ADAPTER", "--vectors", "VECTORS"], "either vectors or a LoRA adapter"),
-    (["--vectors", "VECTORS", "--form", "gated-lora", "--engine", "llamacpp"], "runs no gate hooks"),
+    (["--vectors", "VECTORS", "--form", "gated-lora", "--engine", "llamacpp"], "the llamacpp engine runs no gated-lora steering hooks"),
     (["--vectors", "VECTORS", "--multiplier", "2"], "apply to --form gated-lora only"),
     (["--vectors", "VECTORS", "--form", "gated-lora", "--dtype", "bfloat16"], "pass --dtype float32"),
 ])

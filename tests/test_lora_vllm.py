@@ -61,7 +61,7 @@ def _value(cmd: list[str], flag: str, count: int = 1) -> list[str]:
 # -- no engine needed ---------------------------------------------------------------------------
 
 def test_vllm_server_command_loads_several_adapters_each_chosen_by_name(tmp_path, monkeypatch):
-    from unlock_export.evaluation.engines import VllmServerEngine
+    from unlock_export.evaluation.engines.vllm_server import VllmServerEngine
 
     vllm = _fake_vllm(tmp_path)
     a, b = _fake_lora(tmp_path / "a"), _fake_lora(tmp_path / "b dir", r=2, lora_alpha=2)
@@ -95,7 +95,7 @@ def test_vllm_server_command_loads_several_adapters_each_chosen_by_name(tmp_path
 
 def test_vllm_lora_rank_and_names(tmp_path):
     from unlock_export.errors import UserError
-    from unlock_export.evaluation.engines import VllmServerEngine
+    from unlock_export.evaluation.engines.vllm_server import VllmServerEngine
     from unlock_export.export.serving import vllm_lora_rank
 
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
@@ -191,7 +191,7 @@ def test_one_vllm_server_serves_two_adapters_and_the_base_per_request(gated_pair
     from conftest import SERVED_TEXTS
     from engines import engine_python
 
-    from unlock_export.evaluation.engines import VllmServerEngine
+    from unlock_export.evaluation.engines.vllm_server import VllmServerEngine
 
     python = engine_python("vllm")  # skips (locally) or fails (CI) when vLLM is not built
     m, adapters = gated_pair

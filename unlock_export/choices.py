@@ -9,6 +9,5 @@ MODES = ("bias", "adapter", "lora", "gated-lora")  # what a fold writes (export.
 ROUTES = ("patch", "convert")  # how a fold becomes a GGUF (export.gguf)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")  # the convert route's tensor types (export.gguf)
 OBJECTIVES = ("answer-start", "continuation")  # what the calibration matches (evaluation.calibrate)
-ENGINES = ("transformers", "llamacpp", "vllm")  # what eval runs on (evaluation.engines)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # what a checkpoint export is stored in (export.fold)
 TASKS = ("gsm8k", "math")  # how eval reads and scores answers: numbers, or LaTeX by math-verify (evaluation.tasks)

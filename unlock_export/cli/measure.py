@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..choices import ENGINES, EVAL_FORMS, OBJECTIVES, TASKS
+from ..choices import EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
-from .options import chat_options, choice, parse_multiplier, runtime_from, runtime_options
+from .options import chat_options, choice, engine_choice, engine_help, parse_multiplier, runtime_from, runtime_options
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -53,9 +53,8 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
               help="direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's "
                    "(direct for gsm8k, math for math).")
 @click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
-@click.option("--engine", type=choice(ENGINES), default="transformers", show_default=True,
-              help="transformers (hooks, both forms), llamacpp (a stock llama-server; GGUF models) or vllm (a stock "
-                   "vLLM server; model folders such as a bias fold).")
+@click.option("--engine", type=engine_choice(), default="transformers", show_default=True,
+              help=engine_help("Where the model runs:"))
 @click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
 @click.option("--form", type=choice(EVAL_FORMS), default="paper", show_default=True,
@@ -137,7 +136,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     _refuse_output_in_model(output, model)
     if request.lora:
-        from ..evaluation.run import parse_lora
+        from ..evaluation.engines import parse_lora
 
         _refuse_output_in_model(output, str(parse_lora(request.lora)[0]), "LoRA adapter")
     from .._io import note_progress, output_lock
@@ -199,9 +198,10 @@ def _budgets(value: str) -> tuple[int, ...]:
 @click.option("--max-new-tokens", "budgets", default="256", show_default=True,
               help="Budgets, a comma list (256,512,1024): generated once at the largest, each smaller one scored on "
                    "the answers' first N tokens (run separately on engines that return no prefixes: vLLM).")
-@click.option("--engine", type=choice(("auto",) + ENGINES), default="auto", show_default=True,
+@click.option("--engine", type=engine_choice(("auto",)), default="auto", show_default=True,
               help="The engine of MODEL and model arms: auto is llamacpp for a GGUF (zoo models too), else "
-                   "transformers. Hook arms run on transformers, control vectors on llamacpp.")
+                   "transformers. Hook arms run on the first engine that runs their form, control vectors on the "
+                   "first that loads them (`eval --help` lists what each engine serves).")
 @click.option("--confirm", "confirm_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="A choice record from `choose`: refuse questions the choice saw, and title the report a "
                    "confirmation of its arm.")

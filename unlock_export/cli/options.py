@@ -54,6 +54,37 @@ def choice(values) -> click.Choice:
     return click.Choice(list(values))
 
 
+class RegistryChoice(click.Choice):
+    """A click choice read from a registry each time it is asked (so a plug-in registered after the CLI
+    was built is a choice too), after any fixed `extra` values such as 'auto'."""
+
+    def __init__(self, names: typing.Callable[[], typing.Iterable[str]], extra: tuple[str, ...] = ()):
+        self._names, self._extra = names, tuple(extra)
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return (*self._extra, *self._names())
+
+    @choices.setter
+    def choices(self, _value):  # click.Choice.__init__ sets it; the registry is the only source
+        pass
+
+
+def engine_choice(extra: tuple[str, ...] = ()) -> RegistryChoice:
+    """The engines registered in evaluation.engines (ENGINES)."""
+    from ..evaluation.engines import engine_names
+
+    return RegistryChoice(engine_names, extra)
+
+
+def engine_help(lead: str) -> str:
+    """`lead`, then each registered engine and what it serves, from its plug-in's summary."""
+    from ..evaluation.engines import ENGINES, plugin
+
+    return lead + " " + "; ".join(f"{name}: {plugin(name).summary}" for name in ENGINES) + "."
+
+
 def parse_multiplier(text: str) -> float | str:
     """--multiplier: a number, or 'auto' (the gated edit's label-free choice)."""
     if text == "auto":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .._io import atomic_write_text
 from ..errors import UserError
+from .engines import engines_with
 from .run import EvalRequest, load_items, mcnemar_exact, read_predictions, score_row, summarize
 from .tasks import task_for
 
@@ -123,9 +124,9 @@ def arm_request(arm: Arm, model: str, request: CompareRequest, max_new_tokens: i
     served = arm.value if arm.kind == "model" and arm.value else model
     engine = request.engine
     if arm.kind in ("paper", "additive"):
-        engine = "transformers"  # the hooks run there only
+        engine = engines_with("forms", arm.kind)[0]  # the first engine that runs these hooks
     elif arm.kind == "control-vector":
-        engine = "llamacpp"
+        engine = engines_with("control_vector")[0]
     elif engine == "auto":
         engine = "llamacpp" if _is_gguf(served) else "transformers"
     fields = dict(data=request.data, count=request.count, offset=request.offset, task=request.task,

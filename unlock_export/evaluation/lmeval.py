@@ -137,7 +137,7 @@ def task_yaml(task: str = TASK_NAME, data: str = DEFAULT_DATA, offset: int = 0, 
               max_new_tokens: int = 256, answers: str = "gsm8k") -> str:
     """The task's YAML text (JSON strings are YAML strings, so every value is written with json.dumps);
     `answers`: how they are scored, an evaluation.tasks name (gsm8k, math)."""
-    from .run import STOP
+    from .engines import STOP
 
     def q(value) -> str:
         return json.dumps(value)
@@ -228,7 +228,7 @@ def load_docs(data: str = DEFAULT_DATA, offset: int = 0, template: str | None = 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """`exact_match`: `eval`'s scoring of the answer (gsm8k: the extracted number equals the gold answer
     as exact fractions; math: math-verify's equivalence), as the doc's `answers` say."""
-    from .run import STOP
+    from .engines import STOP
     from .tasks import task_for
 
     text = results[0]

@@ -1,6 +1,6 @@
-"""Does the transfer help? Greedy accuracy on a numeric-answer math set, for a model as it is, under
-the reference steering hooks (paper or additive form), served by llama.cpp (a folded GGUF or a
-control vector) or by vLLM (a folded checkpoint). The engines are in evaluation/engines.py.
+"""Does the transfer help? Greedy accuracy on a math set (GSM8K numbers, MATH LaTeX), for a model as it
+is, under the reference steering hooks (paper or additive form), served by llama.cpp (a folded GGUF or
+a control vector) or by vLLM (a folded checkpoint). The engines are plug-ins: evaluation/engines/.
 
 Each run writes predictions.jsonl (one line per question) and summary.json; finished chunks are
 kept in progress.jsonl until then, so an interrupted run (Ctrl-C, SIGTERM, a lost server) resumes.
@@ -13,67 +13,18 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from .. import prompts as prompt_mod
 from .._io import atomic_write_text
-from ..choices import ENGINES, EVAL_FORMS
+from ..choices import EVAL_FORMS
 from ..errors import UserError
 from .answers import shows_steps, states_answer
-from .engines import STOP, EngineLost, LlamaServerEngine, TransformersEngine, VllmServerEngine
+from .engines import STOP, EngineLost, check_request, parse_lora
+from .questions import Item, load_items, render_prompts
 from .tasks import task_for
 
-__all__ = ["STOP", "EngineLost", "LlamaServerEngine", "TransformersEngine", "VllmServerEngine"]
-
-
-@dataclasses.dataclass
-class Item:
-    index: int
-    question: str
-    gold: object  # what the task's read_gold gives: a Fraction (gsm8k) or a LaTeX string (math)
-    groups: dict = dataclasses.field(default_factory=dict)  # the task's group_fields: MATH's level, subject
-
-
-def load_items(source: str | Path, count: int | None = None, offset: int = 0, field: str | None = None,
-               answer_field: str | None = None, task: str | None = None) -> list[Item]:
-    """Questions with gold answers from a JSONL file (plain or gzip) or a packaged set (builtin:gsm8k-dev,
-    builtin:math500, ...), read as `task` says (evaluation.tasks; default: the data set's own, else gsm8k);
-    `offset` skips that many lines, and an item's index is its line number from 0."""
-    kind = task_for(source, task)
-    field, answer_field = field or kind.question_field, answer_field or kind.answer_field
-    items = []
-    for lineno, line in prompt_mod.jsonl_lines(source, "eval data"):
-        n = lineno - 1
-        if not line.strip() or n < offset:
-            continue
-        try:
-            row = json.loads(line)
-            question, answer = row[field], row[answer_field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{source}:{lineno}: expected a JSON object with '{field}' and '{answer_field}' "
-                            f"(task {kind.name}; --task chooses another)")
-        gold = kind.read_gold(answer)
-        if gold is None:
-            raise UserError(f"{source}:{lineno}: answer {str(answer)[-40:]!r} is not {kind.gold_hint} "
-                            f"(task {kind.name}; --task chooses another)")
-        items.append(Item(n, str(question), gold, {g: row[g] for g in kind.group_fields if g in row}))
-        if count is not None and len(items) >= count:
-            break
-    if not items:
-        raise UserError(f"eval data '{source}' holds no questions after offset {offset}")
-    return items
-
-
-def render_prompts(items: list[Item], template: str, tokenizer=None, chat: bool = False) -> list[str]:
-    texts = prompt_mod.apply_template(template, [it.question for it in items])
-    if not chat:
-        return texts
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError("--chat needs a model whose tokenizer has a chat template")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True) for t in texts]
+__all__ = ["STOP", "EngineLost", "Item", "load_items", "render_prompts", "parse_lora"]
 
 
 def _cut(text: str) -> str:
@@ -304,25 +255,6 @@ class EvalRequest:
         return self.alpha if self.form == "paper" else self.scale
 
 
-def parse_lora(spec: str | Path) -> tuple[Path, float]:
-    """'PATH' or 'PATH:SCALE' -> (the adapter's path, its scale, 1 when not given). The adapter is a
-    PEFT LoRA folder, or for llama.cpp also a LoRA GGUF; it must exist."""
-    text = str(spec)
-    path, scale = text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).exists():
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            raise UserError(f"--lora takes PATH or PATH:SCALE, and '{tail}' in '{text}' is not a number") from None
-        if not math.isfinite(scale):
-            raise UserError(f"the LoRA scale in '{text}' must be a finite number")
-    if not Path(path).exists():
-        raise UserError(f"LoRA adapter '{path}' not found: pass the folder `fold --mode gated-lora` wrote (or a "
-                        "LoRA GGUF from `gguf` for --engine llamacpp)")
-    return Path(path), scale
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalSummary:
     """The figures of an eval run; `as_dict()` is its summary.json."""
@@ -374,13 +306,11 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     """Evaluate `model` (a spec, a LoadedModel or a (model, tokenizer) pair) as `request` says, on its
     engine, writing predictions.jsonl and summary.json into `out`."""
     from ..method.vectors import parse_layers
-    from ..models.pool import ModelPool, describe
+    from ..models.pool import describe
     from ..models.runtime import RuntimeOptions
 
     options = options or RuntimeOptions()
     out = Path(out)
-    if request.engine not in ENGINES:
-        raise UserError(f"unknown engine '{request.engine}': use {' or '.join(ENGINES)}")
     if request.max_new_tokens < 1:
         raise UserError("max_new_tokens must be at least 1")
     if (out / "summary.json").exists() and not request.overwrite:
@@ -401,178 +331,13 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         raise UserError("pass either vectors or a LoRA adapter, not both: the adapter already holds its steering")
     if request.gate is not None and request.form != "gated-lora":
         raise UserError("gate settings apply to the gated-lora form only")
-    if request.form == "gated-lora" and vectors is not None and request.engine != "transformers":
-        raise UserError(f"the {request.engine} engine runs no gate hooks: `unlock-export fold --mode gated-lora` "
-                        "writes the same edit as a LoRA; evaluate it with --lora")
+    engine = check_request(request.engine, model, request, vectors)
     label = {"model": describe(model), "engine": request.engine, "task": task.name, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,
              "steering": _steering_label(request, vectors, vectors_name)}
     if request.lora:
         label["lora"] = _lora_label(request)
-    if request.engine == "transformers":
-        if request.control_vector:
-            raise UserError("a control vector is for the llamacpp engine; with transformers pass vectors")
-        loaded = ModelPool(options, progress=progress).get(model)
-        texts = render_prompts(items, request.template, loaded.tokenizer, request.chat)
-        steer = None
-        if vectors is not None and request.form == "gated-lora":
-            steer, multiplier = _gated_steering(loaded, vectors, request, describe(model), progress)
-            label["steering"]["multiplier"] = multiplier
-        elif vectors is not None:
-            from ..method.steer import steering
-
-            vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
-            steer = lambda: steering(loaded, vectors, request.form, request.strength)  # noqa: E731
-        elif request.lora:
-            from ..models.loading import applied_lora
-
-            path, scale = parse_lora(request.lora)
-            steer = lambda: applied_lora(loaded, path, scale)  # noqa: E731
-        from ..method.capture import resolve_batch_size
-
-        batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length,
-                                        extra_tokens=request.max_new_tokens)
-        summary = evaluate(items, texts, TransformersEngine(loaded, steer, batch_size), request.max_new_tokens, out,
-                           label, progress, resume=request.resume, baseline=baseline_rows, task=task,
-                           prefixes=request.prefixes)
-        return EvalSummary.from_summary(summary, out)
-    if request.engine == "vllm":
-        return _run_vllm(model, request, out, items, vectors, label, baseline_rows, progress, options)
-    return _run_llamacpp(model, request, out, items, vectors, label, baseline_rows, progress)
-
-
-def _gated_steering(loaded, vectors, request: EvalRequest, name: str, progress: bool):
-    """The gated edit's hooks (method.gate), its gates fitted here on the target as request.gate says
-    (in float32: the gate fit and fold run there)."""
-    import torch
-
-    from ..evaluation.calibrate import fit_gated_edit
-    from ..method.gate import GateSettings, gated_edit
-
-    if next(loaded.model.parameters()).dtype != torch.float32:
-        raise UserError("the gated-lora form fits its gates in float32: pass --dtype float32")
-    settings = request.gate or GateSettings(alpha=request.alpha)
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{name}'")
-    fit = fit_gated_edit(loaded, vectors, settings, closeness=False, progress=progress)  # eval needs no KL report
-    return (lambda: gated_edit(loaded, fit)), fit.multiplier
-
-
-def _run_vllm(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress, options):
-    """A stock vLLM server of a model folder (a bias fold, or the unsteered target); with request.lora, a
-    plain PEFT LoRA served on it (`--enable-lora --lora-modules steer=DIR`) that every request names."""
-    from ..models.loading import load_tokenizer, resolve
-    from .engines import max_model_len, vllm_lora_rank_of
-
-    if not isinstance(model, (str, Path)):
-        raise UserError("the vllm engine serves a model folder: pass its path, not a loaded model")
-    if vectors is not None or request.control_vector:
-        raise UserError("vLLM runs no steering hooks or control vectors: fold the vectors (`unlock-export fold "
-                        "--mode bias`) and evaluate the folded folder, or use --engine transformers")
-    for name, value in (("--parallel", request.parallel), ("--tensor-parallel-size", request.tensor_parallel_size),
-                        ("--data-parallel-size", request.data_parallel_size)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if (Path(model) / "adapter_config.json").is_file():
-        try:
-            vllm_lora_rank_of(model)
-        except UserError:
-            raise UserError(f"'{model}' is a PEFT adapter and vLLM takes no adapter biases: fold with --mode bias "
-                            "and evaluate that checkpoint") from None
-        raise UserError(f"'{model}' is a LoRA adapter: pass the base model it was folded from as the model and "
-                        f"the adapter as --lora ('eval BASE --engine vllm --lora {model}')")
-    loras = None
-    if request.lora:
-        lora_dir, lora_scale = parse_lora(request.lora)
-        if lora_scale != 1:
-            raise UserError(f"vLLM has no per-request LoRA scale, and --lora asks for {lora_scale:g}: refold the "
-                            f"adapter with --multiplier {lora_scale:g} times its own, or use --engine llamacpp")
-        vllm_lora_rank_of(lora_dir)  # BEFT adapters and LoRAs with lora_bias are refused here, in one line
-        loras = {"steer": lora_dir}
-    source = resolve(str(model))
-    if source.kind == "gguf":
-        raise UserError(f"the vllm engine serves a transformers model folder and '{model}' is a GGUF: use "
-                        "--engine llamacpp, or `unlock-export fold` it into a folder")
-    if source.kind not in ("dir", "hub"):
-        raise UserError(f"the vllm engine needs a model folder or a Hub id, not '{model}'")
-    tokenizer = load_tokenizer(source) if request.chat else None
-    texts = render_prompts(items, request.template, tokenizer, request.chat)
-    dtype = options.dtype
-    if dtype == "auto":  # the package's rule: bfloat16 on a GPU, float32 on the CPU
-        import torch
-
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    engine = VllmServerEngine(Path(source.path), request.vllm, parallel=request.parallel,
-                              max_model_len=max_model_len(Path(source.path), request.max_new_tokens + 1024),
-                              dtype=dtype, tensor_parallel_size=request.tensor_parallel_size,
-                              data_parallel_size=request.data_parallel_size,
-                              gpu_memory_utilization=request.gpu_memory_utilization, loras=loras)
-    vllm_label = {**label, "dtype": dtype, "tensor_parallel_size": request.tensor_parallel_size,
-                  "data_parallel_size": request.data_parallel_size}
-    with engine as server:
-        summary = evaluate(items, texts, server, request.max_new_tokens, out, vllm_label, progress,
-                           resume=request.resume, baseline=baseline_rows, task=task_for(request.data, request.task),
-                               prefixes=request.prefixes)
+    with engine.open(model, request, items, vectors, label, options, progress) as session:
+        summary = evaluate(items, session.texts, session.engine, request.max_new_tokens, out, session.label, progress,
+                           resume=request.resume, baseline=baseline_rows, task=task, prefixes=request.prefixes)
     return EvalSummary.from_summary(summary, out)
-
-
-def _run_llamacpp(model, request: EvalRequest, out: Path, items, vectors, label, baseline_rows, progress):
-    """A stock llama-server of a GGUF; a control vector (the additive form); with request.lora, a LoRA
-    GGUF (`--lora`, or a PEFT LoRA folder converted into one first) at the scale each request sends."""
-    from ..models.loading import load_tokenizer, resolve
-
-    if not isinstance(model, (str, Path)):
-        raise UserError("the llamacpp engine serves a GGUF file: pass its path, not a loaded model")
-    if (Path(model) / "adapter_config.json").is_file():
-        raise UserError(f"'{model}' is a PEFT adapter: pass its base model's GGUF as the model and the adapter as "
-                        f"--lora ('eval BASE.gguf --engine llamacpp --lora {model}')")
-    source = resolve(str(model))
-    if source.kind != "gguf":
-        raise UserError(f"the llamacpp engine needs a GGUF model; '{model}' is not one (convert it with `gguf`)")
-    gguf_path = Path(source.path) / source.gguf_file
-    if vectors is not None and request.form != "additive":
-        raise UserError("llama.cpp runs only the additive form: pass --form additive, or --engine transformers")
-    lora_path, lora_scale = parse_lora(request.lora) if request.lora else (None, 1.0)
-    if lora_path is not None and not lora_path.is_dir():
-        _check_lora_gguf(lora_path, gguf_path)
-    tokenizer = load_tokenizer(source) if request.chat else None
-    texts = render_prompts(items, request.template, tokenizer, request.chat)
-    with tempfile.TemporaryDirectory() as tmp:
-        cvec = Path(request.control_vector) if request.control_vector else None
-        if vectors is not None:
-            from ..export.gguf import write_control_vector
-
-            cvec = Path(tmp) / "steer.gguf"
-            write_control_vector(vectors, cvec, scale=request.scale)
-        lora = lora_path
-        if lora_path is not None and lora_path.is_dir():  # a PEFT LoRA folder: its LoRA GGUF, checked on the base
-            from ..export.lora_gguf import write_lora_gguf
-
-            lora = Path(tmp) / "lora.gguf"
-            write_lora_gguf(lora_path, lora, base=gguf_path)
-        cpp_label = {**label, "control_vector": request.control_vector}
-        if lora_path is not None:
-            cpp_label["lora"] = {**(label.get("lora") or {}), "path": str(lora_path), "scale": lora_scale,
-                                 "served_as": "peft folder, converted to a LoRA GGUF" if lora_path.is_dir()
-                                 else "LoRA GGUF"}
-        with LlamaServerEngine(gguf_path, cvec, request.llama_server, parallel=request.parallel,
-                               ctx_per_slot=request.max_new_tokens + 768, lora=lora, lora_scale=lora_scale) as server:
-            summary = evaluate(items, texts, server, request.max_new_tokens, out, cpp_label, progress,
-                               resume=request.resume, baseline=baseline_rows, task=task_for(request.data, request.task),
-                               prefixes=request.prefixes)
-    return EvalSummary.from_summary(summary, out)
-
-
-def _check_lora_gguf(lora: Path, base: Path) -> None:
-    """A LoRA GGUF for llama.cpp, of the base GGUF's architecture (else llama-server refuses it at start)."""
-    from ..models.gguf_fields import read_fields
-
-    if lora.suffix != ".gguf":
-        raise UserError(f"--lora '{lora}' is neither a PEFT LoRA folder nor a .gguf file")
-    fields = read_fields(lora, {"general.type", "adapter.type", "general.architecture"})
-    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
-        raise UserError(f"'{lora}' is not a llama.cpp LoRA GGUF (general.type {fields.get('general.type')!r}): "
-                        "write one with `unlock-export gguf ADAPTER_DIR -o lora.gguf`")
-    arch = read_fields(base, {"general.architecture"}).get("general.architecture")
-    if fields.get("general.architecture") != arch:
-        raise UserError(f"'{lora}' is a LoRA for '{fields.get('general.architecture')}' models but '{base}' is a "
-                        f"'{arch}' GGUF: pass the adapter's own base model")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import prompts
 from ..errors import UserError
 from ..evaluation.compare import CompareRequest
+from ..evaluation.engines import engine_names
 from ..models.runtime import RuntimeOptions
 
 _COMPARE = CompareRequest()  # the evaluate stage's defaults are compare's
@@ -239,15 +240,21 @@ class EvaluateSpec(_Strict):
                                                    default=_COMPARE.task)
     budgets: list[int] = _doc("Max new tokens, each scored from one generation at the largest.",
                               default=list(_COMPARE.budgets), min_length=1)
-    engine: Literal["auto", "transformers", "llamacpp", "vllm"] = _doc(
-        "The engine of the target and model arms: auto is llamacpp for a GGUF, else transformers.",
-        default=_COMPARE.engine)
+    engine: str = _doc("The engine of the target and model arms: auto (llamacpp for a GGUF, else transformers) "
+                       f"or a registered engine: {', '.join(engine_names())}.", default=_COMPARE.engine)
     paper: bool = _doc("Also the paper form's hooks at fold.alpha (slow: transformers).", default=False)
     arms: dict[str, str] = _doc("Extra arms, NAME: WHAT as `compare --arm NAME=WHAT` takes it (template:cot, "
                                 "control-vector:FILE, lora:PATH, paper:VECTORS@ALPHA, a model path).", default={})
     confirm: Optional[str] = _doc("A choice record (`choose`): refuse questions it saw; the report is then a "
                                   "confirmation.", default=None)
 
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        if value != "auto" and value not in engine_names():
+            raise ValueError(f"unknown engine '{value}': use auto or {' or '.join(engine_names())}")
+        return value
 
 class Recipe(_Strict):
     """A whole run: key -> align -> project, then optionally fold, GGUF files and a Hub push."""
