@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 34's confirmation, as a user would run it: the fold the README's development table chose
+# (recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml, chosen on GSM8K dev 0-63), compared on dev, the choice
+# recorded with `choose`, then confirmed once with `compare --confirm` on all 400 questions of
+# builtin:gsm8k-confirm, which no choice here has seen. Every arm on llama.cpp (the fold as the patched
+# GGUF users serve), greedy, 256 and 512 new tokens from one generation.
+#
+#   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
+#
+# Each step is skipped when its output exists, and an interrupted `compare` continues from its finished
+# chunks when rerun with the same arguments. About 6-7 h on a quiet 2-core machine (the 1.5B answers at
+# about 19 s per 512-token answer): the confirmation is 3 arms x 400 questions.
+set -euo pipefail
+OUT="${OUT:-out/confirm}"
+CLI=(${UNLOCK_CLI:-.venv/bin/unlock-export})
+TARGET=zoo:qwen2.5-coder-1.5b-instruct
+CHOICE=reports/results/choice_gsm8k_cot_fold.json
+mkdir -p "$OUT"
+
+[[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
+[[ -f "$OUT/fold.gguf" ]] || "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
+
+ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
+# development: where the configuration was chosen (dev 0-63); the first 32 questions, every arm
+[[ -f "$OUT/dev/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-dev \
+    --count 32 --max-new-tokens 256,512 -o "$OUT/dev"
+[[ -f "$CHOICE" ]] || "${CLI[@]}" choose "$OUT/dev" fold -o "$CHOICE" \
+    --note "the bias fold of the answer-start CoT key (recipe zoo-qwen0.5b-to-1.5b-cot-fold), chosen on GSM8K dev 0-63 by the README's development table"
+# the confirmation: once, on questions the choice never saw
+[[ -f "$OUT/confirm/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-confirm \
+    --max-new-tokens 256,512 --confirm "$CHOICE" -o "$OUT/confirm"
