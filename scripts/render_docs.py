@@ -66,6 +66,18 @@ def _type_name(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def _registry_type(field) -> str | None:
+    """A field whose values a registry holds (an export form, an engine): the names registered now."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "registry" not in extra:
+        return None
+    import importlib
+
+    module, _, name = extra["registry"].partition(":")
+    names = [*extra.get("extra", []), *getattr(importlib.import_module(module), name)()]
+    return " \\| ".join(f"`{n}`" for n in names)
+
+
 def _constraints(field) -> str:
     """Bounds and patterns pydantic enforces on a field, as text (`>= 1`, `pattern ^...$`)."""
     signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
@@ -120,7 +132,7 @@ def _sections(model, path: str) -> list[tuple[str, type, list[tuple[str, str, st
     for name, field in model.model_fields.items():
         key = f"{path}.{name}" if path else name
         sub = _model_class(field.annotation)
-        kind = _type_name(field.annotation) if sub is None else "section"
+        kind = _registry_type(field) or _type_name(field.annotation) if sub is None else "section"
         if sub is not None and not field.is_required():
             kind = "section, optional" if field.default is None else "section"
         constraint = _constraints(field)

@@ -141,7 +141,7 @@ def test_rank_is_for_lora_only(tmp_path, capsys, tiny_model_dir, mode):
     lm = load(str(src), dtype="float32", device="cpu")
     vec_path = make_vectors(lm).save(tmp_path / "v.safetensors")
     code, err = fold_cli(capsys, src, vec_path, tmp_path / "out", "--mode", mode, "--rank", "4")
-    assert code == 2 and "--rank applies to --mode lora only" in err
+    assert code == 2 and "--rank applies to --mode lora or --mode gated-lora only" in err
     assert not (tmp_path / "out").exists()
 
 

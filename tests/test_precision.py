@@ -145,7 +145,7 @@ def test_dtype_converts_a_float32_checkpoint_and_is_refused_for_adapters(tmp_pat
     ver = json.loads((tmp_path / "f32" / "unlock.json").read_text())["verification"]
     assert ver["tolerance"] == 1e-3 and ver["precision_floor_max_abs_dlogit"] == 0.0
     code, err = _fold(capsys, src, vec_path, tmp_path / "adapter", "--mode", "adapter", "--dtype", "bfloat16")
-    assert code == 2 and "--dtype applies to --mode bias only" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--dtype applies to --mode bias or --mode gated-lora --merge only" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "adapter").exists()
 
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_model": "api", "fit_gates": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
     "GateFit": "method.gate",
     "MasterKey": "method.key", "LowRankMap": "method.align", "SteeringVectors": "method.vectors",
-    "FoldResult": "export.fold", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",
+    "FoldResult": "export.base", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",
     "LoadedModel": "models.loading", "RuntimeOptions": "models.runtime",
     "UserError": "errors", "ExportFailure": "errors",
 }

@@ -25,7 +25,7 @@ from . import prompts as prompt_sources
 from .errors import UserError
 from .evaluation.calibrate import Calibration
 from .evaluation.run import EvalSummary
-from .export.fold import FoldResult
+from .export.base import FoldResult
 from .method.align import LowRankMap
 from .method.key import MasterKey
 from .method.vectors import SteeringVectors
@@ -166,18 +166,18 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
     `fit_gates`; `merge` writes it into a standalone checkpoint instead of a PEFT LoRA.
 
     A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
-    from .export.fold import fold as fold_files
+    from .export.forms import export, form, forms_with
     from .method.vectors import parse_layers
 
     if layers is not None:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
-    if mode == "gated-lora":
+    if form(mode).fits_gates:
         return fold_gated_lora(target, vectors, out, gate, merge=merge, link=link, overwrite=overwrite,
                                verify=verify, tolerance=tolerance, progress=progress, dtype=dtype)
-    if gate or merge:
-        raise UserError("gate settings and merge apply to mode 'gated-lora' only")
-    return fold_files(_files_of(target), vectors, out, scale=scale, mode=mode, rank=rank, link=link,
+    if gate:
+        raise UserError(f"gate settings apply to mode {' or '.join(forms_with(lambda f: f.fits_gates))} only")
+    return export(mode, _files_of(target), vectors, out, scale=scale, rank=rank, link=link,
                       overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference,
                       dtype=dtype)
 
@@ -189,7 +189,7 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
     """`fold(mode="gated-lora")`: fit the gates (`fit_gates`) on the target, loaded once in float32
     (or used as it is when the caller's model is float32), and write the edit, verified against its
     hook form on that same model."""
-    from .export.gated import fold_gated
+    from .export.forms import export
     from .models.checkpoint import check_output_path
     from .models.loading import resolve
 
@@ -205,7 +205,7 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
     fit = fit_gates(loaded, vectors, settings, progress=progress)
     context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
                f"{settings.offset + settings.count}], template {settings.template}"}
-    return fold_gated(files, fit, vectors, out, merge=merge, link=link, overwrite=overwrite, verify=verify,
+    return export("gated-lora", files, vectors, out, fit=fit, merge=merge, link=link, overwrite=overwrite, verify=verify,
                       tolerance=tolerance, progress=progress, reference=loaded, card_context=context, dtype=dtype)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..choices import EXPORT_DTYPES, MODES, OUTTYPES, ROUTES
+from ..choices import EXPORT_DTYPES, OUTTYPES, ROUTES
 from ..errors import UserError
 from .app import cli, emit
-from .options import choice, parse_multiplier
+from .options import choice, form_choice, form_help, parse_multiplier
 
 
 # -- fold ------------------------------------------------------------------------------------
@@ -19,10 +19,7 @@ from .options import choice, parse_multiplier
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Steering-vectors file from `project` (or `run`).")
 @click.option("--scale", default=None, type=float, help="Offset = scale * direction (default 1; not for gated-lora).")
-@click.option("--mode", type=choice(MODES), default="bias", show_default=True,
-              help="bias: standalone checkpoint; adapter: PEFT BEFT adapter (a bias per steered module, PEFT "
-                   ">= 0.20); lora: PEFT LoRA with lora_bias (older PEFT, GPT-2); gated-lora: a plain rank-r "
-                   "LoRA whose label-free gates open at the last prompt token (the paper form as weights).")
+@click.option("--mode", type=form_choice(), default="bias", show_default=True, help=form_help("What to write:"))
 @click.option("--rank", default=None, type=int,
               help="lora: the LoRA rank (default 8); gated-lora: gates per layer, the last prompt token and then "
                    "the first RANK-1 answer tokens (default 1).")
@@ -69,13 +66,13 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
           --scale 4 -o out/qwen1.5b-cot
       unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter -o out/adapter
     """
-    from ..export.fold import fold as fold_model
+    from ..export.forms import export, form
     from ..method.vectors import SteeringVectors, parse_layers
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
-    if mode == "gated-lora":
+    if form(mode).fits_gates:
         from ..api import fold_gated_lora
         from ..method.gate import GateSettings
 
@@ -89,17 +86,15 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
     else:
         if multiplier != "1" or gate_heldout != 8:
             raise UserError("--multiplier and --gate-heldout apply to --mode gated-lora only: drop them")
-        if merge:
-            raise UserError("--merge applies to --mode gated-lora only (a bias fold is already a checkpoint)")
         scale = 1.0 if scale is None else scale
-        result = fold_model(target, vectors, output, scale=scale, mode=mode, rank=rank, link=link,
+        result = export(mode, target, vectors, output, scale=scale, rank=rank, merge=merge, link=link,
                             overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
                             card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"],
                             dtype=dtype)
     ver = result.verification
     check = (f"verified in {ver['dtype']}: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:.3g}, "
              f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
-    strength = f"multiplier {result.scale:g}" if mode == "gated-lora" else f"scale {result.scale:g}"
+    strength = f"multiplier {result.scale:g}" if form(mode).fits_gates else f"scale {result.scale:g}"
     emit(ctx, result.as_dict(), f"wrote {output} ({result.mode}, {result.exported_model_type}, "
                                  f"{len(result.layers)} layers, {strength}); {check}")
 
@@ -121,7 +116,8 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     Example:
       unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
     """
-    from ..export.fold import read_unlock_json
+    from ..export.base import read_unlock_json
+    from ..export.forms import form_of_export
     from ..export.verify import verify_export
     from ..method.vectors import SteeringVectors
 
@@ -133,9 +129,7 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     vectors = SteeringVectors.load(vectors_path)
     if info.get("layers") is not None:
         vectors = vectors.select(info["layers"])
-    edit = None
-    if str(info.get("mode", "")).startswith("gated-lora"):
-        edit = _gated_reference(export_dir, info)
+    edit = form_of_export(info).reference(Path(export_dir), info) if info.get("mode") else None
     report = verify_export(export_dir, vectors, scale, base, tolerance, edit=edit)
     close = (info.get("gate_fit") or {}).get("closeness")
     if close:
@@ -146,18 +140,6 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     emit(ctx, report, f"ok: max |dlogit| {report['max_abs_dlogit']:.3g} <= {tolerance:g}, top-1 agreement "
                        f"{report['top1_agreement']:.1%} on {report['prompts']} prompts "
                        f"(steering moves logits by up to {report['steering_effect_max_abs_dlogit']:.3g})")
-
-
-def _gated_reference(export_dir: Path, info: dict):
-    """The hook form of the gated edit an export holds, for verify (the LoRA's own gates and write)."""
-    from ..export.gated import fit_from_adapter
-    from ..method.gate import gated_edit
-
-    if info["mode"] != "gated-lora":
-        raise UserError(f"'{export_dir}' is a merged gated edit, whose gates live inside its weights: it was "
-                        "verified when it was written (unlock.json: verification); verify its LoRA form instead")
-    fit = fit_from_adapter(export_dir, info)
-    return lambda loaded: gated_edit(loaded, fit)
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------

@@ -71,6 +71,20 @@ class RegistryChoice(click.Choice):
         pass
 
 
+def form_choice() -> RegistryChoice:
+    """The export forms registered in export.forms (FORMS)."""
+    from ..export.forms import form_names
+
+    return RegistryChoice(form_names)
+
+
+def form_help(lead: str) -> str:
+    """`lead`, then each registered export form and what it writes, from its plug-in's summary."""
+    from ..export.forms import FORMS, form
+
+    return lead + " " + "; ".join(f"{name}: {form(name).summary}" for name in FORMS) + "."
+
+
 def engine_choice(extra: tuple[str, ...] = ()) -> RegistryChoice:
     """The engines registered in evaluation.engines (ENGINES)."""
     from ..evaluation.engines import engine_names

@@ -129,7 +129,7 @@ def patch_gguf(folded: str | Path, out: str | Path, base: str | None = None, ove
     """Route (a): the target's GGUF plus the folded biases; every other tensor is copied as is."""
     import gguf
 
-    from .fold import read_unlock_json
+    from .base import read_unlock_json
 
     folded = Path(folded)
     ckpt = Checkpoint(folded)

@@ -93,12 +93,12 @@ def _recipe_output_card(path: Path, base_model: str | None) -> str:
     import json
 
     from ..method.vectors import SteeringVectors
-    from .card import _base_model_id
+    from .card import base_model_id
 
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     vectors = SteeringVectors.load(path / "vectors.safetensors")
     target = vectors.provenance.get("target", "")
-    front = {"tags": ["unlock-export", "steering"], "base_model": base_model or _base_model_id(target) or None}
+    front = {"tags": ["unlock-export", "steering"], "base_model": base_model or base_model_id(target) or None}
     front = {k: v for k, v in front.items() if v}
     lines = [f"# {summary.get('recipe', path.name)}", "",
              f"UNLOCK steering vectors (arXiv 2604.06377) made by unlock-export {__version__}: the source's "

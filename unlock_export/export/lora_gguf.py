@@ -154,7 +154,7 @@ def write_lora_gguf(adapter: str | Path, out: str | Path, base: str | Path | Non
     target's GGUF, checked to be the model the adapter fits (default: the fold's target when it is one)."""
     import gguf
 
-    from .fold import read_unlock_json
+    from .base import read_unlock_json
 
     adapter = Path(adapter)
     if not is_peft_adapter(adapter):

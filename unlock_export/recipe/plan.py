@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import prompts
 from ..errors import UserError
+from ..export.forms import form
 from ..models import zoo
 
 CHARS_PER_TOKEN = 4
@@ -178,7 +179,7 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         stages.append(Stage("diagnostics", what, [target.model, locked.model]))
         outputs += ["diagnostics.json", "diagnostics.png"]
     f = recipe.fold
-    if f is not None and f.mode == "gated-lora":
+    if f is not None and form(f.mode).fits_gates:
         from ..method.gate import ANSWER_TOKENS
 
         gate_q = prompts.load_questions(f.gate_prompts, count=f.gate_count + f.gate_heldout, offset=f.gate_offset)

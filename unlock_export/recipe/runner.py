@@ -20,6 +20,7 @@ import yaml
 
 from .. import prompts
 from ..errors import UserError
+from ..export.forms import form
 from .spec import FoldSpec, GgufSpec, PushSpec, Recipe
 
 
@@ -247,7 +248,7 @@ def _calibration_note(f: FoldSpec, calibration: dict) -> str:
 def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: Path, progress: bool,
                 recipe_text: str | None, card_extra: dict, clock: _Clock) -> FoldStage:
     """The optional fold: calibrate when asked, then fold (verified) into work/model."""
-    from ..export.fold import fold
+    from ..export.forms import export
     from ..method.vectors import parse_layers
 
     f = recipe.fold
@@ -260,7 +261,7 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
         return {"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}", "recipe": recipe_text or "",
                 **card_extra}
 
-    if f.mode == "gated-lora":
+    if form(f.mode).fits_gates:
         return _gated_fold_stage(recipe, pool, transfer, chosen, work, out_dir, progress, context(), clock)
     outputs, scale = [], f.scale
     if scale == "auto":
@@ -272,7 +273,7 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
         card_extra["calibration"] = _calibration_note(f, calibration)
     pool.release()  # fold's verification loads the target and the export
     t0 = time.perf_counter()
-    result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank,
+    result = export(f.mode, recipe.target.model, chosen, work / "model", scale=scale, rank=f.rank,
                   verify=f.verify, tolerance=f.tolerance, allow_pickle=recipe.runtime.allow_pickle, progress=progress,
                   card_context=context(), dtype=f.dtype)
     clock.timings["fold_s"] = time.perf_counter() - t0
@@ -411,12 +412,13 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str]):
     from ..export.serving import serve_commands
 
     f = recipe.fold
-    gated_lora = f is not None and f.mode == "gated-lora" and not f.merge and "model" in outputs
+    written = form(f.mode) if f is not None else None
+    gated_lora = written is not None and written.fits_gates and not f.merge and "model" in outputs
     return serve_commands(
         model_dir=out_dir / "model" if "model" in outputs else None,
         model_gguf=out_dir / "model.gguf" if "model.gguf" in outputs else None,
         control_vector=out_dir / "control-vector.gguf" if "control-vector.gguf" in outputs else None,
-        target_gguf=_target_gguf(recipe), adapter=f is not None and f.mode != "bias" and not f.merge,
+        target_gguf=_target_gguf(recipe), adapter=written is not None and written.peft_type(f.merge) is not None,
         lora_gguf=out_dir / "lora.gguf" if "lora.gguf" in outputs else None,
         lora_dir=out_dir / "model" if gated_lora else None, lora_base=recipe.target.model,
         lora_rank=(f.rank or 1) if gated_lora else 1)
@@ -425,14 +427,14 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str]):
 def _push(spec: PushSpec, out_dir: Path) -> dict:
     """The push step runs after the outputs are in place: a failed push keeps them, and says how to retry."""
     from ..errors import ExportFailure
-    from ..export.card import _base_model_id
+    from ..export.card import base_model_id
     from ..export.hub import push
 
     artifact = out_dir / ("model" if spec.artifact == "model" else "vectors.safetensors")
     base_model = spec.base_model
     if base_model is None and artifact.is_dir():
         target = json.loads((artifact / "unlock.json").read_text()).get("target", "")
-        base_model = _base_model_id(target) if _base_model_id(target).count("/") == 1 else None
+        base_model = base_model_id(target) if base_model_id(target).count("/") == 1 else None
     try:
         report = push(artifact, spec.repo_id, private=spec.private, revision=spec.revision, base_model=base_model)
     except UserError as exc:

@@ -16,6 +16,7 @@ from .. import prompts
 from ..errors import UserError
 from ..evaluation.compare import CompareRequest
 from ..evaluation.engines import engine_names
+from ..export.forms import form, form_names, forms_with
 from ..models.runtime import RuntimeOptions
 
 _COMPARE = CompareRequest()  # the evaluate stage's defaults are compare's
@@ -136,10 +137,8 @@ class VectorsSpec(_Strict):
 class FoldSpec(_Strict):
     """Optional: fold the vectors into the target's weights (written to OUT_DIR/model), verified."""
 
-    mode: Literal["bias", "adapter", "lora", "gated-lora"] = _doc(
-        "bias: a standalone checkpoint; adapter: a PEFT BEFT adapter (PEFT >= 0.20); lora: a PEFT LoRA with "
-        "lora_bias; gated-lora: the paper form's last-token edit as a plain LoRA (label-free gates; `fold "
-        "--mode gated-lora`), which stock servers switch per request.", default="bias")
+    mode: str = _doc("What the fold writes: a registered export form (export.forms; `fold --help` says what each "
+                     "writes).", default="bias", json_schema_extra={"registry": "unlock_export.export.forms:form_names"})
     scale: Union[float, Literal["auto"]] = _doc(
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
@@ -182,6 +181,13 @@ class FoldSpec(_Strict):
         "Precision of a checkpoint's weights (mode bias, gated-lora with merge); auto: the target's own.",
         default="auto")
 
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in form_names():
+            raise ValueError(f"unknown mode '{value}': use {' or '.join(form_names())}")
+        return value
 
 class GgufSpec(_Strict):
     """Optional: llama.cpp files written beside the outputs."""
@@ -241,7 +247,8 @@ class EvaluateSpec(_Strict):
     budgets: list[int] = _doc("Max new tokens, each scored from one generation at the largest.",
                               default=list(_COMPARE.budgets), min_length=1)
     engine: str = _doc("The engine of the target and model arms: auto (llamacpp for a GGUF, else transformers) "
-                       f"or a registered engine: {', '.join(engine_names())}.", default=_COMPARE.engine)
+                       "or a registered engine (evaluation.engines).", default=_COMPARE.engine,
+                       json_schema_extra={"registry": "unlock_export.evaluation.engines:engine_names", "extra": ["auto"]})
     paper: bool = _doc("Also the paper form's hooks at fold.alpha (slow: transformers).", default=False)
     arms: dict[str, str] = _doc("Extra arms, NAME: WHAT as `compare --arm NAME=WHAT` takes it (template:cot, "
                                 "control-vector:FILE, lora:PATH, paper:VECTORS@ALPHA, a model path).", default={})
@@ -354,10 +361,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
     f = recipe.fold
-    if f is not None and f.rank is not None and f.mode not in ("lora", "gated-lora"):
-        raise UserError(f"recipe {path}: fold.rank applies to fold.mode lora and gated-lora only; drop it or set the "
-                        "mode")
-    gated = f is not None and f.mode == "gated-lora"
+    chosen = form(f.mode) if f is not None else None
+    if f is not None and f.rank is not None and chosen.default_rank is None:
+        having = " and ".join(forms_with(lambda x: x.default_rank is not None))
+        raise UserError(f"recipe {path}: fold.rank applies to fold.mode {having} only; drop it or set the mode")
+    gated = f is not None and chosen.fits_gates
     if f is not None:
         given = f.model_fields_set
         bias_keys = given & {"scale", "scales", "objective", "continuation_tokens", "calibrate_count", "check_alpha",
@@ -399,7 +407,7 @@ def load_recipe(path: str | Path) -> Recipe:
     systems = [recipe.prompts.system, recipe.source.locked.system, recipe.source.unlocked.system]
     if any(systems) and not recipe.prompts.chat:
         raise UserError(f"recipe {path}: a system text is a chat turn: set prompts.chat: true")
-    if recipe.prompts.chat and f is not None and f.mode == "gated-lora":
+    if recipe.prompts.chat and gated:
         raise UserError(f"recipe {path}: prompts.chat with fold.mode gated-lora: the gate fit reads plain prompts "
                         "only; use fold.mode bias, or prompts.chat: false")
     recipe.target.model = _resolve_path(recipe.target.model, base)
