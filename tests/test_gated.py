@@ -115,7 +115,7 @@ def test_the_gate_reads_one_at_the_last_token_and_little_elsewhere(load_tiny):
 @pytest.mark.parametrize("extra,message", [
     (["--mode", "gated-lora", "--scale", "2"], "not --scale"),
     (["--mode", "bias", "--merge"], "--merge applies to --mode gated-lora only"),
-    (["--mode", "bias", "--multiplier", "auto"], "apply to --mode gated-lora only"),
+    (["--mode", "bias", "--multiplier", "auto"], "--multiplier applies to --mode gated-lora only"),
     (["--mode", "gated-lora", "--gate-count", "0"], "count >= 1 (--gate-count)"),
     (["--mode", "gated-lora", "--rank", "0"], "rank (--rank) runs from 1"),
     (["--mode", "gated-lora", "--multiplier", "strong"], "--multiplier takes a positive number or 'auto'"),
@@ -268,7 +268,7 @@ def test_the_lora_leaves_a_loaded_model_as_it_was(tiny_model_dir, tmp_path, caps
     (["--lora", "ADAPTER:x"], "PATH or PATH:SCALE"),
     (["--lora", "ADAPTER", "--vectors", "VECTORS"], "either vectors or a LoRA adapter"),
     (["--vectors", "VECTORS", "--form", "gated-lora", "--engine", "llamacpp"], "the llamacpp engine runs no gated-lora steering hooks"),
-    (["--vectors", "VECTORS", "--multiplier", "2"], "apply to --form gated-lora only"),
+    (["--vectors", "VECTORS", "--multiplier", "2"], "--multiplier applies to --form gated-lora only"),
     (["--vectors", "VECTORS", "--form", "gated-lora", "--dtype", "bfloat16"], "pass --dtype float32"),
 ])
 def test_eval_lora_and_gated_form_refusals(extra, message, tiny_model_dir, tmp_path, capsys):
@@ -291,7 +291,8 @@ def test_a_recipe_folds_gated_lora_and_writes_its_lora_gguf(tiny_recipe, tmp_pat
     import yaml
 
     path, recipe = tiny_recipe
-    recipe["fold"] = {"mode": "gated-lora", "rank": 2, "gate_prompts": "builtin:arithmetic", "gate_count": 16}
+    recipe["fold"] = {"mode": "gated-lora", "rank": 2, "gate_prompts": "builtin:arithmetic", "gate_count": 16,
+                      "multiplier": "auto"}
     recipe["gguf"] = {"lora": True}
     recipe["diagnostics"] = {"enabled": False}
     path.write_text(yaml.safe_dump(recipe))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Union
 from . import prompts as prompt_sources
 from .errors import UserError
 from .evaluation.calibrate import Calibration
-from .evaluation.run import EvalSummary
+from .evaluation.run import EvalRequest, EvalSummary
 from .export.base import FoldResult
 from .method.align import LowRankMap
 from .method.key import MasterKey
@@ -32,6 +32,7 @@ from .method.vectors import SteeringVectors
 from .models.loading import LoadedModel
 from .models.pool import ModelPool, as_loaded
 from .models.runtime import RuntimeOptions
+from .settings import CalibrationSettings
 
 if TYPE_CHECKING:
     from .method.gate import GateFit, GateSettings
@@ -286,13 +287,19 @@ def _module(model):
     return model
 
 
-def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts, count: int | None = 8,
-                    alpha: float = 0.1, template: str = "direct", objective: str = "answer-start",
-                    scales: Sequence[float] | None = None, ppl_margin: float = 0.10,
-                    layers: str | list[int] | None = None, continuation_tokens: int = 32,
+_CALIBRATION = CalibrationSettings()
+_EVAL = EvalRequest()
+
+
+def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts,
+                    count: int | None = _CALIBRATION.count, alpha: float = _CALIBRATION.alpha, template: str = "direct",
+                    objective: str = _CALIBRATION.objective, scales: Sequence[float] | None = _CALIBRATION.scales,
+                    ppl_margin: float = _CALIBRATION.ppl_margin, layers: str | list[int] | None = None,
+                    continuation_tokens: int = _CALIBRATION.continuation_tokens,
                     options: RuntimeOptions | None = None, progress: bool = False) -> Calibration:
     """The additive (folded) scale closest to the paper form at `alpha`, without labels, among the
-    scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's."""
+    scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's
+    (defaults: unlock_export.settings.CalibrationSettings, the CLI's and a recipe's too)."""
     from .evaluation.calibrate import DEFAULT_SCALES
     from .evaluation.calibrate import calibrate_scale as search
     from .method.capture import resolve_batch_size
@@ -310,18 +317,20 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
                      additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
 
 
-def evaluate(model: ModelLike, *, data: str = "builtin:gsm8k-dev", count: int | None = None, offset: int = 0,
-             vectors: SteeringVectors | None = None, form: str = "additive", scale: float = 1.0, alpha: float = 0.1,
-             template: str | None = None, max_new_tokens: int = 256, engine: str = "transformers",
+def evaluate(model: ModelLike, *, data: str = _EVAL.data, count: int | None = _EVAL.count, offset: int = _EVAL.offset,
+             vectors: SteeringVectors | None = None, form: str = _EVAL.form, scale: float = _EVAL.scale,
+             alpha: float = _EVAL.alpha, template: str | None = _EVAL.template,
+             max_new_tokens: int = _EVAL.max_new_tokens, engine: str = _EVAL.engine,
              out: str | Path | None = None, options: RuntimeOptions | None = None, progress: bool = False,
              **request) -> EvalSummary:
     """Greedy accuracy on a math set (GSM8K's numbers, or MATH's LaTeX answers scored by math-verify),
     optionally steered by `vectors` (`form` additive at `scale`, or paper at `alpha`), on `engine`
-    (transformers; llamacpp for a GGUF file; vllm for a model folder). `template` None: the data set's
+    (transformers; llamacpp for a GGUF file; vllm for a model folder); the defaults are EvalRequest's,
+    the CLI's too. `template` None: the data set's
     (direct for GSM8K, math for MATH sets). Writes predictions.jsonl and summary.json into `out` (a
     temporary folder when None). Further settings of evaluation.run.EvalRequest (task, chat, layers, baseline, resume, llama_server,
     parallel, vllm, tensor_parallel_size, data_parallel_size, gpu_memory_utilization) pass through."""
-    from .evaluation.run import EvalRequest, run_eval
+    from .evaluation.run import run_eval
 
     ask = EvalRequest(data=data, count=count, offset=offset, template=template, engine=engine, form=form,
                       scale=scale, alpha=alpha, max_new_tokens=max_new_tokens, **request)

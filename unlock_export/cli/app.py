@@ -40,18 +40,23 @@ class Group(click.Group):
     group_class = type  # subgroups are of this same class
 
 
-def prompt_options(fn):
+def prompt_options(fn=None, *, count: int = 256):
+    """--prompts, --field, --count (default `count`) and --offset; `@prompt_options` or `@prompt_options(count=N)`."""
     options = [
         click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True,
                      help="builtin:gsm8k-train, builtin:gsm8k-dev, builtin:arithmetic (packaged), or a JSONL file "
                           "(plain or .gz) of unlabeled prompts."),
         click.option("--field", default="question", show_default=True, help="JSONL field holding the prompt."),
-        click.option("--count", default=256, show_default=True, type=int, help="Number of prompts."),
+        click.option("--count", default=count, show_default=True, type=int, help="Number of prompts."),
         click.option("--offset", default=0, show_default=True, type=int, help="Skip this many prompts first."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def pool_for(ctx, runtime, checkpoint_dir=None):

@@ -9,11 +9,15 @@ import click
 
 from ..choices import EXPORT_DTYPES, OUTTYPES, ROUTES
 from ..errors import UserError
+from ..settings import GateSettings
 from .app import cli, emit
-from .options import choice, form_choice, form_help, parse_multiplier
-
+from .options import choice, form_choice, form_help, given_options, parse_multiplier, settings_options
 
 # -- fold ------------------------------------------------------------------------------------
+GATE_FLAGS = {"multiplier": "--multiplier", "alpha": "--alpha", "prompts": "--gate-prompts", "count": "--gate-count",
+              "heldout": "--gate-heldout", "offset": "--gate-offset"}
+
+
 @cli.command()
 @click.argument("target")
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -23,17 +27,7 @@ from .options import choice, form_choice, form_help, parse_multiplier
 @click.option("--rank", default=None, type=int,
               help="lora: the LoRA rank (default 8); gated-lora: gates per layer, the last prompt token and then "
                    "the first RANK-1 answer tokens (default 1).")
-@click.option("--multiplier", default="1", show_default=True,
-              help="gated-lora: the write is multiplier * alpha * |h| * unit direction; 'auto': the multiplier "
-                   "closest to the paper form on the held-out prompts within a perplexity guard (no labels).")
-@click.option("--alpha", default=0.1, show_default=True, type=float, help="gated-lora: the paper form's strength.")
-@click.option("--gate-prompts", default="builtin:gsm8k-train", show_default=True,
-              help="gated-lora: unlabeled prompts the gates are fitted on (the direct template).")
-@click.option("--gate-count", default=32, show_default=True, type=int, help="gated-lora: prompts to fit on.")
-@click.option("--gate-heldout", default=8, show_default=True, type=int,
-              help="gated-lora: the next prompts, held out: they measure the gates, choose --multiplier auto and "
-                   "give the closeness to the paper form (KL at the answer start) beside the bias fold's.")
-@click.option("--gate-offset", default=0, show_default=True, type=int, help="gated-lora: skip this many prompts.")
+@settings_options(GateSettings, GATE_FLAGS, lead="gated-lora: ", types={"multiplier": str})
 @click.option("--merge", is_flag=True, help="gated-lora: merge the edit into a standalone checkpoint.")
 @click.option("--layers", default=None, help="Fold only these layers of the vectors file (all, A-B, 1,4,7).")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
@@ -66,7 +60,7 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
           --scale 4 -o out/qwen1.5b-cot
       unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter -o out/adapter
     """
-    from ..export.forms import export, form
+    from ..export.forms import export, form, forms_with
     from ..method.vectors import SteeringVectors, parse_layers
 
     vectors = SteeringVectors.load(vectors_path)
@@ -74,18 +68,20 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
         vectors = vectors.select(parse_layers(layers, vectors.layer_count))
     if form(mode).fits_gates:
         from ..api import fold_gated_lora
-        from ..method.gate import GateSettings
 
         if scale is not None:
             raise UserError("gated-lora takes --multiplier and --alpha, not --scale: drop it")
         settings = GateSettings(prompts=gate_prompts, count=gate_count, offset=gate_offset, heldout=gate_heldout,
-                                alpha=alpha, multiplier=parse_multiplier(multiplier), rank=1 if rank is None else rank)
+                                alpha=alpha, multiplier=parse_multiplier(multiplier), **({"rank": rank} if rank is not None else {}))
         result = fold_gated_lora(target, vectors, output, settings, merge=merge, link=link, overwrite=overwrite,
                                  verify=verify, tolerance=tolerance, progress=not ctx.obj["quiet"],
                                  card_context={"vectors_file": str(vectors_path)}, dtype=dtype)
     else:
-        if multiplier != "1" or gate_heldout != 8:
-            raise UserError("--multiplier and --gate-heldout apply to --mode gated-lora only: drop them")
+        given = given_options(ctx, GATE_FLAGS.values())
+        if given:
+            gated = " or ".join(f"--mode {n}" for n in forms_with(lambda f: f.fits_gates))
+            raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {gated} only: drop "
+                            f"{'it' if len(given) == 1 else 'them'}")
         scale = 1.0 if scale is None else scale
         result = export(mode, target, vectors, output, scale=scale, rank=rank, merge=merge, link=link,
                             overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,

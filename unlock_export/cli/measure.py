@@ -8,8 +8,19 @@ import click
 
 from ..choices import EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
+from ..settings import CalibrationSettings, GateSettings
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
-from .options import chat_options, choice, engine_choice, engine_help, parse_multiplier, runtime_from, runtime_options
+from .options import (
+    chat_options,
+    choice,
+    engine_choice,
+    engine_help,
+    given_options,
+    parse_multiplier,
+    runtime_from,
+    runtime_options,
+    settings_options,
+)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -38,6 +49,10 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
                         "folder outside it")
 
 
+EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank"), "prompts": "--gate-prompts",
+                   "count": "--gate-count", "heldout": "--gate-heldout", "offset": "--gate-offset"}
+
+
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", "data_path", required=True,
@@ -64,12 +79,7 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
 @click.option("--alpha", default=0.1, show_default=True, type=float,
               help="The paper form's strength (gated-lora: the strength it reproduces).")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="The additive form's strength.")
-@click.option("--multiplier", default="1", show_default=True,
-              help="gated-lora: the write's multiplier, or 'auto' (label-free, as `fold --multiplier auto`).")
-@click.option("--rank", "gate_rank", default=1, show_default=True, type=int, help="gated-lora: gates per layer.")
-@click.option("--gate-prompts", default="builtin:gsm8k-train", show_default=True,
-              help="gated-lora: unlabeled prompts the gates are fitted on.")
-@click.option("--gate-count", default=32, show_default=True, type=int, help="gated-lora: prompts to fit on.")
+@settings_options(GateSettings, EVAL_GATE_FLAGS, lead="gated-lora: ", types={"multiplier": str})
 @click.option("--lora", default=None,
               help="Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for "
                    "transformers and vllm, a PEFT folder or LoRA GGUF for llamacpp (the scale sent per request; "
@@ -123,15 +133,16 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
         raise UserError("--max-new-tokens must be at least 1")
     for name in ("control_vector", "baseline"):
         options[name] = str(options[name]) if options[name] else None
-    gate = {name: options.pop(name) for name in ("multiplier", "gate_rank", "gate_prompts", "gate_count")}
+    gate = {field: options.pop(flag[1] if isinstance(flag, tuple) else flag.lstrip("-").replace("-", "_"))
+            for field, flag in EVAL_GATE_FLAGS.items()}
     if options["form"] == "gated-lora":
-        from ..method.gate import GateSettings
-
-        options["gate"] = GateSettings(prompts=gate["gate_prompts"], count=gate["gate_count"],
-                                       alpha=options["alpha"], multiplier=parse_multiplier(gate["multiplier"]),
-                                       rank=gate["gate_rank"])
-    elif any(ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE for name in gate):
-        raise UserError("--multiplier, --rank, --gate-prompts and --gate-count apply to --form gated-lora only")
+        options["gate"] = GateSettings(**{**gate, "multiplier": parse_multiplier(gate["multiplier"])},
+                                       alpha=options["alpha"])
+    else:
+        given = given_options(ctx, EVAL_GATE_FLAGS.values())
+        if given:
+            raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --form gated-lora only: "
+                            f"drop {'it' if len(given) == 1 else 'them'}")
     request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     _refuse_output_in_model(output, model)
@@ -303,22 +314,15 @@ def choose(ctx, results_dir, arm, output, note):
 @click.argument("model")
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Steering-vectors file for MODEL.")
-@click.option("--alpha", default=0.1, show_default=True, type=float, help="The paper form's strength to match.")
-@click.option("--scales", default=None, help="Comma list of additive scales to try (default 0, then 1/256..64 in sqrt(2) steps); tried in ascending order, stopping after two in a row fail the perplexity guard, then refined around the best.")
-@click.option("--ppl-margin", default=0.10, show_default=True, type=float,
-              help="Allowed relative rise of perplexity on plain text (0.10 = +10%).")
+@settings_options(CalibrationSettings, {"alpha": "--alpha", "scales": "--scales", "ppl_margin": "--ppl-margin",
+                                         "objective": "--objective", "continuation_tokens": "--continuation-tokens"},
+                  types={"scales": str, "objective": choice(OBJECTIVES)})
 @click.option("--template", default="direct", show_default=True, help="Prompt template for the answer-start distribution.")
 @chat_options
 @click.option("--layers", default=None,
               help="Calibrate a fold of only these layers (all, A-B, 1,4,7): the additive form steers them, "
                    "the paper-form reference keeps every layer of --vectors.")
-@click.option("--objective", type=choice(OBJECTIVES), default="answer-start",
-              show_default=True,
-              help="answer-start: KL of the next-token distribution at the last prompt token; continuation: "
-                   "cross-entropy of the paper form's greedy continuations under the additive form.")
-@click.option("--continuation-tokens", default=32, show_default=True, type=int,
-              help="continuation: tokens of each paper-form continuation to score.")
-@prompt_options
+@prompt_options(count=CalibrationSettings.count)
 @runtime_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON.")
 @click.pass_context

@@ -49,6 +49,45 @@ def runtime_from(kwargs: dict) -> RuntimeOptions:
         raise UserError(f"{_flag(name)} '{values.get(name)}': {err['msg']}") from None
 
 
+def settings_options(settings: type, flags: dict, lead: str = "", types: dict | None = None):
+    """Click options for fields of a settings dataclass (unlock_export.settings), each with the field's
+    one default and help. `flags`: field -> "--flag" (the command receives it under the flag's name) or
+    ("--flag", "param"); `types`: field -> a click type where the field's own is not what the flag reads
+    (a comma list, a number or 'auto'), whose default is then the field's as text; `lead` prefixes
+    each help ("gated-lora: ")."""
+    import dataclasses
+
+    found = {f.name: f for f in dataclasses.fields(settings)}
+
+    def decorate(fn):
+        for name, flag in reversed(list(flags.items())):
+            flag, param = flag if isinstance(flag, tuple) else (flag, flag.lstrip("-").replace("-", "_"))
+            field = found[name]
+            kind = (types or {}).get(name)
+            value = field.default
+            if kind is None:
+                kind = type(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str
+            elif kind is str and value is not None and not isinstance(value, str):
+                value = f"{value:g}" if isinstance(value, float) else ",".join(f"{v:g}" for v in value)
+            fn = click.option(flag, param, default=value, type=kind, show_default=value is not None,
+                              help=lead + field.metadata.get("help", ""))(fn)
+        return fn
+
+    return decorate
+
+
+def given_options(ctx: click.Context, flags) -> list[str]:
+    """Which of `flags` the command line gave (not their defaults), for refusing options that do not apply."""
+    from click.core import ParameterSource
+
+    given = []
+    for flag in flags:  # "--flag", or ("--flag", "param") as settings_options takes them
+        flag, name = flag if isinstance(flag, tuple) else (flag, flag.lstrip("-").replace("-", "_"))
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
+            given.append(flag)
+    return given
+
+
 def choice(values) -> click.Choice:
     """A click choice from the library's own constant (so the CLI never lists choices of its own)."""
     return click.Choice(list(values))

@@ -30,52 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from ..settings import ANSWER_TOKENS, DEFAULT_RIDGE, GateSettings
 
-DEFAULT_RIDGE = 1e-2
-ANSWER_TOKENS = 16  # greedy answer tokens after each fit prompt: gates k > 1 open there, the rest are negatives
+__all__ = ["ANSWER_TOKENS", "DEFAULT_RIDGE", "GateSettings"]
+
 # the multipliers `auto` tries: 0 (unsteered), then 1/4 .. 4 in sqrt(2) steps
 MULTIPLIERS = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-4, 5))
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """How the gates are fitted and how strong the edit is: one object for fold, eval and the API."""
-
-    prompts: str = "builtin:gsm8k-train"  # unlabeled prompts of the target (their answers are never read)
-    count: int = 32  # prompts the gates are fitted on (after `offset`)
-    offset: int = 0
-    heldout: int = 8  # the next prompts: they measure the gates, choose `auto` and give `closeness`
-    template: str = "direct"
-    alpha: float = 0.1  # the paper form's strength, which the edit reproduces
-    multiplier: float | str = 1.0  # the write's scale against alpha * |h|; "auto": label-free
-    ridge: float = DEFAULT_RIDGE
-    rank: int = 1  # gates per layer: the last prompt token, then the first rank - 1 answer tokens
-    ppl_margin: float = 0.10  # `auto` and the bias fold's figure: allowed perplexity rise on plain text
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "GateSettings":
-        values = dict(values or {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"unknown gate settings {sorted(unknown)}: use "
-                            + ", ".join(f.name for f in dataclasses.fields(cls)))
-        return cls(**values)
-
-    def check(self) -> None:
-        if self.count < 1 or self.heldout < 0 or self.offset < 0:
-            raise UserError(f"the gate fit needs count >= 1 (--gate-count), heldout >= 0 (--gate-heldout) and "
-                            f"offset >= 0 (--gate-offset), got {self.count}, {self.heldout} and {self.offset}")
-        if not 1 <= self.rank <= ANSWER_TOKENS:
-            raise UserError(f"the gated edit's rank (--rank) runs from 1 to {ANSWER_TOKENS}, got {self.rank}")
-        auto = self.multiplier == "auto"
-        if not auto and (isinstance(self.multiplier, str) or not self.multiplier > 0):
-            raise UserError(f"the multiplier must be a positive number or 'auto', got {self.multiplier!r}")
-        if auto and self.heldout < 1:
-            raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")
-        if self.ppl_margin < 0:
-            raise UserError(f"the perplexity margin must be >= 0, got {self.ppl_margin:g}")
-        if self.alpha <= 0 or self.ridge <= 0:
-            raise UserError(f"alpha and ridge must be positive, got {self.alpha:g} and {self.ridge:g}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..evaluation.compare import CompareRequest
 from ..evaluation.engines import engine_names
 from ..export.forms import form, form_names, forms_with
 from ..models.runtime import RuntimeOptions
+from ..settings import CalibrationSettings, GateSettings
 
 _COMPARE = CompareRequest()  # the evaluate stage's defaults are compare's
 
@@ -134,6 +135,9 @@ class VectorsSpec(_Strict):
                                                            default="layer_output")
 
 
+_CALIBRATION, _GATE = CalibrationSettings(), GateSettings()
+
+
 class FoldSpec(_Strict):
     """Optional: fold the vectors into the target's weights (written to OUT_DIR/model), verified."""
 
@@ -142,17 +146,17 @@ class FoldSpec(_Strict):
     scale: Union[float, Literal["auto"]] = _doc(
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
-    alpha: float = _doc("The paper form's strength that the calibration matches.", default=0.1, gt=0)
+    alpha: float = _doc("The paper form's strength that the calibration matches.", default=_CALIBRATION.alpha, gt=0)
     scales: Optional[list[float]] = _doc("scale auto: the grid searched, ascending, then refined around the best "
-                                         "(default: 0, then 1/256 to 64 in sqrt(2) steps).", default=None,
+                                         "(default: 0, then 1/256 to 64 in sqrt(2) steps).", default=_CALIBRATION.scales,
                                          min_length=1)
     objective: Literal["answer-start", "continuation"] = _doc(
         "answer-start: KL of the next-token distribution at the last prompt token; continuation: cross-entropy "
-        "of the paper form's greedy continuations.", default="answer-start")
-    continuation_tokens: int = _doc("continuation: tokens of each paper-form continuation scored.", default=32, ge=1)
-    calibrate_count: int = _doc("Prompts (the first of the key's) the calibration reads.", default=32, ge=1)
+        "of the paper form's greedy continuations.", default=_CALIBRATION.objective)
+    continuation_tokens: int = _doc("continuation: tokens of each paper-form continuation scored.", default=_CALIBRATION.continuation_tokens, ge=1)
+    calibrate_count: int = _doc("Prompts (the first of the key's) the calibration reads.", default=_CALIBRATION.count, ge=1)
     ppl_margin: float = _doc("Allowed relative rise of perplexity on the plain prompts (0.10 = +10%).",
-                             default=0.10, ge=0)
+                             default=_CALIBRATION.ppl_margin, ge=0)
     check_alpha: bool = _doc("Before calibrating, check that the paper form at `alpha` still writes text "
                              "(`check-alpha` on 8 prompts); refuse to calibrate against it if not.", default=True)
     alpha_margin: float = _doc("check_alpha: allowed relative rise of the continuations' perplexity.",
@@ -162,13 +166,13 @@ class FoldSpec(_Strict):
                                default=None, ge=1)
     multiplier: Union[float, Literal["auto"]] = _doc(
         "gated-lora: the write is multiplier x alpha x |h| x the unit direction; auto: the multiplier closest to "
-        "the paper form on the held-out gate prompts, perplexity within `ppl_margin` (no labels).", default="auto")
+        "the paper form on the held-out gate prompts, perplexity within `ppl_margin` (no labels).", default=_GATE.multiplier)
     gate_prompts: str = _doc("gated-lora: unlabeled prompts of the target the gates are fitted on.",
-                             default="builtin:gsm8k-train")
-    gate_count: int = _doc("gated-lora: prompts the gates are fitted on.", default=32, ge=1)
-    gate_offset: int = _doc("gated-lora: skip this many of `gate_prompts` first.", default=0, ge=0)
+                             default=_GATE.prompts)
+    gate_count: int = _doc("gated-lora: prompts the gates are fitted on.", default=_GATE.count, ge=1)
+    gate_offset: int = _doc("gated-lora: skip this many of `gate_prompts` first.", default=_GATE.offset, ge=0)
     gate_heldout: int = _doc("gated-lora: the next prompts, held out: they measure the gates, choose multiplier "
-                             "auto and give the closeness to the paper form.", default=8, ge=0)
+                             "auto and give the closeness to the paper form.", default=_GATE.heldout, ge=0)
     merge: bool = _doc("gated-lora: write the edit merged into a standalone checkpoint instead of a LoRA.",
                        default=False)
     layers: Optional[Union[str, list[int]]] = _doc("Fold only these layers of the vectors (default: all of them).",
