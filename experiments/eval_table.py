@@ -146,7 +146,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
     when given, else at the scale its own calibrated recipe run picks)."""
     import yaml
 
-    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.method.vectors import SteeringVectors
     from unlock_export.models.loading import resolve
     from unlock_export.prompts import apply_template, load_questions
@@ -215,7 +215,7 @@ def prepare(direction: str, recipe_path: Path, out: Path, alpha: float, calibrat
             own = self_vectors(key, vectors.layers)
             own.save(path)
             calib_q = questions[:calibrate_count]
-            cal = calibrate_scale(pool.get(target), own, apply_template("direct", calib_q),
+            cal = search_scale(pool.get(target), own, apply_template("direct", calib_q),
                                   apply_template("plain", calib_q), "paper", alpha).as_dict()
             cal_path.write_text(json.dumps(cal, indent=2))
         return path, own_scale(json.loads(cal_path.read_text()))

@@ -213,7 +213,7 @@ def main() -> None:
 
 def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:
     from unlock_export.evaluation.engines.transformers_engine import TransformersEngine
-    from unlock_export.evaluation.run import evaluate, load_items, read_baseline, render_prompts
+    from unlock_export.evaluation.run import generate_and_score, load_items, read_baseline, render_prompts
 
     items = load_items(args.eval_data, args.eval_count)
     texts = render_prompts(items, "direct", loaded.tokenizer)
@@ -224,7 +224,7 @@ def evaluate_gated(loaded, gates, norms, vectors, layers, args) -> None:
     label = {"form": "gated edit", "multiplier": m, "alpha": args.alpha, "site": SITES[args.site],
              "fit_count": args.fit_count, "ridge": args.ridge, "vectors": str(args.vectors)}
     baseline = read_baseline(args.baseline, items) if args.baseline else None
-    summary = evaluate(items, texts, engine, args.max_new_tokens, Path(args.eval_out), label=label, resume=True,
+    summary = generate_and_score(items, texts, engine, args.max_new_tokens, Path(args.eval_out), label=label, resume=True,
                        baseline=baseline)
     paired = summary.get("paired")
     versus = f"; {paired['won']} won, {paired['lost']} lost, p = {paired['p_mcnemar_exact']:.2g}" if paired else ""

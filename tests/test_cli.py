@@ -462,18 +462,18 @@ def test_quiet_silences_the_gguf_dequantization_bar_too(capsys):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from unlock_export.models.loading import _gguf_progress_follows_transformers
+    from unlock_export.models.loading import gguf_progress_follows_transformers
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     try:
         hf_logging.disable_progress_bar()
-        with _gguf_progress_follows_transformers():
+        with gguf_progress_follows_transformers():
             assert isinstance(gguf_utils.tqdm, functools.partial)
             list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
         assert "de-quantizing" not in capsys.readouterr().err
         assert not isinstance(gguf_utils.tqdm, functools.partial)  # restored after loading
         hf_logging.enable_progress_bar()
-        with _gguf_progress_follows_transformers():
+        with gguf_progress_follows_transformers():
             list(gguf_utils.tqdm(range(3), desc="de-quantizing"))
         assert "de-quantizing" in capsys.readouterr().err  # shown when progress is on
     finally:

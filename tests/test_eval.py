@@ -141,19 +141,19 @@ def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
 
 def test_calibration_recovers_a_known_scale(load_tiny, questions):
     """Reference = the additive form itself at scale 3: the KL minimum must be exactly there."""
-    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
     vectors = _vectors()
-    result = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
+    result = search_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
                              reference_form="additive", reference_strength=3.0,
                              scales=(0.5, 1.0, 2.0, 3.0, 4.0, 8.0), ppl_margin=100.0)
     assert result.scale == 3.0 and result.kl_to_reference < 1e-9
     kls = {r["scale"]: r["kl_to_reference"] for r in result.table}
     assert kls[2.0] > 0 and kls[4.0] > 0 and result.kl_unsteered_to_reference > kls[2.0]
     # a zero perplexity margin rules out every scale that raises perplexity
-    strict = calibrate_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
+    strict = search_scale(loaded, vectors, apply_template("direct", questions[:8]), questions[:8],
                              reference_form="additive", reference_strength=3.0, scales=(1.0, 3.0, 8.0),
                              ppl_margin=0.0, refine=False)
     assert all(r["allowed"] == (r["perplexity_ratio"] <= 1.0) for r in strict.table)
@@ -164,25 +164,25 @@ def test_calibration_stops_at_the_first_rejection(load_tiny, questions):
     """Scales run in ascending order whatever order they are given in. The search stops as soon as a scale
     fails the perplexity guard (stop_after_rejected=2: once two in a row fail), and it tries every scale
     with stop_after_rejected=0."""
-    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", questions[:6])
     scales = (64.0, 0.5, 16.0, 2.0, 32.0, 1.0, 8.0, 4.0)
-    every = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+    every = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                             reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
                             stop_after_rejected=0)
     assert [r["scale"] for r in every.table] == sorted(scales)
     allowed = [r["allowed"] for r in every.table]
     first = allowed.index(False)
-    early = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+    early = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                             reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False)
     assert first < len(scales) - 1  # the case must actually stop early
     assert [r["scale"] for r in early.table] == sorted(scales)[:first + 1]
     assert early.table == every.table[:first + 1]
     two = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
-    patient = calibrate_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
+    patient = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
                               reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
                               stop_after_rejected=2)
     assert patient.table == every.table[:two + 1]
@@ -204,7 +204,7 @@ def test_what_does_not_depend_on_the_scale_is_measured_once(load_tiny, questions
     """A search given its baseline runs two passes per scale it measures (answer start, perplexity) and
     none for scale 0 (the unsteered model is the baseline's); without one it measures the baseline first:
     the reference, the unsteered answer start and the unsteered perplexity, one pass each."""
-    from unlock_export.evaluation.calibrate import calibrate_scale, measure_baseline
+    from unlock_export.evaluation.calibrate import measure_baseline, search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -212,24 +212,24 @@ def test_what_does_not_depend_on_the_scale_is_measured_once(load_tiny, questions
     kwargs = dict(reference_form="paper", reference_strength=0.1, scales=(0.0, 0.5, 1.0, 2.0), ppl_margin=100.0,
                   refine=False, batch_size=8)
     calls = _count_forwards(monkeypatch, loaded)
-    alone = calibrate_scale(loaded, _vectors(), texts, questions[:6], **kwargs)
+    alone = search_scale(loaded, _vectors(), texts, questions[:6], **kwargs)
     assert len(calls) == 3 + 2 * 3
     baseline = measure_baseline(loaded, _vectors(), texts, questions[:6], "paper", 0.1, batch_size=8)
     calls.clear()
-    shared = calibrate_scale(loaded, _vectors(), texts, questions[:6], baseline=baseline, **kwargs)
+    shared = search_scale(loaded, _vectors(), texts, questions[:6], baseline=baseline, **kwargs)
     assert len(calls) == 2 * 3
     assert shared.table == alone.table and shared.scale == alone.scale
     assert alone.table[0]["perplexity_ratio"] == 1.0 and alone.table[0]["kl_to_reference"] == \
         alone.kl_unsteered_to_reference
     with pytest.raises(ValueError):
-        calibrate_scale(loaded, _vectors(), texts[:3], questions[:3], baseline=baseline, **kwargs)
+        search_scale(loaded, _vectors(), texts[:3], questions[:3], baseline=baseline, **kwargs)
 
 
 def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, questions, monkeypatch):
     """check_alphas' greedy generations compute the unsteered and the paper form's answer-start
     distributions in their prefill: the baseline built from them equals the one measured directly, and
     the calibration is the same."""
-    from unlock_export.evaluation.calibrate import calibrate_scale, check_alphas, measure_baseline
+    from unlock_export.evaluation.calibrate import check_alphas, measure_baseline, search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -249,15 +249,15 @@ def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, 
     measure_baseline(loaded, vectors, texts[:4], questions[:4], "paper", 0.1, batch_size=8, known=answer_start)
     assert len(calls) == 3
     kwargs = dict(reference_form="paper", reference_strength=0.1, ppl_margin=0.5, batch_size=8)
-    a = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=direct, **kwargs)
-    b = calibrate_scale(loaded, vectors, texts, questions[:8], baseline=reused, **kwargs)
+    a = search_scale(loaded, vectors, texts, questions[:8], baseline=direct, **kwargs)
+    b = search_scale(loaded, vectors, texts, questions[:8], baseline=reused, **kwargs)
     assert a.scale == b.scale and abs(a.kl_to_reference - b.kl_to_reference) < 1e-4
 
 
 def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
     """additive_layers restricts only the additive form: with the other layers' vectors zero the band
     recovers the known scale exactly; with another layer non-zero the reference still holds it."""
-    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
@@ -267,10 +267,10 @@ def test_calibration_of_a_band_keeps_the_full_reference(load_tiny, questions):
     only_two = SteeringVectors({1: zero, 2: full.directions[2], 3: zero}, 4, full.hidden_size)
     kwargs = dict(reference_form="additive", reference_strength=3.0, scales=(1.0, 2.0, 3.0, 4.0), ppl_margin=100.0,
                   refine=False, additive_layers=[2])
-    exact = calibrate_scale(loaded, only_two, texts, questions[:6], **kwargs)
+    exact = search_scale(loaded, only_two, texts, questions[:6], **kwargs)
     assert exact.scale == 3.0 and exact.kl_to_reference < 1e-9
     assert exact.layers == [2] and exact.reference["layers"] == [1, 2, 3]
-    kept = calibrate_scale(loaded, SteeringVectors({**only_two.directions, 1: full.directions[1]}, 4, full.hidden_size),
+    kept = search_scale(loaded, SteeringVectors({**only_two.directions, 1: full.directions[1]}, 4, full.hidden_size),
                            texts, questions[:6], **kwargs)
     assert min(r["kl_to_reference"] for r in kept.table) > 1e-6
 
@@ -281,9 +281,9 @@ def test_continuation_objective(load_tiny, questions):
     the reference's scale than unsteered."""
     from unlock_export.evaluation.calibrate import (
         answer_start_logprobs,
-        calibrate_scale,
         continuation_logprobs,
         greedy_continuations,
+        search_scale,
     )
     from unlock_export.method.steer import steering
     from unlock_export.prompts import apply_template
@@ -300,7 +300,7 @@ def test_continuation_objective(load_tiny, questions):
     assert abs(ce_1 - ce_3) < 1e-4 and torch.allclose(first_1, first_3, atol=1e-4)
     assert torch.allclose(first_1, start, atol=1e-4)
     assert [int(i) for i in start.argmax(-1)] == [c[0] for c in conts]  # greedy: the first token is the argmax
-    result = calibrate_scale(loaded, vectors, texts, questions[:4], reference_form="additive", reference_strength=3.0,
+    result = search_scale(loaded, vectors, texts, questions[:4], reference_form="additive", reference_strength=3.0,
                              scales=(0.0, 3.0), ppl_margin=100.0, refine=False, objective="continuation",
                              continuation_tokens=5)
     ce = {r["scale"]: r["continuation_ce"] for r in result.table}

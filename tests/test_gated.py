@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from unlock_export.cli import main
-from unlock_export.method.gate import fit_gates, gated_edit
+from unlock_export.method.gate import fit_gates_on_texts, gated_edit
 from unlock_export.method.vectors import SteeringVectors
 from unlock_export.models.loading import load
 from unlock_export.prompts import apply_template, load_questions
@@ -40,7 +40,7 @@ def _vectors(lm, layers=(1, 2, 3)):
 def _reference_fit(lm, vectors, multiplier):
     """The same gates, fitted here from the same prompts (direct template, arithmetic 0..16, next 8 held out)."""
     texts = apply_template("direct", load_questions("builtin:arithmetic", count=24))
-    return fit_gates(lm, vectors, texts[:16], texts[16:], alpha=0.1, multiplier=multiplier)
+    return fit_gates_on_texts(lm, vectors, texts[:16], texts[16:], alpha=0.1, multiplier=multiplier)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -156,7 +156,7 @@ def test_rank_two_adapter_holds_two_gates_and_equals_their_hook_form(arch, tiny_
     assert torch.equal(b[:, 0], b[:, 1]) and not torch.allclose(a[0], a[1])
 
     texts = apply_template("direct", load_questions("builtin:arithmetic", count=24))
-    fit = fit_gates(lm, vectors, texts[:16], texts[16:], alpha=0.1, multiplier=3.0, rank=2)
+    fit = fit_gates_on_texts(lm, vectors, texts[:16], texts[16:], alpha=0.1, multiplier=3.0, rank=2)
     for layer in (1, 2, 3):
         assert torch.allclose(fit.gates[layer], tensors[f"base_model.model.model.layers.{layer}.mlp.down_proj"
                                                         ".lora_A.weight"], atol=1e-6)

@@ -7,13 +7,13 @@ from unlock_export import prompts
 from unlock_export.errors import UserError
 from unlock_export.method import align
 from unlock_export.method.capture import capture
-from unlock_export.method.key import MasterKey, master_key
+from unlock_export.method.key import MasterKey, aggregate_differences
 
 
 def test_mean_key_is_mean_difference():
     torch.manual_seed(0)
     locked, unlocked = torch.randn(3, 10, 8), torch.randn(3, 10, 8)
-    key = master_key(locked, unlocked, "mean")
+    key = aggregate_differences(locked, unlocked, "mean")
     assert torch.allclose(key, (unlocked - locked).mean(1))
 
 
@@ -23,18 +23,18 @@ def test_pca_key_finds_direction_with_sign_fix():
     amounts = 3.0 + torch.randn(2, 50, 1)  # varying strength along one direction, positive mean
     locked = torch.randn(2, 50, 16)
     unlocked = locked + amounts * direction[:, None, :] + 0.01 * torch.randn(2, 50, 16)
-    key = master_key(locked, unlocked, "pca")
+    key = aggregate_differences(locked, unlocked, "pca")
     cos = torch.nn.functional.cosine_similarity(key, direction, dim=-1)
     assert (cos > 0.99).all()  # right direction and the sign of the mean difference
-    mean = master_key(locked, unlocked, "mean")
+    mean = aggregate_differences(locked, unlocked, "mean")
     assert torch.allclose(key.norm(dim=-1), (mean * direction).sum(-1), rtol=0.05)
 
 
 def test_key_errors():
     with pytest.raises(UserError, match="unknown key method"):
-        master_key(torch.zeros(1, 2, 3), torch.ones(1, 2, 3), "median")
+        aggregate_differences(torch.zeros(1, 2, 3), torch.ones(1, 2, 3), "median")
     with pytest.raises(UserError, match="differ in shape"):
-        master_key(torch.zeros(1, 2, 3), torch.ones(1, 3, 3))
+        aggregate_differences(torch.zeros(1, 2, 3), torch.ones(1, 3, 3))
 
 
 def test_key_file_round_trip(tmp_path):
@@ -57,7 +57,7 @@ def test_identity_alignment_keeps_the_key(load_tiny):
     qs = prompts.builtin_arithmetic(128, seed=5)  # 128 prompts > hidden size 64: full-rank data
     locked = capture(lm, prompts.apply_template("direct", qs), progress=False, batch_size=32)
     unlocked = capture(lm, prompts.apply_template("cot", qs), progress=False, batch_size=32)
-    key = master_key(locked, unlocked)
+    key = aggregate_differences(locked, unlocked)
     lrmap = align.fit(locked, locked, rank=64)
     projected = lrmap.map_key(key)
     cos = torch.nn.functional.cosine_similarity(projected, key, dim=-1)

@@ -312,7 +312,7 @@ def test_the_readme_pairs_and_chat_lines_run_with_a_tiny_chat_model(tmp_path, ch
 def test_calibrate_chat_reads_the_chat_templated_prompts(tmp_path, chat_model, capsys):
     """`calibrate --chat --system S` equals the search on prompts hand-wrapped in the chat template."""
     from unlock_export import prompts
-    from unlock_export.evaluation.calibrate import calibrate_scale
+    from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.method.vectors import SteeringVectors
 
     g = torch.Generator().manual_seed(0)
@@ -328,12 +328,12 @@ def test_calibrate_chat_reads_the_chat_templated_prompts(tmp_path, chat_model, c
     texts = [loaded.tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
                                                    {"role": "user", "content": prompts.apply_template("direct", [q])[0]}],
                                                   tokenize=False, add_generation_prompt=True) for q in questions]
-    by_hand = calibrate_scale(loaded, vectors, texts, prompts.apply_template("plain", questions), "paper", 0.1,
+    by_hand = search_scale(loaded, vectors, texts, prompts.apply_template("plain", questions), "paper", 0.1,
                               (0.0, 0.5, 1.0, 2.0))
     assert result["scale"] == by_hand.scale
     assert [r["kl_to_reference"] for r in result["table"]] == pytest.approx(
         [r["kl_to_reference"] for r in by_hand.table], rel=1e-5)
-    plain = calibrate_scale(loaded, vectors, prompts.apply_template("direct", questions),
+    plain = search_scale(loaded, vectors, prompts.apply_template("direct", questions),
                             prompts.apply_template("plain", questions), "paper", 0.1, (0.0, 0.5, 1.0, 2.0))
     assert [r["kl_to_reference"] for r in plain.table] != pytest.approx([r["kl_to_reference"] for r in by_hand.table])
     assert main(["calibrate", str(chat_model), "--vectors", str(path), "--system", "x"]) == 2

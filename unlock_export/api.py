@@ -301,7 +301,7 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
     scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's
     (defaults: unlock_export.settings.CalibrationSettings, the CLI's and a recipe's too)."""
     from .evaluation.calibrate import DEFAULT_SCALES
-    from .evaluation.calibrate import calibrate_scale as search
+    from .evaluation.calibrate import search_scale as search
     from .method.capture import resolve_batch_size
     from .method.vectors import parse_layers
 

@@ -262,7 +262,7 @@ def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run
       unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
       unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
     """
-    from ..export.hub import format_plan
+    from ..export.hub import format_upload_plan
     from ..export.hub import push as push_artifact
 
     report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
@@ -270,7 +270,7 @@ def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run
     if ctx.obj["json"]:
         click.echo(json.dumps(report))
     elif dry_run or not ctx.obj["quiet"]:
-        click.echo(format_plan(report))
+        click.echo(format_upload_plan(report))
 
 
 @cli.command("inspect")

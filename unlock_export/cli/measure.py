@@ -342,7 +342,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
       unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
-    from ..evaluation.calibrate import DEFAULT_SCALES, calibrate_scale
+    from ..evaluation.calibrate import DEFAULT_SCALES, search_scale
     from ..method.pipeline import prompt_texts
     from ..method.vectors import parse_layers
     from ..prompts import Chat, apply_template
@@ -354,7 +354,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
         ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
     band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
     texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, model)
-    result = calibrate_scale(loaded, vectors, texts, apply_template("plain", questions),
+    result = search_scale(loaded, vectors, texts, apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
                              additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
     result = result.as_dict()

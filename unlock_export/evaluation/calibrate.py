@@ -218,7 +218,7 @@ def _search(measure, table: dict, scales, key: str, refine: bool, stop_after_rej
                 measured(candidate)  # a grid point within 0.5% was measured already
 
 
-def calibrate_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
+def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
                     reference_form: str = "paper", reference_strength: float = 0.1,
                     scales: tuple[float, ...] = DEFAULT_SCALES, ppl_margin: float = 0.10,
                     batch_size: int = 8, refine: bool = True, progress: bool = False,
@@ -376,7 +376,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
     """The gated edit's multiplier when `settings.multiplier` is 'auto', and its closeness to the paper
     form, on the held-out prompts of `settings` (method.gate.GateSettings) -> the fit with both.
 
-    The multiplier follows `calibrate_scale`'s rule over method.gate.MULTIPLIERS: the one closest to
+    The multiplier follows `search_scale`'s rule over method.gate.MULTIPLIERS: the one closest to
     the paper form at `settings.alpha` (KL at the answer start) among those within the perplexity guard
     on the same prompts as plain text. `closeness` gives that KL for the gated edit at its multiplier,
     for the bias fold (the additive form) at its own label-free scale, and for the unsteered model."""
@@ -396,7 +396,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
 
     auto, ppl_margin = settings.multiplier == "auto", settings.ppl_margin
     shared = measure_baseline(loaded, vectors, heldout, plain, "paper", settings.alpha, batch_size=batch_size)
-    gated = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha,
+    gated = search_scale(loaded, vectors, heldout, plain, "paper", settings.alpha,
                             scales=MULTIPLIERS if auto else (0.0, fit.multiplier), ppl_margin=ppl_margin,
                             batch_size=batch_size, refine=auto, progress=progress, stop_after_rejected=1 if auto else 0,
                             edit=edit, form="gated-lora", baseline=shared)
@@ -412,7 +412,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
     if not closeness:
         return dataclasses.replace(fit, calibration=calibration)
     at = next(row for row in gated.table if row["scale"] == fit.multiplier)
-    bias = calibrate_scale(loaded, vectors, heldout, plain, "paper", settings.alpha, ppl_margin=ppl_margin,
+    bias = search_scale(loaded, vectors, heldout, plain, "paper", settings.alpha, ppl_margin=ppl_margin,
                            batch_size=batch_size, progress=progress, baseline=shared)
     report = {"prompts": len(heldout), "paper_alpha": settings.alpha,
                  "measure": "KL(paper form || form) of the next token at the last prompt token, held-out prompts",

@@ -154,7 +154,7 @@ def summarize(rows: list[dict], max_new_tokens: int, group_fields: tuple[str, ..
     return summary
 
 
-def evaluate(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
+def generate_and_score(items: list[Item], texts: list[str], engine, max_new_tokens: int, out_dir: Path,
              label: dict | None = None, progress: bool = True, resume: bool = False,
              baseline: list[dict] | None = None, task=None, prefixes: tuple[int, ...] = ()) -> dict:
     """Generate for every prompt, score, and write predictions.jsonl and summary.json atomically.
@@ -306,7 +306,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     """Evaluate `model` (a spec, a LoadedModel or a (model, tokenizer) pair) as `request` says, on its
     engine, writing predictions.jsonl and summary.json into `out`."""
     from ..method.vectors import parse_layers
-    from ..models.pool import describe
+    from ..models.pool import model_label
     from ..models.runtime import RuntimeOptions
 
     options = options or RuntimeOptions()
@@ -332,12 +332,12 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     if request.gate is not None and request.form != "gated-lora":
         raise UserError("gate settings apply to the gated-lora form only")
     engine = check_request(request.engine, model, request, vectors)
-    label = {"model": describe(model), "engine": request.engine, "task": task.name, "template": request.template,
+    label = {"model": model_label(model), "engine": request.engine, "task": task.name, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,
              "steering": _steering_label(request, vectors, vectors_name)}
     if request.lora:
         label["lora"] = _lora_label(request)
     with engine.open(model, request, items, vectors, label, options, progress) as session:
-        summary = evaluate(items, session.texts, session.engine, request.max_new_tokens, out, session.label, progress,
+        summary = generate_and_score(items, session.texts, session.engine, request.max_new_tokens, out, session.label, progress,
                            resume=request.resume, baseline=baseline_rows, task=task, prefixes=request.prefixes)
     return EvalSummary.from_summary(summary, out)

@@ -45,7 +45,7 @@ def default_llama_cpp() -> Path:
 
 
 @contextmanager
-def _atomic_file(out: Path, overwrite: bool):
+def atomic_file(out: Path, overwrite: bool):
     """Yield a temporary path beside `out`, renamed onto `out` only when the block succeeds; `out`'s lock
     is held meanwhile."""
     out = Path(out)
@@ -88,7 +88,7 @@ def write_control_vector(vectors: SteeringVectors, out: str | Path, scale: float
     if not directions:
         raise UserError("no layer is left to steer after dropping layer 0; select layers 1 and above")
     hint = model_hint or control_vector_hint(vectors)
-    with _atomic_file(Path(out), overwrite) as tmp:
+    with atomic_file(Path(out), overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), CVEC_ARCH)
         writer.add_string(f"{CVEC_ARCH}.model_hint", hint)
         writer.add_uint32(f"{CVEC_ARCH}.layer_count", len(directions))
@@ -154,7 +154,7 @@ def patch_gguf(folded: str | Path, out: str | Path, base: str | None = None, ove
     permute = src_arch.gguf_rope_neox and not out_arch.gguf_rope_neox and new_arch != gguf_arch
     heads = (fields.get(f"{gguf_arch}.attention.head_count"),
              fields.get(f"{gguf_arch}.attention.head_count_kv") or fields.get(f"{gguf_arch}.attention.head_count"))
-    with _atomic_file(Path(out), overwrite) as tmp:
+    with atomic_file(Path(out), overwrite) as tmp:
         added = _write_patched(reader, tmp, gguf_arch, new_arch, fields.get("general.alignment"), biases,
                                heads if permute else None, info, site)
     return {"out": str(out), "route": "patch", "base": str(base_path), "architecture": new_arch,
@@ -274,7 +274,7 @@ def convert_gguf(folded: str | Path, out: str | Path, llama_cpp: str | Path | No
     # the tree's own gguf-py matches its converter better than whatever gguf is installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "gguf-py"), env.get("PYTHONPATH")]))
     env.setdefault("NO_LOCAL_GGUF", "")
-    with _atomic_file(Path(out), overwrite) as tmp:
+    with atomic_file(Path(out), overwrite) as tmp:
         cmd = [python or sys.executable, str(root / CONVERT_SCRIPT), str(folded), "--outfile", str(tmp),
                "--outtype", outtype]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -220,7 +220,7 @@ def _first_line(exc: Exception) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def format_plan(report: dict) -> str:
+def format_upload_plan(report: dict) -> str:
     lines = [f"{'would push' if report['dry_run'] else 'pushed'} {report['kind']} to {report['repo_id']}"
              f"@{report['revision']} ({report['endpoint']}): {len(report['files'])} files, {report['bytes']:,} bytes"]
     for f in report["files"]:

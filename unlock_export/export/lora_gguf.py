@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..models.architectures import architecture_for_config, registered_model_types
-from .gguf import SITE_TENSOR, _atomic_file
+from .gguf import SITE_TENSOR, atomic_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -201,7 +201,7 @@ def write_lora_gguf(adapter: str | Path, out: str | Path, base: str | Path | Non
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
 
     gguf_alpha = float(scaling * rank)  # llama.cpp: scale * alpha / r = scale * PEFT's scaling
-    with _atomic_file(Path(out), overwrite) as tmp:
+    with atomic_file(Path(out), overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

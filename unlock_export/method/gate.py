@@ -164,7 +164,7 @@ def _gate_stats(gates: torch.Tensor, x: torch.Tensor, sequences: list[list[int]]
     return stats
 
 
-def fit_gates(loaded, vectors, texts: list[str], heldout_texts: list[str], alpha: float = 0.1,
+def fit_gates_on_texts(loaded, vectors, texts: list[str], heldout_texts: list[str], alpha: float = 0.1,
               multiplier: float = 1.0, ridge: float = DEFAULT_RIDGE, rank: int = 1,
               answer_tokens: int = ANSWER_TOKENS) -> GateFit:
     """`rank` gates for every layer of `vectors` (layer 0 included only if the vectors steer it), fitted
@@ -213,7 +213,7 @@ def fit_for(loaded, vectors, settings: GateSettings) -> GateFit:
     evaluation.calibrate.calibrate_gate chooses it)."""
     texts, heldout, _ = settings_texts(settings)
     multiplier = 1.0 if settings.multiplier == "auto" else float(settings.multiplier)
-    return fit_gates(loaded, vectors, texts, heldout, alpha=settings.alpha, multiplier=multiplier,
+    return fit_gates_on_texts(loaded, vectors, texts, heldout, alpha=settings.alpha, multiplier=multiplier,
                      ridge=settings.ridge, rank=settings.rank)
 
 

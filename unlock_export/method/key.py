@@ -14,7 +14,7 @@ from ..errors import UserError
 FORMAT = "unlock-export/master-key"
 
 
-def master_key(locked: torch.Tensor, unlocked: torch.Tensor, method: str = "mean") -> torch.Tensor:
+def aggregate_differences(locked: torch.Tensor, unlocked: torch.Tensor, method: str = "mean") -> torch.Tensor:
     """Aggregate per-prompt differences [layers, N, d] into one vector per layer [layers, d].
 
     mean: the average difference, not normalised (the paper's mean form).

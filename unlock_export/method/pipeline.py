@@ -9,9 +9,9 @@ import torch
 
 from .. import prompts
 from ..models import loading as models
-from ..models.pool import ModelPool, describe
+from ..models.pool import ModelPool, model_label
 from . import align, capture
-from .key import MasterKey, master_key
+from .key import MasterKey, aggregate_differences
 from .vectors import SteeringVectors, parse_layers
 
 log = logging.getLogger("unlock_export")
@@ -31,7 +31,7 @@ def capture_states(pool: ModelPool, spec: str, template: str, questions: list[st
     its prompt) the mean over the last prompt token and the answer's tokens after it. `chat`: the
     prompts wrapped by the model's chat template."""
     loaded = pool.get(spec)
-    texts = prompt_texts(loaded, template, questions, chat, describe(spec))
+    texts = prompt_texts(loaded, template, questions, chat, model_label(spec))
     return _read(pool, loaded, texts, answers, desc, layers)
 
 
@@ -57,7 +57,7 @@ def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[s
     from .generate import greedy
 
     loaded = pool.get(spec)
-    texts = prompt_texts(loaded, template, questions, chat, describe(spec))
+    texts = prompt_texts(loaded, template, questions, chat, model_label(spec))
     batch_size = resolve_batch_size(pool.options.batch_size, loaded, texts, pool.options.max_length, extra_tokens=tokens)
     return [loaded.tokenizer.decode(row) for row in greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)]
 
@@ -91,7 +91,7 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     locked_states = capture_states(pool, locked, locked_template, questions, "capture source (locked)",
                                    answers=answers, chat=locked_chat)
     provenance = {
-        "locked_model": describe(locked), "unlocked_model": describe(unlocked),
+        "locked_model": model_label(locked), "unlocked_model": model_label(unlocked),
         "locked_template": locked_template, "unlocked_template": unlocked_template,
         "method": method, "n_prompts": str(len(questions)), "answer_tokens": str(answer_tokens),
         "model_hint": pool.get(unlocked).model.config.model_type,
@@ -99,7 +99,7 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
     for side, chat in (("locked", locked_chat), ("unlocked", unlocked_chat)):
         if chat is not None:
             provenance[f"{side}_chat"] = chat.describe()
-    key = MasterKey(master_key(locked_states, unlocked_states, method), provenance)
+    key = MasterKey(aggregate_differences(locked_states, unlocked_states, method), provenance)
     return key, (None if answers else locked_states)
 
 
@@ -125,7 +125,7 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
     device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
-        "source_model": describe(source), "target_model": describe(target),
+        "source_model": model_label(source), "target_model": model_label(target),
         "source_template": source_template, "target_template": target_template,
         "target_model_type": target_loaded.model.config.model_type,
     })
@@ -145,7 +145,7 @@ def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], met
     from ..errors import UserError
 
     loaded = pool.get(model)
-    tok, name = loaded.tokenizer, describe(model)
+    tok, name = loaded.tokenizer, model_label(model)
     completions = pairs[0].prompt is not None
     if completions:
         heads = [p.prompt for p in pairs]
@@ -172,7 +172,7 @@ def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], met
     states = {side: _read(pool, loaded, base or sides[side], answers[side], f"capture pairs ({side})")
               for side in ("positive", "negative")}
     shape = "prompt + completions" if completions else "texts"
-    return MasterKey(master_key(states["negative"], states["positive"], method), {
+    return MasterKey(aggregate_differences(states["negative"], states["positive"], method), {
         "locked_model": name, "unlocked_model": name, "locked_template": "pairs: negative",
         "unlocked_template": "pairs: positive", "pairs": source_name, "pairs_shape": shape,
         "method": method, "n_prompts": str(len(pairs)), "answer_tokens": "completion" if completions else "0",

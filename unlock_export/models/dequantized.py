@@ -147,11 +147,11 @@ def dequantize(gguf: Path, out: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import _gguf_progress_follows_transformers
+    from .loading import gguf_progress_follows_transformers
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        with _gguf_progress_follows_transformers():
+        with gguf_progress_follows_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as exc:

@@ -218,7 +218,7 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 @contextlib.contextmanager
-def _gguf_progress_follows_transformers():
+def gguf_progress_follows_transformers():
     """transformers' GGUF dequantization calls tqdm directly, past `logging.disable_progress_bar()`
     (what --quiet sets): while loading, give it a tqdm that obeys that switch."""
     from transformers.utils import logging as hf_logging

@@ -41,7 +41,7 @@ def as_loaded(model):
                     f"{type(model).__name__}")
 
 
-def describe(model) -> str:
+def model_label(model) -> str:
     """The name a model goes by in provenance: its spec, or the name it was loaded under."""
     return str(model) if isinstance(model, (str, Path)) else as_loaded(model).source.spec
 

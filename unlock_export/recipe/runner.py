@@ -208,7 +208,7 @@ def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
 
 def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], progress: bool) -> dict:
     """fold.scale auto: the label-free scale (check-alpha first), as calibration.json holds it."""
-    from ..evaluation.calibrate import calibrate_scale, measure_baseline
+    from ..evaluation.calibrate import measure_baseline, search_scale
     from ..method.capture import resolve_batch_size
     from ..method.pipeline import prompt_texts
 
@@ -223,7 +223,7 @@ def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], 
     ppl_texts = prompts.apply_template("plain", calib_questions)
     baseline = measure_baseline(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha, f.objective,
                                 f.continuation_tokens, batch_size, known=answer_start)  # used if the same prompts
-    calibration = calibrate_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
+    calibration = search_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
                                   **({"scales": tuple(f.scales)} if f.scales else {}),
                                   ppl_margin=f.ppl_margin, progress=progress, additive_layers=band,
                                   objective=f.objective, continuation_tokens=f.continuation_tokens,

@@ -44,18 +44,18 @@ class TransformersPlugin:
     @contextlib.contextmanager
     def open(self, model, request, items, vectors, label, options, progress):
         from ...method.capture import resolve_batch_size
-        from ...models.pool import ModelPool, describe
+        from ...models.pool import ModelPool, model_label
 
         loaded = ModelPool(options, progress=progress).get(model)
         texts = render_prompts(items, request.template, loaded.tokenizer, request.chat)
         steer = None
         if vectors is not None and request.form == "gated-lora":
-            steer, multiplier = gated_steering(loaded, vectors, request, describe(model), progress)
+            steer, multiplier = gated_steering(loaded, vectors, request, model_label(model), progress)
             label["steering"]["multiplier"] = multiplier
         elif vectors is not None:
             from ...method.steer import steering
 
-            vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{describe(model)}'")
+            vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{model_label(model)}'")
             steer = lambda: steering(loaded, vectors, request.form, request.strength)  # noqa: E731
         elif request.lora:
             from ...models.loading import applied_lora
