@@ -59,6 +59,24 @@ def prompt_options(fn=None, *, count: int = 256):
     return decorate(fn) if fn is not None else decorate
 
 
+def resumable_output(help_text: str):
+    """-o/--output (a file), --overwrite and --resume (progress kept beside the output), as `key` and `align`
+    take them."""
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help=help_text),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial)."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 def pool_for(ctx, runtime, checkpoint_dir=None):
     """A ModelPool with the command's RuntimeOptions; progress bars unless --quiet."""
     from ..models.pool import ModelPool

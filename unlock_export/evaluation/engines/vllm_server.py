@@ -119,6 +119,15 @@ class VllmServerEngine(LocalServer):
         choice = answer["choices"][0]
         return choice["text"], int(answer.get("usage", {}).get("completion_tokens", 0))
 
+    def chat(self, messages: list[dict], max_new_tokens: int, model: str | None = None) -> tuple[str, int]:
+        """Greedy reply and its token count through the OpenAI-compatible chat endpoint, the model's own
+        chat template applied by the server (as a chat client gets it)."""
+        answer = self._post("/v1/chat/completions", {
+            "model": model or self.serve, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0.0,
+            "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "seed": 0})
+        return answer["choices"][0]["message"]["content"], int(answer.get("usage", {}).get("completion_tokens", 0))
+
 
 def find_vllm(path: str | None = None) -> Path:
     """The Python that runs vLLM: --vllm (the `vllm` executable or that Python), else $UNLOCK_VLLM, else

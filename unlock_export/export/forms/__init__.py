@@ -27,7 +27,6 @@ export was reloaded by the stock library and verified against the hooks, and the
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..._io import owned_prefix, staging_dir
 from ...errors import ExportFailure, UserError
+from ...registry import lookup
 
 if TYPE_CHECKING:  # the registry is read by the CLI and the recipe schema, which load no torch
     import torch
@@ -137,19 +137,49 @@ def peft_load(base_id: str) -> str:
             "model = PeftModel.from_pretrained(base, \"PATH_TO_THIS_FOLDER\")\n```")
 
 
+BIAS_ADAPTER_SERVING = ("`model.merge_and_unload()` works only where the steered module already has a bias of its own "
+            "(GPT-NeoX, GPT-2); elsewhere PEFT refuses to merge. vLLM and llama.cpp do not load bias adapters: "
+            "serve the folded checkpoint (`unlock-export fold --mode bias`) with vLLM or transformers, or the "
+            "control vector (`unlock-export cvec`) with llama.cpp.")
+
+
+class OffsetForm:
+    """What the forms carrying a constant offset per steered layer share (bias, adapter, lora): no gates,
+    no merge, the additive hooks as their reference, and their card; `peft` is the PEFT adapter type a
+    form writes (None: a checkpoint) and `loads_as` what the card calls the adapter."""
+
+    default_rank: int | None = None
+    merges = False
+    fits_gates = False
+    peft: str | None = None
+    loads_as = ""
+
+    def peft_type(self, merge: bool) -> str | None:
+        return self.peft
+
+    def carrier(self, arch, config: dict, site: str) -> str:
+        return arch.adapter_carrier(site)
+
+    def reference(self, export_dir: Path, info: dict):
+        return None  # the additive hooks at the export's scale
+
+    def card(self, result: FoldResult, target: str, context: dict) -> CardText:
+        if self.peft is None:
+            return CardText(offset_what(result, "the bias"), CHECKPOINT_LOAD, note=OFFSET_NOTE)
+        from ..card import base_model_id
+
+        load = (f"This is {self.loads_as}. It loads with PEFT on top of the base model:\n\n"
+                f"{peft_load(base_model_id(target))}\n\n{BIAS_ADAPTER_SERVING}")
+        return CardText(offset_what(result, "a bias vector the adapter adds to the output"), load, note=OFFSET_NOTE)
+
+
 def form_names() -> tuple[str, ...]:
     return tuple(FORMS)
 
 
 def form(name: str) -> ExportForm:
     """The plug-in registered as `name` (imported on first use)."""
-    if name not in FORMS:
-        raise UserError(f"unknown mode '{name}': use {' or '.join(FORMS)}")
-    entry = FORMS[name]
-    if isinstance(entry, str):
-        module, _, attribute = entry.partition(":")
-        entry = getattr(importlib.import_module(module, __name__), attribute)
-    return entry
+    return lookup(FORMS, name, __name__, "mode")
 
 
 def form_of_export(info: dict) -> ExportForm:

@@ -6,19 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import UserError
-from . import OFFSET_NOTE, CardText, ExportJob, Written, offset_what, peft_load
+from . import ExportJob, OffsetForm, Written
 
 if TYPE_CHECKING:  # a form module loads no torch until it writes (the CLI reads the registry)
     import torch
 
     from ...method.vectors import SteeringVectors
     from ...models.checkpoint import Checkpoint
-
-BIAS_ADAPTER_SERVING = ("`model.merge_and_unload()` works only where the steered module already has a bias of its own "
-            "(GPT-NeoX, GPT-2); elsewhere PEFT refuses to merge. vLLM and llama.cpp do not load bias adapters: "
-            "serve the folded checkpoint (`unlock-export fold --mode bias`) with vLLM or transformers, or the "
-            "control vector (`unlock-export cvec`) with llama.cpp.")
-
 
 def beft_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale: float,
                  layers_path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -44,15 +38,11 @@ def beft_config_class():
     return BeftConfig
 
 
-class AdapterForm:
+class AdapterForm(OffsetForm):
     name = "adapter"
     summary = "a PEFT BEFT adapter: a bias per steered module (PEFT >= 0.20)"
-    default_rank = None
-    merges = False
-    fits_gates = False
-
-    def peft_type(self, merge: bool) -> str | None:
-        return "BEFT"
+    peft = "BEFT"
+    loads_as = "a BEFT adapter (one bias vector per steered module; PEFT 0.20 or later)"
 
     def carrier(self, arch, config: dict, site: str) -> str:
         carrier = arch.adapter_carrier(site)
@@ -69,17 +59,6 @@ class AdapterForm:
         write_peft(job.ckpt, job.work, config_class(target_modules=modules, task_type="CAUSAL_LM",
                                                     base_model_name_or_path=job.target), tensors)
         return Written(job.arch.model_type)
-
-    def reference(self, export_dir, info: dict):
-        return None  # the additive hooks at the export's scale
-
-    def card(self, result, target: str, context: dict) -> CardText:
-        from ..card import base_model_id
-
-        load = ("This is a BEFT adapter (one bias vector per steered module; PEFT 0.20 or later). It loads with "
-                f"PEFT on top of the base model:\n\n{peft_load(base_model_id(target))}\n\n"
-                + BIAS_ADAPTER_SERVING)
-        return CardText(offset_what(result, "a bias vector the adapter adds to the output"), load, note=OFFSET_NOTE)
 
 
 FORM = AdapterForm()

@@ -7,7 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ...errors import UserError
-from . import CHECKPOINT_LOAD, OFFSET_NOTE, CardText, ExportJob, Written, offset_what
+from . import ExportJob, OffsetForm, Written
 
 if TYPE_CHECKING:  # a form module loads no torch until it writes (the CLI reads the registry)
     import torch
@@ -58,15 +58,9 @@ def folded_config(config: dict, plan: BiasPlan) -> dict:
     return out
 
 
-class BiasForm:
+class BiasForm(OffsetForm):
     name = "bias"
     summary = "a standalone checkpoint whose carrier biases hold the offsets"
-    default_rank = None
-    merges = False
-    fits_gates = False
-
-    def peft_type(self, merge: bool) -> str | None:
-        return None
 
     def carrier(self, arch, config: dict, site: str) -> str:
         return arch.bias_plan(config, site).carrier
@@ -80,12 +74,6 @@ class BiasForm:
         shards = write_checkpoint(job.ckpt, job.work, config, added, changed,
                                   link=job.link or job.source_kind == "gguf", progress=job.progress, dtype=job.dtype)
         return Written(config.get("model_type", job.arch.model_type), shards, stored)
-
-    def reference(self, export_dir, info: dict):
-        return None  # the additive hooks at the export's scale
-
-    def card(self, result, target: str, context: dict) -> CardText:
-        return CardText(offset_what(result, "the bias"), CHECKPOINT_LOAD, note=OFFSET_NOTE)
 
 
 FORM = BiasForm()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from . import OFFSET_NOTE, CardText, ExportJob, Written, offset_what, peft_load
-from .adapter import BIAS_ADAPTER_SERVING
+from . import ExportJob, OffsetForm, Written
 
 if TYPE_CHECKING:  # a form module loads no torch until it writes (the CLI reads the registry)
     import torch
@@ -41,18 +40,12 @@ def lora_tensors(ckpt: Checkpoint, carrier: str, vectors: SteeringVectors, scale
     return tensors, modules
 
 
-class LoraForm:
+class LoraForm(OffsetForm):
     name = "lora"
     summary = "a PEFT LoRA with lora_bias holding the offsets (older PEFT, GPT-2's Conv1D)"
     default_rank = 8
-    merges = False
-    fits_gates = False
-
-    def peft_type(self, merge: bool) -> str | None:
-        return "LORA"
-
-    def carrier(self, arch, config: dict, site: str) -> str:
-        return arch.adapter_carrier(site)
+    peft = "LORA"
+    loads_as = "a LoRA adapter whose lora_B bias carries the offset (PEFT 0.14 or later, `lora_bias`)"
 
     def write(self, job: ExportJob) -> Written:
         from peft import LoraConfig
@@ -67,17 +60,6 @@ class LoraForm:
                             base_model_name_or_path=job.target)
         write_peft(job.ckpt, job.work, config, tensors)
         return Written(job.arch.model_type)
-
-    def reference(self, export_dir, info: dict):
-        return None  # the additive hooks at the export's scale
-
-    def card(self, result, target: str, context: dict) -> CardText:
-        from ..card import base_model_id
-
-        load = ("This is a LoRA adapter whose lora_B bias carries the offset (PEFT 0.14 or later, `lora_bias`). It "
-                f"loads with PEFT on top of the base model:\n\n{peft_load(base_model_id(target))}\n\n"
-                + BIAS_ADAPTER_SERVING)
-        return CardText(offset_what(result, "a bias vector the adapter adds to the output"), load, note=OFFSET_NOTE)
 
 
 FORM = LoraForm()
