@@ -373,3 +373,9 @@ def progress_folder(output: str | Path, resume: bool, start_over: bool):
                 log.warning("progress kept in %s: rerun the same command with --resume to continue", folder)
             raise
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def refuse_existing(path: str | Path, overwrite: bool, resume: bool = False) -> None:
+    """The one refusal of an output that exists (never overwrite what is there unless asked)."""
+    if Path(path).exists() and not (overwrite or resume):
+        raise UserError(f"output '{path}' exists: choose another or pass --overwrite")

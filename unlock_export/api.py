@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from . import prompts as prompt_sources
+from ._io import refuse_existing
 from .errors import UserError
 from .evaluation.calibrate import Calibration
 from .evaluation.run import EvalRequest, EvalSummary
@@ -168,10 +169,9 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
 
     A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
     from .export.forms import export, form, forms_with
-    from .method.vectors import parse_layers
 
     if layers is not None:
-        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+        vectors = vectors.select(layers)
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
     if form(mode).fits_gates:
         return fold_gated_lora(target, vectors, out, gate, merge=merge, link=link, overwrite=overwrite,
@@ -200,8 +200,8 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
     source = resolve(files)
     if source.kind == "dir":  # refused before the fit, not after it
         check_output_path(Path(out), Path(source.path), overwrite)
-    elif Path(out).exists() and not overwrite:
-        raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
+    else:
+        refuse_existing(out, overwrite)
     loaded = _float32_model(target, progress)
     fit = fit_gates(loaded, vectors, settings, progress=progress)
     context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
@@ -303,14 +303,13 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
     from .evaluation.calibrate import DEFAULT_SCALES
     from .evaluation.calibrate import search_scale as search
     from .method.capture import resolve_batch_size
-    from .method.vectors import parse_layers
 
     options = options or RuntimeOptions()
     loaded = _pool(options, progress).get(model)
     vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, "model")
     questions = _questions(prompts, count)
     texts = prompt_sources.apply_template(template, questions)
-    band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
+    band = vectors.select(layers).layers if layers else None
     return search(loaded, vectors, texts, prompt_sources.apply_template("plain", questions), "paper", alpha,
                      tuple(scales) if scales else DEFAULT_SCALES, ppl_margin,
                      resolve_batch_size(options.batch_size, loaded, texts, options.max_length), progress=progress,

@@ -91,10 +91,6 @@ def emit(ctx, payload: dict, text: str) -> None:
         click.echo(text)
 
 
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"'{path}' exists: choose another output or pass --overwrite")
-
 
 def number_list(value: str | None, option: str) -> tuple[float, ...] | None:
     """'0.1,0.2' -> (0.1, 0.2); None or empty -> None."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .._io import refuse_existing
 from ..choices import EXPORT_DTYPES, OUTTYPES, ROUTES
 from ..errors import UserError
 from ..settings import GateSettings
@@ -61,11 +62,11 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
       unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter -o out/adapter
     """
     from ..export.forms import export, form, forms_with
-    from ..method.vectors import SteeringVectors, parse_layers
+    from ..method.vectors import SteeringVectors
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
-        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+        vectors = vectors.select(layers)
     if form(mode).fits_gates:
         from ..api import fold_gated_lora
 
@@ -162,11 +163,11 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
       llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
     """
     from ..export.gguf import write_control_vector
-    from ..method.vectors import SteeringVectors, parse_layers
+    from ..method.vectors import SteeringVectors
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
-        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+        vectors = vectors.select(layers)
     info = write_control_vector(vectors, output, scale=scale, model_hint=model_hint, overwrite=overwrite)
     emit(ctx, info, f"wrote {output} (control vector for {info['model_hint']}, layers "
                      f"{info['layers'][0]}-{info['layers'][-1]} ({len(info['layers'])}), scale {scale:g})")
@@ -324,8 +325,7 @@ def vectors_import(ctx, source, output, overwrite):
     """
     from ..method.vectors import SteeringVectors
 
-    if output.exists() and not overwrite:
-        raise UserError(f"'{output}' exists: choose another output or pass --overwrite")
+    refuse_existing(output, overwrite)
     vectors = SteeringVectors.load(source)
     vectors.save(output)
     emit(ctx, {"output": str(output), "layers": vectors.layers, "hidden_size": vectors.hidden_size},

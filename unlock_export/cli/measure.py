@@ -344,7 +344,6 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
     """
     from ..evaluation.calibrate import DEFAULT_SCALES, search_scale
     from ..method.pipeline import prompt_texts
-    from ..method.vectors import parse_layers
     from ..prompts import Chat, apply_template
 
     if system and not chat:
@@ -352,7 +351,7 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
     grid = number_list(scales, "--scales") or DEFAULT_SCALES
     loaded, vectors, questions, batch_size = _steering_inputs(
         ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
-    band = vectors.select(parse_layers(layers, vectors.layer_count)).layers if layers else None
+    band = vectors.select(layers).layers if layers else None
     texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, model)
     result = search_scale(loaded, vectors, texts, apply_template("plain", questions),
                              "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],

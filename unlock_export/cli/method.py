@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
+from .._io import refuse_existing
 from ..choices import METHODS, SITES
 from ..errors import UserError
-from .app import cli, emit, pool_for, prompt_options, refuse_existing, resumable_output
+from .app import cli, emit, pool_for, prompt_options, resumable_output
 from .options import chat_options, choice, runtime_from, runtime_options
 
 
@@ -229,8 +230,7 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     if dry_run:
         from ..recipe.plan import format_plan, plan_recipe
 
-        if out_dir.exists() and not (overwrite or resume):
-            raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
+        refuse_existing(out_dir, overwrite, resume)
         plan = plan_recipe(recipe, out_dir)
         click.echo(json.dumps(plan.as_dict()) if ctx.obj["json"] else format_plan(plan))  # printed even with --quiet
         return

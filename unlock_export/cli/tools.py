@@ -96,11 +96,11 @@ def lm_eval_config(ctx, vectors_path, scale, layers, model_dir, output, overwrit
           --include_path tasks --tasks unlock_gsm8k
     """
     from ..evaluation.lmeval import write_steer_config
-    from ..method.vectors import SteeringVectors, parse_layers
+    from ..method.vectors import SteeringVectors
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
-        vectors = vectors.select(parse_layers(layers, vectors.layer_count))
+        vectors = vectors.select(layers)
     info = write_steer_config(vectors, output, scale=scale, model=model_dir, overwrite=overwrite)
     model = model_dir or "MODEL"
     emit(ctx, info, f"wrote {output} (lm-eval steered config: {len(info['hookpoints'])} hookpoints "

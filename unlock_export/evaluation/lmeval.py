@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_path, atomic_write_text, staging_dir
+from .._io import atomic_path, atomic_write_text, refuse_existing, staging_dir
 from ..errors import UserError
 
 LM_EVAL_VERSION = "0.4.13"
@@ -121,8 +121,7 @@ def write_steer_config(vectors, output: str | Path, scale: float = 1.0, model: s
     if output.suffix not in STEER_SUFFIXES:
         raise UserError(f"lm-eval reads a steered config from a .pt or .pth file, not '{output.name}': "
                         "name the output steer.pt")
-    if output.exists() and not overwrite:
-        raise UserError(f"'{output}' exists: choose another output or pass --overwrite")
+    refuse_existing(output, overwrite)
     config = steer_config(vectors, scale, model)
     with atomic_path(output) as tmp:
         torch.save(config, tmp)
@@ -198,8 +197,7 @@ def write_task(output: str | Path, data: str = DEFAULT_DATA, offset: int = 0, te
     if not is_builtin(data):
         data = str(Path(data).expanduser().resolve())  # lm_eval may run from another folder
     items = load_items(data, offset=offset, task=kind.name)  # every line checked now, not when lm_eval runs
-    if output.exists() and not overwrite:
-        raise UserError(f"'{output}' exists: choose another folder or pass --overwrite")
+    refuse_existing(output, overwrite)
     with staging_dir(output, overwrite=overwrite) as work:
         atomic_write_text(work / f"{task}.yaml", task_yaml(task, data, offset, template, max_new_tokens, kind.name))
         atomic_write_text(work / "utils.py", UTILS_PY)

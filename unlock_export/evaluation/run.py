@@ -305,7 +305,6 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
              options=None, progress: bool = True) -> EvalSummary:
     """Evaluate `model` (a spec, a LoadedModel or a (model, tokenizer) pair) as `request` says, on its
     engine, writing predictions.jsonl and summary.json into `out`."""
-    from ..method.vectors import parse_layers
     from ..models.pool import model_label
     from ..models.runtime import RuntimeOptions
 
@@ -324,7 +323,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     if request.layers and vectors is None:
         raise UserError("layers selects layers of the vectors: pass vectors too")
     if request.layers:
-        vectors = vectors.select(parse_layers(request.layers, vectors.layer_count))
+        vectors = vectors.select(request.layers)
     if request.form not in EVAL_FORMS:
         raise UserError(f"unknown steering form '{request.form}': use {', '.join(EVAL_FORMS)}")
     if request.lora and vectors is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path, output_lock
+from .._io import atomic_path, output_lock, refuse_existing
 from ..choices import OUTTYPES
 from ..errors import ExportFailure, UserError
 from ..method.vectors import SteeringVectors
@@ -52,8 +52,7 @@ def atomic_file(out: Path, overwrite: bool):
     if out.is_dir():
         raise UserError(f"output '{out}' is a directory: name a .gguf file")
     with output_lock(out):  # a second writer of `out` is refused; a dead one's temporary file is removed
-        if out.exists() and not overwrite:
-            raise UserError(f"output '{out}' exists: choose another name or pass --overwrite")
+        refuse_existing(out, overwrite)
         with atomic_path(out, suffix=".partial") as tmp:
             yield tmp
 

@@ -125,7 +125,12 @@ class SteeringVectors:
         return dataclasses.replace(self, directions={k: v * scale for k, v in self.directions.items()},
                                    provenance={**self.provenance, "scale_applied": str(scale)})
 
-    def select(self, layers: list[int]) -> "SteeringVectors":
+    def select(self, layers: "list[int] | str | None") -> "SteeringVectors":
+        """The vectors of `layers`: a list, or a spec as --layers takes it (all, A-B, 1,4,7; parse_layers);
+        None keeps them all."""
+        if layers is None:
+            return self
+        layers = parse_layers(layers, self.layer_count)
         if self.directions and not set(layers) & set(self.directions):
             held = self.layers
             raise UserError(f"the vectors file holds no vector for layers {format_layers(sorted(layers))} "

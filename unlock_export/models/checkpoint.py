@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._io import refuse_existing
 from ..choices import EXPORT_DTYPES
 from ..errors import UserError
 from .architectures import config_size
@@ -161,8 +162,7 @@ def check_output_path(out: Path, source: Path, overwrite: bool) -> None:
         raise UserError(f"output '{out}' is inside the source model '{source}': choose a folder outside it")
     if out_r in src_r.parents:
         raise UserError(f"output '{out}' contains the source model '{source}': choose another folder")
-    if out.exists() and not overwrite:
-        raise UserError(f"output '{out}' exists: choose another folder or pass --overwrite")
+    refuse_existing(out, overwrite)
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:

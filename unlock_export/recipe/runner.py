@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .. import prompts
+from .._io import refuse_existing
 from ..errors import UserError
 from ..export.forms import form
 from .spec import FoldSpec, GgufSpec, PushSpec, Recipe
@@ -82,8 +83,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         summary["evaluate"] = evaluate_stage(recipe, out_dir, progress)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output folder '{out_dir}' exists: choose another or pass --overwrite")
+    refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with progress_folder(out_dir, resume, start_over=overwrite) as checkpoint_dir:
         with staging_dir(out_dir, overwrite=True) as work:
@@ -249,14 +249,13 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
                 recipe_text: str | None, card_extra: dict, clock: _Clock) -> FoldStage:
     """The optional fold: calibrate when asked, then fold (verified) into work/model."""
     from ..export.forms import export
-    from ..method.vectors import parse_layers
 
     f = recipe.fold
     if f is None:
         pool.release()
         return FoldStage(transfer.vectors, None, None, [])
     vectors = transfer.vectors
-    chosen = vectors if f.layers is None else vectors.select(parse_layers(f.layers, vectors.layer_count))
+    chosen = vectors.select(f.layers)
     def context() -> dict:  # the card's: read after the calibration adds its line
         return {"command": f"unlock-export run RECIPE.yaml OUT_DIR  # recipe {recipe.name}", "recipe": recipe_text or "",
                 **card_extra}
