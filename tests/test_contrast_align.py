@@ -91,7 +91,6 @@ def test_recipe_align_contrast_runs_and_is_planned(tiny_recipe, tmp_path, capsys
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"source": {"pairs": {"path": "pairs.jsonl"}}}, "prompt contrast on one source model"),
     ({"source": {"locked": {"model": "S", "template": "direct"}, "unlocked": {"model": "S", "template": "direct"}}},
      "formats are the same"),
     ({"target": {"template": "plain"}}, "drop target.template"),
@@ -100,11 +99,7 @@ def test_recipe_align_contrast_refusals(tiny_recipe, tmp_path, capsys, change, m
     path, recipe = tiny_recipe
     recipe["align"]["contrast"] = True
     for section, value in change.items():
-        if section == "source" and "pairs" in value:
-            (tmp_path / "pairs.jsonl").write_text(json.dumps({"positive": "a", "negative": "b"}) + "\n")
-            recipe["source"] = {"pairs": {"path": str(tmp_path / "pairs.jsonl"),
-                                          "model": recipe["source"]["locked"]["model"]}}
-        elif section == "source":
+        if section == "source":
             model = recipe["source"]["locked"]["model"]
             recipe["source"] = {k: {**v, "model": model} for k, v in value.items()}
         else:
@@ -113,3 +108,72 @@ def test_recipe_align_contrast_refusals(tiny_recipe, tmp_path, capsys, change, m
     assert main(["run", "--dry-run", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def _pairs(n: int, seed: int) -> list:
+    """Text pairs that differ in one systematic way (an answer in capitals against the same in lower case)."""
+    return [prompts.Pair(f"Question: {q}\nAnswer: THE ANSWER IS SHORT.", f"Question: {q}\nAnswer: the answer is short.",
+                         None, i) for i, q in enumerate(prompts.builtin_arithmetic(n, seed=seed), 1)]
+
+
+def test_the_pairs_contrast_map_pairs_both_sides_as_a_hand_computation(tiny_model_dir):
+    from unlock_export.method.pipeline import pair_states
+
+    source, target = str(tiny_model_dir("llama")), str(tiny_model_dir("qwen2", hidden=48, layers=3))
+    questions, pairs = prompts.builtin_arithmetic(12, seed=5), _pairs(6, 7)
+    pool = _pool()
+    lrmap = compute_map(pool, source, target, "direct", "direct", questions, 4, contrast_pairs=pairs)
+    sides = [p.positive for p in pairs] + [p.negative for p in pairs]
+    xs = torch.cat([capture_states(pool, source, "direct", questions, "s"),
+                    capture_states(pool, source, "plain", sides, "s")], dim=1)
+    xb = torch.cat([capture_states(pool, target, "direct", questions, "t"),
+                    capture_states(pool, target, "plain", sides, "t")], dim=1)
+    assert torch.allclose(pair_states(pool, source, pairs, None, "s"), xs[:, len(questions):])
+    by_hand = align.fit(xs, xb, 4)
+    key = torch.randn(xs.shape[0], xs.shape[-1], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lrmap.map_key(key), by_hand.map_key(key), atol=1e-5)
+    assert lrmap.provenance["contrast_pairs"] == "6"
+
+
+def test_the_pairs_contrast_map_carries_a_pairs_key_the_plain_map_does_not(tiny_model_dir):
+    """The pairs key carried by each map against the target's own pairs key (the same pairs on the
+    target); the map is fitted on other questions and other pairs than the key's."""
+    from unlock_export.method.pipeline import compute_pair_key
+
+    source, target = str(tiny_model_dir("llama")), str(tiny_model_dir("qwen2", hidden=48, layers=3))
+    pool = _pool()
+    key_pairs, align_pairs = _pairs(16, 1), _pairs(16, 2)
+    source_key = compute_pair_key(pool, source, key_pairs).vectors
+    target_key = compute_pair_key(pool, target, key_pairs).vectors
+    questions = prompts.builtin_arithmetic(24, seed=3)
+    cosine = {}
+    for name, pairs in (("plain", None), ("pairs", align_pairs)):
+        lrmap = compute_map(pool, source, target, "direct", "direct", questions, 8, contrast_pairs=pairs)
+        moved = lrmap.map_key(source_key)[1:]
+        cosine[name] = float(torch.nn.functional.cosine_similarity(moved, target_key[1:], dim=-1).mean())
+    print(cosine)
+    assert cosine["pairs"] > 0.85 and cosine["pairs"] > cosine["plain"] + 0.5  # measured: 0.91 against -0.16
+
+
+def test_recipe_align_contrast_with_pairs_runs_and_equals_the_command(tiny_recipe, tmp_path, capsys):
+    path, recipe = tiny_recipe
+    rows = [{"positive": p.positive, "negative": p.negative} for p in _pairs(6, 4)]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = recipe["source"]["locked"]["model"]
+    recipe["source"] = {"pairs": {"path": str(pairs_file), "model": source}}
+    recipe["align"]["contrast"] = True
+    recipe.pop("diagnostics", None)
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["run", "--dry-run", str(path), str(tmp_path / "p")]) == 0
+    assert "and both sides of the 6 pairs" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    assert LowRankMap.load(out / "map.safetensors").provenance["contrast_pairs"] == "6"
+    assert main(["--quiet", "align", "--source", source, "--target", recipe["target"]["model"], "--prompts",
+                 "builtin:arithmetic", "--count", "16", "--rank", "8", "--contrast-pairs", str(pairs_file),
+                 "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "-o", str(tmp_path / "m.safetensors")]) == 0
+    key = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    a, b = LowRankMap.load(out / "map.safetensors"), LowRankMap.load(tmp_path / "m.safetensors")
+    assert torch.allclose(a.map_key(key), b.map_key(key), atol=1e-4)

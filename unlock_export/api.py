@@ -132,7 +132,8 @@ def _pairs(pairs, count: int | None) -> tuple[list, str]:
 
 def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: int | None = None, rank: int = 16,
             source_template: str = "direct", target_template: str | None = None, chat: bool = False,
-            system: str | None = None, options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
+            system: str | None = None, contrast_pairs: "str | Sequence | None" = None,
+            options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
     """The per-layer low-rank map from `source` to `target` on shared unlabeled prompts.
 
     Args:
@@ -142,6 +143,8 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
         rank: the subspace rank k of each layer's map.
         target_template: the target's template (default: `source_template`).
         chat: both models read the prompts through their own chat templates (`system`: a system turn).
+        contrast_pairs: a pairs key's own pairs (as `master_key(pairs=...)` takes them): both sides of
+            every pair are paired too, in both models, so the map sees the contrast and carries it.
     """
     from .method.pipeline import compute_map
 
@@ -151,8 +154,9 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
 
     if system and not chat:
         raise UserError("system needs chat=True (it is a chat template turn)")
+    pairs = _pairs(contrast_pairs, None)[0] if contrast_pairs is not None else None
     return compute_map(_pool(options, progress), source, target, source_template, target_template or source_template,
-                       _questions(prompts, count), rank, chat=Chat(system) if chat else None)
+                       _questions(prompts, count), rank, chat=Chat(system) if chat else None, contrast_pairs=pairs)
 
 
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",

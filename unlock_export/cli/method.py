@@ -99,17 +99,20 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
                    "both models: the map then sees the contrast the key is made of, and carries it.")
 @click.option("--contrast-system", default=None,
               help="--chat: also pair the same prompts under this system turn (the key's unlocked variant's).")
+@click.option("--contrast-pairs", "contrast_pairs_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="A pairs key's own pairs file (`key --pairs`): both sides of every pair, read at their last token, "
+                   "are paired too, in both models, so the map sees the pairs' contrast.")
 @click.option("--rank", default=16, show_default=True, type=int, help="Subspace rank k of the map.")
 @resumable_output("Map file to write.")
 @runtime_options
 @click.pass_context
 def align(ctx, source, target, source_template, target_template, prompts_path, field, count, offset, chat, system,
-          contrast_template, contrast_system, rank, output, overwrite, resume, **runtime):
+          contrast_template, contrast_system, contrast_pairs_path, rank, output, overwrite, resume, **runtime):
     """Fit the per-layer low-rank map from source to target on shared unlabeled prompts.
 
     With --contrast-template / --contrast-system the prompts are paired in the key's two formats (the
     locked one, then the unlocked one), so the map carries a prompt-contrast key (a CoT template, a
-    system prompt) instead of dropping it.
+    system prompt) instead of dropping it; with --contrast-pairs a pairs key's own pairs are paired too.
 
     \b
     Example:
@@ -138,9 +141,11 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
         if contrast == (source_template, prompts_mod.Chat(system) if chat else None):
             raise UserError("the contrast format equals the prompts' own: give another --contrast-template or "
                             "--contrast-system")
+    contrast_pairs = prompts_mod.load_pairs(contrast_pairs_path, None, 0) if contrast_pairs_path else None
     with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
         lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank,
-                            chat=prompts_mod.Chat(system) if chat else None, contrast=contrast)
+                            chat=prompts_mod.Chat(system) if chat else None, contrast=contrast,
+                            contrast_pairs=contrast_pairs)
         lrmap.save(output)
     emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
                 "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},

@@ -106,22 +106,30 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
 def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
                 questions: list[str], rank: int, source_states: torch.Tensor | None = None,
                 chat: prompts.Chat | None = None, contrast: tuple[str, prompts.Chat | None] | None = None,
-                ) -> align.LowRankMap:
+                contrast_pairs: list[prompts.Pair] | None = None) -> align.LowRankMap:
     """Low-rank map source -> target on paired prompts. `source_states` reuses an earlier capture
     of the same prompts and template on the source (all layers). `chat`: both models read the prompts
     through their own chat templates. `contrast` (a template and a chat wrapping, the key's other
     variant's format): the same questions in that format are paired too, in both models, so the map
-    sees the variation the key is made of (reports/contrast-alignment.md: it then carries the key)."""
+    sees the variation the key is made of (reports/contrast-alignment.md: it then carries the key).
+    `contrast_pairs` (a pairs key's own pairs): both sides of each pair, read at their last token, are
+    paired too, in both models (through each one's chat template with `chat`)."""
     if source_states is None:
         source_states = capture_states(pool, source, source_template, questions, "capture source (align)", chat=chat)
     if contrast is not None:
         source_states = torch.cat([source_states, capture_states(
             pool, source, contrast[0], questions, "capture source (align, contrast)", chat=contrast[1])], dim=1)
+    if contrast_pairs:
+        source_states = torch.cat([source_states, pair_states(
+            pool, source, contrast_pairs, chat, "capture source (align, pairs)")], dim=1)
     target_loaded = pool.get(target)
     target_states = capture_states(pool, target, target_template, questions, "capture target (align)", chat=chat)
     if contrast is not None:
         target_states = torch.cat([target_states, capture_states(
             pool, target, contrast[0], questions, "capture target (align, contrast)", chat=contrast[1])], dim=1)
+    if contrast_pairs:
+        target_states = torch.cat([target_states, pair_states(
+            pool, target, contrast_pairs, chat, "capture target (align, pairs)")], dim=1)
     device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
@@ -133,7 +141,34 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
         lrmap.provenance["chat"] = chat.describe()
     if contrast is not None:
         lrmap.provenance["contrast"] = f"template {contrast[0]}" + (f", {contrast[1].describe()}" if contrast[1] else "")
+    if contrast_pairs:
+        lrmap.provenance["contrast_pairs"] = str(len(contrast_pairs))
     return lrmap
+
+
+def pair_sides(loaded, pairs: list[prompts.Pair], chat: prompts.Chat | None, name: str
+               ) -> tuple[list[str] | None, dict[str, list[str]]]:
+    """(each pair's prompt as the model reads it, or None for pairs of two texts; {side: the full text of
+    each pair's positive / negative side}), wrapped by the model's chat template when `chat` is given
+    (the prompt, or each text, is the user's turn; completions follow the assistant's start)."""
+    tok = loaded.tokenizer
+    if pairs[0].prompt is not None:
+        heads = [p.prompt for p in pairs]
+        heads = heads if chat is None else prompts.chat_texts(tok, heads, chat, f"model '{name}'")
+        return heads, {side: [h + getattr(p, side) for h, p in zip(heads, pairs)] for side in ("positive", "negative")}
+    sides = {side: [getattr(p, side) for p in pairs] for side in ("positive", "negative")}
+    if chat is not None:
+        sides = {side: prompts.chat_texts(tok, texts, chat, f"model '{name}'") for side, texts in sides.items()}
+    return None, sides
+
+
+def pair_states(pool: ModelPool, spec: str, pairs: list[prompts.Pair], chat: prompts.Chat | None,
+                desc: str) -> torch.Tensor:
+    """The residual at the last token of both sides' full texts of each pair, on `spec`: the states
+    a map pairs to see a pairs key's contrast ([layers, 2 x pairs, d], positives then negatives)."""
+    loaded = pool.get(spec)
+    _, sides = pair_sides(loaded, pairs, chat, model_label(spec))
+    return _read(pool, loaded, sides["positive"] + sides["negative"], None, desc)
 
 
 def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], method: str = "mean",
@@ -147,16 +182,8 @@ def compute_pair_key(pool: ModelPool, model: str, pairs: list[prompts.Pair], met
     loaded = pool.get(model)
     tok, name = loaded.tokenizer, model_label(model)
     completions = pairs[0].prompt is not None
-    if completions:
-        heads = [p.prompt for p in pairs]
-        heads = heads if chat is None else prompts.chat_texts(tok, heads, chat, f"model '{name}'")
-        sides = {side: [h + getattr(p, side) for h, p in zip(heads, pairs)] for side in ("positive", "negative")}
-        answers = {side: [getattr(p, side) for p in pairs] for side in sides}
-    else:
-        sides = {side: [getattr(p, side) for p in pairs] for side in ("positive", "negative")}
-        if chat is not None:
-            sides = {side: prompts.chat_texts(tok, texts, chat, f"model '{name}'") for side, texts in sides.items()}
-        answers = {side: None for side in sides}
+    heads, sides = pair_sides(loaded, pairs, chat, name)
+    answers = {side: [getattr(p, side) for p in pairs] if completions else None for side in sides}
     limit = pool.options.max_length
 
     for i, pair in enumerate(pairs):

@@ -155,11 +155,18 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
     if not reuse:
         run(locked.model, locked.template, align_q)
     run(target.model, target_template, align_q)
-    if recipe.align.contrast:  # the same prompts in the unlocked variant's format, on both models
+    by_pairs = recipe.align.contrast and pairs is not None
+    if by_pairs:  # both sides of each pair, on both models
+        sides = [getattr(r, s) if r.prompt is None else r.prompt + getattr(r, s) for s in ("positive", "negative")
+                 for r in rows]
+        run(locked.model, "plain", sides)
+        run(target.model, "plain", sides)
+    elif recipe.align.contrast:  # the same prompts in the unlocked variant's format, on both models
         run(locked.model, unlocked.template, align_q)
         run(target.model, unlocked.template, align_q)
     stages.append(Stage("align", f"rank {recipe.align.rank} map on {len(align_q)} prompts"
-                                 + (f", and the same in the unlocked format {unlocked.template!r}"
+                                 + (f", and both sides of the {len(rows)} pairs" if by_pairs else
+                                    f", and the same in the unlocked format {unlocked.template!r}"
                                     + (f" (system {unlocked.system!r})" if unlocked.system else "")
                                     if recipe.align.contrast else "")
                                  + (" (the source capture of the key reused)" if reuse else ""),

@@ -193,12 +193,16 @@ def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
         key, locked_states = _key(recipe, pool, recipe.source.locked.model, key_questions)
     key.save(work / "key.safetensors")
     with clock.stage("align"):
-        unlocked = recipe.source.unlocked
+        unlocked, pairs_spec = recipe.source.unlocked, recipe.source.pairs
+        by_pairs = recipe.align.contrast and pairs_spec is not None
+        by_format = recipe.align.contrast and pairs_spec is None
         lrmap = compute_map(pool, locked.model, recipe.target.model, locked.template, target_template,
                             align_questions, recipe.align.rank,
                             source_states=locked_states if same_prompts and locked_states is not None else None,
-                            chat=_chat(recipe, locked) if recipe.align.contrast else _chat(recipe),
-                            contrast=(unlocked.template, _chat(recipe, unlocked)) if recipe.align.contrast else None)
+                            chat=_chat(recipe, locked) if by_format else _chat(recipe),
+                            contrast=(unlocked.template, _chat(recipe, unlocked)) if by_format else None,
+                            contrast_pairs=prompts.load_pairs(pairs_spec.path, pairs_spec.count, pairs_spec.offset)
+                            if by_pairs else None)
     lrmap.save(work / "map.safetensors")
     vectors = lrmap.project(key, recipe.vectors.layers, recipe.vectors.site)
     vectors.provenance["recipe"] = recipe.name

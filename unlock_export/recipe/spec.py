@@ -121,8 +121,9 @@ class AlignSpec(_Strict):
 
     rank: int = _doc("Subspace rank k of each layer's map.", default=16, ge=1)
     contrast: bool = _doc("Also pair the alignment prompts in the unlocked variant's format (its template and "
-                          "system), on both models, so the map sees the contrast the key is made of and carries it "
-                          "(reports/contrast-alignment.md); a prompt contrast on one source model only.",
+                          "system), or with source.pairs both sides of each pair, on both models, so the map sees "
+                          "the contrast the key is made of and carries it (reports/contrast-alignment.md); not for "
+                          "a key from two models.",
                           default=False)
 
 
@@ -417,11 +418,11 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe.target.model = _resolve_path(recipe.target.model, base)
     if g is not None and g.base is not None:
         g.base = _resolve_path(g.base, base)
-    if recipe.align.contrast:
+    if recipe.align.contrast and recipe.source.pairs is None:
         locked, unlocked = recipe.source.locked, recipe.source.unlocked
-        if recipe.source.pairs is not None or locked.model != unlocked.model:
+        if locked.model != unlocked.model:
             raise UserError(f"recipe {path}: align.contrast pairs the prompts in the unlocked variant's format, which "
-                            "needs a prompt contrast on one source model (not pairs, not two models): drop it")
+                            "needs a prompt contrast on one source model (or pairs), not two models: drop it")
         if (unlocked.template, unlocked.system) == (locked.template, locked.system):
             raise UserError(f"recipe {path}: align.contrast: the two variants' formats are the same: drop it")
         if (recipe.target.template or locked.template) != locked.template:
