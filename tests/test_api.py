@@ -14,15 +14,26 @@ from unlock_export.errors import UserError
 
 API = {"master_key", "fit_map", "fold", "write_control_vector", "additive_steering", "paper_steering",
        "calibrate_scale", "evaluate", "load_model", "MasterKey", "LowRankMap", "SteeringVectors", "FoldResult",
-       "Calibration", "EvalSummary", "LoadedModel", "RuntimeOptions", "UserError", "ExportFailure"}
+       "Calibration", "EvalSummary", "LoadedModel", "RuntimeOptions", "UserError", "ExportFailure",
+       "fit_gates", "gated_edit", "GateSettings", "GateFit"}
 
 
 def test_all_lists_the_api_and_every_name_resolves():
-    assert API <= set(ux.__all__)
+    assert API | {"__version__"} == set(ux.__all__)  # nothing public is left out of this list, nothing extra
     for name in ux.__all__:
         assert getattr(ux, name) is not None, name
     with pytest.raises(AttributeError):
         ux.no_such_name  # noqa: B018
+
+
+def test_the_gate_names_are_the_librarys_own():
+    from unlock_export import api, settings
+    from unlock_export.method import gate
+
+    assert ux.GateSettings is settings.GateSettings is gate.GateSettings
+    assert ux.GateFit is gate.GateFit and ux.gated_edit is gate.gated_edit and ux.fit_gates is api.fit_gates
+    with pytest.raises(UserError, match="unknown gate settings"):
+        api.fit_gates("unused", None, {"no_such_setting": 1})
 
 
 @pytest.mark.parametrize("code", ["import unlock_export", "import unlock_export.cli",

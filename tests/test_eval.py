@@ -157,7 +157,9 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
                              reference_form="additive", reference_strength=3.0, scales=(1.0, 3.0, 8.0),
                              ppl_margin=0.0, refine=False)
     assert all(r["allowed"] == (r["perplexity_ratio"] <= 1.0) for r in strict.table)
-    assert strict.scale in [r["scale"] for r in strict.table if r["allowed"]] + [0.0]
+    allowed = [r for r in strict.table if r["allowed"]]
+    # the chosen scale is the allowed one closest to the reference (none allowed: the unsteered model)
+    assert strict.scale == (min(allowed, key=lambda r: r["kl_to_reference"])["scale"] if allowed else 0.0)
 
 
 def test_calibration_stops_at_the_first_rejection(load_tiny, questions):

@@ -217,7 +217,7 @@ def run(ctx, recipe_path, out_dir, dry_run, overwrite, resume):
     Recipe keys (docs/recipes.md has each key's type, default and meaning):
     name, description, source.{locked,unlocked}.{model,template,system} or source.pairs.{path,model,count,offset,template},
     target.{model,template},
-    prompts.{path,field,key_count,align_count,offset,chat,system}, key.{method,answer_tokens}, align.rank,
+    prompts.{path,field,key_count,align_count,offset,chat,system}, key.{method,answer_tokens}, align.{rank,contrast},
     vectors.{layers,site}, fold.{mode,scale (auto|number),alpha,scales,objective,continuation_tokens,calibrate_count,
     ppl_margin,check_alpha,alpha_margin,rank,layers,verify,tolerance,dtype; mode gated-lora: multiplier,gate_prompts,
     gate_count,gate_offset,gate_heldout,merge} (optional: writes OUT_DIR/model),

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -23,6 +24,11 @@ from .._io import refuse_existing
 from ..errors import UserError
 from ..export.forms import form
 from .spec import FoldSpec, GgufSpec, PushSpec, Recipe
+
+if TYPE_CHECKING:  # the runner loads torch only when a stage runs
+    from ..method.align import LowRankMap
+    from ..method.key import MasterKey
+    from ..method.vectors import SteeringVectors
 
 
 @dataclass
@@ -48,9 +54,9 @@ class _Clock:
 class Transfer:
     """The transfer stage's result: the key, the map and the vectors, and the prompts they read."""
 
-    key: object
-    lrmap: object
-    vectors: object
+    key: "MasterKey"
+    lrmap: "LowRankMap"
+    vectors: "SteeringVectors"
     key_questions: list[str]
     align_questions: list[str]
     target_template: str
@@ -60,7 +66,7 @@ class Transfer:
 class FoldStage:
     """The fold stage's result: the vectors it folded (its layers), the scale, and what it wrote."""
 
-    vectors: object
+    vectors: "SteeringVectors"
     scale: float | None
     info: dict | None
     outputs: list[str]
