@@ -19,6 +19,14 @@ mkdir -p "$OUT"
 
 [[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
 [[ -f "$OUT/fold.gguf" ]] || "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
+# the confirmation is resumed across machines from its committed progress only on the same fold GGUF
+SHA=reports/results/confirm_gsm8k_fold_gguf.sha256
+got=$(sha256sum "$OUT/fold.gguf" | cut -d' ' -f1)
+if [[ -f "$SHA" && "$(cat "$SHA")" != "$got" ]]; then
+    echo "error: $OUT/fold.gguf ($got) is not the fold the confirmation began on ($(cat "$SHA")): rebuild it at that commit" >&2
+    exit 2
+fi
+[[ -f "$SHA" ]] || echo "$got" > "$SHA"
 
 ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
 # development: where the configuration was chosen (dev 0-63); the first 32 questions, every arm

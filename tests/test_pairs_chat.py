@@ -338,3 +338,31 @@ def test_calibrate_chat_reads_the_chat_templated_prompts(tmp_path, chat_model, c
     assert [r["kl_to_reference"] for r in plain.table] != pytest.approx([r["kl_to_reference"] for r in by_hand.table])
     assert main(["calibrate", str(chat_model), "--vectors", str(path), "--system", "x"]) == 2
     assert "--system is a chat turn" in capsys.readouterr().err
+
+
+def test_a_chat_gate_fit_equals_the_fit_on_hand_templated_prompts(chat_model, tiny_model_dir, tmp_path, capsys):
+    """GateSettings(chat=True): the gates are fitted on the target's chat-templated prompts, the same
+    gates as a fit on those texts templated by hand; `fold --gate-chat` on a model without a chat
+    template is refused in one line, writing nothing."""
+    from unlock_export.method.gate import GateSettings, fit_for, fit_gates_on_texts
+    from unlock_export.method.vectors import SteeringVectors
+    from unlock_export.prompts import apply_template, load_questions
+
+    lm = load(str(chat_model), dtype="float32", device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    vectors = SteeringVectors({1: torch.randn(lm.hidden_size, generator=generator)}, lm.n_layers, lm.hidden_size)
+    settings = GateSettings(prompts="builtin:arithmetic", count=8, heldout=4, chat=True, system="Be brief.")
+    fit = fit_for(lm, vectors, settings)
+    questions = apply_template("direct", load_questions("builtin:arithmetic", count=12))
+    by_hand = [_chat_format(lm, "Be brief.").replace("{question}", q) for q in questions]
+    hand = fit_gates_on_texts(lm, vectors, by_hand[:8], by_hand[8:], alpha=0.1, multiplier=1.0)
+    assert torch.allclose(fit.gates[1], hand.gates[1], atol=1e-5) and torch.allclose(fit.writes[1], hand.writes[1])
+    plain = fit_for(lm, vectors, GateSettings(prompts="builtin:arithmetic", count=8, heldout=4))
+    assert not torch.allclose(plain.gates[1], fit.gates[1], atol=1e-3)  # the chat template changes the fit
+    vec = vectors.save(tmp_path / "v.safetensors")
+    capsys.readouterr()
+    code = main(["--quiet", "fold", str(tiny_model_dir("llama")), "--vectors", str(vec), "--mode", "gated-lora",
+                 "--gate-chat", "--gate-prompts", "builtin:arithmetic", "--gate-count", "4", "-o", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "has no chat template" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "g").exists()

@@ -21,7 +21,8 @@ GATE, CAL, EVAL, CMP = GateSettings(), CalibrationSettings(), EvalRequest(), Com
 # command -> {click parameter: the settings object and field whose default it must have}
 CLI = {
     "fold": {"multiplier": (GATE, "multiplier"), "alpha": (GATE, "alpha"), "gate_prompts": (GATE, "prompts"),
-             "gate_count": (GATE, "count"), "gate_heldout": (GATE, "heldout"), "gate_offset": (GATE, "offset")},
+             "gate_count": (GATE, "count"), "gate_heldout": (GATE, "heldout"), "gate_offset": (GATE, "offset"),
+             "gate_chat": (GATE, "chat"), "gate_system": (GATE, "system")},
     "eval": {"multiplier": (GATE, "multiplier"), "gate_rank": (GATE, "rank"), "gate_prompts": (GATE, "prompts"),
              "gate_count": (GATE, "count"), "gate_heldout": (GATE, "heldout"), "gate_offset": (GATE, "offset"),
              "alpha": (EVAL, "alpha"), "scale": (EVAL, "scale"), "form": (EVAL, "form"), "engine": (EVAL, "engine"),
@@ -50,7 +51,8 @@ API = {
                                                    "max_new_tokens", "engine")},
 }
 # settings whose every CLI option must be in the table above, whichever command grows one
-SETTING_NAMES = {"multiplier", "gate_prompts", "gate_count", "gate_heldout", "gate_offset", "gate_rank", "ppl_margin",
+SETTING_NAMES = {"multiplier", "gate_prompts", "gate_count", "gate_heldout", "gate_offset", "gate_rank", "gate_chat",
+                 "gate_system", "ppl_margin",
                  "objective", "continuation_tokens", "scales", "budgets"}
 
 

@@ -33,6 +33,9 @@ class GateSettings:
         "The next prompts, held out: they measure the gates, choose multiplier auto and give the closeness to "
         "the paper form (KL at the answer start) beside the bias fold's."))
     template: str = field(default="direct", metadata=_help("The prompt template of the gate prompts."))
+    chat: bool = field(default=False, metadata=_help(
+        "Wrap the gate prompts in the target's chat template (as the model is served through a chat endpoint)."))
+    system: str | None = field(default=None, metadata=_help("With chat: a system turn for the gate prompts."))
     alpha: float = field(default=0.1, metadata=_help("The paper form's strength, which the edit reproduces."))
     multiplier: float | str = field(default=1.0, metadata=_help(
         "The write is multiplier x alpha x |h| x the unit direction (1: the paper form's own strength); auto: "
@@ -65,6 +68,8 @@ class GateSettings:
             raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")
         if self.ppl_margin < 0:
             raise UserError(f"the perplexity margin must be >= 0, got {self.ppl_margin:g}")
+        if self.system and not self.chat:
+            raise UserError("a gate system text is a chat turn: set the gate fit's chat too")
         if self.alpha <= 0 or self.ridge <= 0:
             raise UserError(f"alpha and ridge must be positive, got {self.alpha:g} and {self.ridge:g}")
 

@@ -16,7 +16,7 @@ from .options import choice, form_choice, form_help, given_options, parse_multip
 
 # -- fold ------------------------------------------------------------------------------------
 GATE_FLAGS = {"multiplier": "--multiplier", "alpha": "--alpha", "prompts": "--gate-prompts", "count": "--gate-count",
-              "heldout": "--gate-heldout", "offset": "--gate-offset"}
+              "heldout": "--gate-heldout", "offset": "--gate-offset", "chat": "--gate-chat", "system": "--gate-system"}
 
 
 @cli.command()
@@ -46,7 +46,8 @@ GATE_FLAGS = {"multiplier": "--multiplier", "alpha": "--alpha", "prompts": "--ga
               help="Accept a .bin-only TARGET (read with torch weights_only=True, exported as safetensors).")
 @click.pass_context
 def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_prompts, gate_count, gate_heldout,
-         gate_offset, merge, layers, link, verify, tolerance, dtype, output, overwrite, allow_pickle):
+         gate_offset, gate_chat, gate_system, merge, layers, link, verify, tolerance, dtype, output, overwrite,
+         allow_pickle):
     """Fold steering vectors into TARGET's weights: a checkpoint or adapter stock loaders run as is.
 
     TARGET is a model directory, a GGUF file (dequantized), a zoo name or a Hub id. The offset sits
@@ -73,7 +74,7 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
         if scale is not None:
             raise UserError("gated-lora takes --multiplier and --alpha, not --scale: drop it")
         settings = GateSettings(prompts=gate_prompts, count=gate_count, offset=gate_offset, heldout=gate_heldout,
-                                alpha=alpha, multiplier=parse_multiplier(multiplier), **({"rank": rank} if rank is not None else {}))
+                                chat=gate_chat, system=gate_system, alpha=alpha, multiplier=parse_multiplier(multiplier), **({"rank": rank} if rank is not None else {}))
         result = fold_gated_lora(target, vectors, output, settings, merge=merge, link=link, overwrite=overwrite,
                                  verify=verify, tolerance=tolerance, progress=not ctx.obj["quiet"],
                                  card_context={"vectors_file": str(vectors_path)}, dtype=dtype)

@@ -137,7 +137,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
             for field, flag in EVAL_GATE_FLAGS.items()}
     if options["form"] == "gated-lora":
         options["gate"] = GateSettings(**{**gate, "multiplier": parse_multiplier(gate["multiplier"])},
-                                       alpha=options["alpha"])
+                                       alpha=options["alpha"], chat=options["chat"])
     else:
         given = given_options(ctx, EVAL_GATE_FLAGS.values())
         if given:

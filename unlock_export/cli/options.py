@@ -65,6 +65,9 @@ def settings_options(settings: type, flags: dict, lead: str = "", types: dict | 
             field = found[name]
             kind = (types or {}).get(name)
             value = field.default
+            if isinstance(value, bool):
+                fn = click.option(flag, param, is_flag=True, default=value, help=lead + field.metadata.get("help", ""))(fn)
+                continue
             if kind is None:
                 kind = type(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str
             elif kind is str and value is not None and not isinstance(value, str):

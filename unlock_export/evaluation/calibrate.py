@@ -385,7 +385,7 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
 
     from ..method.gate import MULTIPLIERS, gated_edit, settings_texts
 
-    _, heldout, plain = settings_texts(settings)
+    _, heldout, plain = settings_texts(settings, loaded.tokenizer)
     if not heldout:
         if settings.multiplier == "auto":
             raise UserError("multiplier 'auto' is chosen on the held-out prompts: keep at least one")

@@ -287,7 +287,7 @@ def _steering_label(request: EvalRequest, vectors, vectors_name: str | None) -> 
     if request.form == "gated-lora":
         from ..method.gate import GateSettings
 
-        gate = request.gate or GateSettings(alpha=request.alpha)
+        gate = request.gate or GateSettings(alpha=request.alpha, chat=request.chat)
         strength = {"alpha": gate.alpha, "gate": dataclasses.asdict(gate)}
     else:
         strength = {"alpha": request.alpha} if request.form == "paper" else {"scale": request.scale}

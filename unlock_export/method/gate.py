@@ -193,10 +193,11 @@ def fit_gates_on_texts(loaded, vectors, texts: list[str], heldout_texts: list[st
     return GateFit(gates, writes, site, alpha, multiplier, ridge, len(texts), positions, heldout, rank)
 
 
-def settings_texts(settings: GateSettings) -> tuple[list[str], list[str], list[str]]:
+def settings_texts(settings: GateSettings, tokenizer=None) -> tuple[list[str], list[str], list[str]]:
     """The templated fit prompts, the templated held-out prompts and the held-out prompts as plain
-    text (the perplexity guard's), as `settings` names them."""
-    from ..prompts import apply_template, load_questions
+    text (the perplexity guard's), as `settings` names them; with `settings.chat` the first two are
+    wrapped by `tokenizer`'s chat template."""
+    from ..prompts import Chat, apply_template, chat_texts, load_questions
 
     settings.check()
     questions = load_questions(settings.prompts, count=settings.count + settings.heldout, offset=settings.offset)
@@ -204,14 +205,16 @@ def settings_texts(settings: GateSettings) -> tuple[list[str], list[str], list[s
         raise UserError(f"'{settings.prompts}' holds {len(questions)} prompts after offset {settings.offset}: the "
                         f"gate fit needs {settings.count}; lower the gate count")
     fit, held = questions[:settings.count], questions[settings.count:]
-    return (apply_template(settings.template, fit), apply_template(settings.template, held),
-            apply_template("plain", held))
+    fit, heldout = apply_template(settings.template, fit), apply_template(settings.template, held)
+    if settings.chat:
+        fit, heldout = (chat_texts(tokenizer, texts, Chat(settings.system), "the target") for texts in (fit, heldout))
+    return fit, heldout, apply_template("plain", held)
 
 
 def fit_for(loaded, vectors, settings: GateSettings) -> GateFit:
     """The gates `settings` describe, fitted on the target in `loaded` (multiplier 1 when it is 'auto':
     evaluation.calibrate.calibrate_gate chooses it)."""
-    texts, heldout, _ = settings_texts(settings)
+    texts, heldout, _ = settings_texts(settings, loaded.tokenizer)
     multiplier = 1.0 if settings.multiplier == "auto" else float(settings.multiplier)
     return fit_gates_on_texts(loaded, vectors, texts, heldout, alpha=settings.alpha, multiplier=multiplier,
                      ridge=settings.ridge, rank=settings.rank)

@@ -298,7 +298,7 @@ def _gated_fold_stage(recipe: Recipe, pool, transfer: Transfer, chosen, work: Pa
 
     f = recipe.fold
     settings = GateSettings(prompts=f.gate_prompts, count=f.gate_count, offset=f.gate_offset, heldout=f.gate_heldout,
-                            template=transfer.target_template, alpha=f.alpha, multiplier=f.multiplier,
+                            template=transfer.target_template, chat=recipe.prompts.chat, system=recipe.prompts.system, alpha=f.alpha, multiplier=f.multiplier,
                             ppl_margin=f.ppl_margin, rank=f.rank or 1)
     pool.release()  # the gate fit loads the target in float32 on its own
     t0 = time.perf_counter()

@@ -412,9 +412,6 @@ def load_recipe(path: str | Path) -> Recipe:
     systems = [recipe.prompts.system, recipe.source.locked.system, recipe.source.unlocked.system]
     if any(systems) and not recipe.prompts.chat:
         raise UserError(f"recipe {path}: a system text is a chat turn: set prompts.chat: true")
-    if recipe.prompts.chat and gated:
-        raise UserError(f"recipe {path}: prompts.chat with fold.mode gated-lora: the gate fit reads plain prompts "
-                        "only; use fold.mode bias, or prompts.chat: false")
     recipe.target.model = _resolve_path(recipe.target.model, base)
     if g is not None and g.base is not None:
         g.base = _resolve_path(g.base, base)

@@ -77,7 +77,7 @@ def gated_steering(loaded, vectors, request, name: str, progress: bool):
 
     if next(loaded.model.parameters()).dtype != torch.float32:
         raise UserError("the gated-lora form fits its gates in float32: pass --dtype float32")
-    settings = request.gate or GateSettings(alpha=request.alpha)
+    settings = request.gate or GateSettings(alpha=request.alpha, chat=request.chat)
     vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{name}'")
     fit = fit_gated_edit(loaded, vectors, settings, closeness=False, progress=progress)  # eval needs no KL report
     return (lambda: gated_edit(loaded, fit)), fit.multiplier
