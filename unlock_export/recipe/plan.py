@@ -102,6 +102,78 @@ def _tokens(texts: list[str]) -> int:
     return sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts)
 
 
+def _fold_stages(recipe, run, key_q: list[str], target_template: str) -> tuple[list[Stage], list[str]]:
+    """The calibration and fold stages (`run` counts each pass on its model) and what they write."""
+    stages: list[Stage] = []
+    outputs: list[str] = []
+    target = recipe.target
+    f = recipe.fold
+    if f is not None and form(f.mode).fits_gates:
+        from ..method.gate import ANSWER_TOKENS
+
+        gate_q = prompts.load_questions(f.gate_prompts, count=f.gate_count + f.gate_heldout, offset=f.gate_offset)
+        if len(gate_q) < f.gate_count:
+            raise UserError(f"fold.gate_prompts '{f.gate_prompts}' holds {len(gate_q)} prompts after offset "
+                            f"{f.gate_offset}: the gate fit needs {f.gate_count}; lower fold.gate_count")
+        run(target.model, target_template, gate_q, generate=ANSWER_TOKENS)  # each prompt's own answer, then
+        run(target.model, target_template, gate_q, suffix_tokens=ANSWER_TOKENS)  # the carrier inputs over both
+        held = gate_q[f.gate_count:]
+        strength = (f"multiplier {f.multiplier:g}" if f.multiplier != "auto" else
+                    f"the label-free multiplier on the {len(held)} held-out prompts")
+        stages.append(Stage("fold", f"gated-lora, rank {f.rank or 1}: gates fitted on {f.gate_count} prompts of "
+                                    f"{f.gate_prompts}, {strength}; closeness to the paper form (and the bias fold's) on "
+                                    f"{len(held)} held-out prompts, two passes per multiplier and scale tried; "
+                                    + ("merged into a checkpoint" if f.merge else "a PEFT LoRA")
+                                    + (f", verified within {f.tolerance:g}" if f.verify else ", not verified"),
+                            [target.model]))
+        outputs.append("model/")
+    elif f is not None:
+        if f.scale == "auto":
+            calib = key_q[:f.calibrate_count]
+            if f.check_alpha:
+                check = calib[:CHECK_ALPHA_PROMPTS]
+                run(target.model, target_template, check + check, generate=CHECK_ALPHA_TOKENS)
+                run(target.model, "plain", check + check, suffix_tokens=CHECK_ALPHA_TOKENS)
+            run(target.model, target_template, calib + calib)  # the paper form and the unsteered model
+            stages.append(Stage("calibrate", f"label-free scale on {len(calib)} prompts: closest to the paper form "
+                                             f"at alpha {f.alpha:g} ({f.objective}), perplexity within "
+                                             f"+{f.ppl_margin:.0%}; two passes of {len(calib)} prompts per scale "
+                                             "tried (about 10-30, stopping early)", [target.model]))
+            outputs.append("calibration.json")
+        scale = "calibrated" if f.scale == "auto" else f"{f.scale:g}"
+        stages.append(Stage("fold", f"{f.mode}, scale {scale}" + (f", verified within {f.tolerance:g}" if f.verify
+                                                                  else ", not verified"), [target.model]))
+        outputs.append("model/")
+    return stages, outputs
+
+
+def _output_stages(recipe, outputs: list[str]) -> tuple[list[Stage], list[str]]:
+    """The GGUF, push and evaluate stages after the outputs in `outputs`, and what they add."""
+    stages: list[Stage] = []
+    added: list[str] = []
+    g = recipe.gguf
+    if g is not None:
+        files = ((["model.gguf"] if g.model else []) + (["lora.gguf"] if g.lora else [])
+                 + (["control-vector.gguf"] if g.control_vector else []))
+        if files:
+            stages.append(Stage("gguf", ", ".join(files)))
+            added += files
+    if recipe.push is not None:
+        stages.append(Stage("push", f"{recipe.push.artifact} to {recipe.push.repo_id}"))
+    e = recipe.evaluate
+    if e is not None:
+        done = outputs + added
+        written = [name for name in ("model.gguf", "control-vector.gguf", "lora.gguf") if name in done]
+        arms = ["unsteered", *written] + (["model/"] if "model/" in done and not written else []) \
+            + (["paper hooks"] if e.paper else []) + list(e.arms)
+        questions = f"{e.count} questions" if e.count else "every question"
+        stages.append(Stage("evaluate", f"compare {', '.join(arms)} on {questions} of {e.data} from {e.offset}, "
+                                        f"budgets {', '.join(map(str, sorted(e.budgets)))}"
+                                        + (f", confirming {e.confirm}" if e.confirm else ""), [recipe.target.model]))
+        added.append("compare/")
+    return stages, added
+
+
 def plan_recipe(recipe, out_dir: str | Path) -> Plan:
     """Check every input of `recipe` and count its work; nothing is loaded, fetched or written."""
     p, k = recipe.prompts, recipe.key
@@ -185,62 +257,12 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
             what += f"; the target's own key on {len(key_q)} prompts"
         stages.append(Stage("diagnostics", what, [target.model, locked.model]))
         outputs += ["diagnostics.json", "diagnostics.png"]
-    f = recipe.fold
-    if f is not None and form(f.mode).fits_gates:
-        from ..method.gate import ANSWER_TOKENS
-
-        gate_q = prompts.load_questions(f.gate_prompts, count=f.gate_count + f.gate_heldout, offset=f.gate_offset)
-        if len(gate_q) < f.gate_count:
-            raise UserError(f"fold.gate_prompts '{f.gate_prompts}' holds {len(gate_q)} prompts after offset "
-                            f"{f.gate_offset}: the gate fit needs {f.gate_count}; lower fold.gate_count")
-        run(target.model, target_template, gate_q, generate=ANSWER_TOKENS)  # each prompt's own answer, then
-        run(target.model, target_template, gate_q, suffix_tokens=ANSWER_TOKENS)  # the carrier inputs over both
-        held = gate_q[f.gate_count:]
-        strength = (f"multiplier {f.multiplier:g}" if f.multiplier != "auto" else
-                    f"the label-free multiplier on the {len(held)} held-out prompts")
-        stages.append(Stage("fold", f"gated-lora, rank {f.rank or 1}: gates fitted on {f.gate_count} prompts of "
-                                    f"{f.gate_prompts}, {strength}; closeness to the paper form (and the bias fold's) on "
-                                    f"{len(held)} held-out prompts, two passes per multiplier and scale tried; "
-                                    + ("merged into a checkpoint" if f.merge else "a PEFT LoRA")
-                                    + (f", verified within {f.tolerance:g}" if f.verify else ", not verified"),
-                            [target.model]))
-        outputs.append("model/")
-    elif f is not None:
-        if f.scale == "auto":
-            calib = key_q[:f.calibrate_count]
-            if f.check_alpha:
-                check = calib[:CHECK_ALPHA_PROMPTS]
-                run(target.model, target_template, check + check, generate=CHECK_ALPHA_TOKENS)
-                run(target.model, "plain", check + check, suffix_tokens=CHECK_ALPHA_TOKENS)
-            run(target.model, target_template, calib + calib)  # the paper form and the unsteered model
-            stages.append(Stage("calibrate", f"label-free scale on {len(calib)} prompts: closest to the paper form "
-                                             f"at alpha {f.alpha:g} ({f.objective}), perplexity within "
-                                             f"+{f.ppl_margin:.0%}; two passes of {len(calib)} prompts per scale "
-                                             "tried (about 10-30, stopping early)", [target.model]))
-            outputs.append("calibration.json")
-        scale = "calibrated" if f.scale == "auto" else f"{f.scale:g}"
-        stages.append(Stage("fold", f"{f.mode}, scale {scale}" + (f", verified within {f.tolerance:g}" if f.verify
-                                                                  else ", not verified"), [target.model]))
-        outputs.append("model/")
-    g = recipe.gguf
-    if g is not None:
-        files = ((["model.gguf"] if g.model else []) + (["lora.gguf"] if g.lora else [])
-                 + (["control-vector.gguf"] if g.control_vector else []))
-        if files:
-            stages.append(Stage("gguf", ", ".join(files)))
-            outputs += files
-    if recipe.push is not None:
-        stages.append(Stage("push", f"{recipe.push.artifact} to {recipe.push.repo_id}"))
-    e = recipe.evaluate
-    if e is not None:
-        written = [name for name in ("model.gguf", "control-vector.gguf", "lora.gguf") if name in outputs]
-        arms = ["unsteered", *written] + (["model/"] if "model/" in outputs and not written else []) \
-            + (["paper hooks"] if e.paper else []) + list(e.arms)
-        questions = f"{e.count} questions" if e.count else "every question"
-        stages.append(Stage("evaluate", f"compare {', '.join(arms)} on {questions} of {e.data} from {e.offset}, "
-                                        f"budgets {', '.join(map(str, sorted(e.budgets)))}"
-                                        + (f", confirming {e.confirm}" if e.confirm else ""), [target.model]))
-        outputs.append("compare/")
+    fold_stages, fold_outputs = _fold_stages(recipe, run, key_q, target_template)
+    stages += fold_stages
+    outputs += fold_outputs
+    tail_stages, tail_outputs = _output_stages(recipe, outputs)
+    stages += tail_stages
+    outputs += tail_outputs
     downloads = sum(zoo.lookup(m.spec).size for m in models.values() if m.kind == "zoo" and not m.ready)
     source_note = p.path + (f" ({prompts.BUILTIN_FILES[p.path.split(':', 1)[1]][1]})"
                             if p.path.split(":", 1)[-1] in prompts.BUILTIN_FILES else "")

@@ -344,25 +344,8 @@ def _dig(data: dict, dotted: str):
     return data
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe '{path}' not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"recipe {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the reader says
-        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}")
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {path} must be a YAML mapping with source, target, ... keys")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(_first_error(exc, path))
+def _check_outputs(recipe: "Recipe", path: Path) -> None:
+    """The fold, GGUF and push sections agree with each other (refused in one line, naming the key)."""
     if recipe.push is not None and recipe.push.artifact == "model" and recipe.fold is None:
         raise UserError(f"recipe {path}: push.artifact 'model' needs a fold step; add fold: or push artifact: vectors")
     f = recipe.fold
@@ -397,6 +380,49 @@ def load_recipe(path: str | Path) -> Recipe:
     if g is not None and g.control_vector and recipe.vectors.site != "layer_output":
         raise UserError(f"recipe {path}: gguf.control_vector needs vectors.site layer_output (llama.cpp adds "
                         "control vectors to layer outputs)")
+
+
+def _check_evaluate(recipe: "Recipe", path: Path) -> None:
+    """The evaluate section: its files found beside the recipe, its arms readable, its budgets sound."""
+    base, f = path.parent, recipe.fold
+    e = recipe.evaluate
+    if e is not None:
+        from ..evaluation.compare import Arm
+
+        if not e.data.startswith(prompts.BUILTIN_PREFIX):
+            e.data = _resolve_path(e.data, base)
+        if e.confirm is not None:
+            e.confirm = _resolve_path(e.confirm, base)
+        for name, what in e.arms.items():
+            Arm.parse(f"{name}={what}")  # a bad arm is refused now, not after the run
+        if e.paper and f is None:
+            raise UserError(f"recipe {path}: evaluate.paper compares the hooks at fold.alpha: add a fold step, or an "
+                            "evaluate.arms entry paper: paper:VECTORS@ALPHA")
+        if len(set(e.budgets)) != len(e.budgets) or min(e.budgets) < 1:
+            raise UserError(f"recipe {path}: evaluate.budgets must be distinct whole numbers >= 1, such as [256, 512]")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the reader says
+        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a YAML mapping with source, target, ... keys")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc, path))
+    _check_outputs(recipe, path)
+    f, g = recipe.fold, recipe.gguf
     base = path.parent
     if not recipe.prompts.path.startswith(prompts.BUILTIN_PREFIX) and not os.path.isabs(recipe.prompts.path):
         recipe.prompts.path = str((base / recipe.prompts.path).resolve())  # always a file, never a Hub id
@@ -424,20 +450,6 @@ def load_recipe(path: str | Path) -> Recipe:
             raise UserError(f"recipe {path}: align.contrast: the two variants' formats are the same: drop it")
         if (recipe.target.template or locked.template) != locked.template:
             raise UserError(f"recipe {path}: align.contrast pairs one format on both models: drop target.template")
-    e = recipe.evaluate
-    if e is not None:
-        from ..evaluation.compare import Arm
-
-        if not e.data.startswith(prompts.BUILTIN_PREFIX):
-            e.data = _resolve_path(e.data, base)
-        if e.confirm is not None:
-            e.confirm = _resolve_path(e.confirm, base)
-        for name, what in e.arms.items():
-            Arm.parse(f"{name}={what}")  # a bad arm is refused now, not after the run
-        if e.paper and f is None:
-            raise UserError(f"recipe {path}: evaluate.paper compares the hooks at fold.alpha: add a fold step, or an "
-                            "evaluate.arms entry paper: paper:VECTORS@ALPHA")
-        if len(set(e.budgets)) != len(e.budgets) or min(e.budgets) < 1:
-            raise UserError(f"recipe {path}: evaluate.budgets must be distinct whole numbers >= 1, such as [256, 512]")
+    _check_evaluate(recipe, path)
     _check_inputs(recipe, path, data)
     return recipe
