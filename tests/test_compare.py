@@ -4,6 +4,7 @@ separate runs, Holm by hand, confirmation refused on seen questions, the report 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,16 @@ def test_a_bad_evaluate_section_is_refused_before_anything_runs(tiny_recipe, tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("report,results", [
+    ("compare-dev-qwen1.5b-cot-prompt.md", "compare_dev_qwen1.5b_cot_prompt.json"),
+    ("compare-dev-qwen1.5b-fold.md", "compare_dev_qwen1.5b_fold.json"),
+])
+def test_the_checked_in_comparison_reports_are_rendered_from_their_results(report, results):
+    """reports/'s comparison reports are compare's own rendering of the results files beside them."""
+    from unlock_export.evaluation.compare import render_report
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    rendered = render_report(json.loads((reports / "results" / results).read_text()))
+    assert (reports / report).read_text() == rendered
