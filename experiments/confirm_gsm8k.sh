@@ -6,6 +6,7 @@
 # GGUF users serve), greedy, 256 and 512 new tokens from one generation.
 #
 #   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
+#   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the finished chunks in reports/
 #
 # Each step is skipped when its output exists, and an interrupted `compare` continues from its finished
 # chunks when rerun with the same arguments. About 6-7 h on a quiet 2-core machine (the 1.5B answers at
@@ -16,6 +17,17 @@ CLI=(${UNLOCK_CLI:-.venv/bin/unlock-export})
 TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
 mkdir -p "$OUT"
+KEPT=reports/results/confirm_gsm8k_inprogress
+if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and each arm's finished chunks into $KEPT
+    [[ -f "$OUT/confirm/compare.json" ]] || { echo "error: no confirmation under $OUT/confirm to keep" >&2; exit 2; }
+    mkdir -p "$KEPT" && cp "$OUT/confirm/compare.json" "$KEPT/"
+    for arm in "$OUT"/confirm/arms/*/; do
+        if [[ -f "$arm/progress.jsonl" ]]; then
+            mkdir -p "$KEPT/arms/$(basename "$arm")" && cp "$arm/progress.jsonl" "$KEPT/arms/$(basename "$arm")/"
+        fi
+    done
+    exit 0
+fi
 
 [[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
 [[ -f "$OUT/fold.gguf" ]] || "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
@@ -30,10 +42,14 @@ fi
 
 ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
 # development: where the configuration was chosen (dev 0-63); the first 32 questions, every arm
-[[ -f "$OUT/dev/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-dev \
+[[ -f "$OUT/dev/results.json" || -f "$CHOICE" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-dev \
     --count 32 --max-new-tokens 256,512 -o "$OUT/dev"
 [[ -f "$CHOICE" ]] || "${CLI[@]}" choose "$OUT/dev" fold -o "$CHOICE" \
     --note "the bias fold of the answer-start CoT key (recipe zoo-qwen0.5b-to-1.5b-cot-fold), chosen on GSM8K dev 0-63 by the README's development table"
-# the confirmation: once, on questions the choice never saw
+# the confirmation: once, on questions the choice never saw. A session that stops before it ends keeps its
+# finished chunks in $KEPT (the plan and each arm's progress); a later one on another machine starts from there.
+if [[ ! -d "$OUT/confirm" && -f "$KEPT/compare.json" ]]; then
+    mkdir -p "$OUT/confirm" && cp -r "$KEPT/." "$OUT/confirm/"
+fi
 [[ -f "$OUT/confirm/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-confirm \
     --max-new-tokens 256,512 --confirm "$CHOICE" -o "$OUT/confirm"
