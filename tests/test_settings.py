@@ -112,6 +112,9 @@ def test_the_gate_and_calibration_agree_on_the_shared_strength():
      "--alpha, --gate-prompts apply to --mode gated-lora only"),
     ("eval", ["--gate-heldout", "3"], "--gate-heldout applies to --form gated-lora only"),
     ("eval", ["--rank", "2"], "--rank applies to --form gated-lora only"),
+    ("eval", ["--scale", "2"], "--scale is the strength of another form (--form paper takes --alpha)"),
+    ("eval", ["--form", "additive", "--alpha", "0.3"], "--alpha is the strength of another form"),
+    ("eval-plain", ["--alpha", "0.3"], "--alpha applies to steering with --vectors: pass --vectors too"),
 ])
 def test_options_of_another_mode_are_refused_not_ignored(command, extra, message, tiny_model_dir, tmp_path, capsys):
     import torch
@@ -120,8 +123,9 @@ def test_options_of_another_mode_are_refused_not_ignored(command, extra, message
 
     src = tiny_model_dir("llama")
     vec = SteeringVectors({1: torch.ones(64)}, 4, 64).save(tmp_path / "v.safetensors")
-    args = (["fold", str(src), "--vectors", str(vec)] if command == "fold" else
-            ["eval", str(src), "--data", "builtin:gsm8k-dev", "--count", "2", "--vectors", str(vec)])
+    args = {"fold": ["fold", str(src), "--vectors", str(vec)],
+            "eval": ["eval", str(src), "--data", "builtin:gsm8k-dev", "--count", "2", "--vectors", str(vec)],
+            "eval-plain": ["eval", str(src), "--data", "builtin:gsm8k-dev", "--count", "2"]}[command]
     capsys.readouterr()
     code = main(["--quiet", *args, *extra, "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()

@@ -133,6 +133,15 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
         raise UserError("--max-new-tokens must be at least 1")
     for name in ("control_vector", "baseline"):
         options[name] = str(options[name]) if options[name] else None
+    strength = {"additive": "--scale", "paper": "--alpha", "gated-lora": "--alpha"}[options["form"]]
+    given = given_options(ctx, ["--form", "--scale", "--alpha"])
+    if given and not vectors_path:
+        raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to steering with --vectors: "
+                        f"pass --vectors too, or drop {'it' if len(given) == 1 else 'them'}")
+    unused = [f for f in given if f not in ("--form", strength)]
+    if unused:
+        raise UserError(f"{unused[0]} is the strength of another form (--form {options['form']} takes {strength}): "
+                        "drop it, or choose its form")
     gate = {field: options.pop(flag[1] if isinstance(flag, tuple) else flag.lstrip("-").replace("-", "_"))
             for field, flag in EVAL_GATE_FLAGS.items()}
     if options["form"] == "gated-lora":
