@@ -366,3 +366,35 @@ def test_a_chat_gate_fit_equals_the_fit_on_hand_templated_prompts(chat_model, ti
     err = capsys.readouterr().err.strip()
     assert code == 2 and "has no chat template" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_recipe_with_chat_prompts_fits_its_gates_on_the_chat_template(tiny_recipe, tmp_path, capsys):
+    """prompts.chat with fold.mode gated-lora (refused before the gate fit read chat prompts): the run
+    fits the gates on the target's chat-templated prompts, says so in unlock.json, and verifies."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    path, recipe = tiny_recipe
+
+    def with_chat(model: str) -> str:
+        out = tmp_path / f"chat-{Path(model).name}"
+        out.mkdir()
+        for item in Path(model).iterdir():
+            (out / item.name).write_bytes(item.read_bytes())
+        tok = AutoTokenizer.from_pretrained(out)
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(out)
+        return str(out)
+
+    source = with_chat(recipe["source"]["locked"]["model"])
+    recipe["source"] = {side: {**v, "model": source} for side, v in recipe["source"].items()}
+    recipe["target"]["model"] = with_chat(recipe["target"]["model"])
+    recipe["prompts"] = {**recipe["prompts"], "chat": True, "system": "Be brief."}
+    recipe["fold"] = {"mode": "gated-lora", "gate_prompts": "builtin:arithmetic", "gate_count": 8, "gate_heldout": 2}
+    recipe["diagnostics"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", str(path), str(out)]) == 0, capsys.readouterr().err
+    info = json.loads((out / "model" / "unlock.json").read_text())
+    assert "the target's chat template (system: Be brief.)" in info["gate_prompts"]
+    assert info["mode"] == "gated-lora" and info["verification"]["passed"]

@@ -209,7 +209,9 @@ def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path
     loaded = _float32_model(target, progress)
     fit = fit_gates(loaded, vectors, settings, progress=progress)
     context = {**(card_context or {}), "gate_prompts": f"{settings.prompts} [{settings.offset}:"
-               f"{settings.offset + settings.count}], template {settings.template}"}
+               f"{settings.offset + settings.count}], template {settings.template}"
+               + (f", the target's chat template{f' (system: {settings.system})' if settings.system else ''}"
+                  if settings.chat else "")}
     return export("gated-lora", files, vectors, out, fit=fit, merge=merge, link=link, overwrite=overwrite, verify=verify,
                       tolerance=tolerance, progress=progress, reference=loaded, card_context=context, dtype=dtype)
 
