@@ -8,6 +8,8 @@ import click
 
 from ..choices import EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
+from ..evaluation.compare import CompareRequest
+from ..evaluation.run import EvalRequest
 from ..settings import CalibrationSettings, GateSettings
 from .app import cli, emit, number_list, pool_for, prompt_options, write_json
 from .options import (
@@ -49,6 +51,7 @@ def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> No
                         "folder outside it")
 
 
+_EVAL, _COMPARE = EvalRequest(), CompareRequest()  # the commands' defaults are the library's
 EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank"), "prompts": "--gate-prompts",
                    "count": "--gate-count", "heldout": "--gate-heldout", "offset": "--gate-offset"}
 
@@ -63,22 +66,22 @@ EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank")
                    "and answer). Default: the data set's own (math for builtin:math500 and builtin:agieval-math), "
                    "else gsm8k.")
 @click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
-@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--offset", default=_EVAL.offset, show_default=True, type=int, help="Skip this many lines first.")
 @click.option("--template", default=None,
               help="direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's "
                    "(direct for gsm8k, math for math).")
 @click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
-@click.option("--engine", type=engine_choice(), default="transformers", show_default=True,
+@click.option("--engine", type=engine_choice(), default=_EVAL.engine, show_default=True,
               help=engine_help("Where the model runs:"))
 @click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
-@click.option("--form", type=choice(EVAL_FORMS), default="paper", show_default=True,
+@click.option("--form", type=choice(EVAL_FORMS), default=_EVAL.form, show_default=True,
               help="paper: prefill-only last-token norm-preserving edit at --alpha; additive: h += scale * v "
                    "everywhere, at --scale; gated-lora: the gated edit `fold --mode gated-lora` writes, as hooks "
                    "(its gates fitted here, float32).")
-@click.option("--alpha", default=0.1, show_default=True, type=float,
+@click.option("--alpha", default=_EVAL.alpha, show_default=True, type=float,
               help="The paper form's strength (gated-lora: the strength it reproduces).")
-@click.option("--scale", default=1.0, show_default=True, type=float, help="The additive form's strength.")
+@click.option("--scale", default=_EVAL.scale, show_default=True, type=float, help="The additive form's strength.")
 @settings_options(GateSettings, EVAL_GATE_FLAGS, lead="gated-lora: ", types={"multiplier": str})
 @click.option("--lora", default=None,
               help="Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for "
@@ -89,15 +92,18 @@ EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank")
 @click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="llamacpp: a control-vector GGUF from `cvec`.")
 @click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
-@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
+@click.option("--parallel", default=_EVAL.parallel, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
 @click.option("--vllm", "vllm", default=None,
               help="vllm: the `vllm` executable, or the Python of its environment (default: $UNLOCK_VLLM, the "
                    "engines cache, then PATH).")
-@click.option("--tensor-parallel-size", default=1, show_default=True, type=int, help="vllm: GPUs per model copy.")
-@click.option("--data-parallel-size", default=1, show_default=True, type=int, help="vllm: model copies.")
+@click.option("--tensor-parallel-size", default=_EVAL.tensor_parallel_size, show_default=True, type=int,
+              help="vllm: GPUs per model copy.")
+@click.option("--data-parallel-size", default=_EVAL.data_parallel_size, show_default=True, type=int,
+              help="vllm: model copies.")
 @click.option("--gpu-memory-utilization", default=None, type=float,
               help="vllm: fraction of each GPU's memory vLLM may take (vLLM's default when unset).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=int, help="Greedy tokens per answer.")
+@click.option("--max-new-tokens", default=_EVAL.max_new_tokens, show_default=True, type=int,
+              help="Greedy tokens per answer.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for predictions.jsonl and summary.json.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
@@ -123,7 +129,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
       unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
       unlock-export eval out/qwen1.5b-cot --engine vllm --data builtin:gsm8k-dev --tensor-parallel-size 2 -o ev/vllm
     """
-    from ..evaluation.run import EvalRequest, run_eval
+    from ..evaluation.run import run_eval
     from ..method.vectors import SteeringVectors
 
     runtime = runtime_from(options)
@@ -207,18 +213,18 @@ def _budgets(value: str) -> tuple[int, ...]:
 @click.option("--unsteered/--no-unsteered", default=True, show_default=True,
               help="Add MODEL as it is as the first arm, named 'unsteered' (the baseline unless --baseline).")
 @click.option("--baseline", default=None, help="The arm every other arm is paired against (default: the first).")
-@click.option("--data", "data_path", default="builtin:gsm8k-dev", show_default=True,
+@click.option("--data", "data_path", default=_COMPARE.data, show_default=True,
               help="As eval's --data: builtin:gsm8k-dev (choose here), builtin:gsm8k-confirm (confirm here, once), "
                    "builtin:math500, builtin:agieval-math, or a JSONL file.")
 @click.option("--task", default=None, type=choice(TASKS), help="As eval's --task (default: the data set's own).")
 @click.option("--count", default=None, type=int, help="The first N questions (after --offset).")
-@click.option("--offset", default=0, show_default=True, type=int, help="Skip this many lines first.")
+@click.option("--offset", default=_COMPARE.offset, show_default=True, type=int, help="Skip this many lines first.")
 @click.option("--template", default=None, help="The prompt template of every arm but template arms (default: the task's).")
 @click.option("--chat", is_flag=True, help="Wrap every prompt in the model's chat template.")
-@click.option("--max-new-tokens", "budgets", default="256", show_default=True,
+@click.option("--max-new-tokens", "budgets", default=",".join(map(str, _COMPARE.budgets)), show_default=True,
               help="Budgets, a comma list (256,512,1024): generated once at the largest, each smaller one scored on "
                    "the answers' first N tokens (run separately on engines that return no prefixes: vLLM).")
-@click.option("--engine", type=engine_choice(("auto",)), default="auto", show_default=True,
+@click.option("--engine", type=engine_choice(("auto",)), default=_COMPARE.engine, show_default=True,
               help="The engine of MODEL and model arms: auto is llamacpp for a GGUF (zoo models too), else "
                    "transformers. Hook arms run on the first engine that runs their form, control vectors on the "
                    "first that loads them (`eval --help` lists what each engine serves).")
@@ -230,7 +236,8 @@ def _budgets(value: str) -> tuple[int, ...]:
                    "confirmation.")
 @click.option("--llama-server", "llama_server", default=None, help="llamacpp arms: the llama-server binary.")
 @click.option("--vllm", "vllm", default=None, help="vllm arms: the `vllm` executable or its Python.")
-@click.option("--parallel", default=4, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
+@click.option("--parallel", default=_COMPARE.parallel, show_default=True, type=int,
+              help="llamacpp, vllm: requests in flight.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, report.md, report.png and each arm's eval (arms/NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace a comparison in OUTPUT (an interrupted one resumes without it).")
@@ -263,7 +270,7 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
     import sys
 
     from .._io import output_lock
-    from ..evaluation.compare import Arm, CompareRequest
+    from ..evaluation.compare import Arm
     from ..evaluation.compare import compare as run_compare
 
     runtime = runtime_from(options)
