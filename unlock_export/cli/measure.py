@@ -17,6 +17,7 @@ from .options import (
     choice,
     engine_choice,
     engine_help,
+    flag_param,
     given_options,
     parse_multiplier,
     runtime_from,
@@ -148,8 +149,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
     if unused:
         raise UserError(f"{unused[0]} is the strength of another form (--form {options['form']} takes {strength}): "
                         "drop it, or choose its form")
-    gate = {field: options.pop(flag[1] if isinstance(flag, tuple) else flag.lstrip("-").replace("-", "_"))
-            for field, flag in EVAL_GATE_FLAGS.items()}
+    gate = {field: options.pop(flag_param(flag)[1]) for field, flag in EVAL_GATE_FLAGS.items()}
     if options["form"] == "gated-lora":
         options["gate"] = GateSettings(**{**gate, "multiplier": parse_multiplier(gate["multiplier"])},
                                        alpha=options["alpha"], chat=options["chat"])

@@ -49,6 +49,11 @@ def runtime_from(kwargs: dict) -> RuntimeOptions:
         raise UserError(f"{_flag(name)} '{values.get(name)}': {err['msg']}") from None
 
 
+def flag_param(flag) -> tuple[str, str]:
+    """(the flag, the parameter the command receives it as) for "--flag" or ("--flag", "param")."""
+    return flag if isinstance(flag, tuple) else (flag, flag.lstrip("-").replace("-", "_"))
+
+
 def settings_options(settings: type, flags: dict, lead: str = "", types: dict | None = None):
     """Click options for fields of a settings dataclass (unlock_export.settings), each with the field's
     one default and help. `flags`: field -> "--flag" (the command receives it under the flag's name) or
@@ -61,7 +66,7 @@ def settings_options(settings: type, flags: dict, lead: str = "", types: dict | 
 
     def decorate(fn):
         for name, flag in reversed(list(flags.items())):
-            flag, param = flag if isinstance(flag, tuple) else (flag, flag.lstrip("-").replace("-", "_"))
+            flag, param = flag_param(flag)
             field = found[name]
             kind = (types or {}).get(name)
             value = field.default
@@ -85,7 +90,7 @@ def given_options(ctx: click.Context, flags) -> list[str]:
 
     given = []
     for flag in flags:  # "--flag", or ("--flag", "param") as settings_options takes them
-        flag, name = flag if isinstance(flag, tuple) else (flag, flag.lstrip("-").replace("-", "_"))
+        flag, name = flag_param(flag)
         if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             given.append(flag)
     return given

@@ -285,9 +285,7 @@ def _steering_label(request: EvalRequest, vectors, vectors_name: str | None) -> 
     if vectors is None:
         return None
     if request.form == "gated-lora":
-        from ..method.gate import GateSettings
-
-        gate = request.gate or GateSettings(alpha=request.alpha, chat=request.chat)
+        gate = request.gate  # run_eval fills in the defaults
         strength = {"alpha": gate.alpha, "gate": dataclasses.asdict(gate)}
     else:
         strength = {"alpha": request.alpha} if request.form == "paper" else {"scale": request.scale}
@@ -330,6 +328,10 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
         raise UserError("pass either vectors or a LoRA adapter, not both: the adapter already holds its steering")
     if request.gate is not None and request.form != "gated-lora":
         raise UserError("gate settings apply to the gated-lora form only")
+    if request.form == "gated-lora" and vectors is not None and request.gate is None:  # its defaults, once
+        from ..settings import GateSettings
+
+        request = dataclasses.replace(request, gate=GateSettings(alpha=request.alpha, chat=request.chat))
     engine = check_request(request.engine, model, request, vectors)
     label = {"model": model_label(model), "engine": request.engine, "task": task.name, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,

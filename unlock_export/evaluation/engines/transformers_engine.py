@@ -72,12 +72,12 @@ def gated_steering(loaded, vectors, request, name: str, progress: bool):
     (in float32: the gate fit and fold run there)."""
     import torch
 
-    from ...method.gate import GateSettings, gated_edit
+    from ...method.gate import gated_edit
     from ..calibrate import fit_gated_edit
 
     if next(loaded.model.parameters()).dtype != torch.float32:
         raise UserError("the gated-lora form fits its gates in float32: pass --dtype float32")
-    settings = request.gate or GateSettings(alpha=request.alpha, chat=request.chat)
+    settings = request.gate  # run_eval fills in the defaults
     vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{name}'")
     fit = fit_gated_edit(loaded, vectors, settings, closeness=False, progress=progress)  # eval needs no KL report
     return (lambda: gated_edit(loaded, fit)), fit.multiplier
