@@ -264,9 +264,9 @@ def _files_of(model: ModelLike) -> str:
 def write_control_vector(vectors: SteeringVectors, path: str | Path, *, scale: float = 1.0,
                          model_hint: str | None = None, overwrite: bool = False) -> dict:
     """`scale * vectors` as a llama.cpp control-vector GGUF (direction.N, added to the output of layer N)."""
-    from .export.gguf import write_control_vector as write
+    from .export.converters import write_gguf
 
-    return write(vectors, path, scale=scale, model_hint=model_hint, overwrite=overwrite)
+    return write_gguf("control-vector", vectors, path, overwrite=overwrite, scale=scale, model_hint=model_hint)
 
 
 def additive_steering(model: ModelLike, vectors: SteeringVectors, scale: float = 1.0):

@@ -8,11 +8,21 @@ from pathlib import Path
 import click
 
 from .._io import refuse_existing
-from ..choices import EXPORT_DTYPES, OUTTYPES, ROUTES
+from ..choices import EXPORT_DTYPES, OUTTYPES
 from ..errors import UserError
 from ..settings import GateSettings
 from .app import cli, emit
-from .options import choice, form_choice, form_help, given_options, parse_multiplier, settings_options
+from .options import (
+    choice,
+    converter_choice,
+    converter_help,
+    flag_param,
+    form_choice,
+    form_help,
+    given_options,
+    parse_multiplier,
+    settings_options,
+)
 
 # -- fold ------------------------------------------------------------------------------------
 GATE_FLAGS = {"multiplier": "--multiplier", "alpha": "--alpha", "prompts": "--gate-prompts", "count": "--gate-count",
@@ -163,22 +173,26 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
       unlock-export cvec --vectors out/demo/vectors.safetensors --scale 4 --layers 1-27 -o steer.gguf
       llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
     """
-    from ..export.gguf import write_control_vector
+    from ..export.converters import write_gguf
     from ..method.vectors import SteeringVectors
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
         vectors = vectors.select(layers)
-    info = write_control_vector(vectors, output, scale=scale, model_hint=model_hint, overwrite=overwrite)
-    emit(ctx, info, f"wrote {output} (control vector for {info['model_hint']}, layers "
-                     f"{info['layers'][0]}-{info['layers'][-1]} ({len(info['layers'])}), scale {scale:g})")
+    info = write_gguf("control-vector", vectors, output, overwrite=overwrite, scale=scale, model_hint=model_hint)
+    emit(ctx, info, _converter_line("control-vector", info, output))
+
+
+def _converter_line(name: str, info: dict, output: Path) -> str:
+    from ..export.converters import converter
+
+    return converter(name).describe(info, output)
 
 
 @cli.command("gguf")
 @click.argument("folded", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--route", type=choice(ROUTES), default="patch", show_default=True,
-              help="patch: add the biases to the target's existing GGUF (quantization kept byte for byte); "
-                   "convert: llama.cpp's convert_hf_to_gguf.py on FOLDED.")
+@click.option("--route", type=converter_choice("fold"), default="patch", show_default=True,
+              help=converter_help("How a bias export becomes a GGUF:", "fold"))
 @click.option("--base", default=None,
               help="patch: the target's GGUF file (default: the fold's target when it was a GGUF or zoo model); "
                    "a LoRA adapter: the base GGUF it is checked against and served with.")
@@ -195,6 +209,7 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
     A PEFT LoRA folder (`fold --mode gated-lora`) becomes a llama.cpp LoRA adapter GGUF instead
     (no route), served on the base model's GGUF with `llama-server --lora`, its scale chosen per
     request. BEFT adapters and LoRAs with lora_bias are refused: fold those with --mode bias.
+    Options the chosen converter does not take are refused.
 
     \b
     Example:
@@ -203,44 +218,20 @@ def gguf_cmd(ctx, folded, route, base, llama_cpp, outtype, output, overwrite):
       unlock-export gguf out/qwen1.5b-cot --route convert --llama-cpp ~/llama.cpp -o folded-f16.gguf --outtype f16
       unlock-export gguf out/gated -o gated-lora.gguf                     # a gated-lora adapter
     """
-    from ..export.gguf import convert_gguf, patch_gguf
-    from ..export.lora_gguf import is_peft_adapter
+    from ..export.converters import converter_names, reads_of, write_gguf
 
-    if is_peft_adapter(folded):
-        return _lora_gguf(ctx, folded, base, output, overwrite)
-    if route == "patch":
-        info = patch_gguf(folded, output, base=base, overwrite=overwrite)
-        extra = f", relabelled {info['relabelled_from']} -> {info['architecture']}" if info["relabelled_from"] else ""
-        text = (f"wrote {output} (patched {info['base']}: {len(info['biases_added'])} biases added, "
-                f"{len(info['biases_replaced'])} replaced{extra})")
+    given = {flag_param(f)[1] for f in given_options(ctx, ("--route", "--base", ("--llama-cpp", "llama_cpp"),
+                                                              "--outtype"))}
+    values = {"base": base, "llama_cpp": llama_cpp, "outtype": outtype}
+    if reads_of(folded) == "adapter":
+        name = converter_names("adapter")[0]
+        if "route" in given:
+            raise UserError(f"'{folded}' is a PEFT adapter, which the {name} converter writes as a LoRA GGUF "
+                            "(no route): drop --route")
     else:
-        info = convert_gguf(folded, output, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
-        text = f"wrote {output} (converted with {info['llama_cpp']}, {outtype})"
-    emit(ctx, info, text)
-
-
-def _lora_gguf(ctx, adapter: Path, base, output: Path, overwrite: bool) -> None:
-    """`gguf ADAPTER`: the PEFT LoRA as a llama.cpp LoRA GGUF, and how llama-server serves it."""
-    from click.core import ParameterSource
-
-    from ..export.lora_gguf import write_lora_gguf
-    from ..export.serving import lora_request, lora_server_command
-
-    given = [f"--{name.replace('_', '-')}" for name in ("route", "llama_cpp", "outtype")
-             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
-    if given:
-        raise UserError(f"'{adapter}' is a PEFT adapter, which becomes a LoRA GGUF (no route or converter): "
-                        f"drop {', '.join(given)}")
-    info = write_lora_gguf(adapter, output, base=base, overwrite=overwrite)
-    info["serve"] = lora_server_command(output, info["base"])
-    info["request"] = lora_request(1.0)
-    base_note = "" if info["base"] else (" (BASE.gguf: the GGUF of the adapter's base model, e.g. "
-                                         "`unlock-export gguf TARGET_DIR --route convert -o BASE.gguf`)")
-    modules = len(info["tensors"]) // 2
-    emit(ctx, info, f"wrote {output} (llama.cpp LoRA for {info['architecture']}: {modules} module"
-                    f"{'s' if modules != 1 else ''}, rank {info['rank']})\nserve with:{base_note}\n  {info['serve']}\n"
-                    f"scale per request (0 = the base model; adapters a request leaves out get 0):\n"
-                    f"  {info['request']}")
+        name = route
+    info = write_gguf(name, folded, output, overwrite=overwrite, **{k: values[k] for k in given if k in values})
+    emit(ctx, info, _converter_line(name, info, output))
 
 
 # -- push / inspect --------------------------------------------------------------------------

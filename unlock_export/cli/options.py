@@ -146,6 +146,20 @@ def engine_help(lead: str) -> str:
     return lead + " " + "; ".join(f"{name}: {plugin(name).summary}" for name in ENGINES) + "."
 
 
+def converter_choice(reads: str) -> RegistryChoice:
+    """The converters registered in export.converters (CONVERTERS) that read `reads`."""
+    from ..export.converters import converter_names
+
+    return RegistryChoice(lambda: converter_names(reads))
+
+
+def converter_help(lead: str, reads: str) -> str:
+    """`lead`, then each registered converter that reads `reads` and what it writes."""
+    from ..export.converters import converter, converter_names
+
+    return lead + " " + "; ".join(f"{name}: {converter(name).summary}" for name in converter_names(reads)) + "."
+
+
 def parse_multiplier(text: str) -> float | str:
     """--multiplier: a number, or 'auto' (the gated edit's label-free choice)."""
     if text == "auto":

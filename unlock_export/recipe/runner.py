@@ -378,18 +378,17 @@ def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec
 
 
 def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) -> dict:
-    """The gguf step: the fold patched into the target's GGUF, and the vectors as a control vector."""
-    from ..export.gguf import patch_gguf, write_control_vector
+    """The gguf step: the fold patched into the target's GGUF (or the gated-lora adapter as a LoRA GGUF),
+    and the vectors as a control vector, each by its converter (export.converters)."""
+    from ..export.converters import write_gguf
 
     info: dict = {"files": []}
     if g.lora:
-        from ..export.lora_gguf import write_lora_gguf
-
-        written = write_lora_gguf(work / "model", work / "lora.gguf", base=g.base)
+        written = write_gguf("lora", work / "model", work / "lora.gguf", base=g.base)
         info["lora"] = {"rank": written["rank"], "architecture": written["architecture"]}
         info["files"].append("lora.gguf")
     if g.model:
-        patched = patch_gguf(work / "model", work / "model.gguf", base=g.base)
+        patched = write_gguf("patch", work / "model", work / "model.gguf", base=g.base)
         info["model"] = {"base": patched["base"], "biases_added": len(patched["biases_added"])}
         info["files"].append("model.gguf")
     if g.control_vector:
@@ -398,7 +397,7 @@ def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) 
         if not steered:
             raise UserError("gguf.control_vector: the vectors steer only layer 0, which llama.cpp never steers; "
                             "set vectors.layers to include layers from 1")
-        written = write_control_vector(vectors.select(steered), work / "control-vector.gguf", scale=scale)
+        written = write_gguf("control-vector", vectors.select(steered), work / "control-vector.gguf", scale=scale)
         info["control_vector"] = {"scale": scale, "layers": written["layers"],
                                   "dropped_layer_0": 0 in vectors.layers}
         info["files"].append("control-vector.gguf")

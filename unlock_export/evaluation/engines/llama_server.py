@@ -131,16 +131,16 @@ class LlamaCppPlugin:
         with tempfile.TemporaryDirectory() as tmp:
             cvec = Path(request.control_vector) if request.control_vector else None
             if vectors is not None:
-                from ...export.gguf import write_control_vector
+                from ...export.converters import write_gguf
 
                 cvec = Path(tmp) / "steer.gguf"
-                write_control_vector(vectors, cvec, scale=request.scale)
+                write_gguf("control-vector", vectors, cvec, scale=request.scale)
             lora = lora_path
             if lora_path is not None and lora_path.is_dir():  # a PEFT LoRA folder: its LoRA GGUF, checked on the base
-                from ...export.lora_gguf import write_lora_gguf
+                from ...export.converters import write_gguf
 
                 lora = Path(tmp) / "lora.gguf"
-                write_lora_gguf(lora_path, lora, base=gguf_path)
+                write_gguf("lora", lora_path, lora, base=gguf_path)
             label = {**label, "control_vector": request.control_vector}
             if lora_path is not None:
                 label["lora"] = {**(label.get("lora") or {}), "path": str(lora_path), "scale": lora_scale,
