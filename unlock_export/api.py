@@ -301,25 +301,34 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
                     count: int | None = _CALIBRATION.count, alpha: float = _CALIBRATION.alpha, template: str = "direct",
                     objective: str = _CALIBRATION.objective, scales: Sequence[float] | None = _CALIBRATION.scales,
                     ppl_margin: float = _CALIBRATION.ppl_margin, layers: str | list[int] | None = None,
-                    continuation_tokens: int = _CALIBRATION.continuation_tokens,
-                    options: RuntimeOptions | None = None, progress: bool = False) -> Calibration:
+                    continuation_tokens: int = _CALIBRATION.continuation_tokens, chat: bool = False,
+                    system: str | None = None, options: RuntimeOptions | None = None,
+                    progress: bool = False) -> Calibration:
     """The additive (folded) scale closest to the paper form at `alpha`, without labels, among the
     scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's
-    (defaults: unlock_export.settings.CalibrationSettings, the CLI's and a recipe's too)."""
+    (defaults: unlock_export.settings.CalibrationSettings, the CLI's and a recipe's too). `chat`: the
+    prompts read through the model's chat template (`system`: a system turn). `layers`: calibrate a fold
+    of only these layers (the paper-form reference keeps every layer of `vectors`)."""
     from .evaluation.calibrate import DEFAULT_SCALES
     from .evaluation.calibrate import search_scale as search
     from .method.capture import resolve_batch_size
+    from .method.pipeline import prompt_texts
+    from .prompts import Chat
 
+    if system and not chat:
+        raise UserError("system is a chat turn: pass chat=True (--chat)")
     options = options or RuntimeOptions()
     loaded = _pool(options, progress).get(model)
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, "model")
+    name = f"'{model}'" if isinstance(model, (str, Path)) else f"'{loaded.source.spec}'"
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, name)
     questions = _questions(prompts, count)
-    texts = prompt_sources.apply_template(template, questions)
+    texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
     band = vectors.select(layers).layers if layers else None
+    batch_size = resolve_batch_size(options.batch_size, loaded, prompt_sources.apply_template(template, questions),
+                                    options.max_length)
     return search(loaded, vectors, texts, prompt_sources.apply_template("plain", questions), "paper", alpha,
-                     tuple(scales) if scales else DEFAULT_SCALES, ppl_margin,
-                     resolve_batch_size(options.batch_size, loaded, texts, options.max_length), progress=progress,
-                     additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
+                  tuple(scales) if scales else DEFAULT_SCALES, ppl_margin, batch_size, progress=progress,
+                  additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
 
 
 def evaluate(model: ModelLike, *, data: str = _EVAL.data, count: int | None = _EVAL.count, offset: int = _EVAL.offset,

@@ -358,20 +358,17 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
       unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
-    from ..evaluation.calibrate import DEFAULT_SCALES, search_scale
-    from ..method.pipeline import prompt_texts
-    from ..prompts import Chat, apply_template
+    from ..api import calibrate_scale
+    from ..method.vectors import SteeringVectors
+    from ..prompts import load_questions
 
-    if system and not chat:
-        raise UserError("--system is a chat turn: add --chat")
-    grid = number_list(scales, "--scales") or DEFAULT_SCALES
-    loaded, vectors, questions, batch_size = _steering_inputs(
-        ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
-    band = vectors.select(layers).layers if layers else None
-    texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, model)
-    result = search_scale(loaded, vectors, texts, apply_template("plain", questions),
-                             "paper", alpha, grid, ppl_margin, batch_size, progress=not ctx.obj["quiet"],
-                             additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
+    rt = runtime_from(runtime)
+    result = calibrate_scale(pool_for(ctx, rt).get(model), SteeringVectors.load(vectors_path),
+                             prompts=load_questions(prompts_path, field=field, count=count, offset=offset),
+                             count=None, alpha=alpha, template=template, objective=objective,
+                             scales=number_list(scales, "--scales"), ppl_margin=ppl_margin, layers=layers,
+                             continuation_tokens=continuation_tokens, chat=chat, system=system, options=rt,
+                             progress=not ctx.obj["quiet"])
     result = result.as_dict()
     write_json(output, result)
     ratio = next((r["perplexity_ratio"] for r in result["table"] if r["scale"] == result["scale"]), 1.0)
