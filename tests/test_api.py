@@ -15,7 +15,9 @@ from unlock_export.errors import UserError
 API = {"master_key", "fit_map", "fold", "write_control_vector", "additive_steering", "paper_steering",
        "calibrate_scale", "evaluate", "load_model", "MasterKey", "LowRankMap", "SteeringVectors", "FoldResult",
        "Calibration", "EvalSummary", "LoadedModel", "RuntimeOptions", "UserError", "ExportFailure",
-       "fit_gates", "gated_edit", "GateSettings", "GateFit"}
+       "fit_gates", "gated_edit", "GateSettings", "GateFit", "steering_vectors", "verify", "check_alpha",
+       "compare_arms", "record_choice", "describe_artifact", "push_to_hub", "upload_text", "zoo_models", "fetch_zoo",
+       "write_lm_eval_config", "write_lm_eval_task"}
 
 
 def test_all_lists_the_api_and_every_name_resolves():
@@ -94,3 +96,23 @@ def test_fold_of_a_model_without_files_says_what_to_pass(tiny_model_dir, tmp_pat
     with pytest.raises(UserError, match="^target: this model was loaded elsewhere"):
         ux.fold((model, tok), vectors, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_steering_vectors_carry_a_key_through_a_map_or_keep_it_on_its_own_model():
+    """`steering_vectors(key, lrmap)` is the map's projection of the key; without a map, the key itself."""
+    from unlock_export.method.align import fit
+
+    g = torch.Generator().manual_seed(0)
+    key = ux.MasterKey(torch.randn(4, 16, generator=g), {"unlocked_model": "src", "locked_model": "src"})
+    lrmap = fit(torch.randn(4, 32, 16, generator=g), torch.randn(5, 32, 24, generator=g), 8)
+    carried = ux.steering_vectors(key, lrmap, layers="1-4")
+    assert carried.layers == [1, 2, 3, 4] and carried.hidden_size == 24
+    for layer in carried.layers:
+        assert torch.allclose(carried.directions[layer], lrmap.map_key(key.vectors)[layer])
+    own = ux.steering_vectors(key, layers="all")
+    assert own.layers == [0, 1, 2, 3] and torch.equal(own.directions[2], key.vectors[2])
+
+
+def test_zoo_models_lists_the_zoo():
+    names = [m["name"] for m in ux.zoo_models()]
+    assert "qwen2.5-coder-0.5b-instruct" in names and all(isinstance(m["fetched"], bool) for m in ux.zoo_models())

@@ -17,7 +17,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "master_key": "api", "fit_map": "api", "fold": "api", "write_control_vector": "api",
     "additive_steering": "api", "paper_steering": "api", "calibrate_scale": "api", "evaluate": "api",
-    "load_model": "api", "fit_gates": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
+    "load_model": "api", "fit_gates": "api", "steering_vectors": "api", "verify": "api", "check_alpha": "api",
+    "compare_arms": "api", "record_choice": "api", "describe_artifact": "api", "push_to_hub": "api",
+    "upload_text": "api", "zoo_models": "api", "fetch_zoo": "api", "write_lm_eval_config": "api",
+    "write_lm_eval_task": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
     "GateFit": "method.gate",
     "MasterKey": "method.key", "LowRankMap": "method.align", "SteeringVectors": "method.vectors",
     "FoldResult": "export.base", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",

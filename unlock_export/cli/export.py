@@ -72,33 +72,29 @@ def fold(ctx, target, vectors_path, scale, mode, rank, multiplier, alpha, gate_p
           --scale 4 -o out/qwen1.5b-cot
       unlock-export fold ./Llama-3-8B --vectors v.safetensors --mode adapter -o out/adapter
     """
-    from ..export.forms import export, form, forms_with
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors, fold
+    from ..export.forms import form, forms_with
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
         vectors = vectors.select(layers)
+    shared = {"merge": merge, "link": link, "overwrite": overwrite, "verify": verify, "tolerance": tolerance,
+              "progress": not ctx.obj["quiet"], "card_context": {"vectors_file": str(vectors_path)}, "dtype": dtype}
     if form(mode).fits_gates:
-        from ..api import fold_gated_lora
-
         if scale is not None:
             raise UserError("gated-lora takes --multiplier and --alpha, not --scale: drop it")
         settings = GateSettings(prompts=gate_prompts, count=gate_count, offset=gate_offset, heldout=gate_heldout,
-                                chat=gate_chat, system=gate_system, alpha=alpha, multiplier=parse_multiplier(multiplier), **({"rank": rank} if rank is not None else {}))
-        result = fold_gated_lora(target, vectors, output, settings, merge=merge, link=link, overwrite=overwrite,
-                                 verify=verify, tolerance=tolerance, progress=not ctx.obj["quiet"],
-                                 card_context={"vectors_file": str(vectors_path)}, dtype=dtype)
+                                chat=gate_chat, system=gate_system, alpha=alpha, multiplier=parse_multiplier(multiplier),
+                                **({"rank": rank} if rank is not None else {}))
+        result = fold(target, vectors, output, mode=mode, gate=settings, **shared)
     else:
         given = given_options(ctx, GATE_FLAGS.values())
         if given:
             gated = " or ".join(f"--mode {n}" for n in forms_with(lambda f: f.fits_gates))
             raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {gated} only: drop "
                             f"{'it' if len(given) == 1 else 'them'}")
-        scale = 1.0 if scale is None else scale
-        result = export(mode, target, vectors, output, scale=scale, rank=rank, merge=merge, link=link,
-                            overwrite=overwrite, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle,
-                            card_context={"vectors_file": str(vectors_path)}, progress=not ctx.obj["quiet"],
-                            dtype=dtype)
+        result = fold(target, vectors, output, mode=mode, scale=1.0 if scale is None else scale, rank=rank,
+                      allow_pickle=allow_pickle, **shared)
     ver = result.verification
     check = (f"verified in {ver['dtype']}: max |dlogit| {ver['max_abs_dlogit']:.3g} <= {ver['tolerance']:.3g}, "
              f"top-1 agreement {ver['top1_agreement']:.1%}" if ver else "not verified")
@@ -124,24 +120,11 @@ def verify_cmd(ctx, export_dir, vectors_path, scale, base, tolerance):
     Example:
       unlock-export verify out/qwen1.5b-cot --vectors out/demo/vectors.safetensors
     """
-    from ..export.base import read_unlock_json
-    from ..export.forms import form_of_export
-    from ..export.verify import verify_export
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors, verify
 
-    info = read_unlock_json(export_dir)
-    base = base or info.get("target")
-    scale = scale if scale is not None else info.get("scale", 1.0)
-    if not base:
-        raise UserError(f"'{export_dir}' has no unlock.json naming its base model: pass --base")
-    vectors = SteeringVectors.load(vectors_path)
-    if info.get("layers") is not None:
-        vectors = vectors.select(info["layers"])
-    edit = form_of_export(info).reference(Path(export_dir), info) if info.get("mode") else None
-    report = verify_export(export_dir, vectors, scale, base, tolerance, edit=edit)
-    close = (info.get("gate_fit") or {}).get("closeness")
+    report = verify(export_dir, SteeringVectors.load(vectors_path), scale=scale, base=base, tolerance=tolerance)
+    close = report.get("closeness")
     if close:
-        report["closeness"] = close
         click.echo(f"closeness to the paper form (recorded at fold time, KL at the answer start on {close['prompts']} "
                    f"held-out prompts): this edit {close['gated']['kl']:.3g}, the bias fold at its label-free scale "
                    f"{close['bias']['kl']:.3g}, unsteered {close['unsteered']:.3g}", err=True)
@@ -173,8 +156,8 @@ def cvec(ctx, vectors_path, scale, layers, model_hint, output, overwrite):
       unlock-export cvec --vectors out/demo/vectors.safetensors --scale 4 --layers 1-27 -o steer.gguf
       llama-server -m qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --control-vector steer.gguf
     """
+    from ..api import SteeringVectors
     from ..export.converters import write_gguf
-    from ..method.vectors import SteeringVectors
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
@@ -255,15 +238,14 @@ def push(ctx, artifact, repo_id, private, revision, base_model, message, dry_run
       unlock-export push out/demo/model --repo-id me/qwen1.5b-unlock-cot --base-model Qwen/Qwen2.5-Coder-1.5B-Instruct --dry-run
       unlock-export push steer.gguf --repo-id me/qwen1.5b-cot-cvec
     """
-    from ..export.hub import format_upload_plan
-    from ..export.hub import push as push_artifact
+    from ..api import push_to_hub, upload_text
 
-    report = push_artifact(artifact, repo_id, private=private, revision=revision, base_model=base_model,
+    report = push_to_hub(artifact, repo_id, private=private, revision=revision, base_model=base_model,
                            message=message, dry_run=dry_run)
     if ctx.obj["json"]:
         click.echo(json.dumps(report))
     elif dry_run or not ctx.obj["quiet"]:
-        click.echo(format_upload_plan(report))
+        click.echo(upload_text(report))
 
 
 @cli.command("inspect")
@@ -277,10 +259,9 @@ def inspect_cmd(ctx, artifact):
       unlock-export inspect out/demo/vectors.safetensors
       unlock-export inspect out/demo/model
     """
-    from ..export.inspect import describe, format_description
+    from ..api import describe_artifact
 
-    info = describe(artifact)
-    click.echo(json.dumps(info) if ctx.obj["json"] else format_description(info))
+    click.echo(json.dumps(describe_artifact(artifact)) if ctx.obj["json"] else describe_artifact(artifact, text=True))
 
 
 
@@ -315,7 +296,7 @@ def vectors_import(ctx, source, output, overwrite):
     Example:
       unlock-export vectors import steer.gguf -o steer.safetensors
     """
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors
 
     refuse_existing(output, overwrite)
     vectors = SteeringVectors.load(source)

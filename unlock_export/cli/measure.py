@@ -9,9 +9,9 @@ import click
 from ..choices import EVAL_FORMS, OBJECTIVES, TASKS
 from ..errors import UserError
 from ..evaluation.compare import CompareRequest
-from ..evaluation.run import EvalRequest
+from ..evaluation.run import PROGRESS, EvalRequest
 from ..settings import CalibrationSettings, GateSettings
-from .app import cli, emit, number_list, pool_for, prompt_options, write_json
+from .app import cli, emit, number_list, prompt_options, write_json
 from .options import (
     chat_options,
     choice,
@@ -27,20 +27,6 @@ from .options import (
 
 
 # -- evaluation -----------------------------------------------------------------------------------
-def _steering_inputs(ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime):
-    """(loaded MODEL, its vectors, the prompts' questions, the batch size) for calibrate and check-alpha."""
-    from ..method.capture import resolve_batch_size
-    from ..method.vectors import SteeringVectors
-    from ..prompts import apply_template, load_questions
-
-    vectors = SteeringVectors.load(vectors_path)
-    loaded = pool_for(ctx, runtime).get(model)
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, f"'{model}'")
-    questions = load_questions(prompts_path, field=field, count=count, offset=offset)
-    batch_size = resolve_batch_size(runtime.batch_size, loaded, apply_template(template, questions), runtime.max_length)
-    return loaded, vectors, questions, batch_size
-
-
 def _refuse_output_in_model(output: Path, model: str, what: str = "model") -> None:
     """eval writes into OUTPUT: never into a local model (or adapter) folder, nor through a link into one."""
     source = Path(model)
@@ -130,8 +116,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
       unlock-export eval qwen1.5b-cot.gguf --engine llamacpp --data builtin:gsm8k-dev --baseline ev/plain -o ev/folded
       unlock-export eval out/qwen1.5b-cot --engine vllm --data builtin:gsm8k-dev --tensor-parallel-size 2 -o ev/vllm
     """
-    from ..evaluation.run import run_eval
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors, evaluate
 
     runtime = runtime_from(options)
     if options["layers"] and not vectors_path:
@@ -158,21 +143,19 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
         if given:
             raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --form gated-lora only: "
                             f"drop {'it' if len(given) == 1 else 'them'}")
-    request = EvalRequest(data=data_path, **options)
     vectors = SteeringVectors.load(vectors_path) if vectors_path else None
     _refuse_output_in_model(output, model)
-    if request.lora:
+    if options["lora"]:
         from ..evaluation.engines import parse_lora
 
-        _refuse_output_in_model(output, str(parse_lora(request.lora)[0]), "LoRA adapter")
+        _refuse_output_in_model(output, str(parse_lora(options["lora"])[0]), "LoRA adapter")
     from .._io import note_progress, output_lock
-    from ..evaluation.run import PROGRESS
 
     try:
         with output_lock(output):  # a second eval into OUTPUT is refused, not interleaved
-            summary = run_eval(model, request, output, vectors=vectors,
+            summary = evaluate(model, data=data_path, vectors=vectors, out=output,
                                vectors_name=str(vectors_path) if vectors_path else None, options=runtime,
-                               progress=not ctx.obj["quiet"])
+                               progress=not ctx.obj["quiet"], **options)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: the finished chunks are in OUTPUT/progress.jsonl
         if (output / PROGRESS).is_file():
             note_progress(exc, output / PROGRESS)
@@ -182,7 +165,7 @@ def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
     emit(ctx, summary.as_dict(), f"accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.n}, 95% CI "
                                  f"{lo:.1%}-{hi:.1%}), mean {summary.mean_output_tokens:.0f} tokens, steps shown "
                                  f"{summary.steps_rate:.0%}, answer stated {summary.states_answer_rate:.0%}, cut at "
-                                 f"{request.max_new_tokens} tokens {summary.cut_rate:.0%}"
+                                 f"{options['max_new_tokens']} tokens {summary.cut_rate:.0%}"
                                  + (f"; against the baseline {paired['won']} won, {paired['lost']} lost "
                                     f"(McNemar p = {paired['p_mcnemar_exact']:.2g})" if paired else "")
                                  + f"; wrote {output}/predictions.jsonl and summary.json")
@@ -270,8 +253,7 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
     import sys
 
     from .._io import output_lock
-    from ..evaluation.compare import Arm
-    from ..evaluation.compare import compare as run_compare
+    from ..api import compare_arms
 
     runtime = runtime_from(options)
     if paper and not run_dir:
@@ -284,15 +266,15 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
     model = model or run_target
     if not model:
         raise UserError("pass MODEL (the unsteered target), or --run with a run folder that records its target")
-    arms = ([Arm("unsteered")] if unsteered else []) + run_arms + [Arm.parse(spec) for spec in arm_specs]
+    arms = (["unsteered"] if unsteered else []) + run_arms + list(arm_specs)
     if allow_overlap and not confirm_path:
         raise UserError("--allow-overlap applies to --confirm only")
-    request = CompareRequest(data=data_path, budgets=_budgets(budgets), baseline=baseline, **options)
     _refuse_output_in_model(output, model)
     with output_lock(output):
-        results = run_compare(model, arms, request, output, runtime, progress=not ctx.obj["quiet"],
-                              confirm=confirm_path, allow_overlap=allow_overlap, overwrite=overwrite,
-                              command=["unlock-export", *sys.argv[1:]])
+        results = compare_arms(model, arms, output, confirm=confirm_path, allow_overlap=allow_overlap,
+                               overwrite=overwrite, command=["unlock-export", *sys.argv[1:]], options=runtime,
+                               progress=not ctx.obj["quiet"], data=data_path, budgets=_budgets(budgets),
+                               baseline=baseline, **options)
     lines = [results["title"]]
     for e in results["table"]:
         paired = (f", vs {results['baseline']} {e['won']} won / {e['lost']} lost, p {e['p_mcnemar_exact']:.2g} "
@@ -320,7 +302,7 @@ def choose(ctx, results_dir, arm, output, note):
     Example:
       unlock-export choose cmp/dev fold -o choice.json --note "best at 512 tokens on dev"
     """
-    from ..evaluation.compare import choose as record_choice
+    from ..api import record_choice
 
     record = record_choice(results_dir, arm, output, note)
     emit(ctx, record, f"recorded the choice of arm '{arm}' ({len(record['seen'])} questions seen) in {output}")
@@ -358,12 +340,11 @@ def calibrate(ctx, model, vectors_path, alpha, scales, ppl_margin, template, cha
       unlock-export calibrate zoo:qwen2.5-coder-1.5b-instruct --vectors out/demo/vectors.safetensors \\
           --alpha 0.1 --prompts builtin:gsm8k-train --count 64
     """
-    from ..api import calibrate_scale
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors, calibrate_scale
     from ..prompts import load_questions
 
     rt = runtime_from(runtime)
-    result = calibrate_scale(pool_for(ctx, rt).get(model), SteeringVectors.load(vectors_path),
+    result = calibrate_scale(model, SteeringVectors.load(vectors_path),
                              prompts=load_questions(prompts_path, field=field, count=count, offset=offset),
                              count=None, alpha=alpha, template=template, objective=objective,
                              scales=number_list(scales, "--scales"), ppl_margin=ppl_margin, layers=layers,
@@ -408,14 +389,11 @@ def check_alpha(ctx, model, vectors_path, alphas, margin, tokens, template, prom
       unlock-export check-alpha zoo:qwen2.5-coder-0.5b-instruct --vectors out/r/vectors.safetensors \\
           --prompts builtin:gsm8k-train --count 8
     """
-    from ..evaluation.calibrate import DEFAULT_ALPHAS, check_alphas
-    from ..prompts import apply_template
+    from ..api import SteeringVectors, check_alpha
 
-    grid = number_list(alphas, "--alphas") or DEFAULT_ALPHAS
-    loaded, vectors, questions, batch_size = _steering_inputs(
-        ctx, model, vectors_path, template, prompts_path, field, count, offset, runtime_from(runtime))
-    result = check_alphas(loaded, vectors, apply_template(template, questions), grid, margin, tokens,
-                          batch_size=batch_size, progress=not ctx.obj["quiet"])
+    result = check_alpha(model, SteeringVectors.load(vectors_path), prompts=prompts_path, field=field, count=count,
+                         offset=offset, alphas=number_list(alphas, "--alphas"), margin=margin, tokens=tokens,
+                         template=template, options=runtime_from(runtime), progress=not ctx.obj["quiet"])
     write_json(output, result)
     verdicts = ", ".join(f"{r['alpha']:g} x{r['fluency_ratio']:.2f}{'' if r['allowed'] else ' (breaks the text)'}"
                          for r in result["table"])

@@ -10,7 +10,7 @@ import click
 from .._io import refuse_existing
 from ..choices import METHODS, SITES
 from ..errors import UserError
-from .app import cli, emit, pool_for, prompt_options, resumable_output
+from .app import cli, emit, prompt_options, resumable_output
 from .options import chat_options, choice, runtime_from, runtime_options
 
 
@@ -54,9 +54,8 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
     Example (contrastive pairs):
       unlock-export key --locked zoo:qwen2.5-coder-0.5b-instruct --pairs pairs.jsonl -o key.safetensors
     """
-    from .. import prompts as prompts_mod
     from .._io import progress_folder
-    from ..method.pipeline import compute_key, compute_pair_key
+    from ..api import master_key
 
     given = {name for name in ("unlocked", "locked_template", "unlocked_template", "prompts_path", "field",
                                "answer_tokens", "locked_system", "unlocked_system")
@@ -67,20 +66,15 @@ def key(ctx, locked, unlocked, locked_template, unlocked_template, prompts_path,
     if not chat and (system or locked_system or unlocked_system):
         raise UserError("--system, --locked-system and --unlocked-system are chat turns: add --chat")
     refuse_existing(output, overwrite)
-    pool = pool_for(ctx, runtime_from(runtime))
-    if pairs_path is not None:
-        pairs = prompts_mod.load_pairs(pairs_path, count, offset)
-        with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
-            master = compute_pair_key(pool, locked, pairs, method, prompts_mod.Chat(system) if chat else None,
-                                      str(pairs_path))
-            master.save(output)
-    else:
-        questions = prompts_mod.load_questions(prompts_path, field, count, offset)
-        chats = [prompts_mod.Chat(side or system) if chat else None for side in (locked_system, unlocked_system)]
-        with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
-            master, _ = compute_key(pool, locked, unlocked or locked, locked_template, unlocked_template, questions,
-                                    method, answer_tokens, *chats)
-            master.save(output)
+    sides = ({"pairs": str(pairs_path)} if pairs_path is not None else
+             {"unlocked": unlocked, "prompts": prompts_path, "field": field, "locked_template": locked_template,
+              "unlocked_template": unlocked_template, "answer_tokens": answer_tokens,
+              "locked_system": locked_system, "unlocked_system": unlocked_system})
+    with progress_folder(output, resume, overwrite) as checkpoint_dir:
+        master = master_key(locked, **sides, count=count, offset=offset, method=method, chat=chat, system=system,
+                            checkpoint_dir=checkpoint_dir, options=runtime_from(runtime),
+                            progress=not ctx.obj["quiet"])
+        master.save(output)
     norms = [round(float(v), 4) for v in master.vectors.norm(dim=1)]
     emit(ctx, {"output": str(output), "layers": len(norms), "norms": norms},
           f"wrote {output}: key for {len(norms)} layers, norms {min(norms):.3g}..{max(norms):.3g}")
@@ -122,30 +116,18 @@ def align(ctx, source, target, source_template, target_template, prompts_path, f
           --system "You always answer in English." --contrast-system "You always answer in French." \\
           --offset 1000 -o french-map.safetensors
     """
-    from .. import prompts as prompts_mod
     from .._io import progress_folder
-    from ..method.pipeline import compute_map
+    from ..api import fit_map
 
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
-    if (system or contrast_system) and not chat:
-        raise UserError("--system and --contrast-system are chat turns: add --chat")
-    if contrast_template and source_template != target_template:
-        raise UserError("--contrast-template pairs one format on both models: give the source and target one template")
     refuse_existing(output, overwrite)
-    questions = prompts_mod.load_questions(prompts_path, field, count, offset)
-    pool = pool_for(ctx, runtime_from(runtime))
-    contrast = None
-    if contrast_template or contrast_system:
-        contrast = (contrast_template or source_template, prompts_mod.Chat(contrast_system or system) if chat else None)
-        if contrast == (source_template, prompts_mod.Chat(system) if chat else None):
-            raise UserError("the contrast format equals the prompts' own: give another --contrast-template or "
-                            "--contrast-system")
-    contrast_pairs = prompts_mod.load_pairs(contrast_pairs_path, None, 0) if contrast_pairs_path else None
-    with progress_folder(output, resume, overwrite) as pool.checkpoint_dir:
-        lrmap = compute_map(pool, source, target, source_template, target_template, questions, rank,
-                            chat=prompts_mod.Chat(system) if chat else None, contrast=contrast,
-                            contrast_pairs=contrast_pairs)
+    with progress_folder(output, resume, overwrite) as checkpoint_dir:
+        lrmap = fit_map(source, target, prompts=prompts_path, field=field, count=count, offset=offset, rank=rank,
+                        source_template=source_template, target_template=target_template, chat=chat, system=system,
+                        contrast_template=contrast_template, contrast_system=contrast_system,
+                        contrast_pairs=str(contrast_pairs_path) if contrast_pairs_path else None,
+                        checkpoint_dir=checkpoint_dir, options=runtime_from(runtime), progress=not ctx.obj["quiet"])
         lrmap.save(output)
     emit(ctx, {"output": str(output), "rank": lrmap.rank, "target_layers": lrmap.target_layer_count,
                 "factor_bytes": lrmap.factor_bytes(), "dense_bytes": lrmap.dense_bytes()},
@@ -175,18 +157,14 @@ def project(ctx, key_path, map_path, self_steer, layers, site, output, overwrite
       unlock-export project --key key.safetensors --map map.safetensors --layers 1-27 -o vectors.safetensors
       unlock-export project --key own-key.safetensors --self --layers 1-27 -o self-vectors.safetensors
     """
-    from ..method.align import LowRankMap
-    from ..method.key import MasterKey
-    from ..method.pipeline import project as project_vectors
-    from ..method.pipeline import self_vectors
+    from ..api import LowRankMap, MasterKey, steering_vectors
 
     if bool(map_path) == self_steer:
         raise UserError("pass --map MAP (from `align`) to carry the key into a target, or --self to steer the "
                         "key's own model, not both or neither")
     refuse_existing(output, overwrite)
-    key = MasterKey.load(key_path)
-    vectors = self_vectors(key, layers, site) if self_steer else project_vectors(key, LowRankMap.load(map_path),
-                                                                                 layers, site)
+    vectors = steering_vectors(MasterKey.load(key_path), None if self_steer else LowRankMap.load(map_path),
+                               layers=layers, site=site)
     vectors.save(output)
     norms = vectors.norms()
     emit(ctx, {"output": str(output), "layers": vectors.layers, "norms": norms},

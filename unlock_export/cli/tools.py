@@ -34,13 +34,9 @@ def zoo_list(ctx):
       unlock-export zoo list
       unlock-export --json zoo list
     """
-    from ..models import zoo as zoo_mod
+    from ..api import zoo_models
 
-    rows = []
-    for model in zoo_mod.ZOO.values():
-        rows.append({"name": model.name, "architecture": model.architecture, "size": model.size,
-                     "fetched": zoo_mod.is_fetched(model), "path": str(zoo_mod.model_path(model)),
-                     "description": model.description})
+    rows = zoo_models()
     text = "\n".join(f"{r['name']:<30} {r['architecture']:<7} {r['size'] / 2**20:8.1f} MiB  "
                      f"{'fetched' if r['fetched'] else '-':<8} {r['description']}" for r in rows)
     if ctx.obj["json"]:
@@ -59,9 +55,9 @@ def zoo_fetch(ctx, name):
     Example:
       unlock-export zoo fetch smollm2-135m-instruct
     """
-    from ..models import zoo as zoo_mod
+    from ..api import fetch_zoo
 
-    path = zoo_mod.fetch(name, progress=not ctx.obj["quiet"])
+    path = fetch_zoo(name, progress=not ctx.obj["quiet"])
     if ctx.obj["json"]:
         click.echo(json.dumps({"name": name, "path": str(path)}))
     else:
@@ -95,13 +91,12 @@ def lm_eval_config(ctx, vectors_path, scale, layers, model_dir, output, overwrit
       lm_eval --model steered --model_args pretrained=./target,steer_path=steer.pt \\
           --include_path tasks --tasks unlock_gsm8k
     """
-    from ..evaluation.lmeval import write_steer_config
-    from ..method.vectors import SteeringVectors
+    from ..api import SteeringVectors, write_lm_eval_config
 
     vectors = SteeringVectors.load(vectors_path)
     if layers:
         vectors = vectors.select(layers)
-    info = write_steer_config(vectors, output, scale=scale, model=model_dir, overwrite=overwrite)
+    info = write_lm_eval_config(vectors, output, scale=scale, model=model_dir, overwrite=overwrite)
     model = model_dir or "MODEL"
     emit(ctx, info, f"wrote {output} (lm-eval steered config: {len(info['hookpoints'])} hookpoints "
                     f"{info['hookpoints'][0]} .. {info['hookpoints'][-1]}, action add, scale {scale:g}); score it with: "
@@ -139,9 +134,9 @@ def lm_eval_task(ctx, output, data, answers, offset, template, max_new_tokens, t
           --tasks unlock_gsm8k --limit 200 --log_samples --output_path lm-eval-out
       unlock-export lm-eval-task -o math-tasks --data builtin:math500 --task unlock_math500 --max-new-tokens 1024
     """
-    from ..evaluation.lmeval import write_task
+    from ..api import write_lm_eval_task
 
-    info = write_task(output, data=data, offset=offset, template=template, max_new_tokens=max_new_tokens,
-                      task=task_name, overwrite=overwrite, answers=answers)
+    info = write_lm_eval_task(output, data=data, offset=offset, template=template, max_new_tokens=max_new_tokens,
+                              task=task_name, overwrite=overwrite, answers=answers)
     emit(ctx, info, f"wrote {output} (task {task_name}: {info['questions']} questions from {info['data']}); "
                     f"lm_eval --model hf --model_args pretrained=MODEL --include_path {output} --tasks {task_name}")
