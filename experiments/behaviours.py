@@ -28,6 +28,7 @@ more than 40% of it) is counted apart: a rate reached by breaking the model is n
 
   python experiments/behaviours.py                      # resumable; results after every row
   python experiments/behaviours.py --scales 0.1,0.25,0.5   # later: add a scale's rows, keep the others
+  python experiments/behaviours.py --scales 0.1,0.25,0.5 --behaviours capitals --directions qwen0.5b->qwen1.5b
   python experiments/behaviours.py --render reports/results/behaviours.json
 """
 
@@ -172,10 +173,17 @@ def measure(args, record: dict, save) -> None:
         states[name] = capture(pool, name, args, args.cache)
         record["states_s"][name] = states[name]["seconds"]
         pool.release()
+    for name, st in states.items():  # each key's norm per layer beside the residual's (the plain prompts' mean)
+        residual = st["chat"].norm(dim=-1).mean(dim=1)
+        record.setdefault("key_norms", {})[name] = {
+            "residual": [round(float(x), 2) for x in residual],
+            **{b: [round(float(x), 2) for x in key_of(st, "key", b).norm(dim=-1)] for b in BEHAVIOURS}}
     questions = prompts.load_questions("builtin:gsm8k-train", count=args.questions, offset=3000)
     unsteered: dict = {}
     done = {(r["source"], r["target"], r["behaviour"], r["direction"], r["scale"]) for r in record["rows"]}
     for (source, target), only in PLAN:
+        if args.directions and f"{source}->{target}" not in args.directions:
+            continue
         src, tgt = states[source], states[target]
         loaded = pool.get(MODELS[target])
         n, d = loaded.n_layers, loaded.hidden_size
@@ -208,7 +216,7 @@ def measure(args, record: dict, save) -> None:
             done.add((source, target, behaviour, direction, scale))
             save()
 
-        for behaviour in BEHAVIOURS:
+        for behaviour in args.behaviours or BEHAVIOURS:
             own = key_of(tgt, "key", behaviour)
             key = key_of(src, "key", behaviour)
             maps = maps_of(src, tgt, behaviour)
@@ -236,7 +244,7 @@ def render(path: Path) -> str:
              "for the behaviour or its opposite, the user's turn of the chat template). Alignment pairs: "
              f"{doc['align_count']} other questions; plain prompts {doc['plain_count']}. Answers: {doc['questions']} held-out questions as plain user "
              f"turns, greedy, {doc['tokens']} new tokens, additive hooks on layers 1..B-1 at scales "
-             f"{', '.join(f'{s:g}' for s in doc['scales'])}. A cell is the best scale's count of answers that show the "
+             f"from {', '.join(f'{s:g}' for s in doc['scales'])} (each direction says which were run). A cell is the best scale's count of answers that show the "
              "behaviour and are not degenerate (one token over 40% of the answer), with its scale; "
              "**bold** where it beats unsteered by at least half the questions.", "",
              "| behaviour | instruction | detector |", "|---|---|---|",
@@ -249,7 +257,10 @@ def render(path: Path) -> str:
         sel = [r for r in rows if r["source"] == source and r["target"] == target]
         if not sel:
             continue
-        lines += [f"## {source} -> {target}", "",
+        tried = {b: sorted({r["scale"] for r in sel if r["behaviour"] == b and r["direction"] == "own key"})
+                 for b in BEHAVIOURS}
+        tried_text = "; ".join(f"{b} {', '.join(f'{x:g}' for x in v)}" for b, v in tried.items() if v)
+        lines += [f"## {source} -> {target}", "", f"Scales run, per behaviour: {tried_text or 'none yet'}.", "",
                   "| behaviour | ceiling (asked) | unsteered | target's own key | " +
                   " | ".join(f"carried, {m}" for m in MAPS) + " | random | breaks at |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -296,6 +307,11 @@ def render(path: Path) -> str:
             if not cells["ceiling"][1]:
                 where += "; the target does not do it even when asked"
             lines.append(f"| {b} | " + " | ".join(cells[d][0] for d in cells) + f" | {where} |")
+        norms = doc.get("key_norms", {}).get(target)
+        if norms:
+            mid = len(norms["residual"]) // 2
+            lines += ["", f"The target's own keys' norms at its middle layer {mid}, against the residual's "
+                      f"({norms['residual'][mid]:g}): " + ", ".join(f"{b} {norms[b][mid]:g}" for b in BEHAVIOURS) + "."]
         fid = doc["fidelity"].get(f"{source}->{target}", {})
         if fid:
             lines += ["", "Label-free fidelity of the carried key (cosine with the target's own key, mean over layers "
@@ -322,6 +338,10 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5])
+    parser.add_argument("--behaviours", type=lambda s: [b for b in s.split(",") if b], default=None,
+                        help="run only these behaviours' rows now (comma list; default all)")
+    parser.add_argument("--directions", type=lambda s: s.split(","), default=None,
+                        help="run only these directions' rows now (such as qwen0.5b->qwen1.5b; default all)")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "behaviours")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "results" / "behaviours.json")
     parser.add_argument("--render", type=Path, default=None, help="write the markdown report of this results file")
