@@ -134,7 +134,8 @@ def key_of(states: dict, part: str, behaviour: str):
     return aggregate_differences(both[:, n:], both[:, :n])  # positive - negative
 
 
-def maps_of(src: dict, tgt: dict, behaviour: str) -> dict:
+def maps_of(src: dict, tgt: dict, behaviour: str, today) -> dict:
+    """today's map (fitted once per direction, passed in), and the two contrast maps of `behaviour`."""
     import torch
 
     from unlock_export.method import align
@@ -143,7 +144,7 @@ def maps_of(src: dict, tgt: dict, behaviour: str) -> dict:
         return torch.cat([states["chat"], *(states["align"][b] for b in extra)], dim=1)
 
     others = [b for b in BEHAVIOURS if b != behaviour]
-    return {"today": align.fit(src["direct"], tgt["direct"], 16),
+    return {"today": today,
             "own": align.fit(stacked(src, [behaviour]), stacked(tgt, [behaviour]), 64),
             "others": align.fit(stacked(src, others), stacked(tgt, others), 64)}
 
@@ -216,10 +217,13 @@ def measure(args, record: dict, save) -> None:
             done.add((source, target, behaviour, direction, scale))
             save()
 
+        from unlock_export.method import align
+
+        today = align.fit(src["direct"], tgt["direct"], 16)  # the same for every behaviour
         for behaviour in args.behaviours or BEHAVIOURS:
             own = key_of(tgt, "key", behaviour)
             key = key_of(src, "key", behaviour)
-            maps = maps_of(src, tgt, behaviour)
+            maps = maps_of(src, tgt, behaviour, today)
             record["fidelity"].setdefault(f"{source}->{target}", {})[behaviour] = {
                 m: fidelity(lrmap, key, own) for m, lrmap in maps.items()}
             carried = {m: lrmap.map_key(key) for m, lrmap in maps.items()}

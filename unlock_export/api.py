@@ -326,6 +326,13 @@ def _module(model):
     return model
 
 
+def _steered(model: ModelLike, vectors: SteeringVectors, options: RuntimeOptions, progress: bool):
+    """(the loaded model, `vectors` checked to fit it, the model's quoted name) for calibrate_scale and check_alpha."""
+    loaded = _pool(options, progress).get(model)
+    name = f"'{model}'" if isinstance(model, (str, Path)) else f"'{loaded.source.spec}'"
+    return loaded, vectors.for_model(loaded.n_layers, loaded.hidden_size, name), name
+
+
 _CALIBRATION = CalibrationSettings()
 _EVAL = EvalRequest()
 
@@ -351,9 +358,7 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
     if system and not chat:
         raise UserError("system is a chat turn: pass chat=True (--chat)")
     options = options or RuntimeOptions()
-    loaded = _pool(options, progress).get(model)
-    name = f"'{model}'" if isinstance(model, (str, Path)) else f"'{loaded.source.spec}'"
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size, name)
+    loaded, vectors, name = _steered(model, vectors, options, progress)
     questions = _questions(prompts, count)
     texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
     band = vectors.select(layers).layers if layers else None
@@ -489,9 +494,7 @@ def check_alpha(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts,
     from .method.capture import resolve_batch_size
 
     options = options or RuntimeOptions()
-    loaded = _pool(options, progress).get(model)
-    vectors = vectors.for_model(loaded.n_layers, loaded.hidden_size,
-                                f"'{model}'" if isinstance(model, (str, Path)) else "model")
+    loaded, vectors, _ = _steered(model, vectors, options, progress)
     texts = prompt_sources.apply_template(template, _questions(prompts, count, offset, field))
     return check_alphas(loaded, vectors, texts, tuple(alphas) if alphas else DEFAULT_ALPHAS, margin, tokens,
                         batch_size=resolve_batch_size(options.batch_size, loaded, texts, options.max_length),
