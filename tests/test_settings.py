@@ -89,6 +89,22 @@ def test_every_command_with_such_a_setting_is_checked():
                 assert param.name in CLI.get(name, {}), f"{name} --{param.name} has no one-default check"
 
 
+@pytest.mark.parametrize("command,settings", [("eval", EvalRequest), ("compare", CompareRequest)])
+def test_request_fields_are_the_commands_flags(command, settings):
+    """eval's and compare's flags are generated from their request's fields: each field with a help is a
+    flag with the field's one default and help (the engine, whose choices are the registry's, is checked above)."""
+    import dataclasses
+
+    options = {p.name: p for p in cli.commands[command].params if isinstance(p, click.Option)}
+    described = [f for f in dataclasses.fields(settings) if f.metadata.get("help")]
+    assert len(described) >= 10
+    for f in described:
+        param = options.get(f.name) or options.get(f"{f.name}_path")  # --data is received as data_path
+        assert param is not None, f"{command}: the field {f.name} has no flag"
+        assert param.help == f.metadata["help"], (command, f.name)
+        assert _same(param.default) == _same(f.default), (command, f.name)
+
+
 @pytest.mark.parametrize("spec", list(RECIPE), ids=lambda s: s.__name__)
 def test_recipe_defaults_are_the_settings(spec):
     for name, (settings, field) in RECIPE[spec].items():

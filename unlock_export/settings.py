@@ -17,34 +17,35 @@ DEFAULT_RIDGE = 1e-2
 ANSWER_TOKENS = 16  # greedy answer tokens after each fit prompt: gates k > 1 open there, the rest are negatives
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def setting(default, help: str):
+    """A settings field: its one default, and the help its generated flag shows (cli.options.settings_options)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class GateSettings:
     """How the gates are fitted and how strong the edit is: one object for fold, eval and the API."""
 
-    prompts: str = field(default="builtin:gsm8k-train", metadata=_help(
-        "Unlabeled prompts of the target the gates are fitted on (their answers are never read)."))
-    count: int = field(default=32, metadata=_help("Prompts the gates are fitted on (after the offset)."))
-    offset: int = field(default=0, metadata=_help("Skip this many of the gate prompts first."))
-    heldout: int = field(default=8, metadata=_help(
+    prompts: str = setting("builtin:gsm8k-train",
+        "Unlabeled prompts of the target the gates are fitted on (their answers are never read).")
+    count: int = setting(32, "Prompts the gates are fitted on (after the offset).")
+    offset: int = setting(0, "Skip this many of the gate prompts first.")
+    heldout: int = setting(8,
         "The next prompts, held out: they measure the gates, choose multiplier auto and give the closeness to "
-        "the paper form (KL at the answer start) beside the bias fold's."))
-    template: str = field(default="direct", metadata=_help("The prompt template of the gate prompts."))
-    chat: bool = field(default=False, metadata=_help(
-        "Wrap the gate prompts in the target's chat template (as the model is served through a chat endpoint)."))
-    system: str | None = field(default=None, metadata=_help("With chat: a system turn for the gate prompts."))
-    alpha: float = field(default=0.1, metadata=_help("The paper form's strength, which the edit reproduces."))
-    multiplier: float | str = field(default=1.0, metadata=_help(
+        "the paper form (KL at the answer start) beside the bias fold's.")
+    template: str = setting("direct", "The prompt template of the gate prompts.")
+    chat: bool = setting(False,
+        "Wrap the gate prompts in the target's chat template (as the model is served through a chat endpoint).")
+    system: str | None = setting(None, "With chat: a system turn for the gate prompts.")
+    alpha: float = setting(0.1, "The paper form's strength, which the edit reproduces.")
+    multiplier: float | str = setting(1.0,
         "The write is multiplier x alpha x |h| x the unit direction (1: the paper form's own strength); auto: "
-        "the multiplier closest to the paper form on the held-out prompts within a perplexity guard (no labels)."))
-    ridge: float = field(default=DEFAULT_RIDGE, metadata=_help("The gate fit's ridge."))
-    rank: int = field(default=1, metadata=_help(
-        "Gates per layer: the last prompt token, then the first rank-1 answer tokens."))
-    ppl_margin: float = field(default=0.10, metadata=_help(
-        "multiplier auto and the bias fold's figure: allowed relative rise of perplexity on plain text."))
+        "the multiplier closest to the paper form on the held-out prompts within a perplexity guard (no labels).")
+    ridge: float = setting(DEFAULT_RIDGE, "The gate fit's ridge.")
+    rank: int = setting(1,
+        "Gates per layer: the last prompt token, then the first rank-1 answer tokens.")
+    ppl_margin: float = setting(0.10,
+        "multiplier auto and the bias fold's figure: allowed relative rise of perplexity on plain text.")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "GateSettings":
@@ -79,18 +80,18 @@ class CalibrationSettings:
     """How the additive (folded) scale is chosen without labels: the one closest to the paper form at
     `alpha` by `objective`, among the scales that keep perplexity within `ppl_margin`."""
 
-    alpha: float = field(default=0.1, metadata=_help("The paper form's strength to match."))
-    count: int = field(default=8, metadata=_help("Prompts the calibration reads (the first of the prompts)."))
-    scales: tuple[float, ...] | None = field(default=None, metadata=_help(
+    alpha: float = setting(0.1, "The paper form's strength to match.")
+    count: int = setting(8, "Prompts the calibration reads (the first of the prompts).")
+    scales: tuple[float, ...] | None = setting(None,
         "The additive scales tried, ascending (default 0, then 1/256..64 in sqrt(2) steps), stopping after two "
-        "in a row fail the perplexity guard, then refined around the best."))
-    ppl_margin: float = field(default=0.10, metadata=_help(
-        "Allowed relative rise of perplexity on plain text (0.10 = +10%)."))
-    objective: str = field(default="answer-start", metadata=_help(
+        "in a row fail the perplexity guard, then refined around the best.")
+    ppl_margin: float = setting(0.10,
+        "Allowed relative rise of perplexity on plain text (0.10 = +10%).")
+    objective: str = setting("answer-start",
         "answer-start: KL of the next-token distribution at the last prompt token; continuation: cross-entropy "
-        "of the paper form's greedy continuations under the additive form."))
-    continuation_tokens: int = field(default=32, metadata=_help(
-        "continuation: tokens of each paper-form continuation scored."))
+        "of the paper form's greedy continuations under the additive form.")
+    continuation_tokens: int = setting(32,
+        "continuation: tokens of each paper-form continuation scored.")
 
 
 def default(settings: type, name: str):

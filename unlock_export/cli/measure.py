@@ -43,61 +43,31 @@ EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank")
                    "count": "--gate-count", "heldout": "--gate-heldout", "offset": "--gate-offset"}
 
 
+EVAL_FLAGS = {"data": ("--data", "data_path"), "task": "--task", "count": "--count", "offset": "--offset",
+              "template": "--template", "chat": "--chat"}
+EVAL_STEERING_FLAGS = {"form": "--form", "alpha": "--alpha", "scale": "--scale"}
+EVAL_SERVING_FLAGS = {"lora": "--lora", "layers": "--layers", "control_vector": "--control-vector",
+                      "llama_server": "--llama-server", "parallel": "--parallel", "vllm": "--vllm",
+                      "tensor_parallel_size": "--tensor-parallel-size", "data_parallel_size": "--data-parallel-size",
+                      "gpu_memory_utilization": "--gpu-memory-utilization", "max_new_tokens": "--max-new-tokens",
+                      "overwrite": "--overwrite", "resume": "--resume", "baseline": "--baseline"}
+_PATH = click.Path(dir_okay=False, path_type=Path)
+
+
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", required=True,
-              help="builtin:gsm8k-dev, builtin:gsm8k-confirm, builtin:math500, builtin:agieval-math (packaged), or "
-                   "a JSONL file (plain or .gz) with question and answer (GSM8K '#### N', or a plain number).")
-@click.option("--task", default=None, type=choice(TASKS),
-              help="How answers are read and scored: gsm8k (numbers) or math (LaTeX, by math-verify; fields problem "
-                   "and answer). Default: the data set's own (math for builtin:math500 and builtin:agieval-math), "
-                   "else gsm8k.")
-@click.option("--count", default=None, type=int, help="Evaluate the first N questions (after --offset).")
-@click.option("--offset", default=_EVAL.offset, show_default=True, type=int, help="Skip this many lines first.")
-@click.option("--template", default=None,
-              help="direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's "
-                   "(direct for gsm8k, math for math).")
-@click.option("--chat", is_flag=True, help="Wrap the templated prompt in the model's chat template.")
+@settings_options(EvalRequest, EVAL_FLAGS, types={"task": choice(TASKS), "count": int})
 @click.option("--engine", type=engine_choice(), default=_EVAL.engine, show_default=True,
               help=engine_help("Where the model runs:"))
-@click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--vectors", "vectors_path", default=None, type=_PATH,
               help="Steer with this vectors file (transformers: hooks; llamacpp: as a control vector).")
-@click.option("--form", type=choice(EVAL_FORMS), default=_EVAL.form, show_default=True,
-              help="paper: prefill-only last-token norm-preserving edit at --alpha; additive: h += scale * v "
-                   "everywhere, at --scale; gated-lora: the gated edit `fold --mode gated-lora` writes, as hooks "
-                   "(its gates fitted here, float32).")
-@click.option("--alpha", default=_EVAL.alpha, show_default=True, type=float,
-              help="The paper form's strength (gated-lora: the strength it reproduces).")
-@click.option("--scale", default=_EVAL.scale, show_default=True, type=float, help="The additive form's strength.")
+@settings_options(EvalRequest, EVAL_STEERING_FLAGS, types={"form": choice(EVAL_FORMS)})
 @settings_options(GateSettings, EVAL_GATE_FLAGS, lead="gated-lora: ", types={"multiplier": str})
-@click.option("--lora", default=None,
-              help="Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for "
-                   "transformers and vllm, a PEFT folder or LoRA GGUF for llamacpp (the scale sent per request; "
-                   "vllm: 1 only).")
-@click.option("--layers", default=None,
-              help="Steer only these layers of --vectors (all, A-B, 1,4,7), as `fold --layers` would.")
-@click.option("--control-vector", "control_vector", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="llamacpp: a control-vector GGUF from `cvec`.")
-@click.option("--llama-server", "llama_server", default=None, help="llamacpp: the llama-server binary.")
-@click.option("--parallel", default=_EVAL.parallel, show_default=True, type=int, help="llamacpp, vllm: requests in flight.")
-@click.option("--vllm", "vllm", default=None,
-              help="vllm: the `vllm` executable, or the Python of its environment (default: $UNLOCK_VLLM, the "
-                   "engines cache, then PATH).")
-@click.option("--tensor-parallel-size", default=_EVAL.tensor_parallel_size, show_default=True, type=int,
-              help="vllm: GPUs per model copy.")
-@click.option("--data-parallel-size", default=_EVAL.data_parallel_size, show_default=True, type=int,
-              help="vllm: model copies.")
-@click.option("--gpu-memory-utilization", default=None, type=float,
-              help="vllm: fraction of each GPU's memory vLLM may take (vLLM's default when unset).")
-@click.option("--max-new-tokens", default=_EVAL.max_new_tokens, show_default=True, type=int,
-              help="Greedy tokens per answer.")
+@settings_options(EvalRequest, EVAL_SERVING_FLAGS,
+                  types={"control_vector": _PATH, "gpu_memory_utilization": float,
+                         "baseline": click.Path(file_okay=False, path_type=Path)})
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for predictions.jsonl and summary.json.")
-@click.option("--overwrite", is_flag=True, help="Replace results in an existing folder.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
-@click.option("--baseline", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="OUTPUT folder of an earlier eval on the same questions (the unsteered run, say): the summary "
-                   "adds questions won and lost against it and the exact McNemar p-value.")
 @runtime_options
 @click.pass_context
 def eval_cmd(ctx, model, data_path, vectors_path, output, **options):
@@ -181,6 +151,11 @@ def _budgets(value: str) -> tuple[int, ...]:
     return budgets
 
 
+COMPARE_FLAGS = {"data": ("--data", "data_path"), "task": "--task", "count": "--count", "offset": "--offset",
+                 "template": "--template", "chat": "--chat", "budgets": ("--max-new-tokens", "budgets")}
+COMPARE_SERVING_FLAGS = {"llama_server": "--llama-server", "vllm": "--vllm", "parallel": "--parallel"}
+
+
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -195,18 +170,8 @@ def _budgets(value: str) -> tuple[int, ...]:
                    "(transformers, slow).")
 @click.option("--unsteered/--no-unsteered", default=True, show_default=True,
               help="Add MODEL as it is as the first arm, named 'unsteered' (the baseline unless --baseline).")
-@click.option("--baseline", default=None, help="The arm every other arm is paired against (default: the first).")
-@click.option("--data", "data_path", default=_COMPARE.data, show_default=True,
-              help="As eval's --data: builtin:gsm8k-dev (choose here), builtin:gsm8k-confirm (confirm here, once), "
-                   "builtin:math500, builtin:agieval-math, or a JSONL file.")
-@click.option("--task", default=None, type=choice(TASKS), help="As eval's --task (default: the data set's own).")
-@click.option("--count", default=None, type=int, help="The first N questions (after --offset).")
-@click.option("--offset", default=_COMPARE.offset, show_default=True, type=int, help="Skip this many lines first.")
-@click.option("--template", default=None, help="The prompt template of every arm but template arms (default: the task's).")
-@click.option("--chat", is_flag=True, help="Wrap every prompt in the model's chat template.")
-@click.option("--max-new-tokens", "budgets", default=",".join(map(str, _COMPARE.budgets)), show_default=True,
-              help="Budgets, a comma list (256,512,1024): generated once at the largest, each smaller one scored on "
-                   "the answers' first N tokens (run separately on engines that return no prefixes: vLLM).")
+@settings_options(CompareRequest, {"baseline": "--baseline"})
+@settings_options(CompareRequest, COMPARE_FLAGS, types={"task": choice(TASKS), "count": int, "budgets": str})
 @click.option("--engine", type=engine_choice(("auto",)), default=_COMPARE.engine, show_default=True,
               help="The engine of MODEL and model arms: auto is llamacpp for a GGUF (zoo models too), else "
                    "transformers. Hook arms run on the first engine that runs their form, control vectors on the "
@@ -217,10 +182,7 @@ def _budgets(value: str) -> tuple[int, ...]:
 @click.option("--allow-overlap", is_flag=True,
               help="With --confirm, run on overlapping questions anyway; the report's title says it is no "
                    "confirmation.")
-@click.option("--llama-server", "llama_server", default=None, help="llamacpp arms: the llama-server binary.")
-@click.option("--vllm", "vllm", default=None, help="vllm arms: the `vllm` executable or its Python.")
-@click.option("--parallel", default=_COMPARE.parallel, show_default=True, type=int,
-              help="llamacpp, vllm: requests in flight.")
+@settings_options(CompareRequest, COMPARE_SERVING_FLAGS)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, report.md, report.png and each arm's eval (arms/NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace a comparison in OUTPUT (an interrupted one resumes without it).")

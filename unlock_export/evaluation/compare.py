@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .._io import atomic_write_text
 from ..errors import UserError
+from ..settings import setting
 from .engines import engines_with
 from .run import EvalRequest, load_items, mcnemar_exact, read_predictions, score_row, summarize
 from .tasks import task_for
@@ -78,21 +79,25 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class CompareRequest:
-    """The questions and budgets every arm is scored on, and how arms that name no engine are served."""
+    """The questions and budgets every arm is scored on, and how arms that name no engine are served. Its
+    fields are `compare`'s flags and a recipe's `evaluate:` section (generated from them, one default each)."""
 
-    data: str = "builtin:gsm8k-dev"
-    count: int | None = None
-    offset: int = 0
-    task: str | None = None
-    template: str | None = None
-    chat: bool = False
-    budgets: tuple[int, ...] = (256,)
+    data: str = setting("builtin:gsm8k-dev",
+        "As eval's --data: builtin:gsm8k-dev (choose here), builtin:gsm8k-confirm (confirm here, once), "
+        "builtin:math500, builtin:agieval-math, or a JSONL file.")
+    count: int | None = setting(None, "The first N questions (after --offset).")
+    offset: int = setting(0, "Skip this many lines first.")
+    task: str | None = setting(None, "As eval's --task (default: the data set's own).")
+    template: str | None = setting(None, "The prompt template of every arm but template arms (default: the task's).")
+    chat: bool = setting(False, "Wrap every prompt in the model's chat template.")
+    budgets: tuple[int, ...] = setting((256,),
+        "Budgets, a comma list (256,512,1024): generated once at the largest, each smaller one scored on the "
+        "answers' first N tokens (run separately on engines that return no prefixes: vLLM).")
     engine: str = "auto"  # for MODEL and model arms: auto (llamacpp for a GGUF, else transformers), or one
-    baseline: str | None = None  # the arm the others are paired against (default: the first)
-    llama_server: str | None = None
-    vllm: str | None = None
-    parallel: int = 4
-
+    baseline: str | None = setting(None, "The arm every other arm is paired against (default: the first).")
+    llama_server: str | None = setting(None, "llamacpp arms: the llama-server binary.")
+    vllm: str | None = setting(None, "vllm arms: the `vllm` executable or its Python.")
+    parallel: int = setting(4, "llamacpp, vllm: requests in flight.")
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment of `p_values` (family-wise error), in their own order."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from .._io import atomic_write_text
 from ..choices import EVAL_FORMS
 from ..errors import UserError
+from ..settings import setting
 from .answers import shows_steps, states_answer
 from .engines import STOP, EngineLost, check_request, parse_lora
 from .questions import Item, load_items, render_prompts
@@ -222,32 +223,50 @@ def generate_and_score(items: list[Item], texts: list[str], engine, max_new_toke
 
 @dataclasses.dataclass(frozen=True)
 class EvalRequest:
-    """What to evaluate: the questions, the prompt, the engine, the steering strength and the budget."""
+    """What to evaluate: the questions, the prompt, the engine, the steering strength and the budget. Its
+    fields are `eval`'s flags (generated from them, with their one default and help)."""
 
-    data: str = "builtin:gsm8k-dev"
-    count: int | None = None
-    offset: int = 0
-    template: str | None = None  # None: the task's (direct for gsm8k, math for MATH sets)
-    task: str | None = None  # how answers are read and scored (evaluation.tasks); None: the data set's own
-    chat: bool = False
-    engine: str = "transformers"
-    form: str = "paper"  # paper, additive or gated-lora (choices.EVAL_FORMS)
-    scale: float = 1.0  # the additive form's strength
-    alpha: float = 0.1  # the paper form's strength (and the one the gated-lora form reproduces)
+    data: str = setting("builtin:gsm8k-dev",
+        "builtin:gsm8k-dev, builtin:gsm8k-confirm, builtin:math500, builtin:agieval-math (packaged), or a JSONL "
+        "file (plain or .gz) with question and answer (GSM8K '#### N', or a plain number).")
+    count: int | None = setting(None, "Evaluate the first N questions (after --offset).")
+    offset: int = setting(0, "Skip this many lines first.")
+    template: str | None = setting(None,
+        "direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's (direct for "
+        "gsm8k, math for math).")
+    task: str | None = setting(None,
+        "How answers are read and scored: gsm8k (numbers) or math (LaTeX, by math-verify; fields problem and "
+        "answer). Default: the data set's own (math for builtin:math500 and builtin:agieval-math), else gsm8k.")
+    chat: bool = setting(False, "Wrap the templated prompt in the model's chat template.")
+    engine: str = "transformers"  # its flag's choices and help come from the engine registry
+    form: str = setting("paper",
+        "paper: prefill-only last-token norm-preserving edit at --alpha; additive: h += scale * v everywhere, at "
+        "--scale; gated-lora: the gated edit `fold --mode gated-lora` writes, as hooks (its gates fitted here, "
+        "float32).")
+    scale: float = setting(1.0, "The additive form's strength.")
+    alpha: float = setting(0.1, "The paper form's strength (gated-lora: the strength it reproduces).")
     gate: "object | None" = None  # gated-lora form: its method.gate.GateSettings (default settings when None)
-    lora: str | None = None  # a plain LoRA to run with: "PATH" or "PATH:SCALE" (parse_lora)
-    layers: str | list[int] | None = None
-    control_vector: str | None = None  # llamacpp: a control-vector GGUF
-    llama_server: str | None = None
-    parallel: int = 4  # llamacpp, vllm: requests in flight
-    vllm: str | None = None  # vllm: the executable or its Python
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_new_tokens: int = 256
-    overwrite: bool = False
-    resume: bool = False
-    baseline: str | None = None  # the output folder of an earlier eval on the same questions
+    lora: str | None = setting(None,
+        "Run with a plain LoRA, PATH or PATH:SCALE: a PEFT folder (`fold --mode gated-lora`) for transformers "
+        "and vllm, a PEFT folder or LoRA GGUF for llamacpp (the scale sent per request; vllm: 1 only).")
+    layers: str | list[int] | None = setting(None,
+        "Steer only these layers of --vectors (all, A-B, 1,4,7), as `fold --layers` would.")
+    control_vector: str | None = setting(None, "llamacpp: a control-vector GGUF from `cvec`.")
+    llama_server: str | None = setting(None, "llamacpp: the llama-server binary.")
+    parallel: int = setting(4, "llamacpp, vllm: requests in flight.")
+    vllm: str | None = setting(None,
+        "vllm: the `vllm` executable, or the Python of its environment (default: $UNLOCK_VLLM, the engines cache, "
+        "then PATH).")
+    tensor_parallel_size: int = setting(1, "vllm: GPUs per model copy.")
+    data_parallel_size: int = setting(1, "vllm: model copies.")
+    gpu_memory_utilization: float | None = setting(None,
+        "vllm: fraction of each GPU's memory vLLM may take (vLLM's default when unset).")
+    max_new_tokens: int = setting(256, "Greedy tokens per answer.")
+    overwrite: bool = setting(False, "Replace results in an existing folder.")
+    resume: bool = setting(False, "Continue an interrupted run in OUTPUT (same arguments) where it stopped.")
+    baseline: str | None = setting(None,
+        "OUTPUT folder of an earlier eval on the same questions (the unsteered run, say): the summary adds "
+        "questions won and lost against it and the exact McNemar p-value.")
     prefixes: tuple[int, ...] = ()  # smaller budgets whose answer prefixes the rows keep, where the engine can
 
     @property
