@@ -114,22 +114,20 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
     sees the variation the key is made of (reports/contrast-alignment.md: it then carries the key).
     `contrast_pairs` (a pairs key's own pairs): both sides of each pair, read at their last token, are
     paired too, in both models (through each one's chat template with `chat`)."""
-    if source_states is None:
-        source_states = capture_states(pool, source, source_template, questions, "capture source (align)", chat=chat)
-    if contrast is not None:
-        source_states = torch.cat([source_states, capture_states(
-            pool, source, contrast[0], questions, "capture source (align, contrast)", chat=contrast[1])], dim=1)
-    if contrast_pairs:
-        source_states = torch.cat([source_states, pair_states(
-            pool, source, contrast_pairs, chat, "capture source (align, pairs)")], dim=1)
+    def paired_states(model: str, template: str, role: str, states: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, N, d] of `model` (`role`: source or target): the prompts, then their contrast, then the pairs."""
+        parts = [states if states is not None else capture_states(
+            pool, model, template, questions, f"capture {role} (align)", chat=chat)]
+        if contrast is not None:
+            parts.append(capture_states(pool, model, contrast[0], questions, f"capture {role} (align, contrast)",
+                                        chat=contrast[1]))
+        if contrast_pairs:
+            parts.append(pair_states(pool, model, contrast_pairs, chat, f"capture {role} (align, pairs)"))
+        return torch.cat(parts, dim=1)
+
+    source_states = paired_states(source, source_template, "source", source_states)
     target_loaded = pool.get(target)
-    target_states = capture_states(pool, target, target_template, questions, "capture target (align)", chat=chat)
-    if contrast is not None:
-        target_states = torch.cat([target_states, capture_states(
-            pool, target, contrast[0], questions, "capture target (align, contrast)", chat=contrast[1])], dim=1)
-    if contrast_pairs:
-        target_states = torch.cat([target_states, pair_states(
-            pool, target, contrast_pairs, chat, "capture target (align, pairs)")], dim=1)
+    target_states = paired_states(target, target_template, "target")
     device = models.choose_device(pool.options.device)
     lrmap = align.fit(source_states, target_states, rank, device=device)
     lrmap.provenance.update({
