@@ -363,8 +363,8 @@ def test_the_gated_lora_section_pairs_each_row_from_its_indices(rr, tmp_path):
            "missing": ["folded-answer-key at 512 tokens"]}
     results = tmp_path / "results"
     results.mkdir()
-    (results / rr.GATED_LORA).write_text(json.dumps(doc))
-    text = rr.gsm8k_report(results, tmp_path)
+    (results / rr.specs.GATED_LORA).write_text(json.dumps(doc))
+    text = rr.render(results, tmp_path)[rr.GSM8K_REPORT]
     long = section(text, "### 512 new tokens")
     cells = row(long, "`gated-lora`")
     won, lost = len(set(gated) - set(UNSTEERED)), len(set(UNSTEERED) - set(gated))
