@@ -41,6 +41,38 @@ def _written(folder: Path) -> dict:
     return {"written_bytes": written, "linked_bytes": linked}
 
 
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _sampled(command: list[str], every: float = 0.5) -> tuple[int, list[tuple[float, int]]]:
+    """Run `command`, sampling its resident memory every `every` s: (exit code, [(seconds, KiB)])."""
+    proc = subprocess.Popen(command)
+    t0, samples = time.perf_counter(), []
+    while proc.poll() is None:
+        samples.append((time.perf_counter() - t0, _rss_kib(proc.pid)))
+        time.sleep(every)
+    return proc.returncode, samples
+
+
+def _peak_by_stage(samples: list[tuple[float, int]], timings: dict, wall: float) -> dict:
+    """The peak resident memory (GiB) in each stage, the stages laid end to end in the order they ran
+    (what runs between them, loading and writing, counts to the stage after)."""
+    stages, end = {}, 0.0
+    names = list(timings)
+    for i, name in enumerate(names):
+        start, end = end, end + timings[name]
+        if i == 0:  # start-up, planning and the first model's load come before the first stage's clock
+            start, end = 0.0, wall - sum(timings.values()) + timings[name]
+        inside = [kib for t, kib in samples if start <= t < end]
+        stages[name.removesuffix("_s")] = round(max(inside) / 2**20, 2) if inside else None
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "demo.yaml")
@@ -53,10 +85,10 @@ def main() -> None:
     load = os.getloadavg()
     command = _cli() + ["--quiet", "run", "--overwrite", str(args.recipe), str(args.out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(command)
+    returncode, samples = _sampled(command)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"the demo run failed (exit {proc.returncode}); nothing recorded")
+    if returncode != 0:
+        sys.exit(f"the demo run failed (exit {returncode}); nothing recorded")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: the run
     summary = json.loads((args.out / "summary.json").read_text())
     unlock = json.loads((args.out / "model" / "unlock.json").read_text())
@@ -72,9 +104,12 @@ def main() -> None:
         "run_wall_s": round(wall, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "timings_s": summary["timings_s"],
+        "peak_rss_gib_by_stage": _peak_by_stage(samples, summary["timings_s"], wall),
         **_written(args.out),
         "scale": calibration["scale"],
         "calibration_scales_measured": len(calibration["table"]),
+        "calibration_timings_s": {**calibration.get("timings_s", {}),
+                                  "per_scale": calibration.get("seconds_per_scale")},
         "weights_dtype": unlock["verification"]["dtype"],
         "verification": {k: unlock["verification"][k] for k in
                          ("max_abs_dlogit", "tolerance", "precision_floor_max_abs_dlogit", "passed")

@@ -18,6 +18,7 @@ be calibrated against that.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +258,7 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
     plain_ce, base_ppl = baseline.plain_ce, baseline.base_ppl
 
     table: dict[float, dict] = {}
+    seconds: dict[float, float] = {}  # the time each scale measured took (not part of the table: it varies)
     if 0.0 in scales:  # the unsteered model: measured in the baseline
         table[0.0] = {"scale": 0.0, "kl_to_reference": kl(reference, plain), "perplexity": base_ppl,
                       "perplexity_ratio": 1.0, "allowed": True}
@@ -265,11 +267,13 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
 
     def measure(scale: float) -> dict:
         if scale not in table:
+            t0 = time.perf_counter()
             with candidate(scale):
                 q, ce = _score(loaded, texts, continuations, batch_size)
                 ppl = perplexity(loaded, ppl_texts, batch_size)
             table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
                             "perplexity_ratio": ppl / base_ppl, "allowed": ppl <= base_ppl * (1 + ppl_margin)}
+            seconds[scale] = round(time.perf_counter() - t0, 2)
             if ce is not None:
                 table[scale]["continuation_ce"] = ce
         return table[scale]
@@ -292,6 +296,7 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
         "prompts": len(texts),
         "ppl_texts": len(ppl_texts),
         "table": [table[s] for s in sorted(table)],
+        "seconds_per_scale": {f"{s:g}": seconds[s] for s in sorted(seconds)},
         "note": None if chosen else "no scale kept perplexity within the margin: scale 0 (unsteered)",
     }
     if continuations is not None:

@@ -224,15 +224,20 @@ def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], 
 
     f, rt = recipe.fold, recipe.runtime
     calib_questions = transfer.key_questions[:f.calibrate_count]
+    t_load = time.perf_counter()
     target_loaded = pool.get(recipe.target.model)
     calib_texts = prompt_texts(target_loaded, transfer.target_template, calib_questions, _chat(recipe),
                                recipe.target.model)
     batch_size = resolve_batch_size(rt.batch_size, target_loaded, calib_texts, rt.max_length)
     answer_start: dict = {}
+    t0 = time.perf_counter()
+    loading = t0 - t_load
     alpha_check = _check_reference_alpha(target_loaded, transfer.vectors, calib_texts[:8], f, batch_size, answer_start)
+    t1 = time.perf_counter()
     ppl_texts = prompts.apply_template("plain", calib_questions)
     baseline = measure_baseline(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha, f.objective,
                                 f.continuation_tokens, batch_size, known=answer_start)  # used if the same prompts
+    t2 = time.perf_counter()
     calibration = search_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
                                   **({"scales": tuple(f.scales)} if f.scales else {}),
                                   ppl_margin=f.ppl_margin, progress=progress, additive_layers=band,
@@ -240,6 +245,8 @@ def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], 
                                   batch_size=batch_size, baseline=baseline).as_dict()
     if alpha_check is not None:
         calibration["alpha_check"] = alpha_check
+    calibration["timings_s"] = {"load_s": round(loading, 2), "alpha_check_s": round(t1 - t0, 2), "baseline_s": round(t2 - t1, 2),
+                                "search_s": round(time.perf_counter() - t2, 2)}
     return calibration
 
 
