@@ -17,7 +17,7 @@ API = {"master_key", "fit_map", "fold", "write_control_vector", "additive_steeri
        "Calibration", "EvalSummary", "LoadedModel", "RuntimeOptions", "UserError", "ExportFailure",
        "fit_gates", "gated_edit", "GateSettings", "GateFit", "steering_vectors", "verify", "check_alpha",
        "compare_arms", "record_choice", "describe_artifact", "push_to_hub", "upload_text", "zoo_models", "fetch_zoo",
-       "write_lm_eval_config", "write_lm_eval_task"}
+       "write_lm_eval_config", "write_lm_eval_task", "diagnose_transfer", "AlphaBreaksText"}
 
 
 def test_all_lists_the_api_and_every_name_resolves():

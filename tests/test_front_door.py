@@ -1,8 +1,10 @@
-"""One front door: the CLI is a thin face on the public API. Its modules import the library only through
+"""One front door: the CLI (and the recipe runner) is a thin face on the public API. Its modules import the
+library only through
 `unlock_export.api`, the plug-in registries, the recipe package (the `run` command's own entry, built on
 the API) and the torch-free support modules: the settings and request objects that give its options their
 defaults, errors, choices, prompts and output handling. Read from the source, so a new command that
-reaches past the API into a pipeline stage fails here."""
+reaches past the API into a pipeline stage fails here. The recipe runner, the `run` command's stages, follows
+the same rule: each stage is a call into the API."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "unlock_export"
 CLI = sorted((PACKAGE / "cli").glob("*.py"))
+RUNNER = PACKAGE / "recipe" / "runner.py"
 
 # module -> the names the CLI may import from it (None: any)
 ALLOWED = {
@@ -29,21 +32,22 @@ ALLOWED = {
     # the request objects whose fields are eval's and compare's option defaults, and the serve-command text
     "unlock_export.evaluation.run": {"EvalRequest", "PROGRESS"},
     "unlock_export.evaluation.compare": {"CompareRequest"},
-    "unlock_export.export.serving": {"ServeCommand", "format_commands"},
+    "unlock_export.export.serving": {"ServeCommand", "format_commands", "serve_commands"},
 }
 
 
-def _imports(path: Path) -> list[tuple[str, str, int]]:
-    """(absolute module, name, line) of every `from ... import name` of the library in `path`."""
+def _imports(path: Path, package: str = "unlock_export.cli") -> list[tuple[str, str, int]]:
+    """(absolute module, name, line) of every `from ... import name` of the library in `path`, a module of
+    `package`, leaving out the package's own modules."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = "unlock_export.cli".split(".")[: 2 - (node.level - 1)]
+                base = package.split(".")[: 2 - (node.level - 1)]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            if module.startswith("unlock_export") and not module.startswith("unlock_export.cli"):
+            if module.startswith("unlock_export") and not module.startswith(package):
                 found += [(module, alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.Import):
             found += [(alias.name, "*", node.lineno) for alias in node.names if alias.name.startswith("unlock_export")]
@@ -53,6 +57,13 @@ def _imports(path: Path) -> list[tuple[str, str, int]]:
 @pytest.mark.parametrize("path", CLI, ids=lambda p: p.name)
 def test_the_cli_reaches_the_library_through_the_api_only(path):
     wrong = [f"{path.name}:{line} imports {name} from {module}" for module, name, line in _imports(path)
+             if module not in ALLOWED or (ALLOWED[module] is not None and name not in ALLOWED[module])]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_recipe_runner_calls_the_api_for_every_stage():
+    wrong = [f"runner.py:{line} imports {name} from {module}" for module, name, line in
+             _imports(RUNNER, "unlock_export.recipe")
              if module not in ALLOWED or (ALLOWED[module] is not None and name not in ALLOWED[module])]
     assert not wrong, "\n".join(wrong)
 

@@ -20,12 +20,12 @@ _EXPORTS = {
     "load_model": "api", "fit_gates": "api", "steering_vectors": "api", "verify": "api", "check_alpha": "api",
     "compare_arms": "api", "record_choice": "api", "describe_artifact": "api", "push_to_hub": "api",
     "upload_text": "api", "zoo_models": "api", "fetch_zoo": "api", "write_lm_eval_config": "api",
-    "write_lm_eval_task": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
+    "write_lm_eval_task": "api", "diagnose_transfer": "api", "gated_edit": "method.gate", "GateSettings": "method.gate",
     "GateFit": "method.gate",
     "MasterKey": "method.key", "LowRankMap": "method.align", "SteeringVectors": "method.vectors",
     "FoldResult": "export.base", "Calibration": "evaluation.calibrate", "EvalSummary": "evaluation.run",
     "LoadedModel": "models.loading", "RuntimeOptions": "models.runtime",
-    "UserError": "errors", "ExportFailure": "errors",
+    "UserError": "errors", "ExportFailure": "errors", "AlphaBreaksText": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

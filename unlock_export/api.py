@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Union
 
 from . import prompts as prompt_sources
 from ._io import refuse_existing
-from .errors import UserError
+from .errors import AlphaBreaksText, UserError
 from .evaluation.calibrate import Calibration
 from .evaluation.run import EvalRequest, EvalSummary
 from .export.base import FoldResult
@@ -342,14 +342,19 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
                     objective: str = _CALIBRATION.objective, scales: Sequence[float] | None = _CALIBRATION.scales,
                     ppl_margin: float = _CALIBRATION.ppl_margin, layers: str | list[int] | None = None,
                     continuation_tokens: int = _CALIBRATION.continuation_tokens, chat: bool = False,
-                    system: str | None = None, options: RuntimeOptions | None = None,
-                    progress: bool = False) -> Calibration:
+                    system: str | None = None, alpha_margin: float | None = None,
+                    options: RuntimeOptions | None = None, progress: bool = False) -> Calibration:
     """The additive (folded) scale closest to the paper form at `alpha`, without labels, among the
     scales that keep perplexity on the plain prompts within `ppl_margin` of the unsteered model's
     (defaults: unlock_export.settings.CalibrationSettings, the CLI's and a recipe's too). `chat`: the
     prompts read through the model's chat template (`system`: a system turn). `layers`: calibrate a fold
-    of only these layers (the paper-form reference keeps every layer of `vectors`)."""
-    from .evaluation.calibrate import DEFAULT_SCALES
+    of only these layers (the paper-form reference keeps every layer of `vectors`). `alpha_margin`: first
+    check that the paper form at `alpha` keeps the model writing text (`check_alpha` at this margin, on
+    the first 8 prompts), raising AlphaBreaksText when it does not; its generations give the reference.
+    The result's `timings_s` says where the time went (loading, the alpha check, the baseline, the search)."""
+    import time
+
+    from .evaluation.calibrate import DEFAULT_SCALES, check_alphas, measure_baseline
     from .evaluation.calibrate import search_scale as search
     from .method.capture import resolve_batch_size
     from .method.pipeline import prompt_texts
@@ -358,15 +363,72 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
     if system and not chat:
         raise UserError("system is a chat turn: pass chat=True (--chat)")
     options = options or RuntimeOptions()
+    started = time.perf_counter()
     loaded, vectors, name = _steered(model, vectors, options, progress)
     questions = _questions(prompts, count)
     texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
+    ppl_texts = prompt_sources.apply_template("plain", questions)
     band = vectors.select(layers).layers if layers else None
-    batch_size = resolve_batch_size(options.batch_size, loaded, prompt_sources.apply_template(template, questions),
-                                    options.max_length)
-    return search(loaded, vectors, texts, prompt_sources.apply_template("plain", questions), "paper", alpha,
-                  tuple(scales) if scales else DEFAULT_SCALES, ppl_margin, batch_size, progress=progress,
-                  additive_layers=band, objective=objective, continuation_tokens=continuation_tokens)
+    batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length)
+    times = {"load_s": time.perf_counter() - started}
+    answer_start: dict = {}  # what the alpha check's generations computed on the way: the baseline reuses it
+    alpha_check = None
+    if alpha_margin is not None:
+        checked = check_alphas(loaded, vectors, texts[:8], (alpha,), alpha_margin, batch_size=batch_size,
+                               answer_start=answer_start)
+        row = checked["table"][0]
+        if not row["allowed"]:
+            raise AlphaBreaksText(
+                f"alpha {alpha:g} breaks the target's text: the paper form's continuations score "
+                f"x{row['fluency_ratio']:.3g} the unsteered perplexity (the margin allows x{1 + alpha_margin:g}); "
+                "lower alpha (`unlock-export check-alpha` lists the alphas that pass)",
+                alpha, row["fluency_ratio"], alpha_margin)
+        alpha_check = {"alpha": alpha, "fluency_ratio": row["fluency_ratio"], "margin": alpha_margin,
+                       "prompts": checked["prompts"], "tokens": checked["tokens"]}
+        times["alpha_check_s"] = time.perf_counter() - started - sum(times.values())
+    baseline = measure_baseline(loaded, vectors, texts, ppl_texts, "paper", alpha, objective, continuation_tokens,
+                                batch_size, known=answer_start)  # used where the prompts are the same
+    times["baseline_s"] = time.perf_counter() - started - sum(times.values())
+    result = search(loaded, vectors, texts, ppl_texts, "paper", alpha, tuple(scales) if scales else DEFAULT_SCALES,
+                    ppl_margin, batch_size, progress=progress, additive_layers=band, objective=objective,
+                    continuation_tokens=continuation_tokens, baseline=baseline).as_dict()
+    times["search_s"] = time.perf_counter() - started - sum(times.values())
+    if alpha_check is not None:
+        result["alpha_check"] = alpha_check
+    result["timings_s"] = {k: round(v, 2) for k, v in times.items()}
+    return Calibration.from_dict(result)
+
+
+def diagnose_transfer(key: MasterKey, lrmap: LowRankMap, vectors: SteeringVectors, source: ModelLike,
+                      target: ModelLike, *, prompts: Prompts, count: int | None = None, offset: int = 0,
+                      field: str = "question", source_template: str = "direct", target_template: str | None = None,
+                      chat: bool = False, system: str | None = None, target_key: MasterKey | None = None,
+                      out: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                      options: RuntimeOptions | None = None, progress: bool = False) -> dict:
+    """Label-free checks of a transfer, per target layer: the map's fit on held-out `prompts` (R^2 of the
+    mapped source states against the target's), the key's and vectors' norms, the share of the key inside
+    the map's source subspace, and with `target_key` (the same contrast computed on the target,
+    `master_key` on it) the cosine of the carried vectors with it. The result has a one-line `summary`;
+    with `out`, diagnostics.json (and diagnostics.png with matplotlib) are written there, named in `files`."""
+    from .evaluation import diagnostics
+    from .method.pipeline import capture_states
+    from .prompts import Chat
+
+    if system and not chat:
+        raise UserError("system is a chat turn: pass chat=True")
+    questions = _questions(prompts, count, offset, field)
+    wrap = Chat(system) if chat else None
+    pool = _pool(options, progress, checkpoint_dir)
+    target_states = capture_states(pool, target, target_template or source_template, questions,
+                                   "capture target (held out)", chat=wrap)
+    source_states = capture_states(pool, source, source_template, questions, "capture source (held out)", chat=wrap)
+    pool.release()
+    diag = diagnostics.transfer_diagnostics(key, lrmap, vectors, (source_states, target_states),
+                                            target_key.vectors if target_key is not None else None)
+    diag["summary"] = diagnostics.summary_line(diag)
+    if out is not None:
+        diag["files"] = diagnostics.write(diag, Path(out))
+    return diag
 
 
 def evaluate(model: ModelLike, *, data: str = _EVAL.data, count: int | None = _EVAL.count, offset: int = _EVAL.offset,
@@ -432,10 +494,18 @@ def push_to_hub(artifact: str | Path, repo_id: str, *, private: bool = False, re
          base_model: str | None = None, message: str | None = None, dry_run: bool = False) -> dict:
     """Upload an export folder (checkpoint or adapter) or an artifact file to the Hugging Face Hub in one
     commit (the repo created if missing); `dry_run` lists what would be sent (path, size, sha256).
-    The token comes from HF_TOKEN or the login cache and is never printed or written.
+    The token comes from HF_TOKEN or the login cache and is never printed or written. `base_model`: for
+    an export folder, default the Hub id of the model it was folded from, where it has one.
     `upload_text(report)` is the report as `unlock-export push` prints it."""
+    import json
+
+    from .export.card import base_model_id
     from .export.hub import push
 
+    record = Path(artifact) / "unlock.json"
+    if base_model is None and record.is_file():
+        hub_id = base_model_id(json.loads(record.read_text(encoding="utf-8")).get("target", ""))
+        base_model = hub_id if hub_id.count("/") == 1 else None
     return push(artifact, repo_id, private=private, revision=revision, base_model=base_model, message=message,
                   dry_run=dry_run)
 

@@ -13,6 +13,15 @@ class ExportFailure(UserError):
     exit_code = 1
 
 
+class AlphaBreaksText(UserError):
+    """The paper form at `alpha` makes the model stop writing text (its continuations score `ratio` times
+    the unsteered perplexity, more than 1 + `margin` allows): a fold is not matched to such a reference."""
+
+    def __init__(self, message: str, alpha: float, ratio: float, margin: float):
+        super().__init__(message)
+        self.alpha, self.ratio, self.margin = alpha, ratio, margin
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """The first non-empty line of an exception's message (at most `limit` characters), or its type."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

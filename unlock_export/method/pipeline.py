@@ -104,20 +104,20 @@ def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: st
 
 
 def compute_map(pool: ModelPool, source: str, target: str, source_template: str, target_template: str,
-                questions: list[str], rank: int, source_states: torch.Tensor | None = None,
-                chat: prompts.Chat | None = None, contrast: tuple[str, prompts.Chat | None] | None = None,
+                questions: list[str], rank: int, chat: prompts.Chat | None = None,
+                contrast: tuple[str, prompts.Chat | None] | None = None,
                 contrast_pairs: list[prompts.Pair] | None = None) -> align.LowRankMap:
-    """Low-rank map source -> target on paired prompts. `source_states` reuses an earlier capture
-    of the same prompts and template on the source (all layers). `chat`: both models read the prompts
-    through their own chat templates. `contrast` (a template and a chat wrapping, the key's other
+    """Low-rank map source -> target on paired prompts (a capture the pool's checkpoint folder holds
+    already, such as the key's locked one, is read back rather than run again). `chat`: both models read
+    the prompts through their own chat templates. `contrast` (a template and a chat wrapping, the key's other
     variant's format): the same questions in that format are paired too, in both models, so the map
     sees the variation the key is made of (reports/contrast-alignment.md: it then carries the key).
     `contrast_pairs` (a pairs key's own pairs): both sides of each pair, read at their last token, are
     paired too, in both models (through each one's chat template with `chat`)."""
-    def paired_states(model: str, template: str, role: str, states: torch.Tensor | None = None) -> torch.Tensor:
+
+    def paired_states(model: str, template: str, role: str) -> torch.Tensor:
         """[L, N, d] of `model` (`role`: source or target): the prompts, then their contrast, then the pairs."""
-        parts = [states if states is not None else capture_states(
-            pool, model, template, questions, f"capture {role} (align)", chat=chat)]
+        parts = [capture_states(pool, model, template, questions, f"capture {role} (align)", chat=chat)]
         if contrast is not None:
             parts.append(capture_states(pool, model, contrast[0], questions, f"capture {role} (align, contrast)",
                                         chat=contrast[1]))
@@ -125,7 +125,7 @@ def compute_map(pool: ModelPool, source: str, target: str, source_template: str,
             parts.append(pair_states(pool, model, contrast_pairs, chat, f"capture {role} (align, pairs)"))
         return torch.cat(parts, dim=1)
 
-    source_states = paired_states(source, source_template, "source", source_states)
+    source_states = paired_states(source, source_template, "source")
     target_loaded = pool.get(target)
     target_states = paired_states(target, target_template, "target")
     device = models.choose_device(pool.options.device)

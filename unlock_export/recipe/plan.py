@@ -223,7 +223,10 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         position = f"the last prompt token and the answer's first {K} tokens" if K else "the last prompt token"
         stages.append(Stage("key", f"{k.method} of {len(key_q)} differences {unlocked.template!r} - "
                                    f"{locked.template!r}, read at {position}{chat}", [unlocked.model, locked.model]))
-    reuse = align_count == p.key_count and not K and pairs is None  # a pairs key has no locked capture to reuse
+    # the align stage reads the key's locked capture back from the run's progress folder when it asks for the
+    # same rows: the same prompts in the same format (a pairs key has no locked capture to reuse)
+    same_format = recipe.align.contrast or (locked.system or p.system) == p.system
+    reuse = align_count == p.key_count and not K and pairs is None and same_format
     if not reuse:
         run(locked.model, locked.template, align_q)
     run(target.model, target_template, align_q)

@@ -26,9 +26,7 @@ from ..export.forms import form
 from .spec import FoldSpec, GgufSpec, PushSpec, Recipe
 
 if TYPE_CHECKING:  # the runner loads torch only when a stage runs
-    from ..method.align import LowRankMap
-    from ..method.key import MasterKey
-    from ..method.vectors import SteeringVectors
+    from ..api import LowRankMap, MasterKey, SteeringVectors
 
 
 @dataclass
@@ -108,18 +106,19 @@ def evaluate_stage(recipe: Recipe, out_dir: Path, progress: bool) -> dict:
     OUT_DIR/compare. An interrupted comparison continues with `run --resume` (its arms resume)."""
     import dataclasses
 
-    from ..evaluation.compare import Arm, CompareRequest, compare
+    from ..api import compare_arms
+    from ..evaluation.compare import CompareRequest
     from .outputs import run_arms
 
     e = recipe.evaluate
     _, arms = run_arms(out_dir, e.paper)
-    arms = [Arm("unsteered"), *arms, *(Arm.parse(f"{name}={what}") for name, what in e.arms.items())]
-    request = CompareRequest(**{f.name: getattr(e, f.name) for f in dataclasses.fields(CompareRequest)
-                                if hasattr(e, f.name)})
-    request = dataclasses.replace(request, budgets=tuple(e.budgets), chat=recipe.prompts.chat)
+    arms = ["unsteered", *arms, *(f"{name}={what}" for name, what in e.arms.items())]
+    request = {f.name: getattr(e, f.name) for f in dataclasses.fields(CompareRequest) if hasattr(e, f.name)}
+    request.update(budgets=tuple(e.budgets), chat=recipe.prompts.chat)
     try:
-        results = compare(recipe.target.model, arms, request, out_dir / "compare", recipe.runtime, progress=progress,
-                          confirm=e.confirm, command=["unlock-export", "run", f"# recipe {recipe.name}: evaluate"])
+        results = compare_arms(recipe.target.model, arms, out_dir / "compare", confirm=e.confirm,
+                               command=["unlock-export", "run", f"# recipe {recipe.name}: evaluate"],
+                               options=recipe.runtime, progress=progress, **request)
     except KeyboardInterrupt as exc:  # the outputs are in place; `run --resume` continues the comparison
         from .._io import note_progress
 
@@ -132,23 +131,19 @@ def evaluate_stage(recipe: Recipe, out_dir: Path, progress: bool) -> dict:
 
 def _run(recipe: Recipe, work: Path, out_dir: Path, progress: bool, recipe_text: str | None,
          checkpoint_dir: Path) -> dict:
-    from ..evaluation import diagnostics
-    from ..models.pool import ModelPool
-
     clock = _Clock()
-    pool = ModelPool(recipe.runtime, progress=progress, checkpoint_dir=checkpoint_dir)
-    transfer = _transfer(recipe, pool, work, clock)
+    steps = _Steps(recipe, progress, checkpoint_dir)
+    transfer = _transfer(steps, work, clock)
     (work / "recipe.yaml").write_text(recipe_text or yaml.safe_dump(recipe.model_dump(), sort_keys=False))
     outputs = ["key.safetensors", "map.safetensors", "vectors.safetensors"]
     card_extra: dict = {}
     diag = None
     if recipe.diagnostics.enabled:
         with clock.stage("diagnostics"):
-            diag = _diagnostics(recipe, pool, transfer.key, transfer.lrmap, transfer.vectors,
-                                transfer.key_questions, transfer.target_template)
-            outputs += diagnostics.write(diag, work)
-            card_extra["diagnostics"] = diagnostics.summary_line(diag)
-    folded = _fold_stage(recipe, pool, transfer, work, out_dir, progress, recipe_text, card_extra, clock)
+            diag = _diagnostics(steps, transfer, work)
+            outputs += diag["files"]
+            card_extra["diagnostics"] = diag["summary"]
+    folded = _fold_stage(steps, transfer, work, out_dir, recipe_text, card_extra, clock)
     outputs += folded.outputs
     gguf_info = None
     if recipe.gguf is not None:
@@ -156,7 +151,7 @@ def _run(recipe: Recipe, work: Path, out_dir: Path, progress: bool, recipe_text:
             gguf_info = _llamacpp_files(recipe.gguf, work, folded.vectors, folded.scale)
         outputs += list(gguf_info["files"])
     summary = _summary(recipe, transfer, out_dir, outputs, clock, folded.info, gguf_info,
-                       diagnostics.summary_line(diag) if diag else None)
+                       diag["summary"] if diag else None)
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -168,47 +163,63 @@ def _chat(recipe: Recipe, variant=None):
     return prompts.Chat((variant.system if variant is not None else None) or recipe.prompts.system)
 
 
-def _key(recipe: Recipe, pool, model: str, key_questions: list[str]):
-    """The Master Key on `model` (the source's, or the target's own for the diagnostics) the recipe's way:
-    its pairs, or its two variants' prompt contrast. Returns (key, the locked states or None)."""
-    from ..method.pipeline import compute_key, compute_pair_key
+@dataclass(frozen=True)
+class _Steps:
+    """What every stage's call into the API shares: the recipe, its runtime, and the run's progress folder
+    (a capture finished there is read back, not run again, by a later stage that asks for the same rows)."""
 
-    source, k = recipe.source, recipe.key
+    recipe: Recipe
+    progress: bool
+    checkpoint_dir: Path
+
+    @property
+    def common(self) -> dict:
+        return {"options": self.recipe.runtime, "progress": self.progress, "checkpoint_dir": self.checkpoint_dir}
+
+
+def _key(steps: _Steps, model: str, key_questions: list[str]):
+    """The Master Key on `model` (the source's, or the target's own for the diagnostics) the recipe's way:
+    its pairs, or its two variants' prompt contrast."""
+    from ..api import master_key
+
+    recipe = steps.recipe
+    source, p = recipe.source, recipe.prompts
+    common = {"method": recipe.key.method, "chat": p.chat, "system": p.system, **steps.common}
     if source.pairs is not None:
-        pairs = prompts.load_pairs(source.pairs.path, source.pairs.count, source.pairs.offset)
-        return compute_pair_key(pool, model, pairs, k.method, _chat(recipe), source.pairs.path), None
+        return master_key(model, pairs=source.pairs.path, count=source.pairs.count, offset=source.pairs.offset,
+                          **common)
     locked, unlocked = source.locked, source.unlocked
     same = locked.model == unlocked.model
-    return compute_key(pool, model if same else locked.model, model if same else unlocked.model, locked.template,
-                       unlocked.template, key_questions, k.method, k.answer_tokens, _chat(recipe, locked),
-                       _chat(recipe, unlocked))
+    return master_key(model if same else locked.model, model if same else unlocked.model, prompts=key_questions,
+                      locked_template=locked.template, unlocked_template=unlocked.template,
+                      answer_tokens=recipe.key.answer_tokens, locked_system=locked.system,
+                      unlocked_system=unlocked.system, **common)
 
 
-def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
+def _transfer(steps: _Steps, work: Path, clock: _Clock) -> Transfer:
     """key -> align -> project; the key, map and vectors files written into `work`."""
-    from ..method.pipeline import compute_map
+    from ..api import fit_map
 
+    recipe = steps.recipe
     p = recipe.prompts
     key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
     align_count = p.align_count or p.key_count
     same_prompts = align_count == p.key_count
     align_questions = key_questions if same_prompts else prompts.load_questions(p.path, p.field, align_count, p.offset)
-    locked = recipe.source.locked
+    locked, unlocked, pairs = recipe.source.locked, recipe.source.unlocked, recipe.source.pairs
     target_template = recipe.target.template or locked.template
     with clock.stage("key"):
-        key, locked_states = _key(recipe, pool, recipe.source.locked.model, key_questions)
+        key = _key(steps, locked.model, key_questions)
     key.save(work / "key.safetensors")
     with clock.stage("align"):
-        unlocked, pairs_spec = recipe.source.unlocked, recipe.source.pairs
-        by_pairs = recipe.align.contrast and pairs_spec is not None
-        by_format = recipe.align.contrast and pairs_spec is None
-        lrmap = compute_map(pool, locked.model, recipe.target.model, locked.template, target_template,
-                            align_questions, recipe.align.rank,
-                            source_states=locked_states if same_prompts and locked_states is not None else None,
-                            chat=_chat(recipe, locked) if by_format else _chat(recipe),
-                            contrast=(unlocked.template, _chat(recipe, unlocked)) if by_format else None,
-                            contrast_pairs=prompts.load_pairs(pairs_spec.path, pairs_spec.count, pairs_spec.offset)
-                            if by_pairs else None)
+        by_format = recipe.align.contrast and pairs is None  # the prompts in both of the key's formats
+        lrmap = fit_map(locked.model, recipe.target.model, prompts=align_questions, rank=recipe.align.rank,
+                        source_template=locked.template, target_template=target_template, chat=p.chat,
+                        system=(locked.system or p.system) if by_format else p.system,
+                        contrast_template=unlocked.template if by_format else None,
+                        contrast_system=(unlocked.system or p.system) if by_format and p.chat else None,
+                        contrast_pairs=prompts.load_pairs(pairs.path, pairs.count, pairs.offset)
+                        if recipe.align.contrast and pairs is not None else None, **steps.common)
     lrmap.save(work / "map.safetensors")
     vectors = lrmap.project(key, recipe.vectors.layers, recipe.vectors.site)
     vectors.provenance["recipe"] = recipe.name
@@ -216,38 +227,25 @@ def _transfer(recipe: Recipe, pool, work: Path, clock: _Clock) -> Transfer:
     return Transfer(key, lrmap, vectors, key_questions, align_questions, target_template)
 
 
-def _calibrate_stage(recipe: Recipe, pool, transfer: Transfer, band: list[int], progress: bool) -> dict:
-    """fold.scale auto: the label-free scale (check-alpha first), as calibration.json holds it."""
-    from ..evaluation.calibrate import measure_baseline, search_scale
-    from ..method.capture import resolve_batch_size
-    from ..method.pipeline import prompt_texts
+def _calibrate_stage(steps: _Steps, transfer: Transfer, band: list[int]) -> dict:
+    """fold.scale auto: the label-free scale (the alpha checked first), as calibration.json holds it."""
+    from ..api import calibrate_scale
+    from ..errors import AlphaBreaksText
 
-    f, rt = recipe.fold, recipe.runtime
-    calib_questions = transfer.key_questions[:f.calibrate_count]
-    t_load = time.perf_counter()
-    target_loaded = pool.get(recipe.target.model)
-    calib_texts = prompt_texts(target_loaded, transfer.target_template, calib_questions, _chat(recipe),
-                               recipe.target.model)
-    batch_size = resolve_batch_size(rt.batch_size, target_loaded, calib_texts, rt.max_length)
-    answer_start: dict = {}
-    t0 = time.perf_counter()
-    loading = t0 - t_load
-    alpha_check = _check_reference_alpha(target_loaded, transfer.vectors, calib_texts[:8], f, batch_size, answer_start)
-    t1 = time.perf_counter()
-    ppl_texts = prompts.apply_template("plain", calib_questions)
-    baseline = measure_baseline(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha, f.objective,
-                                f.continuation_tokens, batch_size, known=answer_start)  # used if the same prompts
-    t2 = time.perf_counter()
-    calibration = search_scale(target_loaded, transfer.vectors, calib_texts, ppl_texts, "paper", f.alpha,
-                                  **({"scales": tuple(f.scales)} if f.scales else {}),
-                                  ppl_margin=f.ppl_margin, progress=progress, additive_layers=band,
-                                  objective=f.objective, continuation_tokens=f.continuation_tokens,
-                                  batch_size=batch_size, baseline=baseline).as_dict()
-    if alpha_check is not None:
-        calibration["alpha_check"] = alpha_check
-    calibration["timings_s"] = {"load_s": round(loading, 2), "alpha_check_s": round(t1 - t0, 2), "baseline_s": round(t2 - t1, 2),
-                                "search_s": round(time.perf_counter() - t2, 2)}
-    return calibration
+    recipe = steps.recipe
+    f, p = recipe.fold, recipe.prompts
+    try:
+        return calibrate_scale(recipe.target.model, transfer.vectors, prompts=transfer.key_questions,
+                               count=f.calibrate_count, alpha=f.alpha, template=transfer.target_template,
+                               objective=f.objective, scales=f.scales, ppl_margin=f.ppl_margin, layers=band,
+                               continuation_tokens=f.continuation_tokens, chat=p.chat, system=p.system,
+                               alpha_margin=f.alpha_margin if f.check_alpha else None, options=recipe.runtime,
+                               progress=steps.progress).as_dict()
+    except AlphaBreaksText as exc:
+        raise UserError(f"fold.alpha {exc.alpha:g} breaks the target's text: the paper form's continuations score "
+                        f"x{exc.ratio:.3g} the unsteered perplexity (fold.alpha_margin allows x{1 + exc.margin:g}); "
+                        "lower fold.alpha (`unlock-export check-alpha` lists the alphas that pass) or set "
+                        "fold.check_alpha: false") from None
 
 
 def _calibration_note(f: FoldSpec, calibration: dict) -> str:
@@ -262,14 +260,14 @@ def _calibration_note(f: FoldSpec, calibration: dict) -> str:
             f"prompts ({closeness}), perplexity within +{f.ppl_margin:.0%}")
 
 
-def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: Path, progress: bool,
-                recipe_text: str | None, card_extra: dict, clock: _Clock) -> FoldStage:
+def _fold_stage(steps: _Steps, transfer: Transfer, work: Path, out_dir: Path, recipe_text: str | None,
+                card_extra: dict, clock: _Clock) -> FoldStage:
     """The optional fold: calibrate when asked, then fold (verified) into work/model."""
-    from ..export.forms import export
+    from ..api import fold
 
+    recipe, progress = steps.recipe, steps.progress
     f = recipe.fold
     if f is None:
-        pool.release()
         return FoldStage(transfer.vectors, None, None, [])
     vectors = transfer.vectors
     chosen = vectors.select(f.layers)
@@ -278,39 +276,37 @@ def _fold_stage(recipe: Recipe, pool, transfer: Transfer, work: Path, out_dir: P
                 **card_extra}
 
     if form(f.mode).fits_gates:
-        return _gated_fold_stage(recipe, pool, transfer, chosen, work, out_dir, progress, context(), clock)
+        return _gated_fold_stage(steps, transfer, chosen, work, out_dir, context(), clock)
     outputs, scale = [], f.scale
     if scale == "auto":
         with clock.stage("calibrate"):
-            calibration = _calibrate_stage(recipe, pool, transfer, chosen.layers, progress)
+            calibration = _calibrate_stage(steps, transfer, chosen.layers)
         (work / "calibration.json").write_text(json.dumps(calibration, indent=2))
         outputs.append("calibration.json")
         scale = calibration["scale"]
         card_extra["calibration"] = _calibration_note(f, calibration)
-    pool.release()  # fold's verification loads the target and the export
     t0 = time.perf_counter()
-    result = export(f.mode, recipe.target.model, chosen, work / "model", scale=scale, rank=f.rank,
-                  verify=f.verify, tolerance=f.tolerance, allow_pickle=recipe.runtime.allow_pickle, progress=progress,
+    result = fold(recipe.target.model, chosen, work / "model", scale=scale, mode=f.mode, rank=f.rank, verify=f.verify,
+                  tolerance=f.tolerance, allow_pickle=recipe.runtime.allow_pickle, progress=progress,
                   card_context=context(), dtype=f.dtype)
     clock.timings["fold_s"] = time.perf_counter() - t0
     return FoldStage(chosen, scale, {**result.as_dict(), "out": str(out_dir / "model")}, [*outputs, "model"])
 
 
-def _gated_fold_stage(recipe: Recipe, pool, transfer: Transfer, chosen, work: Path, out_dir: Path, progress: bool,
-                      context: dict, clock: _Clock) -> FoldStage:
+def _gated_fold_stage(steps: _Steps, transfer: Transfer, chosen, work: Path, out_dir: Path, context: dict,
+                      clock: _Clock) -> FoldStage:
     """fold.mode gated-lora: the gates fitted on the target (float32), the multiplier chosen when it is
     auto, then the LoRA (or with merge the checkpoint) written into work/model, verified."""
     from ..api import fold_gated_lora
-    from ..method.gate import GateSettings
+    from ..settings import GateSettings
 
-    f = recipe.fold
+    recipe, f = steps.recipe, steps.recipe.fold
     settings = GateSettings(prompts=f.gate_prompts, count=f.gate_count, offset=f.gate_offset, heldout=f.gate_heldout,
                             template=transfer.target_template, chat=recipe.prompts.chat, system=recipe.prompts.system, alpha=f.alpha, multiplier=f.multiplier,
                             ppl_margin=f.ppl_margin, rank=f.rank or 1)
-    pool.release()  # the gate fit loads the target in float32 on its own
     t0 = time.perf_counter()
     result = fold_gated_lora(recipe.target.model, chosen, work / "model", settings, merge=f.merge, verify=f.verify,
-                             tolerance=f.tolerance, progress=progress, card_context=context, dtype=f.dtype)
+                             tolerance=f.tolerance, progress=steps.progress, card_context=context, dtype=f.dtype)
     clock.timings["fold_s"] = time.perf_counter() - t0
     return FoldStage(chosen, result.scale, {**result.as_dict(), "out": str(out_dir / "model")}, ["model"])
 
@@ -339,49 +335,22 @@ def _summary(recipe: Recipe, transfer: Transfer, out_dir: Path, outputs: list[st
     }
 
 
-def _diagnostics(recipe: Recipe, pool, key, lrmap, vectors, key_questions: list[str], target_template: str) -> dict:
-    """Held-out map fit and, for a prompt-contrast key, the target's own key (extra captures)."""
-    from ..evaluation import diagnostics
-    from ..method.pipeline import capture_states
+def _diagnostics(steps: _Steps, transfer: Transfer, work: Path) -> dict:
+    """Held-out map fit and, for a prompt or pairs contrast, the target's own key read the way the source's
+    was; diagnostics.json (and .png) written into `work`."""
+    from ..api import diagnose_transfer
 
+    recipe = steps.recipe
     d, p = recipe.diagnostics, recipe.prompts
     locked, unlocked = recipe.source.locked, recipe.source.unlocked
     used = max(p.key_count, p.align_count or p.key_count)
-    heldout_q = prompts.load_questions(p.path, p.field, d.heldout_count, p.offset + used)
-    # the target first: align left it loaded (and its locked capture is usually align's, from the checkpoint)
-    chat = _chat(recipe)
-    target_heldout = capture_states(pool, recipe.target.model, target_template, heldout_q, "capture target (held out)",
-                                    chat=chat)
-    target_key = None
     contrast = recipe.source.pairs is not None or (locked.model == unlocked.model and (
-        locked.template != unlocked.template or _chat(recipe, locked) != _chat(recipe, unlocked)))
-    if d.target_key and contrast:
-        # the target's own key, read the way the source's was (same pairs or templates, method, position)
-        target_key = _key(recipe, pool, recipe.target.model, key_questions)[0].vectors
-    heldout = (capture_states(pool, locked.model, locked.template, heldout_q, "capture source (held out)", chat=chat),
-               target_heldout)
-    pool.release()
-    return diagnostics.transfer_diagnostics(key, lrmap, vectors, heldout, target_key)
-
-
-def _check_reference_alpha(target_loaded, vectors, texts: list[str], f: FoldSpec, batch_size,
-                           answer_start: dict | None = None) -> dict | None:
-    """`check-alpha` at fold.alpha before the calibration matches a fold to the paper form: a reference
-    that breaks the target's text is refused, not matched."""
-    if not f.check_alpha:
-        return None
-    from ..evaluation.calibrate import check_alphas
-
-    result = check_alphas(target_loaded, vectors, texts, (f.alpha,), f.alpha_margin, batch_size=batch_size,
-                          answer_start=answer_start)
-    row = result["table"][0]
-    if not row["allowed"]:
-        raise UserError(f"fold.alpha {f.alpha:g} breaks the target's text: the paper form's continuations score "
-                        f"x{row['fluency_ratio']:.3g} the unsteered perplexity (fold.alpha_margin allows "
-                        f"x{1 + f.alpha_margin:g}); lower fold.alpha (`unlock-export check-alpha` lists the alphas "
-                        f"that pass) or set fold.check_alpha: false")
-    return {"alpha": f.alpha, "fluency_ratio": row["fluency_ratio"], "margin": f.alpha_margin,
-            "prompts": result["prompts"], "tokens": result["tokens"]}
+        locked.template != unlocked.template or (p.chat and (locked.system or p.system) != (unlocked.system or p.system))))
+    target_key = _key(steps, recipe.target.model, transfer.key_questions) if d.target_key and contrast else None
+    return diagnose_transfer(transfer.key, transfer.lrmap, transfer.vectors, locked.model, recipe.target.model,
+                             prompts=p.path, field=p.field, count=d.heldout_count, offset=p.offset + used,
+                             source_template=locked.template, target_template=transfer.target_template, chat=p.chat,
+                             system=p.system, target_key=target_key, out=work, **steps.common)
 
 
 def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) -> dict:
@@ -413,11 +382,12 @@ def _llamacpp_files(g: GgufSpec, work: Path, vectors, fold_scale: float | None) 
 
 def _target_gguf(recipe: Recipe) -> str | None:
     """The unsteered target's GGUF, which a control vector is served with (None when it has none)."""
-    from ..models import zoo
+    from ..api import zoo_models
 
     model = recipe.target.model
-    if model.startswith(zoo.ZOO_PREFIX) or model in zoo.ZOO:
-        return str(zoo.model_path(zoo.lookup(model)))
+    zoo = {m["name"]: m["path"] for m in zoo_models()}
+    if model.removeprefix("zoo:") in zoo:
+        return zoo[model.removeprefix("zoo:")]
     if model.endswith(".gguf"):
         return model
     return recipe.gguf.base if recipe.gguf is not None else None
@@ -441,17 +411,13 @@ def _serve(recipe: Recipe, out_dir: Path, outputs: list[str]):
 
 def _push(spec: PushSpec, out_dir: Path) -> dict:
     """The push step runs after the outputs are in place: a failed push keeps them, and says how to retry."""
+    from ..api import push_to_hub
     from ..errors import ExportFailure
-    from ..export.card import base_model_id
-    from ..export.hub import push
 
     artifact = out_dir / ("model" if spec.artifact == "model" else "vectors.safetensors")
-    base_model = spec.base_model
-    if base_model is None and artifact.is_dir():
-        target = json.loads((artifact / "unlock.json").read_text()).get("target", "")
-        base_model = base_model_id(target) if base_model_id(target).count("/") == 1 else None
     try:
-        report = push(artifact, spec.repo_id, private=spec.private, revision=spec.revision, base_model=base_model)
+        report = push_to_hub(artifact, spec.repo_id, private=spec.private, revision=spec.revision,
+                             base_model=spec.base_model)
     except UserError as exc:
         retry = (f"unlock-export push {artifact} --repo-id {spec.repo_id}"
                  + (f" --revision {spec.revision}" if spec.revision else "") + (" --private" if spec.private else ""))
