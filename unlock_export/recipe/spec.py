@@ -120,11 +120,11 @@ class AlignSpec(_Strict):
     """The per-layer low-rank map from source to target."""
 
     rank: int = _doc("Subspace rank k of each layer's map.", default=16, ge=1)
-    contrast: bool = _doc("Also pair the alignment prompts in the unlocked variant's format (its template and "
-                          "system), or with source.pairs both sides of each pair, on both models, so the map sees "
-                          "the contrast the key is made of and carries it (reports/contrast-alignment.md); not for "
-                          "a key from two models.",
-                          default=False)
+    contrast: Optional[bool] = _doc(
+        "Also pair the alignment prompts in the unlocked variant's format (its template and system), or with "
+        "source.pairs both sides of each pair, on both models, so the map sees the contrast the key is made of "
+        "and carries it (reports/contrast-alignment.md, reports/behaviours.md); not for a key from two models. "
+        "Unset: on for a pairs key (source.pairs), off for a prompt contrast.", default=None)
 
 
 class VectorsSpec(_Strict):
@@ -441,6 +441,8 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe.target.model = _resolve_path(recipe.target.model, base)
     if g is not None and g.base is not None:
         g.base = _resolve_path(g.base, base)
+    if recipe.align.contrast is None:  # a pairs key's map is aligned on its pairs unless the recipe says otherwise
+        recipe.align.contrast = recipe.source.pairs is not None
     if recipe.align.contrast and recipe.source.pairs is None:
         locked, unlocked = recipe.source.locked, recipe.source.unlocked
         if locked.model != unlocked.model:
