@@ -82,7 +82,8 @@ def test_errors_speak_of_arguments(tiny_model_dir, questions, tmp_path):
     with pytest.raises(UserError, match="^model: expected a spec string"):
         as_loaded(object())
     with pytest.raises(UserError, match="^model: steering hooks go on a loaded model"):
-        ux.additive_steering(model, None, 1.0)
+        with ux.additive_steering(model, None, 1.0):
+            pass
 
 
 def test_fold_of_a_model_without_files_says_what_to_pass(tiny_model_dir, tmp_path):

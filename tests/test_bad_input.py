@@ -102,7 +102,7 @@ def test_corrupted_shard_header_is_refused(capsys, tmp_path, tiny_model_dir, vec
 
 
 def test_truncated_gguf_is_refused(capsys, tmp_path, vectors_file):
-    from unlock_export.export.gguf import write_control_vector
+    from unlock_export.export.gguf import write_control_vector_gguf as write_control_vector
 
     cvec = tmp_path / "steer.gguf"
     write_control_vector(SteeringVectors.load(vectors_file), cvec)
@@ -436,7 +436,7 @@ def test_output_symlink_into_the_source_model_is_refused(capsys, tmp_path, tiny_
         assert_refused(capsys, ["eval", model, "--data", "builtin:gsm8k-dev", "--count", "1", "-o", out],
                        "is inside the model")
     # gguf: a link to the base GGUF itself
-    from unlock_export.export.gguf import write_control_vector
+    from unlock_export.export.gguf import write_control_vector_gguf as write_control_vector
 
     base = tmp_path / "base-dir" / "model.gguf"
     base.parent.mkdir()

@@ -26,7 +26,7 @@ def cli(capsys, *args):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_dir):
     """A bias checkpoint, an adapter, a vectors file and a control-vector GGUF of a tiny qwen2."""
-    from unlock_export.export.gguf import write_control_vector
+    from unlock_export.export.gguf import write_control_vector_gguf as write_control_vector
 
     root = tmp_path_factory.mktemp("push")
     src = tiny_model_dir("qwen2")

@@ -102,7 +102,7 @@ def test_gemma3_control_vector_binding_matches_reference(served, tmp_path):
     through a float16 lookup table in ggml, so the conversion itself is off by a few 1e-4 here: the
     steered run must be no further from the steered reference than the plain run is from the plain
     reference (plus 1e-4)."""
-    from unlock_export.export.gguf import write_control_vector
+    from unlock_export.export.gguf import write_control_vector_gguf as write_control_vector
 
     m = served("gemma3")
     cvec = tmp_path / "steer.gguf"

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "master_key": "api", "fit_map": "api", "fold": "api", "write_control_vector": "api",
-    "additive_steering": "api", "paper_steering": "api", "calibrate_scale": "api", "evaluate": "api",
+    "additive_steering": "method.steer", "paper_steering": "method.steer", "calibrate_scale": "api", "evaluate": "api",
     "load_model": "api", "fit_gates": "api", "steering_vectors": "api", "verify": "api", "check_alpha": "api",
     "compare_arms": "api", "record_choice": "api", "describe_artifact": "api", "push_to_hub": "api",
     "upload_text": "api", "zoo_models": "api", "fetch_zoo": "api", "write_lm_eval_config": "api",

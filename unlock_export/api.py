@@ -302,30 +302,6 @@ def write_control_vector(vectors: SteeringVectors, path: str | Path, *, scale: f
     return write_gguf("control-vector", vectors, path, overwrite=overwrite, scale=scale, model_hint=model_hint)
 
 
-def additive_steering(model: ModelLike, vectors: SteeringVectors, scale: float = 1.0):
-    """Context manager: h += scale * direction[L] after each steered layer, at every position (what a
-    fold or a control vector computes). `model` is a LoadedModel, a (model, tokenizer) pair or a module."""
-    from .method.steer import additive_steering as hooks
-
-    return hooks(_module(model), vectors, scale)
-
-
-def paper_steering(model: ModelLike, vectors: SteeringVectors, alpha: float = 0.1):
-    """Context manager: the paper's form, the last prompt token in prefill only, norm-preserving, at `alpha`."""
-    from .method.steer import paper_steering as hooks
-
-    return hooks(_module(model), vectors, alpha)
-
-
-def _module(model):
-    if isinstance(model, tuple):
-        return model[0]
-    if isinstance(model, (str, Path)):
-        raise UserError("model: steering hooks go on a loaded model; pass a LoadedModel or a (model, tokenizer) "
-                        "pair (ux.load_model(spec) loads one)")
-    return model
-
-
 def _steered(model: ModelLike, vectors: SteeringVectors, options: RuntimeOptions, progress: bool):
     """(the loaded model, `vectors` checked to fit it, the model's quoted name) for calibrate_scale and check_alpha."""
     loaded = _pool(options, progress).get(model)

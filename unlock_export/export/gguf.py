@@ -65,7 +65,7 @@ def control_vector_hint(vectors: SteeringVectors) -> str:
     return arch.gguf_arch or vectors.model_hint or "unknown"
 
 
-def write_control_vector(vectors: SteeringVectors, out: str | Path, scale: float = 1.0,
+def write_control_vector_gguf(vectors: SteeringVectors, out: str | Path, scale: float = 1.0,
                          model_hint: str | None = None, overwrite: bool = False) -> dict:
     """Write `scale * vectors` as a llama.cpp control-vector GGUF."""
     import gguf

@@ -27,7 +27,7 @@ def _logits(model, tokenizer, texts: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+def logit_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
     """(max |a - b| over all logits, fraction of positions whose top-1 token agrees)."""
     diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
     agree = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)]).mean()
@@ -62,7 +62,7 @@ def precision_floor(loaded, texts: list[str], dtype: torch.dtype, plain: list[to
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    return compare(low, plain)[0]
+    return logit_gap(low, plain)[0]
 
 
 def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base: str,
@@ -126,15 +126,15 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
             raise UserError(f"transformers cannot load '{out}': {first_line(exc, 300)}")
         kind = "checkpoint"
     got = _logits(exported, tokenizer, texts)
-    max_diff, top1 = compare(got, expected)
-    effect, _ = compare(plain, expected)
+    max_diff, top1 = logit_gap(got, expected)
+    effect, _ = logit_gap(plain, expected)
     bound = tolerance + floor
     report = {"kind": kind, "dtype": dtype_name(dtype), "prompts": len(texts),
               "max_abs_dlogit": max_diff, "top1_agreement": top1, "steering_effect_max_abs_dlogit": effect,
               "tolerance": bound, "float32_tolerance": tolerance, "precision_floor_max_abs_dlogit": floor,
               "passed": max_diff <= bound}
     if exact is not None:
-        report["exact_max_abs_dlogit"] = compare(got, exact)[0]
+        report["exact_max_abs_dlogit"] = logit_gap(got, exact)[0]
         report["passed"] = report["passed"] and report["exact_max_abs_dlogit"] <= tolerance
     if raise_on_fail and not report["passed"]:
         if max_diff > bound:

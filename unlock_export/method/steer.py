@@ -11,6 +11,7 @@ Two forms:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,8 +30,14 @@ from .vectors import SteeringVectors
 
 
 def _resolve(model) -> tuple[nn.Module, Architecture]:
+    """The module and its architecture from a LoadedModel, a (model, tokenizer) pair or a module."""
     if hasattr(model, "arch") and hasattr(model, "model"):  # a LoadedModel
         return model.model, model.arch
+    if isinstance(model, tuple):
+        model = model[0]
+    if isinstance(model, (str, Path)):
+        raise UserError("model: steering hooks go on a loaded model; pass a LoadedModel or a (model, tokenizer) "
+                        "pair (ux.load_model(spec) loads one)")
     return model, architecture_for(model)
 
 
@@ -40,7 +47,8 @@ def _check(model: nn.Module, arch: Architecture, vectors: SteeringVectors) -> No
 
 @contextmanager
 def additive_steering(model, vectors: SteeringVectors, scale: float = 1.0):
-    """Add scale * direction[L] to the residual at every position, at the vectors' site."""
+    """Context manager: h += scale * direction[L] after each steered layer, at every position, at the vectors'
+    site (what a fold or a control vector computes). `model`: a LoadedModel, a (model, tokenizer) pair or a module."""
     model, arch = _resolve(model)
     _check(model, arch, vectors)
     handles = []
@@ -85,7 +93,8 @@ def _is_prefill(kwargs: dict, length: int) -> bool:
 
 @contextmanager
 def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
-    """The paper's prefill-only, last-prompt-token, norm-preserving update after each steered layer."""
+    """Context manager: the paper's prefill-only, last-prompt-token, norm-preserving update after each steered
+    layer, at `alpha`. `model`: a LoadedModel, a (model, tokenizer) pair or a module."""
     model, arch = _resolve(model)
     _check(model, arch, vectors)
     require_paper_site(vectors)

@@ -1,5 +1,5 @@
 """The control-vector converter: steering vectors as a llama.cpp control vector (direction.N, added to
-the output of layer N at every position; export.gguf.write_control_vector)."""
+the output of layer N at every position; export.gguf.write_control_vector_gguf)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from . import Converter
 
 
 def _write(vectors, out: Path, *, overwrite: bool = False, scale: float = 1.0, model_hint: str | None = None) -> dict:
-    from ..gguf import write_control_vector
+    from ..gguf import write_control_vector_gguf
 
-    return write_control_vector(vectors, out, scale=scale, model_hint=model_hint, overwrite=overwrite)
+    return write_control_vector_gguf(vectors, out, scale=scale, model_hint=model_hint, overwrite=overwrite)
 
 
 def _describe(info: dict, out: Path) -> str:
