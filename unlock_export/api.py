@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -92,21 +93,22 @@ def master_key(locked: ModelLike, unlocked: ModelLike | None = None, *, prompts:
 
     if not chat and (system or locked_system or unlocked_system):
         raise UserError("system, locked_system and unlocked_system need chat=True (they are chat template turns)")
-    pool = _pool(options, progress, checkpoint_dir)
     if pairs is not None:
         if prompts is not None or unlocked is not None or answer_tokens or locked_system or unlocked_system:
             raise UserError("pairs replace prompts, unlocked, templates, answer_tokens and the per-variant system "
                             "texts: pass pairs and the one model")
         rows, name = _pairs(pairs, count, offset)
-        return compute_pair_key(pool, locked, rows, method, Chat(system) if chat else None, name)
+        with _pool(options, progress, checkpoint_dir) as pool:
+            return compute_pair_key(pool, locked, rows, method, Chat(system) if chat else None, name)
     if prompts is None:
         raise UserError("master_key needs prompts (a list or a source like builtin:gsm8k-train) or pairs")
     questions = _questions(prompts, count, offset, field)
     locked_chat = Chat(locked_system or system) if chat else None
     unlocked_chat = Chat(unlocked_system or system) if chat else None
-    key, _ = compute_key(pool, locked, unlocked if unlocked is not None else locked,
-                         locked_template, unlocked_template, questions, method, answer_tokens,
-                         locked_chat, unlocked_chat)
+    with _pool(options, progress, checkpoint_dir) as pool:
+        key, _ = compute_key(pool, locked, unlocked if unlocked is not None else locked,
+                             locked_template, unlocked_template, questions, method, answer_tokens,
+                             locked_chat, unlocked_chat)
     return key
 
 
@@ -175,8 +177,9 @@ def fit_map(source: ModelLike, target: ModelLike, *, prompts: Prompts, count: in
             raise UserError("the contrast format equals the prompts' own: give another contrast_template "
                             "(--contrast-template) or contrast_system (--contrast-system)")
     pairs = _pairs(contrast_pairs, None)[0] if contrast_pairs is not None else None
-    return compute_map(_pool(options, progress, checkpoint_dir), source, target, source_template, target_template,
-                       questions, rank, chat=Chat(system) if chat else None, contrast=contrast, contrast_pairs=pairs)
+    with _pool(options, progress, checkpoint_dir) as pool:
+        return compute_map(pool, source, target, source_template, target_template, questions, rank,
+                           chat=Chat(system) if chat else None, contrast=contrast, contrast_pairs=pairs)
 
 
 def steering_vectors(key: MasterKey, lrmap: LowRankMap | None = None, *, layers: str | list[int] | None = "all",
@@ -302,11 +305,14 @@ def write_control_vector(vectors: SteeringVectors, path: str | Path, *, scale: f
     return write_gguf("control-vector", vectors, path, overwrite=overwrite, scale=scale, model_hint=model_hint)
 
 
+@contextmanager
 def _steered(model: ModelLike, vectors: SteeringVectors, options: RuntimeOptions, progress: bool):
-    """(the loaded model, `vectors` checked to fit it, the model's quoted name) for calibrate_scale and check_alpha."""
-    loaded = _pool(options, progress).get(model)
-    name = f"'{model}'" if isinstance(model, (str, Path)) else f"'{loaded.source.spec}'"
-    return loaded, vectors.for_model(loaded.n_layers, loaded.hidden_size, name), name
+    """(the loaded model, `vectors` checked to fit it, the model's quoted name) for calibrate_scale and
+    check_alpha; a model loaded here is freed when the block ends."""
+    with _pool(options, progress) as pool:
+        loaded = pool.get(model)
+        name = f"'{model}'" if isinstance(model, (str, Path)) else f"'{loaded.source.spec}'"
+        yield loaded, vectors.for_model(loaded.n_layers, loaded.hidden_size, name), name
 
 
 _CALIBRATION = CalibrationSettings()
@@ -340,38 +346,38 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
         raise UserError("system is a chat turn: pass chat=True (--chat)")
     options = options or RuntimeOptions()
     started = time.perf_counter()
-    loaded, vectors, name = _steered(model, vectors, options, progress)
     questions = _questions(prompts, count)
-    texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
-    ppl_texts = prompt_sources.apply_template("plain", questions)
-    band = vectors.select(layers).layers if layers else None
-    batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length)
-    times = {"load_s": time.perf_counter() - started}
-    answer_start: dict = {}  # what the alpha check's generations computed on the way: the baseline reuses it
-    alpha_check = None
-    if alpha_margin is not None:
-        checked = check_alphas(loaded, vectors, texts[:8], (alpha,), alpha_margin, batch_size=batch_size,
-                               answer_start=answer_start)
-        row = checked["table"][0]
-        if not row["allowed"]:
-            raise AlphaBreaksText(
-                f"alpha {alpha:g} breaks the target's text: the paper form's continuations score "
-                f"x{row['fluency_ratio']:.3g} the unsteered perplexity (the margin allows x{1 + alpha_margin:g}); "
-                "lower alpha (`unlock-export check-alpha` lists the alphas that pass)",
-                alpha, row["fluency_ratio"], alpha_margin)
-        alpha_check = {"alpha": alpha, "fluency_ratio": row["fluency_ratio"], "margin": alpha_margin,
-                       "prompts": checked["prompts"], "tokens": checked["tokens"]}
-        times["alpha_check_s"] = time.perf_counter() - started - sum(times.values())
-    baseline = measure_baseline(loaded, vectors, texts, ppl_texts, "paper", alpha, objective, continuation_tokens,
-                                batch_size, known=answer_start)  # used where the prompts are the same
-    times["baseline_s"] = time.perf_counter() - started - sum(times.values())
-    result = search(loaded, vectors, texts, ppl_texts, "paper", alpha, tuple(scales) if scales else DEFAULT_SCALES,
-                    ppl_margin, batch_size, progress=progress, additive_layers=band, objective=objective,
-                    continuation_tokens=continuation_tokens, baseline=baseline).as_dict()
-    times["search_s"] = time.perf_counter() - started - sum(times.values())
-    if alpha_check is not None:
-        result["alpha_check"] = alpha_check
-    result["timings_s"] = {k: round(v, 2) for k, v in times.items()}
+    with _steered(model, vectors, options, progress) as (loaded, vectors, name):
+        texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
+        ppl_texts = prompt_sources.apply_template("plain", questions)
+        band = vectors.select(layers).layers if layers else None
+        batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length)
+        times = {"load_s": time.perf_counter() - started}
+        answer_start: dict = {}  # what the alpha check's generations computed on the way: the baseline reuses it
+        alpha_check = None
+        if alpha_margin is not None:
+            checked = check_alphas(loaded, vectors, texts[:8], (alpha,), alpha_margin, batch_size=batch_size,
+                                   answer_start=answer_start)
+            row = checked["table"][0]
+            if not row["allowed"]:
+                raise AlphaBreaksText(
+                    f"alpha {alpha:g} breaks the target's text: the paper form's continuations score "
+                    f"x{row['fluency_ratio']:.3g} the unsteered perplexity (the margin allows x{1 + alpha_margin:g}); "
+                    "lower alpha (`unlock-export check-alpha` lists the alphas that pass)",
+                    alpha, row["fluency_ratio"], alpha_margin)
+            alpha_check = {"alpha": alpha, "fluency_ratio": row["fluency_ratio"], "margin": alpha_margin,
+                           "prompts": checked["prompts"], "tokens": checked["tokens"]}
+            times["alpha_check_s"] = time.perf_counter() - started - sum(times.values())
+        baseline = measure_baseline(loaded, vectors, texts, ppl_texts, "paper", alpha, objective, continuation_tokens,
+                                    batch_size, known=answer_start)  # used where the prompts are the same
+        times["baseline_s"] = time.perf_counter() - started - sum(times.values())
+        result = search(loaded, vectors, texts, ppl_texts, "paper", alpha, tuple(scales) if scales else DEFAULT_SCALES,
+                        ppl_margin, batch_size, progress=progress, additive_layers=band, objective=objective,
+                        continuation_tokens=continuation_tokens, baseline=baseline).as_dict()
+        times["search_s"] = time.perf_counter() - started - sum(times.values())
+        if alpha_check is not None:
+            result["alpha_check"] = alpha_check
+        result["timings_s"] = {k: round(v, 2) for k, v in times.items()}
     return Calibration.from_dict(result)
 
 
@@ -394,11 +400,11 @@ def diagnose_transfer(key: MasterKey, lrmap: LowRankMap, vectors: SteeringVector
         raise UserError("system is a chat turn: pass chat=True")
     questions = _questions(prompts, count, offset, field)
     wrap = Chat(system) if chat else None
-    pool = _pool(options, progress, checkpoint_dir)
-    target_states = capture_states(pool, target, target_template or source_template, questions,
-                                   "capture target (held out)", chat=wrap)
-    source_states = capture_states(pool, source, source_template, questions, "capture source (held out)", chat=wrap)
-    pool.release()
+    with _pool(options, progress, checkpoint_dir) as pool:
+        target_states = capture_states(pool, target, target_template or source_template, questions,
+                                       "capture target (held out)", chat=wrap)
+        source_states = capture_states(pool, source, source_template, questions, "capture source (held out)",
+                                       chat=wrap)
     diag = diagnostics.transfer_diagnostics(key, lrmap, vectors, (source_states, target_states),
                                             target_key.vectors if target_key is not None else None)
     diag["summary"] = diagnostics.summary_line(diag)
@@ -540,11 +546,11 @@ def check_alpha(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts,
     from .method.capture import resolve_batch_size
 
     options = options or RuntimeOptions()
-    loaded, vectors, _ = _steered(model, vectors, options, progress)
     texts = prompt_sources.apply_template(template, _questions(prompts, count, offset, field))
-    return check_alphas(loaded, vectors, texts, tuple(alphas) if alphas else DEFAULT_ALPHAS, margin, tokens,
-                        batch_size=resolve_batch_size(options.batch_size, loaded, texts, options.max_length),
-                        progress=progress)
+    with _steered(model, vectors, options, progress) as (loaded, vectors, _):
+        return check_alphas(loaded, vectors, texts, tuple(alphas) if alphas else DEFAULT_ALPHAS, margin, tokens,
+                            batch_size=resolve_batch_size(options.batch_size, loaded, texts, options.max_length),
+                            progress=progress)
 
 
 def compare_arms(model: str, arms: Sequence, out: str | Path, *, confirm: str | Path | None = None,

@@ -76,6 +76,12 @@ class ModelPool:
             self._spec = spec
         return self._loaded
 
+    def __enter__(self) -> "ModelPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()  # a call that loaded its own models frees them before it returns
+
     def release(self) -> None:
         self._loaded, self._spec = None, None
         gc.collect()
