@@ -7,6 +7,7 @@
 #
 #   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
 #   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the finished chunks in reports/
+#   bash experiments/confirm_gsm8k.sh fold       # only build (and check) the fold GGUF, as confirm_math500.sh needs
 #
 # Each step is skipped when its output exists, and an interrupted `compare` continues from its finished
 # chunks when rerun with the same arguments. About 6-7 h on a quiet 2-core machine (the 1.5B answers at
@@ -39,6 +40,7 @@ if [[ -f "$SHA" && "$(cat "$SHA")" != "$got" ]]; then
     exit 2
 fi
 [[ -f "$SHA" ]] || echo "$got" > "$SHA"
+[[ "${1:-}" == fold ]] && exit 0
 
 ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
 # development: where the configuration was chosen (dev 0-63); the first 32 questions, every arm

@@ -173,6 +173,10 @@ def test_an_interrupted_comparison_resumes(tiny_model_dir, math_set, tmp_path, m
     monkeypatch.setattr(run_mod, "run_eval", real)
     assert main([*args, "--arm", "x=template:plain", "-o", str(cut)]) == 2  # other arms: refused, not mixed
     assert "other arms or settings" in capsys.readouterr().err
+    assert main([*args, "--where", "level=1", "-o", str(cut)]) == 2  # another selection: refused too
+    plan = json.loads((cut / "compare.json").read_text())
+    del plan["request"]["where"]  # a plan written before a setting existed resumes under its default
+    (cut / "compare.json").write_text(json.dumps(plan))
     assert main([*args, "-o", str(cut)]) == 0
     assert (cut / "arms" / "unsteered" / "predictions.jsonl").stat().st_mtime_ns == first  # kept, not rerun
     for arm in ("unsteered", "cot"):

@@ -72,3 +72,17 @@ def test_wheel_carries_the_data_and_its_licence(tmp_path):
         assert f"unlock_export/data/{member}" in names, member
     licence = zipfile.ZipFile(wheel).read("unlock_export/data/LICENSE-GSM8K").decode()
     assert "MIT License" in licence and "OpenAI" in licence
+
+
+def test_where_keeps_the_rows_whose_field_has_one_of_the_values():
+    """MATH-500 levels 1-2 (43 + 90 problems): every row kept is of those levels, in file order, and --count
+    counts the rows kept; a malformed selection, or one that keeps nothing, is refused in one line."""
+    every = load_items("builtin:math500")
+    kept = load_items("builtin:math500", where="level=1,2")
+    assert len(kept) == 133 == sum(it.groups["level"] in (1, 2) for it in every)
+    assert [it.index for it in kept] == [it.index for it in every if it.groups["level"] in (1, 2)]
+    assert [it.index for it in load_items("builtin:math500", count=5, where="level=1,2")] == [it.index for it in kept[:5]]
+    for bad, message in [("level", "is not FIELD=VALUE"), ("level=", "is not FIELD=VALUE"),
+                         ("level=9", "holds no questions after offset 0 where level=9")]:
+        with pytest.raises(UserError, match=message):
+            load_items("builtin:math500", where=bad)

@@ -44,7 +44,7 @@ EVAL_GATE_FLAGS = {"multiplier": "--multiplier", "rank": ("--rank", "gate_rank")
 
 
 EVAL_FLAGS = {"data": ("--data", "data_path"), "task": "--task", "count": "--count", "offset": "--offset",
-              "template": "--template", "chat": "--chat"}
+              "where": "--where", "template": "--template", "chat": "--chat"}
 EVAL_STEERING_FLAGS = {"form": "--form", "alpha": "--alpha", "scale": "--scale"}
 EVAL_SERVING_FLAGS = {"lora": "--lora", "layers": "--layers", "control_vector": "--control-vector",
                       "llama_server": "--llama-server", "parallel": "--parallel", "vllm": "--vllm",
@@ -152,7 +152,7 @@ def _budgets(value: str) -> tuple[int, ...]:
 
 
 COMPARE_FLAGS = {"data": ("--data", "data_path"), "task": "--task", "count": "--count", "offset": "--offset",
-                 "template": "--template", "chat": "--chat", "budgets": ("--max-new-tokens", "budgets")}
+                 "where": "--where", "template": "--template", "chat": "--chat", "budgets": ("--max-new-tokens", "budgets")}
 COMPARE_SERVING_FLAGS = {"llama_server": "--llama-server", "vllm": "--vllm", "parallel": "--parallel"}
 
 

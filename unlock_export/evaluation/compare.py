@@ -87,6 +87,7 @@ class CompareRequest:
         "builtin:math500, builtin:agieval-math, or a JSONL file.")
     count: int | None = setting(None, "The first N questions (after --offset).")
     offset: int = setting(0, "Skip this many lines first.")
+    where: str | None = setting(None, "As eval's --where: only the questions whose FIELD is one of the values.")
     task: str | None = setting(None, "As eval's --task (default: the data set's own).")
     template: str | None = setting(None, "The prompt template of every arm but template arms (default: the task's).")
     chat: bool = setting(False, "Wrap every prompt in the model's chat template.")
@@ -134,7 +135,7 @@ def arm_request(arm: Arm, model: str, request: CompareRequest, max_new_tokens: i
         engine = engines_with("control_vector")[0]
     elif engine == "auto":
         engine = "llamacpp" if _is_gguf(served) else "transformers"
-    fields = dict(data=request.data, count=request.count, offset=request.offset, task=request.task,
+    fields = dict(data=request.data, count=request.count, offset=request.offset, where=request.where, task=request.task,
                   template=request.template, chat=request.chat, engine=engine, max_new_tokens=max_new_tokens,
                   llama_server=request.llama_server, vllm=request.vllm, parallel=request.parallel, prefixes=prefixes)
     vectors = None
@@ -278,7 +279,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
     baseline = _check_arms(arms, request)
     request = dataclasses.replace(request, budgets=tuple(sorted(set(request.budgets))))
     task = task_for(request.data, request.task)
-    items = load_items(request.data, request.count, request.offset, task=task.name)
+    items = load_items(request.data, request.count, request.offset, task=task.name, where=request.where)
     digests = [question_digest(it.question) for it in items]
     choice = read_choice(confirm) if confirm else None
     if choice is not None:
@@ -300,7 +301,10 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
     if (out / RESULTS).exists() and not overwrite:
         raise UserError(f"'{out}' already holds a comparison: choose another folder or pass --overwrite")
     if plan_path.exists() and not overwrite:
-        if json.loads(plan_path.read_text(encoding="utf-8")) != json.loads(json.dumps(plan)):
+        stored = json.loads(plan_path.read_text(encoding="utf-8"))
+        defaults = json.loads(json.dumps(dataclasses.asdict(CompareRequest())))
+        stored["request"] = {**defaults, **stored.get("request", {})}  # a setting added since: its default
+        if stored != json.loads(json.dumps(plan)):
             raise UserError(f"'{out}' holds an interrupted comparison with other arms or settings: rerun it with the "
                             "same arguments to continue, or pass --overwrite to start again")
     elif overwrite and out.exists():
@@ -378,7 +382,8 @@ def render_report(results: dict) -> str:
              f"_Rendered from results.json by `unlock_export.evaluation.compare.render_report`; commit "
              f"{(results['provenance'].get('commit') or '?')[:12]}._", "",
              f"Model {results['model']}; {results['questions']['n']} questions of {request['data']} from offset "
-             f"{request['offset']} (task {results['task']}); greedy; paired against arm **{results['baseline']}**: "
+             f"{request['offset']}" + (f" where {request['where']}" if request.get("where") else "")
+             + f" (task {results['task']}); greedy; paired against arm **{results['baseline']}**: "
              f"won / lost, exact McNemar p, and p adjusted by {results['multiple_comparisons']}.", ""]
     if results.get("preregistration"):
         pre = results["preregistration"]

@@ -231,6 +231,9 @@ class EvalRequest:
         "file (plain or .gz) with question and answer (GSM8K '#### N', or a plain number).")
     count: int | None = setting(None, "Evaluate the first N questions (after --offset).")
     offset: int = setting(0, "Skip this many lines first.")
+    where: str | None = setting(None,
+        "FIELD=V1,V2: only the questions whose FIELD is one of these values (such as level=1,2 on MATH-500); "
+        "--count counts those kept.")
     template: str | None = setting(None,
         "direct, cot, math, math-cot, plain, or a format string with {question}. Default: the task's (direct for "
         "gsm8k, math for math).")
@@ -334,7 +337,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     if (out / PROGRESS).exists() and not (request.resume or request.overwrite):
         raise UserError(f"'{out}' holds an interrupted run: pass --resume to continue it or --overwrite to restart")
     task = task_for(request.data, request.task)
-    items = load_items(request.data, request.count, request.offset, task=task.name)
+    items = load_items(request.data, request.count, request.offset, task=task.name, where=request.where)
     request = dataclasses.replace(request, template=request.template or task.template, task=task.name)
     baseline_rows = read_baseline(request.baseline, items) if request.baseline else None
     if request.layers and vectors is None:
@@ -354,6 +357,7 @@ def run_eval(model, request: EvalRequest, out: Path, vectors=None, vectors_name:
     engine = check_request(request.engine, model, request, vectors)
     label = {"model": model_label(model), "engine": request.engine, "task": task.name, "template": request.template,
              "chat": request.chat, "data": str(request.data), "offset": request.offset,
+             **({"where": request.where} if request.where else {}),
              "steering": _steering_label(request, vectors, vectors_name)}
     if request.lora:
         label["lora"] = _lora_label(request)
