@@ -4,26 +4,23 @@
   python scripts/render_report.py --check    # exit 1 naming each report a fresh render would change
   python scripts/render_report.py --results DIR --out DIR
 
-What the reports show is data, in scripts/report_specs.py: sections, tables and prose, which keys feed which cells
-in which format. This is the engine that renders it. A figure is as recorded, or computed from the recorded counts
-with the package's own functions: 95% intervals by `unlock_export.evaluation.run.wilson`, won / lost and the exact
-McNemar p by `unlock_export.evaluation.run.paired_comparison` (from both runs' `correct_indices` where recorded,
-else from the recorded won / lost). Each table names its file and each row's key. A recorded accuracy, interval,
-paired count, p-value or ratio that disagrees with its counts stops the render, naming the file and key. The output
-depends only on the input files, so a render is reproducible byte for byte.
+What the reports show is data, in scripts/report_specs.py (its templates: scripts/report_template.py); this is the
+engine that renders it. A figure is as recorded, or computed from the recorded counts with the package's own
+functions: Wilson 95% intervals by `wilson`, won / lost and the exact McNemar p by `paired_comparison` from both
+runs' `correct_indices` where recorded, else the p by `mcnemar_exact` from the recorded won / lost. A recorded
+figure that disagrees with its counts stops the render, naming the file and key. The output depends only on the
+input files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import operator
 import os
 import re
 import sys
 import textwrap
-from dataclasses import dataclass, field, replace
-from decimal import ROUND_HALF_UP, Decimal
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,251 +30,53 @@ for folder in (ROOT, ROOT / "scripts"):  # this checkout's package (it needs no 
 
 import report_specs as specs  # noqa: E402
 from report_specs import DEMO, FORWARD, README_ROWS  # noqa: E402
+from report_template import EMPTY, Doc, Scope, code, code_key, dig, entries, key  # noqa: E402
+from report_template import interval as interval  # noqa: E402  (re-exported for callers, as are pct and pvalue)
+from report_template import pct as pct  # noqa: E402
+from report_template import pvalue as pvalue  # noqa: E402
 
+from unlock_export.evaluation.run import mcnemar_exact as mcnemar  # noqa: E402
 from unlock_export.evaluation.run import paired_comparison, wilson  # noqa: E402
 
 RESULTS, OUT, README = ROOT / "reports" / "results", ROOT / "reports", ROOT / "README.md"
 GSM8K_REPORT, PERFORMANCE_REPORT = specs.GSM8K.file, specs.PERFORMANCE.file
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
-KEY = re.compile(r'\[(-?\d+|[*@]|"(?:[^"\\]|\\.)*"|\w+=[^\]]*)\]|([^.\[\]]+)')   # one key of a key path
-PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-OPERATORS = {"/": operator.truediv, "*": operator.mul, "-": operator.sub}
-EMPTY = (None, [], {})
 
 
 class Inconsistent(Exception):
     """A recorded figure disagrees with the counts it was computed from."""
 
 
-# -- formatting ---------------------------------------------------------------------------------
-
-def _dec(x) -> Decimal:
-    return Decimal(repr(float(x)))
-
-
-def num(x, places: int = 1) -> str:
-    """x rounded half up (on its decimal repr, so 0.345 is 0.35) to `places` decimals."""
-    return str(_dec(x).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
-
-
-def pct(x, places: int = 1) -> str:
-    return f"{num(_dec(x) * 100, places)}%"
-
-
-def interval(lo: float, hi: float) -> str:
-    return f"{num(_dec(lo) * 100)}-{num(_dec(hi) * 100)}%"
-
-
-def pvalue(p: float) -> str:
-    """Two significant digits (0.10, 0.0038), '1' for p that rounds to 1, 2.0e-06 below 0.001."""
-    if p < 0.001:
-        return f"{p:.1e}"
-    d = _dec(p)
-    q = d.quantize(Decimal(1).scaleb(d.adjusted() - 1), rounding=ROUND_HALF_UP)
-    if q.adjusted() > d.adjusted():  # 0.0999 -> 0.100: keep two digits
-        q = q.quantize(Decimal(1).scaleb(q.adjusted() - 1), rounding=ROUND_HALF_UP)
-    return "1" if q >= 1 else str(q)
-
-
-def general(x) -> str:
-    """A recorded setting (a scale, an alpha) as written: 0.4204, 0.022097, 0.1."""
-    return (str(int(x)) if x.is_integer() else f"{x:.6g}") if isinstance(x, float) else str(x)
-
-
-def code(text) -> str:
-    """`text` as an inline code span that survives backticks and table pipes."""
-    text = str(text)
-    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def key(*keys) -> str:
-    """A key path as sources write it: table_200_questions.configs.paper-form, points[0], x["a b"], gates[*]."""
-    out = ""
-    for k in keys:
-        if isinstance(k, int) or k == "*":
-            out += f"[{k}]"
-        else:
-            out += ("." if out else "") + k if re.fullmatch(r"[A-Za-z0-9_\-]+", k) else f"[{json.dumps(k)}]"
-    return out
-
-
-def parse_key(text: str) -> list:
-    """The keys of a key path as key() writes it; [@] stays '@' and [field=value] is (field, value)."""
-    return [bare or (inner if inner in ("*", "@") else json.loads(inner) if inner[0] in '"-0123456789'
-                     else tuple(inner.split("=", 1))) for inner, bare in KEY.findall(text)]
+def relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
 
 
 def table(headers: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |")
-    return lines
-
-
-def describe(name: str) -> str:
-    text = specs.DESCRIPTIONS.get(name) or next(
-        (text for prefix, text in specs.DESCRIBED_PREFIXES.items() if name.startswith(prefix)), None)
-    return f"{code(name)}: {text}" if text else code(name)
-
-
-FORMATS = {  # a template's {expr:format}; those with decimal places take them from its digits (num2)
-    "num": num, "pct": pct, "general": general, "code": code, "describe": describe, "pvalue": pvalue,
-    "minutes": lambda seconds: f"{num(_dec(seconds) / 60)} min", "signed": lambda x: ("+" if x >= 0 else "") + pct(x),
-    "interval": lambda bounds: interval(*bounds), "range": lambda xs, n=1: f"{num(min(xs), n)}-{num(max(xs), n)}",
-    "slash": lambda xs, n=1: " / ".join(num(x, n) for x in xs),
-    "nums": lambda xs, n=1: ", ".join(num(x, n) for x in xs), "join": ", ".join,
-    "tokens": lambda tokens: " ".join(code(json.dumps(t, ensure_ascii=False)) for t in tokens),
-    "yesno": lambda x: "yes" if x else "no", "last": lambda n: n - 1,  # the last of n questions counted from 0
-    "stage": lambda name: name.removesuffix("_s"), "basename": lambda name: name.split("/")[-1],
-    "key": lambda path: code(key(*path))}
-
-
-# -- templates ----------------------------------------------------------------------------------
-
-@dataclass
-class Doc:
-    name: str           # file name inside the results folder
-    link: str           # its path relative to the report
-    data: object
-
-
-def entries(node) -> list:
-    return list(node.items()) if isinstance(node, dict) else list(enumerate(node)) if isinstance(node, list) else []
-
-
-def dig(node, keys: list, path: tuple = ()) -> tuple:
-    """(key path, value) of `keys` below `node`, which is at `path`; KeyError where absent."""
-    for i, k in enumerate(keys):
-        if k == "*":  # what the keys after it find in each entry
-            found = []
-            for _, entry in entries(node):
-                try:
-                    found.append(dig(entry, keys[i + 1:])[1])
-                except KeyError:
-                    pass
-            return (*path, *keys[i:]), found
-        if isinstance(k, tuple):  # (field, value): the first entry whose field has that value
-            k = next((j for j, e in entries(node) if isinstance(e, dict) and str(e.get(k[0])) == k[1]), k)
-        try:
-            node, path = node[k], (*path, k)
-        except (KeyError, IndexError, TypeError):
-            raise KeyError(k) from None
-    return path, node
-
-
-@dataclass
-class Scope:
-    """What a template reads (report_specs describes templates): a results file, the current row's key path in it,
-    variables (name: (key path or None, value)), the key paths read so far, the report's folders and files."""
-    doc: Doc | None = None
-    path: tuple = ()
-    vars: dict = field(default_factory=dict)
-    read: list = field(default_factory=list)
-    folders: tuple = ()         # (results, out)
-    docs: dict = field(default_factory=dict)
-
-    def at(self, path: tuple | None = None, **values) -> Scope:
-        """This scope at another row, with these variables added and nothing read yet."""
-        return replace(self, path=self.path if path is None else path, read=[],
-                       vars={**self.vars, **{name: (None, value) for name, value in values.items()}})
-
-    def term(self, text: str) -> tuple:
-        """(key path or None, value) of a "text", a number, @, sum(key) or a key."""
-        if text.startswith('"') or text.isdigit():
-            return None, json.loads(text)
-        if text == "@":
-            return None, self.path[-1]
-        if text.startswith("sum("):
-            return None, sum(self.term(text[4:-1])[1])
-        keys = [self.path[-1] if k == "@" else k for k in parse_key(text)]
-        if text.startswith("."):
-            path, value = dig(self.doc.data, [*self.path, *keys])
-        elif keys[0] in self.vars:
-            start, value = self.vars[keys[0]]
-            path, value = dig(value, keys[1:]) if start is None else dig(self.doc.data, [*start, *keys[1:]])
-        else:
-            path, value = dig(self.doc.data, keys)
-        self.read.append(path)
-        return path, value
-
-    def evaluate(self, text: str) -> tuple:
-        """(key path or None, value, format) of the first of text's ' | ' alternatives present and not null, else
-        of the first null one; KeyError where none is present."""
-        null = None
-        for alternative in text.split(" | "):
-            expr, _, spec = alternative.rpartition(":")
-            expr, spec = (expr, spec) if expr and re.fullmatch(r"[\w.]*", spec) else (alternative, "")
-            first, *rest = [expr] if expr.startswith('"') else re.split(r" ([-*/]) ", expr)
-            try:
-                path, value = self.term(first)
-                for op, operand in zip(rest[::2], rest[1::2]):
-                    right = self.term(operand)[1]
-                    path, value = None, None if value is None or right is None else OPERATORS[op](value, right)
-            except KeyError:
-                continue
-            if value is not None:
-                return path, value, spec
-            null = null or (path, value, spec)
-        if null is None:
-            raise KeyError(text)
-        return null
-
-    def locate(self, text: str | None) -> tuple:
-        """(key path, value) of text, (None, None) where it is absent."""
-        try:
-            return self.evaluate(text)[:2] if text else (None, None)
-        except KeyError:
-            return None, None
-
-    def fill(self, template: str) -> str | None:
-        """The template filled: None where a value is null or empty, KeyError where one is absent."""
-        texts = []
-        for body in PLACEHOLDER.findall(template):
-            _, value, spec = self.evaluate(body)
-            if value in EMPTY:
-                return None
-            match = re.fullmatch(r"([a-z]+)(\d*)", spec or "general")
-            if match and match[1] in FORMATS:
-                texts.append(str(FORMATS[match[1]](value, *([int(match[2])] if match[2] else []))))
-            else:
-                texts.append(format(value, spec))
-        parts = iter(texts)
-        return PLACEHOLDER.sub(lambda _: next(parts), template)
-
-    def filled(self, template: str, absent: str | None = None) -> str | None:
-        """fill, `absent` where a value is absent or null: None for a paragraph left out, '-' for a cell."""
-        try:
-            text = self.fill(template)
-        except KeyError:
-            return absent
-        return absent if text is None else text
-
-    def questions(self, text: str) -> range:
-        """The questions start:stop."""
-        return range(*(self.evaluate(bound)[1] for bound in text.split(":")))
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows)]
 
 
 # -- inputs -------------------------------------------------------------------------------------
 
-def load(results: Path, out: Path, name: str) -> Doc | None:
+def load(results: Path, out: Path, name: str, needed: str = "") -> Doc | None:
+    """The results file `name`; None where it is absent, unless it is `needed` (why)."""
     path = results / name
     if not path.is_file():
+        if needed:
+            raise SystemExit(f"{path} not found: {needed}")
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise SystemExit(f"{path}: not JSON ({exc})") from None
-    return Doc(name, Path(os.path.relpath(path, out)).as_posix(), data)
+    return Doc(name, relative(path, out), data)
 
 
 def provenance_text(doc: Doc) -> str:
-    prov = doc.data.get("provenance") if isinstance(doc.data, dict) else None
-    if not prov:
-        recorded = [f"{name} {code(doc.data[name])}" for name in ("command", "machine")
-                    if isinstance(doc.data, dict) and isinstance(doc.data.get(name), str)]
+    data = doc.data if isinstance(doc.data, dict) else {}
+    if not (prov := data.get("provenance")):
+        recorded = [f"{name} {code(data[name])}" for name in ("command", "machine") if isinstance(data.get(name), str)]
         return "provenance not recorded" + (f" (the file itself records: {'; '.join(recorded)})" if recorded else "")
     commit, m = prov.get("commit"), prov.get("machine") or {}
     parts = [f"commit {code(commit[:12])}" + (" with uncommitted changes" if prov.get("dirty") else "") if commit
@@ -292,13 +91,6 @@ def provenance_text(doc: Doc) -> str:
 
 
 # -- statistics ---------------------------------------------------------------------------------
-
-def mcnemar(won: int, lost: int) -> float:
-    """The exact McNemar p of `won` against `lost` discordant questions, by the package's paired_comparison."""
-    if won + lost == 0:
-        return 1.0
-    return paired_indices(range(won), range(won, won + lost), range(won + lost))["p_mcnemar_exact"]
-
 
 def paired_indices(a, b, questions) -> dict:
     """paired_comparison of run a against run b on `questions`, from their correct_indices."""
@@ -324,9 +116,10 @@ def check_counts(doc: Doc, path: tuple, run: dict) -> None:
         raise Inconsistent(f"{where}: recorded ci95 {run['ci95']} but Wilson gives [{lo:.4f}, {hi:.4f}]")
 
 
-def check_paired(where: str, recorded: dict | None, won: int, lost: int, p: float) -> None:
+def check_paired(where: str, recorded: dict | None, counts: dict) -> None:
     if not isinstance(recorded, dict) or "won" not in recorded:
         return
+    won, lost, p = counts["won"], counts["lost"], counts["p_mcnemar_exact"]
     if (recorded["won"], recorded["lost"]) != (won, lost):
         raise Inconsistent(f"{where}: recorded won/lost {recorded['won']}/{recorded['lost']} but the "
                            f"correct_indices give {won}/{lost}")
@@ -365,37 +158,40 @@ def figures(item: Scope, summary: dict, run: specs.Run, base: tuple | None, subs
     found = {"tokens": summary.get("mean_output_tokens"), "says": summary.get("says_the_answer_is"),
              "cut": summary["at_cap"] / n if cut is None and summary.get("at_cap") is not None else cut,
              "states": summary.get("states_answer_rate"), "wall": summary.get("wall_s")}
-    span, sources = range(offset, offset + n), [code(key(*path))]
+    span, sources = range(offset, offset + n), [code_key(*path)]
     if subset:  # the run-wide rates are not the subset's
         correct, n, span, found = sum(i in subset for i in summary["correct_indices"]), len(subset), subset, {}
-        sources[0] = f"{code(key(*path, 'correct_indices'))} in {subset.start}-{subset.stop - 1}"
+        sources[0] = f"{code_key(*path, 'correct_indices')} in {subset.start}-{subset.stop - 1}"
     recorded_path, recorded = item.locate(run.recorded if subset else
                                           " | ".join(filter(None, [run.recorded, specs.RUN_PAIRED])))
-    where, base_run, won = f"{doc.name} {key(*(recorded_path or path))}", base and dig(doc.data, base)[1], None
+    where, base_run, counts = f"{doc.name} {key(*(recorded_path or path))}", base and dig(doc.data, base)[1], None
     if isinstance(base_run, dict) and None not in (summary.get("correct_indices"), base_run.get("correct_indices")):
-        paired = paired_indices(summary["correct_indices"], base_run["correct_indices"],
+        counts = paired_indices(summary["correct_indices"], base_run["correct_indices"],
                                 item.questions(run.span) if run.span else span)
-        won, lost, p = paired["won"], paired["lost"], paired["p_mcnemar_exact"]
-        sources.append(f"won / lost: `correct_indices` against {code(key(*base))}")
+        sources.append(f"won / lost: `correct_indices` against {code_key(*base)}")
     elif isinstance(recorded, dict) and "won" in recorded:
-        won, lost, p = recorded["won"], recorded["lost"], mcnemar(recorded["won"], recorded["lost"])
-        sources.append(f"won / lost: {code(key(*recorded_path))}")
-    if won is not None:
-        check_paired(where, recorded, won, lost, p)
-        found.update(won=won, lost=lost, p=p)
+        counts = {**recorded, "p_mcnemar_exact": mcnemar(recorded["won"], recorded["lost"])}
+        sources.append(f"won / lost: {code_key(*recorded_path)}")
+    if counts:
+        check_paired(where, recorded, counts)
+        found.update(won=counts["won"], lost=counts["lost"], p=counts["p_mcnemar_exact"])
     scale = run.scale.get(path[-1]) if isinstance(run.scale, dict) else run.scale
     scale_path, scale = item.locate(scale or specs.RUN_SCALE)
     if scale is not None and scale_path[:len(path)] != path:
-        sources.append(f"scale: {code(key(*scale_path))}")
+        sources.append(f"scale: {code_key(*scale_path)}")
     grid_path, grid_rows = item.locate(grid)
-    at = next((j for j, r in enumerate(grid_rows or []) if scale is not None and abs(r["scale"] - scale) < 1e-9), None)
-    if at is not None:  # the calibration grid's row at this scale
+    if (at := at_scale(grid_rows, scale)) is not None:
         found["grid"] = grid_rows[at]
-        sources.append(f"calibration: {code(key(*grid_path, at))}")
+        sources.append(f"calibration: {code_key(*grid_path, at)}")
     engine = run.engine or summary.get("engine") or "-"
     return {**found, "label": item.filled(run.label, "-"), "engine": {"llamacpp": "llama.cpp"}.get(engine, engine),
             "scale": scale, "correct": correct, "n": n, "ci": wilson(correct, n), "source": "; ".join(sources),
             "base": base}
+
+
+def at_scale(grid: list | None, scale: float | None) -> int | None:
+    """The index of a calibration grid's row at `scale`."""
+    return next((j for j, r in enumerate(grid or []) if scale is not None and abs(r["scale"] - scale) < 1e-9), None)
 
 
 def column_rows(columns: list[tuple[str, str]], found: list[tuple], scope: Scope) -> tuple[list, list]:
@@ -414,11 +210,10 @@ def pair_counts(pair: specs.Pair, scope: Scope) -> dict | None:
     if not (span and isinstance(a, dict) and isinstance(b, dict) and "correct_indices" in a and "correct_indices" in b):
         return None
     counts = paired_indices(a["correct_indices"], b["correct_indices"], span)
-    source = f"`correct_indices` of {code(key(*a_path))} and {code(key(*b_path))}"
+    source = f"`correct_indices` of {code_key(*a_path)} and {code_key(*b_path)}"
     if recorded_path:
-        check_paired(f"{scope.doc.name} {key(*recorded_path)}", recorded, counts["won"], counts["lost"],
-                     counts["p_mcnemar_exact"])
-        source += f"; agrees with {code(key(*recorded_path))}"
+        check_paired(f"{scope.doc.name} {key(*recorded_path)}", recorded, counts)
+        source += f"; agrees with {code_key(*recorded_path)}"
     return {**counts, "start": span.start, "stop": span.stop, "source": source,
             "a_label": scope.filled(pair.a_label, "-") if pair.a_label else a_path[-1],
             "b_label": scope.filled(pair.b_label, "-") if pair.b_label else b_path[-1]}
@@ -443,7 +238,7 @@ def table_rows(block: specs.Table, scope: Scope) -> list[list]:
             except KeyError:
                 continue
             rows.append(["-" if c is None else c for c in cells]
-                        + [", ".join(code(key(*path)) for path in values.read)] * (len(cells) < width))
+                        + [", ".join(code_key(*path) for path in values.read)] * (len(cells) < width))
             continue
         base, container = scope.locate(row.key)
         for name, _ in entries(container):
@@ -455,7 +250,7 @@ def table_rows(block: specs.Table, scope: Scope) -> list[list]:
                 if value is not None and abs(value - ratio) > tolerance:
                     raise Inconsistent(f"{item.doc.name} {key(*path)}: recorded {value} but {ratio:.4g}")
             cells = [item.filled(template, "-") for template in row.cells]
-            rows.append(cells + [code(key(*item.path))] * (len(cells) < width))
+            rows.append(cells + [code_key(*item.path)] * (len(cells) < width))
     return rows
 
 
@@ -466,9 +261,9 @@ def calibrations(block: specs.Calibrations, scope: Scope) -> tuple[list, list]:
         path, calibration = scope.locate(text)
         if isinstance(calibration, dict):
             scale = calibration.get("scale", calibration.get("label_free_scale"))
-            at = next((r for r in calibration.get("table", []) if scale is not None and abs(r["scale"] - scale) < 1e-9),
-                      {})
-            rows.append((path, {"label": label, "scale": scale, "at": at, "source": code(key(*path))}))
+            tried = calibration.get("table") or []
+            at = {} if (j := at_scale(tried, scale)) is None else tried[j]
+            rows.append((path, {"label": label, "scale": scale, "at": at, "source": code_key(*path)}))
             path, calibration = (*path, "table"), calibration.get("table")
         if isinstance(calibration, list) and calibration:
             width = len(specs.GRID_CELLS) - all("continuation_ce" not in r for r in calibration)
@@ -509,8 +304,8 @@ def render_blocks(blocks: list, scope: Scope, out: list) -> None:
                 out += [f"- {item}" for item in block.items] + [""]
             case specs.Plots():
                 results, folder = scope.folders
-                lines = [f"- [{text}]({Path(os.path.relpath(results / name, folder)).as_posix()})"
-                         for name, text in block.items if (results / name).is_file()]
+                lines = [f"- [{text}]({relative(results / name, folder)})" for name, text in block.items
+                         if (results / name).is_file()]
                 out += [*lines, ""] if lines else []
             case specs.Table():
                 emit_table(out, block.headers, table_rows(block, scope), scope, scope.filled(block.caption, ""))
@@ -533,7 +328,7 @@ def render_report(report: specs.Report, results: Path, out: Path) -> str:
     render_blocks(report.body, Scope(folders=(results, out), docs=docs), body)
     inputs = [[f"[{code(doc.link)}]({doc.link})" if doc else code(name),
                provenance_text(doc) if doc else "absent: its sections are left out"] for name, doc in docs.items()]
-    lines = [specs.GENERATED.format(results=Path(os.path.relpath(results, out)).as_posix() + "/"), "",
+    lines = [specs.GENERATED.format(results=relative(results, out) + "/"), "",
              f"# {report.title}", "", "## Inputs", "", *table(["results file", "provenance"], inputs), "", *body]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines).rstrip("\n") + "\n")
 
@@ -542,13 +337,10 @@ def render_report(report: specs.Report, results: Path, out: Path) -> str:
 
 def readme_results(results: Path = RESULTS) -> str:
     """The README's headline table: rows of table_200_questions in the forward results file."""
-    doc = load(results, ROOT, FORWARD)
-    if doc is None:
-        raise SystemExit(f"{results / FORWARD} not found: the README's results block is rendered from it")
-    runs = [specs.Run(f"table_200_questions.configs.{name}", label, base="table_200_questions.configs.unsteered")
-            for name, label in README_ROWS]
-    headers, rows = column_rows(specs.README_COLUMNS, [row for run in runs for row in run_rows(run, Scope(doc), None)],
-                                Scope(doc))
+    scope = Scope(load(results, ROOT, FORWARD, "the README's results block is rendered from it"))
+    found = [row for name, label in README_ROWS
+             for row in run_rows(specs.Run(f"{specs.T200}.{name}", label, base=specs.BASE200), scope, None)]
+    headers, rows = column_rows(specs.README_COLUMNS, found, scope)
     if len(rows) != len(README_ROWS):
         raise SystemExit(f"{results / FORWARD}: the README's rows are {[name for name, _ in README_ROWS]}")
     return "\n".join([README_START, *table(headers, rows), "", specs.README_SOURCE, README_END])
@@ -563,12 +355,10 @@ def readme_with_results(text: str, block: str, start_mark: str = README_START, e
 
 def readme_demo(results: Path = RESULTS) -> str:
     """The README's demo sentence: benchmarks/demo.py's measurement of `make demo`'s run."""
-    doc = load(results, ROOT, DEMO)
-    if doc is None:
-        raise SystemExit(f"{results / DEMO} not found: the README's demo sentence is rendered from it "
-                         "(python benchmarks/demo.py)")
-    stages = ", ".join(filter(None, (Scope(doc).filled(stage) for stage in specs.DEMO_STAGES)))
-    text = Scope(doc).at(stages=stages).fill(specs.DEMO_SENTENCE)
+    scope = Scope(load(results, ROOT, DEMO, "the README's demo sentence is rendered from it "
+                                            "(python benchmarks/demo.py)"))
+    stages = ", ".join(filter(None, (scope.filled(stage) for stage in specs.DEMO_STAGES)))
+    text = scope.at(stages=stages).fill(specs.DEMO_SENTENCE)
     return "\n".join([DEMO_START, *textwrap.wrap(text, 100, break_on_hyphens=False), DEMO_END])
 
 
@@ -591,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results.resolve()
     try:
         reports = {args.out / name: text for name, text in render(results, args.out.resolve()).items()}
-        if str(args.readme):
+        if args.readme.name:
             current = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
             current = readme_with_results(current, readme_results(results))
             reports[args.readme] = readme_with_results(current, readme_demo(results), DEMO_START, DEMO_END)

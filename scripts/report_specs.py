@@ -10,7 +10,7 @@ top of the file.
 Templates (titles, prose, cells, captions) hold `{expr}` or `{expr:format}`. An expr is a key, a number, `@`
 (the current row's key), a "quoted" text or `sum(key)`, joined by ` / `, ` * ` or ` - ` (left to right); `a | b`
 takes the first alternative that is present and not null, each with its own format. A format is one of
-render_report.FORMATS, with decimal places after it (`num2`: 2 places, half up; `pct0`: a whole percent),
+report_template.FORMATS, with decimal places after it (`num2`: 2 places, half up; `pct0`: a whole percent),
 or else a Python format spec (`.2g`). A value that is absent or null leaves out the paragraph, fixed table row
 or caption that reads it; in a row per entry or a title it shows as `-`. A row one cell short of its table gets
 its source there: the entry's key, or the keys its value cells read. A block with a `when` is left out unless
