@@ -295,15 +295,19 @@ def render(path: Path) -> str:
             source_ok = None
             if src_rows and src_base:
                 source_ok = max(r["shows"] for r in src_rows) - src_base[0]["shows"] >= src_base[0]["n"] / 2
-            if source_ok is False:
+            carriers = [m for m in MAPS if cells[m][1]]
+            if any(cells[m][0] == "-" for m in (*MAPS, "random")):
+                where = "not known yet: the carried rows have not all run"
+            elif carriers:  # the target shows it under a carried key, whatever the source does with it
+                where = "carried by " + ", ".join(carriers) + ("" if "today" in carriers else "; today's map breaks")
+                if source_ok is False:
+                    where += " (though the source's own key does not steer the source)"
+            elif source_ok is False:
                 where = ("scale: the source's own key breaks the source's text at every scale tried"
                          if broken(src_rows) else "key: the source's own key does not steer the source")
             elif not cells["own key"][1]:
                 where = ("scale: the target's own key breaks its text at every scale tried (smaller ones not tried)"
                          if broken(own_rows) else "target: its own key does not steer it")
-            elif cells["own"][1] or cells["others"][1] or cells["today"][1]:
-                carriers = [m for m in MAPS if cells[m][1]]
-                where = "carried by " + ", ".join(carriers) + ("" if "today" in carriers else "; today's map breaks")
             else:
                 where = "map"
             if source_ok is None:
