@@ -345,14 +345,20 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
     if system and not chat:
         raise UserError("system is a chat turn: pass chat=True (--chat)")
     options = options or RuntimeOptions()
-    started = time.perf_counter()
+    times: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:  # the seconds since the last lap, as timings_s[name]
+        now = time.perf_counter()
+        times[name], mark[0] = round(now - mark[0], 2), now
+
     questions = _questions(prompts, count)
     with _steered(model, vectors, options, progress) as (loaded, vectors, name):
         texts = prompt_texts(loaded, template, questions, Chat(system) if chat else None, name.strip("'"))
         ppl_texts = prompt_sources.apply_template("plain", questions)
         band = vectors.select(layers).layers if layers else None
         batch_size = resolve_batch_size(options.batch_size, loaded, texts, options.max_length)
-        times = {"load_s": time.perf_counter() - started}
+        lap("load_s")
         answer_start: dict = {}  # what the alpha check's generations computed on the way: the baseline reuses it
         alpha_check = None
         if alpha_margin is not None:
@@ -367,17 +373,17 @@ def calibrate_scale(model: ModelLike, vectors: SteeringVectors, *, prompts: Prom
                     alpha, row["fluency_ratio"], alpha_margin)
             alpha_check = {"alpha": alpha, "fluency_ratio": row["fluency_ratio"], "margin": alpha_margin,
                            "prompts": checked["prompts"], "tokens": checked["tokens"]}
-            times["alpha_check_s"] = time.perf_counter() - started - sum(times.values())
+            lap("alpha_check_s")
         baseline = measure_baseline(loaded, vectors, texts, ppl_texts, "paper", alpha, objective, continuation_tokens,
                                     batch_size, known=answer_start)  # used where the prompts are the same
-        times["baseline_s"] = time.perf_counter() - started - sum(times.values())
+        lap("baseline_s")
         result = search(loaded, vectors, texts, ppl_texts, "paper", alpha, tuple(scales) if scales else DEFAULT_SCALES,
                         ppl_margin, batch_size, progress=progress, additive_layers=band, objective=objective,
                         continuation_tokens=continuation_tokens, baseline=baseline).as_dict()
-        times["search_s"] = time.perf_counter() - started - sum(times.values())
+        lap("search_s")
         if alpha_check is not None:
             result["alpha_check"] = alpha_check
-        result["timings_s"] = {k: round(v, 2) for k, v in times.items()}
+        result["timings_s"] = times
     return Calibration.from_dict(result)
 
 

@@ -156,13 +156,6 @@ def _run(recipe: Recipe, work: Path, out_dir: Path, progress: bool, recipe_text:
     return summary
 
 
-def _chat(recipe: Recipe, variant=None):
-    """prompts.chat: the chat wrapping of a variant's prompts (its own system text, else prompts.system)."""
-    if not recipe.prompts.chat:
-        return None
-    return prompts.Chat((variant.system if variant is not None else None) or recipe.prompts.system)
-
-
 @dataclass(frozen=True)
 class _Steps:
     """What every stage's call into the API shares: the recipe, its runtime, and the run's progress folder
@@ -204,8 +197,8 @@ def _transfer(steps: _Steps, work: Path, clock: _Clock) -> Transfer:
     p = recipe.prompts
     key_questions = prompts.load_questions(p.path, p.field, p.key_count, p.offset)
     align_count = p.align_count or p.key_count
-    same_prompts = align_count == p.key_count
-    align_questions = key_questions if same_prompts else prompts.load_questions(p.path, p.field, align_count, p.offset)
+    align_questions = key_questions if align_count == p.key_count else prompts.load_questions(
+        p.path, p.field, align_count, p.offset)
     locked, unlocked, pairs = recipe.source.locked, recipe.source.unlocked, recipe.source.pairs
     target_template = recipe.target.template or locked.template
     with clock.stage("key"):
