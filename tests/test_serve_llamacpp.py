@@ -41,7 +41,7 @@ def max_diff(a, b) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp_path):
     from unlock_export.cli import main
-    from unlock_export.export.gguf import convert_gguf, patch_gguf, write_control_vector
+    from unlock_export.export.gguf import convert_gguf, patch_gguf, write_control_vector_gguf
 
     m = served(arch)
     vec_path = m["vectors"].save(tmp_path / "v.safetensors")
@@ -55,7 +55,7 @@ def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp
     converted = tmp_path / "converted.gguf"
     convert_gguf(folded, converted, llama_cpp=llama_cpp_src(), outtype="f32")
     cvec = tmp_path / "steer.gguf"
-    write_control_vector(m["vectors"], cvec)
+    write_control_vector_gguf(m["vectors"], cvec)
 
     plain, _ = hf_reference(m["dir"], None, m["ids"])
     reference, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"], generate=8)
@@ -77,11 +77,11 @@ def test_folded_gguf_routes_and_control_vector_match_reference(arch, served, tmp
 def test_control_vector_cli_equals_reference_text(arch, served, tmp_path):
     """llama-completion --control-vector gives the transformers reference's greedy text (and, for
     foldable families, the folded GGUF's)."""
-    from unlock_export.export.gguf import patch_gguf, write_control_vector
+    from unlock_export.export.gguf import patch_gguf, write_control_vector_gguf
 
     m = served(arch)
     cvec = tmp_path / "steer.gguf"
-    write_control_vector(m["vectors"], cvec)
+    write_control_vector_gguf(m["vectors"], cvec)
     with_cvec = llama_completion(m["base"], TEXTS[1], 12, cvec=cvec)
     unsteered = llama_completion(m["base"], TEXTS[1], 12)
     _, ref_greedy = hf_reference(m["dir"], m["vectors"], m["ids"][1:], generate=12)
@@ -102,11 +102,11 @@ def test_gemma3_control_vector_binding_matches_reference(served, tmp_path):
     through a float16 lookup table in ggml, so the conversion itself is off by a few 1e-4 here: the
     steered run must be no further from the steered reference than the plain run is from the plain
     reference (plus 1e-4)."""
-    from unlock_export.export.gguf import write_control_vector_gguf as write_control_vector
+    from unlock_export.export.gguf import write_control_vector_gguf
 
     m = served("gemma3")
     cvec = tmp_path / "steer.gguf"
-    write_control_vector(m["vectors"], cvec)
+    write_control_vector_gguf(m["vectors"], cvec)
     reference, _ = hf_reference(m["dir"], m["vectors"], m["ids"])
     plain, _ = hf_reference(m["dir"], None, m["ids"])
     engine_plain = max_diff(llama_logits(m["base"], m["ids"], tmp_path / "p")["logits"], plain)
