@@ -206,9 +206,11 @@ def test_what_does_not_depend_on_the_scale_is_measured_once(load_tiny, questions
     """A search given its baseline runs two passes per scale it measures (answer start, perplexity) and
     none for scale 0 (the unsteered model is the baseline's); without one it measures the baseline first:
     the reference, the unsteered answer start and the unsteered perplexity, one pass each."""
+    from unlock_export.evaluation import calibrate
     from unlock_export.evaluation.calibrate import measure_baseline, search_scale
     from unlock_export.prompts import apply_template
 
+    monkeypatch.setattr(calibrate, "CPU_BATCH_TOKENS", 10**6)  # one batch per pass: a pass is one forward
     loaded = load_tiny("llama")
     texts = apply_template("direct", questions[:6])
     kwargs = dict(reference_form="paper", reference_strength=0.1, scales=(0.0, 0.5, 1.0, 2.0), ppl_margin=100.0,
@@ -231,9 +233,11 @@ def test_the_alpha_checks_generations_give_the_calibrations_baseline(load_tiny, 
     """check_alphas' greedy generations compute the unsteered and the paper form's answer-start
     distributions in their prefill: the baseline built from them equals the one measured directly, and
     the calibration is the same."""
+    from unlock_export.evaluation import calibrate
     from unlock_export.evaluation.calibrate import check_alphas, measure_baseline, search_scale
     from unlock_export.prompts import apply_template
 
+    monkeypatch.setattr(calibrate, "CPU_BATCH_TOKENS", 10**6)  # one batch per pass: a pass is one forward
     loaded = load_tiny("llama")
     texts = apply_template("direct", questions[:8])
     vectors = _vectors()
@@ -503,3 +507,26 @@ def test_generation_config_names_every_end_of_text_token(load_tiny):
     assert lm.model.generation_config.eos_token_id == sorted({before, tok.convert_tokens_to_ids("<|im_end|>")})
     complete_generation_eos(lm.model, tok)  # idempotent
     assert lm.model.generation_config.eos_token_id == sorted({before, tok.convert_tokens_to_ids("<|im_end|>")})
+
+
+def test_calibration_batches_are_length_sorted_within_the_cpu_token_budget(load_tiny, questions):
+    """Every text once, shortest first, at most batch_size texts and (on the CPU) CPU_BATCH_TOKENS padded
+    tokens a batch unless alone; the answer-start rows come back in the texts' order, equal to one
+    unpadded pass per text."""
+    from unlock_export.evaluation.calibrate import CPU_BATCH_TOKENS, _batches, _ids, answer_start_logprobs
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny("llama")
+    texts = apply_template("direct", [q + " and more" * (k * 7 % 30) for k, q in enumerate(questions[:9])])
+    rows = _ids(loaded, texts)
+    batches = list(_batches(loaded, rows, 4))
+    seen = [i for idx, _, _ in batches for i in idx]
+    assert sorted(seen) == list(range(len(texts))) and [len(rows[i]) for i in seen] == sorted(map(len, rows))
+    assert all(len(idx) <= 4 and (len(idx) == 1 or ids.numel() <= CPU_BATCH_TOKENS) for idx, ids, _ in batches)
+    assert any(len(idx) > 1 for idx, _, _ in batches)
+    assert any(len(idx) < 4 for idx, _, _ in batches[:-1])  # the token budget closed a batch early
+    got = answer_start_logprobs(loaded, texts, batch_size=4)
+    with torch.inference_mode():
+        alone = torch.stack([torch.log_softmax(loaded.model(input_ids=torch.tensor([r])).logits[0, -1].float(), -1)
+                             for r in rows])
+    assert torch.allclose(got, alone, atol=1e-4)

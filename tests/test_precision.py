@@ -117,6 +117,30 @@ def test_a_half_precision_checkpoint_folds_verifies_and_reloads_in_its_own_preci
     assert f"plus the {dtype_name} floor" in card
 
 
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("gemma3", True)])
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+def test_a_half_checkpoint_loaded_as_float32_is_widened_exactly(tmp_path_factory, tiny_model_dir, arch, tied,
+                                                                dtype_name):
+    """load() reads a 16-bit checkpoint in its own precision and widens it one tensor at a time: the weights,
+    buffers, tying and logits equal transformers' own float32 load of the same files."""
+    src = tiny_model_dir(arch, tie_word_embeddings=tied)
+    half = _half_checkpoint(src, tmp_path_factory.mktemp(f"widen-{arch}-{dtype_name}") / "m", HALF[dtype_name])
+    from unlock_export.models import loading
+
+    widened = loading._narrower_stored_dtype(loading.resolve(str(half)), torch.float32, torch.device("cpu"), None)
+    assert widened == HALF[dtype_name]  # the path under test, not transformers' own conversion
+    lm = load(str(half), dtype="float32", device="cpu")
+    direct = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32).eval()
+    assert lm.model.dtype == torch.float32 and lm.model.config.dtype == direct.config.dtype
+    ours, theirs = dict(lm.model.named_parameters()), dict(direct.named_parameters())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours, theirs = dict(lm.model.named_buffers()), dict(direct.named_buffers())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    embeddings = lm.model.get_input_embeddings().weight
+    assert (lm.model.get_output_embeddings().weight is embeddings) == tied
+    assert torch.equal(torch.stack(_logits(lm.model, lm.tokenizer)[:1]), torch.stack(_logits(direct, lm.tokenizer)[:1]))
+
+
 def test_the_bf16_fold_a_new_user_tried_succeeds(tmp_path_factory, tmp_path, capsys, tiny_model_dir):
     """The issue's report: a tiny llama saved in bf16, `fold DIR --vectors v -o out`, exit 1 before."""
     src = _half_checkpoint(tiny_model_dir("llama"), tmp_path_factory.mktemp("llama-bf16") / "m", torch.bfloat16)

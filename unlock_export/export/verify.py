@@ -12,7 +12,7 @@ from ..errors import ExportFailure, UserError, first_line
 from ..method.steer import additive_steering
 from ..method.vectors import SteeringVectors
 from ..models.checkpoint import dtype_name
-from ..models.loading import load
+from ..models.loading import ModelSource, from_pretrained, load
 
 DEFAULT_PROMPTS = 4
 
@@ -81,8 +81,6 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
     when its weights are `dtype` values; an adapter is always checked on a fresh load, since PEFT wraps
     the model it is given. `edit(loaded)`: the hook form of another edit to compare with (a context
     manager; the gated edit's), instead."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out)
     texts = texts or prompts.apply_template("direct", prompts.builtin_arithmetic(DEFAULT_PROMPTS, seed=11))
     half = dtype != torch.float32
@@ -120,7 +118,9 @@ def verify_export(out: str | Path, vectors: SteeringVectors, scale: float, base:
         kind = "peft adapter"
     else:
         try:
-            exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+            # the stock loader, in the export's precision, widened exactly (models.loading.from_pretrained)
+            exported = from_pretrained(ModelSource(str(out), "dir", str(out)), torch.device("cpu"),
+                                       dtype=torch.float32).eval()
             exported.to(device)
         except (OSError, ValueError) as exc:
             raise UserError(f"transformers cannot load '{out}': {first_line(exc, 300)}")
