@@ -249,6 +249,7 @@ def test_a_recipe_with_pairs_and_chat_runs_and_its_key_equals_the_commands(tmp_p
     plan = capsys.readouterr()
     assert "pair differences positive - negative" in plan.out + plan.err
     assert "through the chat template" in plan.out + plan.err
+    assert f"the target's own key on {len(COMPLETION_PAIRS)} pairs" in plan.out + plan.err  # the run computes it
     assert main(["--quiet", "run", str(path), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     run_key = MasterKey.load(tmp_path / "out" / "key.safetensors")
     cli_key = _key(capsys, chat_model, "--pairs", pairs, "--chat", "--system", "Be brief.", "-o", tmp_path / "k.st")
@@ -398,3 +399,29 @@ def test_a_recipe_with_chat_prompts_fits_its_gates_on_the_chat_template(tiny_rec
     info = json.loads((out / "model" / "unlock.json").read_text())
     assert "the target's chat template (system: Be brief.)" in info["gate_prompts"]
     assert info["mode"] == "gated-lora" and info["verification"]["passed"]
+
+
+def test_the_plan_counts_the_target_key_of_a_system_text_contrast(tmp_path, capsys, chat_model, tiny_model_dir):
+    """One model under two system texts is a contrast the target can take too: the dry run counts the
+    target's own key (both variants' key prompts through the target), as the run computes it."""
+    import yaml
+
+    recipe = {"name": "system-contrast",
+              "source": {"locked": {"model": str(chat_model), "system": "Answer in English."},
+                         "unlocked": {"model": str(chat_model), "system": "Answer in French."}},
+              "target": {"model": str(tiny_model_dir("qwen2", hidden=48, layers=3))},
+              "prompts": {"path": "builtin:arithmetic", "key_count": 8, "chat": True},
+              "diagnostics": {"heldout_count": 4},
+              "runtime": {"dtype": "float32", "device": "cpu"}}
+    path = tmp_path / "r.yaml"
+
+    def plan(target_key: bool) -> dict:
+        path.write_text(yaml.safe_dump({**recipe, "diagnostics": {"heldout_count": 4, "target_key": target_key}}))
+        assert main(["--quiet", "--json", "run", "--dry-run", str(path), str(tmp_path / "out")]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    with_key, without = plan(True), plan(False)
+    target = recipe["target"]["model"]
+    assert with_key["models"][target]["prompt_passes"] - without["models"][target]["prompt_passes"] == 2 * 8
+    diagnostics = next(s for s in with_key["stages"] if s["name"] == "diagnostics")
+    assert "the target's own key on 8 prompts" in json.dumps(diagnostics)

@@ -207,19 +207,25 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
     K = k.answer_tokens
     chat = " through the chat template" if p.chat else ""
     pairs = recipe.source.pairs
-    if pairs is not None:
-        rows = prompts.load_pairs(pairs.path, pairs.count, pairs.offset)  # checked now, not after the captures
-        m = models[locked.model]
-        m.prompt_passes += 2 * len(rows)
-        m.prompt_tokens += sum(_tokens([(r.prompt or "") + r.positive, (r.prompt or "") + r.negative]) for r in rows)
+    rows = prompts.load_pairs(pairs.path, pairs.count, pairs.offset) if pairs is not None else None  # checked now
+
+    def key_runs(unlocked_spec: str, locked_spec: str) -> None:  # the key's passes (the source's, or the target's own)
+        if rows is not None:
+            m = models[locked_spec]
+            m.prompt_passes += 2 * len(rows)
+            m.prompt_tokens += sum(_tokens([(r.prompt or "") + r.positive, (r.prompt or "") + r.negative]) for r in rows)
+            return
+        run(unlocked_spec, unlocked.template, key_q, generate=K)  # the openings, then the capture
+        if K:
+            run(unlocked_spec, unlocked.template, key_q, suffix_tokens=K)
+        run(locked_spec, locked.template, key_q, suffix_tokens=K)
+
+    key_runs(unlocked.model, locked.model)
+    if rows is not None:
         read = "over each completion's tokens" if rows[0].prompt is not None else "at each text's last token"
         stages.append(Stage("key", f"{k.method} of {len(rows)} pair differences positive - negative ({pairs.path}), "
                                    f"read {read}{chat}", [locked.model]))
     else:
-        run(unlocked.model, unlocked.template, key_q, generate=K)  # the openings, then the capture
-        if K:
-            run(unlocked.model, unlocked.template, key_q, suffix_tokens=K)
-        run(locked.model, locked.template, key_q, suffix_tokens=K)
         position = f"the last prompt token and the answer's first {K} tokens" if K else "the last prompt token"
         stages.append(Stage("key", f"{k.method} of {len(key_q)} differences {unlocked.template!r} - "
                                    f"{locked.template!r}, read at {position}{chat}", [unlocked.model, locked.model]))
@@ -252,12 +258,10 @@ def plan_recipe(recipe, out_dir: str | Path) -> Plan:
         run(target.model, target_template, heldout_q)
         run(locked.model, locked.template, heldout_q)
         what = f"held-out fit on {len(heldout_q)} prompts"
-        if diag.target_key and locked.model == unlocked.model and locked.template != unlocked.template:
-            run(target.model, unlocked.template, key_q, generate=K)
-            if K:
-                run(target.model, unlocked.template, key_q, suffix_tokens=K)
-            run(target.model, locked.template, key_q, suffix_tokens=K)
-            what += f"; the target's own key on {len(key_q)} prompts"
+        if diag.target_key and recipe.target_can_take_the_key:
+            key_runs(target.model, target.model)
+            what += f"; the target's own key on {len(rows) if rows is not None else len(key_q)} " + \
+                ("pairs" if rows is not None else "prompts")
         stages.append(Stage("diagnostics", what, [target.model, locked.model]))
         outputs += ["diagnostics.json", "diagnostics.png"]
     fold_stages, fold_outputs = _fold_stages(recipe, run, key_q, target_template)

@@ -335,11 +335,10 @@ def _diagnostics(steps: _Steps, transfer: Transfer, work: Path) -> dict:
 
     recipe = steps.recipe
     d, p = recipe.diagnostics, recipe.prompts
-    locked, unlocked = recipe.source.locked, recipe.source.unlocked
+    locked = recipe.source.locked
     used = max(p.key_count, p.align_count or p.key_count)
-    contrast = recipe.source.pairs is not None or (locked.model == unlocked.model and (
-        locked.template != unlocked.template or (p.chat and (locked.system or p.system) != (unlocked.system or p.system))))
-    target_key = _key(steps, recipe.target.model, transfer.key_questions) if d.target_key and contrast else None
+    target_key = (_key(steps, recipe.target.model, transfer.key_questions)
+                  if d.target_key and recipe.target_can_take_the_key else None)
     return diagnose_transfer(transfer.key, transfer.lrmap, transfer.vectors, locked.model, recipe.target.model,
                              prompts=p.path, field=p.field, count=d.heldout_count, offset=p.offset + used,
                              source_template=locked.template, target_template=transfer.target_template, chat=p.chat,

@@ -215,8 +215,8 @@ class DiagnosticsSpec(_Strict):
     enabled: bool = _doc("Write the diagnostics.", default=True)
     heldout_count: int = _doc("Prompts after the key/align ones, never used to fit the map, for the held-out fit.",
                               default=32, ge=2)
-    target_key: bool = _doc("Also compute the target's own key by the same prompt contrast, to compare directions "
-                            "(prompt-contrast keys only).", default=True)
+    target_key: bool = _doc("Also compute the target's own key by the same contrast, to compare directions "
+                            "(a pairs key, or one source model under two templates or system texts).", default=True)
 
 
 class PushSpec(_Strict):
@@ -288,6 +288,16 @@ class Recipe(_Strict):
                                             default=None)
     runtime: RuntimeOptions = _doc("How models run (the same settings as the CLI's runtime flags).",
                                    default=RuntimeOptions())
+
+    @property
+    def target_can_take_the_key(self) -> bool:
+        """Whether the key's contrast can be read on the target too (the diagnostics' target key): a pairs
+        key, or one source model under two templates (or, through the chat template, two system texts)."""
+        if self.source.pairs is not None:
+            return True
+        locked, unlocked, p = self.source.locked, self.source.unlocked, self.prompts
+        return locked.model == unlocked.model and (locked.template != unlocked.template or (
+            p.chat and (locked.system or p.system) != (unlocked.system or p.system)))
 
 
 def _first_error(exc: ValidationError, path: Path) -> str:
