@@ -32,7 +32,10 @@ fi
 
 [[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
 [[ -f "$OUT/fold.gguf" ]] || "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
-# the confirmation is resumed across machines from its committed progress only on the same fold GGUF
+# the confirmation is resumed across machines from its committed progress only on the same fold GGUF.
+# The fold is bit-reproducible by commit on one machine, not across CPUs (float rounding in the captures):
+# the digest was recorded again on 2026-12-07, before any fold-arm answer, when 3869278 and HEAD both
+# rebuilt b53a3229... here and the first machine's 293d0a73... could not be rebuilt
 SHA=reports/results/confirm_gsm8k_fold_gguf.sha256
 got=$(sha256sum "$OUT/fold.gguf" | cut -d' ' -f1)
 if [[ -f "$SHA" && "$(cat "$SHA")" != "$got" ]]; then
