@@ -298,23 +298,20 @@ def from_pretrained(files: ModelSource, device: torch.device, device_map: str | 
     return _widen(model, kwargs["dtype"], Path(files.path))
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 def _narrower_stored_dtype(files: ModelSource, dtype: torch.dtype, device: torch.device,
                            device_map: str | None) -> torch.dtype | None:
     """The precision of a local safetensors checkpoint whose floating tensors are all one 16-bit dtype,
     when the model is asked for in a wider one on the CPU (bfloat16 weights loaded as float32); else None."""
     if device.type != "cpu" or device_map or files.kind != "dir" or dtype != torch.float32:
         return None
-    from safetensors import safe_open
+    from .checkpoint import Checkpoint
 
-    kinds = set()
-    for path in Path(files.path).glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as fh:
-            kinds |= {fh.get_slice(name).get_dtype() for name in fh.keys()}
-    floating = kinds & set(_SAFETENSORS_DTYPES)
-    return _SAFETENSORS_DTYPES[floating.pop()] if len(floating) == 1 and floating <= {"BF16", "F16"} else None
+    try:
+        ckpt = Checkpoint(files.path)
+    except UserError:  # not a local safetensors folder: transformers' own loader says why
+        return None
+    floating = set().union(*(ckpt.shard_dtypes(shard) for shard in ckpt.shards))
+    return floating.pop() if len(floating) == 1 and floating <= {torch.bfloat16, torch.float16} else None
 
 
 def _mapped_ranges(folder: Path) -> list[tuple[int, int]]:
@@ -330,16 +327,23 @@ def _mapped_ranges(folder: Path) -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _madvise():
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def _release(ranges: list[tuple[int, int]], start: int, size: int) -> None:
     """Drop from this process's memory the whole pages of [start, start + size) that lie in the file mappings
     `ranges`: clean file pages of a tensor already widened, read again from disk if ever touched."""
-    import ctypes
     import mmap
 
     page = mmap.PAGESIZE
     low, high = -(-start // page) * page, (start + size) // page * page
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _madvise()
     for begin, end in ranges:
         a, b = max(low, begin), min(high, end)
         if a < b:
