@@ -162,32 +162,44 @@ def test_calibration_recovers_a_known_scale(load_tiny, questions):
     assert strict.scale == (min(allowed, key=lambda r: r["kl_to_reference"])["scale"] if allowed else 0.0)
 
 
-def test_calibration_stops_at_the_first_rejection(load_tiny, questions):
-    """Scales run in ascending order whatever order they are given in. The search stops as soon as a scale
-    fails the perplexity guard (stop_after_rejected=2: once two in a row fail), and it tries every scale
-    with stop_after_rejected=0."""
+def test_calibration_bisects_the_guard_or_measures_in_ascending_order(load_tiny, questions):
+    """Scales run in ascending order whatever order they are given in: stop_after_rejected=0 measures every
+    scale, 2 stops once two in a row fail the perplexity guard. The default (1: perplexity grows with the
+    scale) finds the guard's boundary by bisection: perplexity measured at about log2(scales) of them (and
+    at the chosen one), the objective at every allowed scale and nowhere else, measured rows equal to the
+    full search's, and the same choice."""
+    import math
+
     from unlock_export.evaluation.calibrate import search_scale
     from unlock_export.prompts import apply_template
 
     loaded = load_tiny("llama")
     texts = apply_template("direct", questions[:6])
     scales = (64.0, 0.5, 16.0, 2.0, 32.0, 1.0, 8.0, 4.0)
-    every = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
-                            reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
-                            stop_after_rejected=0)
+    kwargs = dict(reference_form="additive", reference_strength=3.0, scales=scales, refine=False)
+    every = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=0.0, stop_after_rejected=0, **kwargs)
     assert [r["scale"] for r in every.table] == sorted(scales)
     allowed = [r["allowed"] for r in every.table]
-    first = allowed.index(False)
-    early = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
-                            reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False)
-    assert first < len(scales) - 1  # the case must actually stop early
-    assert [r["scale"] for r in early.table] == sorted(scales)[:first + 1]
-    assert early.table == every.table[:first + 1]
     two = next(i for i in range(1, len(allowed)) if not allowed[i - 1] and not allowed[i])
-    patient = search_scale(loaded, _vectors(), texts, questions[:6], reference_form="additive",
-                              reference_strength=3.0, scales=scales, ppl_margin=0.0, refine=False,
-                              stop_after_rejected=2)
-    assert patient.table == every.table[:two + 1]
+    patient = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=0.0, stop_after_rejected=2, **kwargs)
+    assert two < len(scales) - 1 and patient.table == every.table[:two + 1]  # the case stops early
+
+    ratios = [r["perplexity_ratio"] for r in every.table]
+    assert ratios == sorted(ratios)  # the premise: perplexity grows with the scale here
+    margin = (ratios[4] + ratios[5]) / 2 - 1  # the guard's boundary between the 5th and 6th scale
+    full = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=margin, stop_after_rejected=0, **kwargs)
+    bisected = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=margin, **kwargs)
+    assert bisected.scale == full.scale and bisected.kl_to_reference == full.kl_to_reference
+    rows = {r["scale"]: r for r in full.table}
+    guarded = [r for r in bisected.table if "perplexity" in r]
+    assert len(guarded) <= math.ceil(math.log2(len(scales) + 1)) + 1
+    for row in bisected.table:
+        assert all(row[k] == rows[row["scale"]][k] for k in row if k != "guard")
+        assert ("kl_to_reference" in row) == row["allowed"]  # the objective only where allowed
+        assert row["allowed"] == rows[row["scale"]]["allowed"]
+        if row.get("guard") == "inferred":
+            assert "perplexity" not in row and any(r["allowed"] and r["scale"] > row["scale"] for r in guarded)
+    assert "perplexity" in next(r for r in bisected.table if r["scale"] == bisected.scale)
 
 
 def _count_forwards(monkeypatch, loaded) -> list:
@@ -214,7 +226,7 @@ def test_what_does_not_depend_on_the_scale_is_measured_once(load_tiny, questions
     loaded = load_tiny("llama")
     texts = apply_template("direct", questions[:6])
     kwargs = dict(reference_form="paper", reference_strength=0.1, scales=(0.0, 0.5, 1.0, 2.0), ppl_margin=100.0,
-                  refine=False, batch_size=8)
+                  refine=False, batch_size=8, stop_after_rejected=0)
     calls = _count_forwards(monkeypatch, loaded)
     alone = search_scale(loaded, _vectors(), texts, questions[:6], **kwargs)
     assert len(calls) == 3 + 2 * 3

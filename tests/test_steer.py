@@ -100,6 +100,26 @@ def test_paper_form_edits_only_last_prompt_token_in_prefill(load_tiny):
     assert (plain[0] - steered[0]).abs().max() == 0  # layers before the steered one: unchanged
 
 
+def test_paper_form_on_selected_rows_leaves_the_others_unsteered(load_tiny):
+    """rows=slice(1, None, 2): every second row of a batch is edited exactly as a batch of its own under
+    the paper form, and the other rows are bit-identical to the unsteered model's (how the alpha check
+    generates both in one batch)."""
+    lm = load_tiny("qwen2")
+    texts = prompts.apply_template("direct", prompts.builtin_arithmetic(3, seed=4))
+    pairs = [text for text in texts for _ in (0, 1)]
+    vec = vectors_for(lm, [1, 2])
+    enc = lm.tokenizer(pairs, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        plain = lm.model(**enc).logits
+        with paper_steering(lm, vec, alpha=0.5):
+            steered = lm.model(**enc).logits
+        with paper_steering(lm, vec, alpha=0.5, rows=slice(1, None, 2)):
+            mixed = lm.model(**enc).logits
+    assert torch.equal(mixed[0::2], plain[0::2])
+    assert torch.allclose(mixed[1::2], steered[1::2], atol=1e-5)
+    assert (mixed[1::2, -1] - plain[1::2, -1]).abs().max() > 1e-3  # the edit matters in this case
+
+
 def test_paper_form_leaves_decode_steps_untouched(load_tiny):
     lm = load_tiny("llama")
     enc = lm.tokenizer(["Question: Iris has 12 shells.\nAnswer:"], return_tensors="pt")

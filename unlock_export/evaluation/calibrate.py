@@ -25,7 +25,7 @@ import torch
 
 from ..choices import OBJECTIVES
 from ..errors import UserError
-from ..method.steer import require_paper_site, steering
+from ..method.steer import paper_steering, require_paper_site, steering
 from ..method.vectors import SteeringVectors
 
 # 0 (unsteered), then 1/256 .. 64 in sqrt(2) steps. Vectors keep their natural norms and a fold adds
@@ -214,34 +214,106 @@ def measure_baseline(loaded, vectors: SteeringVectors, texts: list[str], ppl_tex
                     perplexity(loaded, ppl_texts, batch_size), continuations, plain_ce)
 
 
-def _search(measure, table: dict, scales, key: str, refine: bool, stop_after_rejected: int, progress: bool) -> None:
-    """Measure the grid in ascending order, stopping once `stop_after_rejected` scales in a row fail the
-    perplexity guard; then one finer pass around the best allowed grid point. Fills `table`; with
-    `progress`, one line per scale measured."""
-    from tqdm.auto import tqdm
+class _Grid:
+    """The rows of a scale search, measured on demand: `closeness(scale)` runs the objective's pass (KL at
+    the answer start, or the continuations' cross-entropy), `guard(scale)` the perplexity pass; `infer(scale)`
+    marks a scale allowed without measuring its perplexity (it lies below an allowed one)."""
 
-    def measured(scale: float) -> dict:
-        fresh = scale not in table
-        row = measure(scale)
-        if progress and fresh:
-            tqdm.write(f"calibrate: scale {scale:g}: KL {row['kl_to_reference']:.4g}, perplexity x"
-                       f"{row['perplexity_ratio']:.3f}" + ("" if row["allowed"] else " (over the guard: not allowed)"))
-        return row
+    def __init__(self, score, ppl, base_ppl: float, ppl_margin: float, key: str, progress: bool):
+        self.score, self.ppl, self.base_ppl, self.ppl_margin = score, ppl, base_ppl, ppl_margin
+        self.key, self.progress = key, progress
+        self.rows: dict[float, dict] = {}
+        self.seconds: dict[float, float] = {}  # the time each scale's passes took (not part of the table: it varies)
 
-    rejected = 0
-    for scale in sorted(scales):
-        rejected = 0 if measured(scale)["allowed"] else rejected + 1
-        if stop_after_rejected and rejected >= stop_after_rejected:
-            break
-    if not refine:
+    def _timed(self, scale: float, work) -> None:
+        t0 = time.perf_counter()
+        work(self.rows.setdefault(scale, {"scale": scale}))
+        self.seconds[scale] = round(self.seconds.get(scale, 0.0) + time.perf_counter() - t0, 2)
+
+    def closeness(self, scale: float) -> float:
+        if self.key not in self.rows.get(scale, {}):
+            self._timed(scale, lambda row: row.update(self.score(scale)))
+            self._say(scale)
+        return self.rows[scale][self.key]
+
+    def guard(self, scale: float) -> bool:
+        if "perplexity" not in self.rows.get(scale, {}):
+            def work(row: dict) -> None:
+                value = self.ppl(scale)
+                row.update(perplexity=value, perplexity_ratio=value / self.base_ppl,
+                           allowed=value <= self.base_ppl * (1 + self.ppl_margin))
+                row.pop("guard", None)
+            self._timed(scale, work)
+            self._say(scale)
+        return self.rows[scale]["allowed"]
+
+    def infer(self, scale: float) -> None:
+        row = self.rows.setdefault(scale, {"scale": scale})
+        if "perplexity" not in row:
+            row.update(allowed=True, guard="inferred")
+
+    def allowed(self) -> list[float]:
+        return sorted(s for s, row in self.rows.items() if row.get("allowed"))
+
+    def table(self) -> list[dict]:
+        order = ("scale", "kl_to_reference", "perplexity", "perplexity_ratio", "allowed", "guard", "continuation_ce")
+        return [{k: self.rows[s][k] for k in order if k in self.rows[s]} for s in sorted(self.rows)]
+
+    def _say(self, scale: float) -> None:
+        if not self.progress:
+            return
+        from tqdm.auto import tqdm
+
+        row = self.rows[scale]
+        parts = [f"KL {row['kl_to_reference']:.4g}"] if "kl_to_reference" in row else []
+        if "perplexity" in row:
+            parts.append(f"perplexity x{row['perplexity_ratio']:.3f}"
+                         + ("" if row["allowed"] else " (over the guard: not allowed)"))
+        tqdm.write(f"calibrate: scale {scale:g}: " + ", ".join(parts))
+
+
+def _search(grid: _Grid, scales, refine: bool, stop_after_rejected: int) -> None:
+    """Fill `grid` over `scales`, then (with `refine`) one finer pass around the best allowed grid point.
+
+    stop_after_rejected=1: perplexity grows with the scale (the assumption of stopping at the first scale
+    over the guard), so the guard's boundary on the grid is found by bisection and a scale below an allowed
+    one is allowed without measuring it; the objective is measured at every allowed scale and nowhere else.
+    Otherwise every scale is measured in ascending order, both passes, until `stop_after_rejected` scales in
+    a row fail the guard (0: every scale)."""
+    points = sorted(set(scales) - set(grid.rows))
+    bisect = stop_after_rejected == 1
+    if bisect:
+        lo, hi = -1, len(points)  # points[:lo + 1] are allowed, points[hi:] are not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if grid.guard(points[mid]) else (lo, mid)
+        for scale in points[:lo + 1]:
+            grid.infer(scale)
+            grid.closeness(scale)
+    else:
+        rejected = 0
+        for scale in points:
+            grid.closeness(scale)
+            rejected = 0 if grid.guard(scale) else rejected + 1
+            if stop_after_rejected and rejected >= stop_after_rejected:
+                break
+    allowed = grid.allowed()
+    if not refine or not allowed:
         return
-    allowed = sorted(s for s, r in table.items() if r["allowed"])
-    if allowed:
-        best = min(allowed, key=lambda s: table[s][key])
-        for factor in (0.7071, 0.8409, 1.1892, 1.4142):
-            candidate = round(best * factor, 4)
-            if candidate > 0 and all(abs(candidate - s) > 0.005 * candidate for s in table):
-                measured(candidate)  # a grid point within 0.5% was measured already
+    best = min(allowed, key=grid.closeness)
+    for factor in (0.7071, 0.8409, 1.1892, 1.4142):
+        candidate = round(best * factor, 4)
+        if candidate <= 0 or any(abs(candidate - s) <= 0.005 * candidate for s in grid.rows):
+            continue  # a grid point within 0.5% was measured already
+        if not bisect:
+            grid.closeness(candidate)
+            grid.guard(candidate)
+        elif candidate <= max(grid.allowed()):
+            grid.infer(candidate)
+            grid.closeness(candidate)
+        elif not any(not row.get("allowed", True) and s <= candidate for s, row in grid.rows.items()):
+            if grid.guard(candidate):  # between the largest allowed scale and the smallest rejected one
+                grid.closeness(candidate)
 
 
 def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],
@@ -257,9 +329,12 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
     The reference steers every layer of `vectors`; `additive_layers` (default: the same) restricts
     the additive form to a band, as a fold with `--layers` would.
 
-    Scales are tried in ascending order; perplexity grows with the scale, so the search stops once
-    `stop_after_rejected` scales in a row fail the perplexity guard (0: try every scale). Scale 0 is
-    the unsteered model, measured once in the baseline.
+    Perplexity grows with the scale: by default (`stop_after_rejected=1`) the guard's boundary on the
+    grid is found by bisection, the objective is measured at every allowed scale, and a scale below an
+    allowed one counts as allowed without its perplexity pass (its row says "guard": "inferred"; the
+    chosen scale's perplexity is always measured). `stop_after_rejected=k` > 1 measures both passes in
+    ascending order until k scales in a row fail the guard; 0 measures every scale. Scale 0 is the
+    unsteered model, measured once in the baseline.
 
     `edit` (a callable: scale -> context manager) calibrates another edit's strength by the same rule,
     named `form` in the result: the gated edit's multiplier (method.gate) does. `baseline`: what does
@@ -282,31 +357,30 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
     continuations, reference, plain = baseline.continuations, baseline.reference, baseline.plain
     plain_ce, base_ppl = baseline.plain_ce, baseline.base_ppl
 
-    table: dict[float, dict] = {}
-    seconds: dict[float, float] = {}  # the time each scale measured took (not part of the table: it varies)
-    if 0.0 in scales:  # the unsteered model: measured in the baseline
-        table[0.0] = {"scale": 0.0, "kl_to_reference": kl(reference, plain), "perplexity": base_ppl,
-                      "perplexity_ratio": 1.0, "allowed": True}
-        if continuations is not None:
-            table[0.0]["continuation_ce"] = plain_ce
-
-    def measure(scale: float) -> dict:
-        if scale not in table:
-            t0 = time.perf_counter()
-            with candidate(scale):
-                q, ce = _score(loaded, texts, continuations, batch_size)
-                ppl = perplexity(loaded, ppl_texts, batch_size)
-            table[scale] = {"scale": scale, "kl_to_reference": kl(reference, q), "perplexity": ppl,
-                            "perplexity_ratio": ppl / base_ppl, "allowed": ppl <= base_ppl * (1 + ppl_margin)}
-            seconds[scale] = round(time.perf_counter() - t0, 2)
-            if ce is not None:
-                table[scale]["continuation_ce"] = ce
-        return table[scale]
-
     key = "kl_to_reference" if continuations is None else "continuation_ce"
-    _search(measure, table, scales, key, refine, stop_after_rejected, progress)
-    allowed = [r for r in table.values() if r["allowed"]]
-    chosen = min(allowed, key=lambda r: r[key]) if allowed else None
+
+    def score(scale: float) -> dict:
+        with candidate(scale):
+            q, ce = _score(loaded, texts, continuations, batch_size)
+        return {"kl_to_reference": kl(reference, q), **({} if ce is None else {"continuation_ce": ce})}
+
+    def ppl(scale: float) -> float:
+        with candidate(scale):
+            return perplexity(loaded, ppl_texts, batch_size)
+
+    grid = _Grid(score, ppl, base_ppl, ppl_margin, key, progress)
+    if 0.0 in scales:  # the unsteered model: measured in the baseline
+        grid.rows[0.0] = {"scale": 0.0, "kl_to_reference": kl(reference, plain), "perplexity": base_ppl,
+                          "perplexity_ratio": 1.0, "allowed": True}
+        if continuations is not None:
+            grid.rows[0.0]["continuation_ce"] = plain_ce
+    _search(grid, scales, refine, stop_after_rejected)
+    while True:  # the chosen scale's perplexity is measured, never only inferred
+        chosen_scale = min(grid.allowed(), key=grid.closeness, default=None)
+        if chosen_scale is None or grid.guard(chosen_scale):
+            break
+    table, seconds = grid.table(), grid.seconds
+    chosen = grid.rows[chosen_scale] if chosen_scale is not None else None
     result = {
         "scale": chosen["scale"] if chosen else 0.0,
         "objective": objective,
@@ -320,7 +394,7 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
         "ppl_margin": ppl_margin,
         "prompts": len(texts),
         "ppl_texts": len(ppl_texts),
-        "table": [table[s] for s in sorted(table)],
+        "table": table,
         "seconds_per_scale": {f"{s:g}": seconds[s] for s in sorted(seconds)},
         "note": None if chosen else "no scale kept perplexity within the margin: scale 0 (unsteered)",
     }
@@ -347,7 +421,9 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     (None if none does). The search stops once `stop_after_rejected` alphas in a row fail (0: try
     every alpha). No labels are read. `answer_start`: a dict that receives what the generations
     computed on the way, the answer-start log-probabilities of `texts` unsteered ("unsteered") and
-    under the paper form at each alpha tried (a Baseline's `known`: the calibration then skips them)."""
+    under the paper form at each alpha tried (a Baseline's `known`: the calibration then skips them).
+    `batch_size`: prompts per generation; the smallest alpha's continuations are generated together with
+    the unsteered ones, each prompt on two rows of one batch (the paper form on the second)."""
     if not texts:
         raise UserError("the alpha check needs prompts; pass --count > 0")
     if not alphas or any(a <= 0 or not math.isfinite(a) for a in alphas):
@@ -358,24 +434,35 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
         raise UserError("the fluency margin must be >= 0")
     require_paper_site(vectors)  # before any generation
     tok = loaded.tokenizer
+    alphas = sorted(alphas)
+    # the unsteered continuations and the first alpha's in one generation: each prompt twice in a row, the
+    # paper form on every second row. Decoding a few short rows is bound by reading the weights, so twice
+    # the rows costs far less than a second generation
     firsts: list = []
     chosen: list = []
-    plain = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=firsts, token_logprobs=chosen)
+    with paper_steering(loaded, vectors, alphas[0], rows=slice(1, None, 2)):
+        both = greedy_continuations(loaded, [text for text in texts for _ in (0, 1)], tokens,
+                                    2 * _batch_size(loaded, _ids(loaded, texts), batch_size),
+                                    first_logprobs=firsts, token_logprobs=chosen)
+    plain = both[0::2]
     if answer_start is not None:
-        answer_start.update(texts=tuple(texts), unsteered=torch.stack(firsts))
+        answer_start.update(texts=tuple(texts), unsteered=torch.stack(firsts[0::2]))
     # the unsteered model's own continuations, scored as it generated them (teacher forcing would repeat it)
-    scored = [lps[skip:len(cont)] for lps, cont in zip(chosen, plain)]
+    scored = [lps[skip:len(cont)] for lps, cont in zip(chosen[0::2], plain)]
     plain_nll = -sum(map(sum, scored)) / max(sum(map(len, scored)), 1)
 
     from tqdm.auto import tqdm
 
     table, rejected = [], 0
-    for alpha in tqdm(sorted(alphas), desc="check alphas", unit="alpha", disable=not progress):
-        firsts = []
-        with steering(loaded, vectors, "paper", alpha):
-            steered = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=firsts)
+    for alpha in tqdm(alphas, desc="check alphas", unit="alpha", disable=not progress):
+        if alpha == alphas[0]:
+            steered, steered_firsts = both[1::2], firsts[1::2]
+        else:
+            steered_firsts = []
+            with steering(loaded, vectors, "paper", alpha):
+                steered = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=steered_firsts)
         if answer_start is not None:
-            answer_start[alpha] = torch.stack(firsts)
+            answer_start[alpha] = torch.stack(steered_firsts)
         _, nll = continuation_logprobs(loaded, texts, steered, batch_size, skip=skip)
         ratio = math.exp(nll - plain_nll)
         table.append({"alpha": alpha, "perplexity": math.exp(nll), "fluency_ratio": ratio,
@@ -440,8 +527,8 @@ def calibrate_gate(loaded, vectors: SteeringVectors, fit, settings, batch_size: 
                             f"on the {len(heldout)} held-out prompts within the perplexity guard: pass --multiplier")
         fit = fit.scaled(gated.scale)
         calibration = {"multiplier": gated.scale, "prompts": len(heldout), "ppl_margin": ppl_margin,
-                       "table": [{k: row[k] for k in ("scale", "kl_to_reference", "perplexity_ratio", "allowed")}
-                                 for row in gated.table]}
+                       "table": [{k: row[k] for k in ("scale", "kl_to_reference", "perplexity_ratio", "allowed", "guard")
+                                  if k in row} for row in gated.table]}
     if not closeness:
         return dataclasses.replace(fit, calibration=calibration)
     at = next(row for row in gated.table if row["scale"] == fit.multiplier)

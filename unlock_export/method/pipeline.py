@@ -59,7 +59,7 @@ def answer_openings(pool: ModelPool, spec: str, template: str, questions: list[s
     loaded = pool.get(spec)
     texts = prompt_texts(loaded, template, questions, chat, model_label(spec))
     batch_size = resolve_batch_size(pool.options.batch_size, loaded, texts, pool.options.max_length, extra_tokens=tokens)
-    return [loaded.tokenizer.decode(row) for row in greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)]
+    return [loaded.tokenizer.decode(row) for row in greedy(loaded, texts, tokens, batch_size, keep_first=True)]
 
 
 def compute_key(pool: ModelPool, locked: str, unlocked: str, locked_template: str, unlocked_template: str,

@@ -92,14 +92,17 @@ def _is_prefill(kwargs: dict, length: int) -> bool:
 
 
 @contextmanager
-def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
+def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1, rows: slice | None = None):
     """Context manager: the paper's prefill-only, last-prompt-token, norm-preserving update after each steered
-    layer, at `alpha`. `model`: a LoadedModel, a (model, tokenizer) pair or a module."""
+    layer, at `alpha`. `model`: a LoadedModel, a (model, tokenizer) pair or a module. `rows`: edit only these
+    rows of each batch (a slice of the batch dimension, e.g. slice(1, None, 2) for every second row; the
+    others run unsteered, so one batch can hold the steered and the unsteered model's prompts)."""
     model, arch = _resolve(model)
     _check(model, arch, vectors)
     require_paper_site(vectors)
     state: dict = {"prefill": False, "last": None}
     layers = arch.decoder_layers(model)
+    selected = slice(None) if rows is None else rows
 
     def pre_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -118,14 +121,14 @@ def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1):
             if not state["prefill"]:
                 return None
             hidden = layer_output_tensor(output)
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = state["last"].to(hidden.device)
-            h = hidden[rows, last].float()
+            edited = torch.arange(hidden.shape[0], device=hidden.device)[selected]
+            last = state["last"].to(hidden.device)[selected]
+            h = hidden[edited, last].float()
             norm = h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             mixed = h / norm + alpha * unit.to(hidden.device)
             new = norm * mixed / mixed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             hidden = hidden.clone()
-            hidden[rows, last] = new.to(hidden.dtype)
+            hidden[edited, last] = new.to(hidden.dtype)
             return replace_layer_output(output, hidden)
         return hook
 
