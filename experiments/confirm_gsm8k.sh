@@ -30,16 +30,28 @@ if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and ea
     exit 0
 fi
 
-[[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
-[[ -f "$OUT/fold.gguf" ]] || "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
-# the confirmation is resumed across machines from its committed progress only on the same fold GGUF.
-# The fold is bit-reproducible by commit on one machine, not across CPUs (float rounding in the captures):
-# the digest was recorded again on 2026-12-07, before any fold-arm answer, when 3869278 and HEAD both
-# rebuilt b53a3229... here and the first machine's 293d0a73... could not be rebuilt
+# the fold GGUF every fold-arm answer comes from. The recipe's captures are reproducible on one CPU, not across
+# CPUs (float rounding), so the fold's vectors and scale are committed (FOLD): folding them and patching the zoo
+# GGUF gives the same bytes on any machine. The recipe's run (3869278 and later) made them; a machine without
+# the committed fold runs the recipe
+FOLD=reports/results/confirm_gsm8k_fold
+if [[ ! -f "$OUT/fold.gguf" ]]; then
+    if [[ -f "$FOLD/vectors.safetensors" ]]; then
+        [[ -f "$OUT/fold/model/unlock.json" ]] || "${CLI[@]}" fold "$TARGET" --vectors "$FOLD/vectors.safetensors" \
+            --scale "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["scale"])' "$FOLD/fold.json")" \
+            -o "$OUT/fold/model"
+    else
+        [[ -f "$OUT/fold/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot-fold.yaml "$OUT/fold"
+    fi
+    "${CLI[@]}" gguf "$OUT/fold/model" -o "$OUT/fold.gguf"
+fi
+# the confirmation is resumed across machines from its committed progress only on the same fold GGUF: the
+# digest was recorded on 2026-12-07, before any fold-arm answer (the first machine's 293d0a73... came from a
+# recipe run on another CPU, before the fold was committed)
 SHA=reports/results/confirm_gsm8k_fold_gguf.sha256
 got=$(sha256sum "$OUT/fold.gguf" | cut -d' ' -f1)
 if [[ -f "$SHA" && "$(cat "$SHA")" != "$got" ]]; then
-    echo "error: $OUT/fold.gguf ($got) is not the fold the confirmation began on ($(cat "$SHA")): rebuild it at that commit" >&2
+    echo "error: $OUT/fold.gguf ($got) is not the fold the confirmation began on ($(cat "$SHA")): remove it and rerun to rebuild it from $FOLD" >&2
     exit 2
 fi
 [[ -f "$SHA" ]] || echo "$got" > "$SHA"
