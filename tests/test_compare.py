@@ -185,6 +185,49 @@ def test_an_interrupted_comparison_resumes(tiny_model_dir, math_set, tmp_path, m
     assert a == b
 
 
+def test_arms_added_to_an_interrupted_comparison(tiny_model_dir, math_set, tmp_path, monkeypatch, capsys):
+    """--add-arms continues an interrupted comparison with more arms: the arms it holds keep their answers
+    (not rerun), the new arm equals a comparison that had it from the start, and results.json and the
+    report say which arm joined. Without the flag, or with other settings, it is refused; with nothing to
+    add to, too."""
+    import unlock_export.evaluation.run as run_mod
+
+    model = str(tiny_model_dir("llama"))
+    args = ["--quiet", "compare", model, "--arm", "cot=template:cot", "--data", str(math_set),
+            "--max-new-tokens", "4", "--batch-size", "2"]
+    whole = tmp_path / "whole"
+    assert main([*args, "--arm", "x=template:plain", "-o", str(whole)]) == 0
+    real, calls = run_mod.run_eval, []
+
+    def dies_on_the_second_arm(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "run_eval", dies_on_the_second_arm)
+    cut = tmp_path / "cut"
+    assert main([*args, "-o", str(cut)]) != 0
+    monkeypatch.setattr(run_mod, "run_eval", real)
+    first = (cut / "arms" / "unsteered" / "predictions.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--arm", "x=template:plain", "-o", str(cut)]) == 2
+    assert "pass --add-arms to add these arms" in capsys.readouterr().err
+    assert main([*args, "--arm", "x=template:plain", "--count", "3", "--add-arms", "-o", str(cut)]) == 2
+    assert "other arms or settings" in capsys.readouterr().err  # another setting: no addition
+    assert main([*args, "--arm", "x=template:plain", "--add-arms", "-o", str(cut)]) == 0
+    assert (cut / "arms" / "unsteered" / "predictions.jsonl").stat().st_mtime_ns == first  # kept, not rerun
+    for arm in ("unsteered", "cot", "x"):
+        assert _key(_rows(cut / "arms" / arm)) == _key(_rows(whole / "arms" / arm))
+    results = json.loads((cut / "results.json").read_text())
+    assert results["table"] == json.loads((whole / "results.json").read_text())["table"]
+    assert [a["arms"] for a in results["arms_added"]] == [["x"]]
+    assert "Added to the comparison after it began" in (cut / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*args, "--add-arms", "-o", str(tmp_path / "none")]) == 2
+    assert "holds none" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--no-unsteered", "--arm", "a=template:cot"], "at least two arms"),
     (["--arm", "unsteered=template:cot"], "two arms are named 'unsteered'"),

@@ -560,20 +560,23 @@ def check_alpha(model: ModelLike, vectors: SteeringVectors, *, prompts: Prompts,
 
 
 def compare_arms(model: str, arms: Sequence, out: str | Path, *, confirm: str | Path | None = None,
-                 allow_overlap: bool = False, overwrite: bool = False, command: list[str] | None = None,
-                 options: RuntimeOptions | None = None, progress: bool = False, **request) -> dict:
+                 allow_overlap: bool = False, overwrite: bool = False, add_arms: bool = False,
+                 command: list[str] | None = None, options: RuntimeOptions | None = None, progress: bool = False,
+                 **request) -> dict:
     """Score several arms of `model` on the same questions at every budget, each paired against the baseline
     arm (won, lost, exact McNemar p, Holm's adjusted p), and write OUT/results.json and OUT/report.md.
     `arms`: specs as `compare --arm` takes them ("unsteered", "fold=out/model.gguf", "cot=template:cot",
     "cv=control-vector:FILE", "g=lora:PATH[:SCALE]", "p=paper:VECTORS[@ALPHA]") or evaluation.compare.Arm
     objects; `request`: the fields of evaluation.compare.CompareRequest (data, count, offset, task, template,
     chat, budgets, engine, baseline, ...). `confirm`: a choice record (`record_choice`) whose questions are
-    refused unless `allow_overlap`. An interrupted comparison continues when called again the same way."""
+    refused unless `allow_overlap`. An interrupted comparison continues when called again the same way, or
+    with more arms and `add_arms` (the arms it holds keep their answers; results.json records the addition)."""
     from .evaluation.compare import Arm, CompareRequest, compare
 
     parsed = [arm if isinstance(arm, Arm) else Arm.parse(arm) for arm in arms]
     return compare(model, parsed, CompareRequest(**request), out, options or RuntimeOptions(), progress=progress,
-                   confirm=confirm, allow_overlap=allow_overlap, overwrite=overwrite, command=command)
+                   confirm=confirm, allow_overlap=allow_overlap, overwrite=overwrite, command=command,
+                   add_arms=add_arms)
 
 
 def record_choice(results_dir: str | Path, arm: str, out: str | Path, note: str | None = None) -> dict:

@@ -186,10 +186,13 @@ COMPARE_SERVING_FLAGS = {"llama_server": "--llama-server", "vllm": "--vllm", "pa
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, report.md, report.png and each arm's eval (arms/NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace a comparison in OUTPUT (an interrupted one resumes without it).")
+@click.option("--add-arms", is_flag=True,
+              help="Continue the interrupted comparison in OUTPUT with the arms given here that it lacks; the arms "
+                   "it holds keep their answers, and results.json says which arms joined and when.")
 @runtime_options
 @click.pass_context
 def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_path, budgets, confirm_path, allow_overlap,
-            output, overwrite, **options):
+            output, overwrite, add_arms, **options):
     """Score several arms of MODEL on the same questions, paired against the unsteered model.
 
     Each arm is an `eval` run on the engine that serves it (OUTPUT/arms/NAME); results.json has per
@@ -234,7 +237,7 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
     _refuse_output_in_model(output, model)
     with output_lock(output):
         results = compare_arms(model, arms, output, confirm=confirm_path, allow_overlap=allow_overlap,
-                               overwrite=overwrite, command=["unlock-export", *sys.argv[1:]], options=runtime,
+                               overwrite=overwrite, add_arms=add_arms, command=["unlock-export", *sys.argv[1:]], options=runtime,
                                progress=not ctx.obj["quiet"], data=data_path, budgets=_budgets(budgets),
                                baseline=baseline, **options)
     lines = [results["title"]]

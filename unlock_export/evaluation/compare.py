@@ -268,14 +268,36 @@ def _arm_rows(arm: Arm, model: str, request: CompareRequest, out: Path, options,
     return runs
 
 
+def _added_arms(stored: dict, asked: dict) -> list[str]:
+    """The names of the arms `asked` adds to the interrupted comparison `stored`, where that is the only
+    difference (every stored arm asked again as it was); else []."""
+    kept = {a["name"]: a for a in asked["arms"]}
+    if any(kept.get(a["name"]) != a for a in stored["arms"]):
+        return []
+    if {k: v for k, v in stored.items() if k != "arms"} != {k: v for k, v in asked.items() if k != "arms"}:
+        return []
+    had = {a["name"] for a in stored["arms"]}
+    return [a["name"] for a in asked["arms"] if a["name"] not in had]
+
+
+def _today() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Path, options=None,
             progress: bool = True, confirm: str | Path | None = None, allow_overlap: bool = False,
-            overwrite: bool = False, command: list[str] | None = None) -> dict:
+            overwrite: bool = False, command: list[str] | None = None, add_arms: bool = False) -> dict:
     """Score every arm on the same questions at every budget, pair each against the baseline arm, and
-    write OUT/results.json and OUT/report.md (a PNG too where matplotlib is installed)."""
+    write OUT/results.json and OUT/report.md (a PNG too where matplotlib is installed). `add_arms`: an
+    interrupted comparison in OUT asked again with more arms continues with them added (the arms it holds
+    keep their answers; results.json's `arms_added` says which arms joined and when)."""
     from ..provenance import run_record
 
     out = Path(out)
+    if add_arms and overwrite:
+        raise UserError("--add-arms keeps a comparison's answers and --overwrite replaces them: pass one of the two")
     baseline = _check_arms(arms, request)
     request = dataclasses.replace(request, budgets=tuple(sorted(set(request.budgets))))
     task = task_for(request.data, request.task)
@@ -304,9 +326,17 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
         stored = json.loads(plan_path.read_text(encoding="utf-8"))
         defaults = json.loads(json.dumps(dataclasses.asdict(CompareRequest())))
         stored["request"] = {**defaults, **stored.get("request", {})}  # a setting added since: its default
-        if stored != json.loads(json.dumps(plan)):
-            raise UserError(f"'{out}' holds an interrupted comparison with other arms or settings: rerun it with the "
-                            "same arguments to continue, or pass --overwrite to start again")
+        plan["arms_added"] = stored.pop("arms_added", [])
+        asked = json.loads(json.dumps({k: v for k, v in plan.items() if k != "arms_added"}))
+        if stored != asked:
+            added = _added_arms(stored, asked)
+            if not (add_arms and added):
+                raise UserError(f"'{out}' holds an interrupted comparison with other arms or settings: rerun it with "
+                                "the same arguments to continue" + (", or pass --add-arms to add these arms to it"
+                                                                   if added else "") + ", or --overwrite to start again")
+            plan["arms_added"].append({"arms": added, "date": _today()})
+    elif add_arms:
+        raise UserError(f"--add-arms adds arms to an interrupted comparison, and '{out}' holds none: leave it out")
     elif overwrite and out.exists():
         import shutil
 
@@ -355,7 +385,8 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
         "model": model, "baseline": baseline, "task": task.name, "request": dataclasses.asdict(request),
         "questions": {"n": len(items), "indices": [it.index for it in items], "sha256": digests},
         "choices_seen": [choice["seen"]] if choice else [],
-        "arms": arm_records, "table": table,
+        "arms": arm_records, **({"arms_added": plan["arms_added"]} if plan.get("arms_added") else {}),
+        "table": table,
         "multiple_comparisons": "Holm across the arms paired with the baseline, at each budget",
         "provenance": run_record(command or ["compare"]),
     }
@@ -390,6 +421,9 @@ def render_report(results: dict) -> str:
         lines += [f"Pre-registered: arm **{pre['arm']['name']}** ({pre['arm']['kind']}: {pre['arm']['value']}), chosen "
                   f"on {pre['chosen_on']['data']} ({len(pre['chosen_on']['indices'])} questions), recorded "
                   f"{pre['recorded']} at commit {(pre['provenance'].get('commit') or '?')[:12]}.", ""]
+    for added in results.get("arms_added", []):
+        lines += [f"Added to the comparison after it began ({added['date'][:10]}): "
+                  + ", ".join(f"**{name}**" for name in added["arms"]) + ".", ""]
     lines += ["| budget | arm | accuracy | 95% CI | won / lost | p | p (Holm) | mean tokens | cut |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in results["table"]:
