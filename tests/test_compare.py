@@ -150,14 +150,10 @@ def test_confirmation_refuses_questions_the_choice_saw(tiny_model_dir, math_set,
     assert results["overlap_with_choice"] == 1
 
 
-def test_an_interrupted_comparison_resumes(tiny_model_dir, math_set, tmp_path, monkeypatch, capsys):
+def _interrupted_on_the_second_arm(args: list[str], monkeypatch) -> None:
+    """Run `compare` with `args`, Ctrl-C arriving as its second arm starts; then undo the interruption."""
     import unlock_export.evaluation.run as run_mod
 
-    model = str(tiny_model_dir("llama"))
-    args = ["--quiet", "compare", model, "--arm", "cot=template:cot", "--data", str(math_set),
-            "--max-new-tokens", "4", "--batch-size", "2"]
-    whole = tmp_path / "whole"
-    assert main([*args, "-o", str(whole)]) == 0
     real, calls = run_mod.run_eval, []
 
     def dies_on_the_second_arm(*a, **k):
@@ -166,11 +162,20 @@ def test_an_interrupted_comparison_resumes(tiny_model_dir, math_set, tmp_path, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(run_mod, "run_eval", dies_on_the_second_arm)
+    with monkeypatch.context() as patched:
+        patched.setattr(run_mod, "run_eval", dies_on_the_second_arm)
+        assert main(args) != 0
+
+
+def test_an_interrupted_comparison_resumes(tiny_model_dir, math_set, tmp_path, monkeypatch, capsys):
+    model = str(tiny_model_dir("llama"))
+    args = ["--quiet", "compare", model, "--arm", "cot=template:cot", "--data", str(math_set),
+            "--max-new-tokens", "4", "--batch-size", "2"]
+    whole = tmp_path / "whole"
+    assert main([*args, "-o", str(whole)]) == 0
     cut = tmp_path / "cut"
-    assert main([*args, "-o", str(cut)]) != 0
+    _interrupted_on_the_second_arm([*args, "-o", str(cut)], monkeypatch)
     first = (cut / "arms" / "unsteered" / "predictions.jsonl").stat().st_mtime_ns
-    monkeypatch.setattr(run_mod, "run_eval", real)
     assert main([*args, "--arm", "x=template:plain", "-o", str(cut)]) == 2  # other arms: refused, not mixed
     assert "other arms or settings" in capsys.readouterr().err
     assert main([*args, "--where", "level=1", "-o", str(cut)]) == 2  # another selection: refused too
@@ -190,25 +195,13 @@ def test_arms_added_to_an_interrupted_comparison(tiny_model_dir, math_set, tmp_p
     (not rerun), the new arm equals a comparison that had it from the start, and results.json and the
     report say which arm joined. Without the flag, or with other settings, it is refused; with nothing to
     add to, too."""
-    import unlock_export.evaluation.run as run_mod
-
     model = str(tiny_model_dir("llama"))
     args = ["--quiet", "compare", model, "--arm", "cot=template:cot", "--data", str(math_set),
             "--max-new-tokens", "4", "--batch-size", "2"]
     whole = tmp_path / "whole"
     assert main([*args, "--arm", "x=template:plain", "-o", str(whole)]) == 0
-    real, calls = run_mod.run_eval, []
-
-    def dies_on_the_second_arm(*a, **k):
-        calls.append(a[2])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(run_mod, "run_eval", dies_on_the_second_arm)
     cut = tmp_path / "cut"
-    assert main([*args, "-o", str(cut)]) != 0
-    monkeypatch.setattr(run_mod, "run_eval", real)
+    _interrupted_on_the_second_arm([*args, "-o", str(cut)], monkeypatch)
     first = (cut / "arms" / "unsteered" / "predictions.jsonl").stat().st_mtime_ns
     capsys.readouterr()
     assert main([*args, "--arm", "x=template:plain", "-o", str(cut)]) == 2
