@@ -360,6 +360,9 @@ def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_
         expected = torch.tensor(nll_by_hand(steered) - nll_by_hand(plain)).exp().item()
     assert steered != plain and huge["fluency_ratio"] > 1.0
     assert abs(huge["fluency_ratio"] - expected) < 1e-3 * expected
+    auto = check_alphas(loaded, vectors, texts, alphas=(100.0, 1e-9), margin=1e6, tokens=6, batch_size="auto")
+    assert [r["fluency_ratio"] for r in auto["table"]] == pytest.approx([tiny["fluency_ratio"], huge["fluency_ratio"]],
+                                                                         rel=1e-4)  # the same, batched by memory
     strict = check_alphas(loaded, vectors, texts, alphas=(1e-9, 100.0, 200.0), margin=0.01, tokens=6, batch_size=3)
     assert [r["alpha"] for r in strict["table"]] == [1e-9, 100.0]  # stopped at the first failure
     assert [r["allowed"] for r in strict["table"]] == [True, False] and strict["alpha"] == 1e-9

@@ -440,10 +440,15 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     # the rows costs far less than a second generation
     firsts: list = []
     chosen: list = []
+    doubled = [text for text in texts for _ in (0, 1)]
+    if batch_size == "auto":  # the rows that fit, as whole pairs
+        from ..method.capture import resolve_batch_size
+
+        rows = max(2, resolve_batch_size("auto", loaded, doubled, extra_tokens=tokens) // 2 * 2)
+    else:
+        rows = 2 * int(batch_size)
     with paper_steering(loaded, vectors, alphas[0], rows=slice(1, None, 2)):
-        both = greedy_continuations(loaded, [text for text in texts for _ in (0, 1)], tokens,
-                                    2 * _batch_size(loaded, _ids(loaded, texts), batch_size),
-                                    first_logprobs=firsts, token_logprobs=chosen)
+        both = greedy_continuations(loaded, doubled, tokens, rows, first_logprobs=firsts, token_logprobs=chosen)
     plain = both[0::2]
     if answer_start is not None:
         answer_start.update(texts=tuple(texts), unsteered=torch.stack(firsts[0::2]))
