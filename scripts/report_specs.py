@@ -160,9 +160,11 @@ CALIBRATION_COLUMNS = [  # of a calibration (.), its label, its chosen scale and
     ("KL unsteered", "{.kl_unsteered_to_reference:num2}"), ("perplexity ratio at it", "x{at.perplexity_ratio:num3}"),
     ("perplexity guard", "+{.ppl_margin:pct0}"), ("source", "{source}")]
 GRID_HEADERS = ["scale", "KL to the paper form", "perplexity ratio", "within the guard", "continuation cross-entropy"]
-GRID_CELLS = [  # every scale a calibration tried; the last column only where a row records it
-    "{.scale:general}", "{.kl_to_reference:num3}", "x{.perplexity_ratio:num3}", "{.allowed:yesno}",
-    "{.continuation_ce:num3}"]
+GRID_CELLS = [  # every scale a calibration tried; the last column only where a row records it. A search that
+    # bisects the guard leaves the objective unmeasured over it and the perplexity below an allowed scale
+    '{.scale:general}', '{.kl_to_reference:num3 | "not measured (over the guard)"}',
+    '{.perplexity_ratio:times3 | "not measured (below an allowed scale)"}', '{.allowed:yesno}',
+    '{.continuation_ce:num3 | "-"}']
 SETTINGS = Table(["setting", "value", "source"], [
     ("target", "{target}"), ("vectors", "{vectors}"), ("questions (as recorded)", "{data:code}"),
     ("prompt template", "{template}"), ("max new tokens", "{max_new_tokens}"), ("machine", "{machine}"),

@@ -96,7 +96,7 @@ FORMATS = {  # a template's {expr:format}; those with decimal places take them f
     "slash": lambda xs, n=1: " / ".join(num(x, n) for x in xs),
     "nums": lambda xs, n=1: ", ".join(num(x, n) for x in xs), "join": ", ".join,
     "tokens": lambda tokens: " ".join(code(json.dumps(t, ensure_ascii=False)) for t in tokens),
-    "yesno": lambda x: "yes" if x else "no", "last": lambda n: n - 1,  # the last of n questions counted from 0
+    "times": lambda x, n=1: f"x{num(x, n)}", "yesno": lambda x: "yes" if x else "no", "last": lambda n: n - 1,  # the last of n questions counted from 0
     "stage": lambda name: name.removesuffix("_s"), "basename": lambda name: name.split("/")[-1],
     "key": lambda path: code_key(*path)}
 

@@ -167,6 +167,24 @@ def test_200_question_rows_are_the_jsons_counts_with_independent_intervals_and_p
     assert row(text, "`paper-form`")["scale (the paper form: alpha)"] == "0.1"  # calibration.reference.strength
 
 
+def test_a_bisected_calibration_grid_shows_every_row_and_what_it_did_not_measure(rr, results):
+    """A search that bisects the guard leaves rows without a perplexity (inferred allowed) or without the
+    objective (over the guard): each still gets its row, saying what was not measured."""
+    path = results / "eval_qwen0.5b_to_1.5b.json"
+    data = json.loads(path.read_text())
+    data["calibration"]["table"] = [
+        {"scale": 0.0, "kl_to_reference": 2.0, "perplexity": 5.0, "perplexity_ratio": 1.0, "allowed": True},
+        {"scale": 0.125, "kl_to_reference": 1.75, "allowed": True, "guard": "inferred"},
+        {"scale": 0.25, "kl_to_reference": 1.5, "perplexity": 5.4, "perplexity_ratio": 1.08, "allowed": True},
+        {"scale": 0.5, "perplexity": 6.0, "perplexity_ratio": 1.2, "allowed": False}]
+    path.write_text(json.dumps(data))
+    grid = next(rows for headers, rows in tables(gsm8k(rr, results)) if "within the guard" in headers
+                and rows[0]["scale"] == "0")
+    assert [(r["scale"], r["KL to the paper form"], r["perplexity ratio"], r["within the guard"]) for r in grid] == [
+        ("0", "2.000", "x1.000", "yes"), ("0.125", "1.750", "not measured (below an allowed scale)", "yes"),
+        ("0.25", "1.500", "x1.080", "yes"), ("0.5", "not measured (over the guard)", "x1.200", "no")]
+
+
 def test_a_run_recorded_over_more_questions_gets_a_row_for_the_tables_questions(rr, results):
     text = gsm8k(rr, results)
     rows = [r for _, rs in tables(text) for r in rs if next(iter(r.values())).startswith("`folded`")]
