@@ -83,8 +83,8 @@ class CalibrationSettings:
     alpha: float = setting(0.1, "The paper form's strength to match.")
     count: int = setting(8, "Prompts the calibration reads (the first of the prompts).")
     scales: tuple[float, ...] | None = setting(None,
-        "The additive scales tried, ascending (default 0, then 1/256..64 in sqrt(2) steps), stopping after two "
-        "in a row fail the perplexity guard, then refined around the best.")
+        "The additive scales searched (default 0, then 1/256..64 in sqrt(2) steps): the perplexity guard's boundary "
+        "found by bisection, the objective measured at every allowed scale, then refined around the best.")
     ppl_margin: float = setting(0.10,
         "Allowed relative rise of perplexity on plain text (0.10 = +10%).")
     objective: str = setting("answer-start",

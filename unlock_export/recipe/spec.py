@@ -148,8 +148,9 @@ class FoldSpec(_Strict):
         "Offset = scale * vector. auto: the label-free calibration (closest to the paper form at `alpha` by "
         "`objective`, perplexity within `ppl_margin`).", default="auto")
     alpha: float = _doc("The paper form's strength that the calibration matches.", default=_CALIBRATION.alpha, gt=0)
-    scales: Optional[list[float]] = _doc("scale auto: the grid searched, ascending, then refined around the best "
-                                         "(default: 0, then 1/256 to 64 in sqrt(2) steps).", default=_CALIBRATION.scales,
+    scales: Optional[list[float]] = _doc("scale auto: the grid searched (the perplexity guard bisected), then refined "
+                                         "around the best (default: 0, then 1/256 to 64 in sqrt(2) steps).",
+                                         default=_CALIBRATION.scales,
                                          min_length=1)
     objective: Literal["answer-start", "continuation"] = _doc(
         "answer-start: KL of the next-token distribution at the last prompt token; continuation: cross-entropy "
