@@ -6,7 +6,7 @@
 # GGUF users serve), greedy, 256 and 512 new tokens from one generation.
 #
 #   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
-#   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the finished chunks in reports/
+#   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the answers so far in reports/
 #   bash experiments/confirm_gsm8k.sh fold       # only build (and check) the fold GGUF, as confirm_math500.sh needs
 #
 # Each step is skipped when its output exists, and an interrupted `compare` continues from its finished
@@ -19,12 +19,16 @@ TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
 mkdir -p "$OUT"
 KEPT=reports/results/confirm_gsm8k_inprogress
-if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and each arm's finished chunks into $KEPT
+if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and each arm's answers into $KEPT
     [[ -f "$OUT/confirm/compare.json" ]] || { echo "error: no confirmation under $OUT/confirm to keep" >&2; exit 2; }
     mkdir -p "$KEPT" && cp "$OUT/confirm/compare.json" "$KEPT/"
     for arm in "$OUT"/confirm/arms/*/; do
-        if [[ -f "$arm/progress.jsonl" ]]; then
-            mkdir -p "$KEPT/arms/$(basename "$arm")" && cp "$arm/progress.jsonl" "$KEPT/arms/$(basename "$arm")/"
+        kept="$KEPT/arms/$(basename "$arm")"
+        mkdir -p "$kept"
+        if [[ -f "$arm/summary.json" ]]; then  # a finished arm: its predictions (its progress file is gone)
+            cp "$arm/predictions.jsonl" "$arm/summary.json" "$kept/" && rm -f "$kept/progress.jsonl"
+        elif [[ -f "$arm/progress.jsonl" ]]; then  # an unfinished one: its finished chunks
+            cp "$arm/progress.jsonl" "$kept/"
         fi
     done
     exit 0
