@@ -89,9 +89,13 @@ def machine() -> dict:
             "gpu": gpu_name()}
 
 
+def utc_now() -> str:
+    """Now, in UTC, to the second (ISO 8601): the date every record this package writes carries."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run_record(argv: list[str] | None = None) -> dict:
     """The provenance of a results file written now: {command, commit, dirty, versions, machine, date}."""
     commit, dirty = git_state()
     return {"command": shlex.join(sys.argv if argv is None else argv), "commit": commit, "dirty": dirty,
-            "versions": versions(), "machine": machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "versions": versions(), "machine": machine(), "date": utc_now()}

@@ -237,8 +237,8 @@ def compare(ctx, model, run_dir, paper, arm_specs, unsteered, baseline, data_pat
     _refuse_output_in_model(output, model)
     with output_lock(output):
         results = compare_arms(model, arms, output, confirm=confirm_path, allow_overlap=allow_overlap,
-                               overwrite=overwrite, add_arms=add_arms, command=["unlock-export", *sys.argv[1:]], options=runtime,
-                               progress=not ctx.obj["quiet"], data=data_path, budgets=_budgets(budgets),
+                               overwrite=overwrite, add_arms=add_arms, command=["unlock-export", *sys.argv[1:]],
+                               options=runtime, progress=not ctx.obj["quiet"], data=data_path, budgets=_budgets(budgets),
                                baseline=baseline, **options)
     lines = [results["title"]]
     for e in results["table"]:

@@ -255,6 +255,9 @@ class _Grid:
     def allowed(self) -> list[float]:
         return sorted(s for s, row in self.rows.items() if row.get("allowed"))
 
+    def rejected(self) -> list[float]:
+        return sorted(s for s, row in self.rows.items() if row.get("allowed") is False)
+
     def table(self) -> list[dict]:
         order = ("scale", "kl_to_reference", "perplexity", "perplexity_ratio", "allowed", "guard", "continuation_ce")
         return [{k: self.rows[s][k] for k in order if k in self.rows[s]} for s in sorted(self.rows)]
@@ -308,12 +311,11 @@ def _search(grid: _Grid, scales, refine: bool, stop_after_rejected: int) -> None
         if not bisect:
             grid.closeness(candidate)
             grid.guard(candidate)
-        elif candidate <= max(grid.allowed()):
+        elif candidate <= grid.allowed()[-1]:
             grid.infer(candidate)
             grid.closeness(candidate)
-        elif not any(not row.get("allowed", True) and s <= candidate for s, row in grid.rows.items()):
-            if grid.guard(candidate):  # between the largest allowed scale and the smallest rejected one
-                grid.closeness(candidate)
+        elif candidate < min(grid.rejected(), default=math.inf) and grid.guard(candidate):
+            grid.closeness(candidate)  # it lay between the largest allowed scale and the smallest rejected one
 
 
 def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: list[str],

@@ -19,7 +19,6 @@ in its title that it is no confirmation.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import re
@@ -188,7 +187,7 @@ def choose(results_dir: str | Path, arm: str, output: str | Path, note: str | No
     """Record a choice made on a comparison (RESULTS_DIR, a `compare` output) before it is confirmed:
     the arm, its settings, the questions the choice saw (every question of that comparison), the commit
     and the date. Written once; an existing record is never replaced."""
-    from ..provenance import run_record
+    from ..provenance import run_record, utc_now
 
     results = read_results(results_dir)
     arms = {a["name"]: a for a in results["arms"]}
@@ -203,7 +202,7 @@ def choose(results_dir: str | Path, arm: str, output: str | Path, note: str | No
     record = {"kind": "unlock-export choice", "arm": arms[arm], "chosen_on": {
         "results": str(Path(results_dir).resolve()), "data": results["request"]["data"],
         "indices": results["questions"]["indices"]}, "note": note,
-        "seen": sorted(seen), "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seen": sorted(seen), "recorded": utc_now(),
         "provenance": run_record(["choose", str(results_dir), arm])}
     atomic_write_text(output, json.dumps(record, indent=2) + "\n")
     return record
@@ -280,12 +279,6 @@ def _added_arms(stored: dict, asked: dict) -> list[str]:
     return [a["name"] for a in asked["arms"] if a["name"] not in had]
 
 
-def _today() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Path, options=None,
             progress: bool = True, confirm: str | Path | None = None, allow_overlap: bool = False,
             overwrite: bool = False, command: list[str] | None = None, add_arms: bool = False) -> dict:
@@ -293,7 +286,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
     write OUT/results.json and OUT/report.md (a PNG too where matplotlib is installed). `add_arms`: an
     interrupted comparison in OUT asked again with more arms continues with them added (the arms it holds
     keep their answers; results.json's `arms_added` says which arms joined and when)."""
-    from ..provenance import run_record
+    from ..provenance import run_record, utc_now
 
     out = Path(out)
     if add_arms and overwrite:
@@ -334,7 +327,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
                 raise UserError(f"'{out}' holds an interrupted comparison with other arms or settings: rerun it with "
                                 "the same arguments to continue" + (", or pass --add-arms to add these arms to it"
                                                                    if added else "") + ", or --overwrite to start again")
-            plan["arms_added"].append({"arms": added, "date": _today()})
+            plan["arms_added"].append({"arms": added, "date": utc_now()})
     elif add_arms:
         raise UserError(f"--add-arms adds arms to an interrupted comparison, and '{out}' holds none: leave it out")
     elif overwrite and out.exists():
