@@ -130,6 +130,36 @@ def test_a_lost_server_stops_eval_in_one_line_keeping_progress(tmp_path, capsys,
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
 
 
+def test_an_interrupted_server_generate_does_not_wait_for_requests_in_flight():
+    """Ctrl-C or SIGTERM during a server's chunk (here: a request that fails, as the interrupt does in the
+    main thread) leaves generate at once: the queued prompts are never sent and the requests still in
+    flight are not waited for (they end when the server is stopped). Before, the executor's exit waited
+    for them, so a SIGTERM'd `compare` ran on until its 512-token answers were done."""
+    import threading
+
+    from unlock_export.evaluation.engines.server import LocalServer
+
+    release, started, finished = threading.Event(), [], []
+
+    class Fake(LocalServer):
+        def _one(self, text, max_new_tokens):
+            started.append(text)
+            if text == "interrupt":
+                raise KeyboardInterrupt
+            release.wait(timeout=10)  # a long answer, until the test lets it go
+            finished.append(text)
+            return text, 1
+
+    texts = ["interrupt", "in flight", *(f"queued {i}" for i in range(8))]
+    with pytest.raises(KeyboardInterrupt):
+        Fake(parallel=2, startup_timeout=1).generate(texts, 4)
+    assert "in flight" in started and not finished  # returned while that request was still in flight
+    release.set()
+    time.sleep(0.2)
+    # at most one queued prompt was taken by the freed worker before the queue was dropped
+    assert len(started) <= 3, started
+
+
 # -- the real engines ---------------------------------------------------------------------------
 
 @pytest.mark.engines

@@ -123,5 +123,11 @@ class LocalServer:
                 progress(1)
             return result
 
-        with ThreadPoolExecutor(self.parallel) as pool:
+        # not `with`: its exit waits for every queued request, so an interrupt (Ctrl-C, SIGTERM) or a failed
+        # request would answer the whole chunk first. The queue is dropped instead; the requests in flight
+        # end when the server is stopped (__exit__)
+        pool = ThreadPoolExecutor(self.parallel)
+        try:
             return list(pool.map(job, texts))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
