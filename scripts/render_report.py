@@ -29,7 +29,7 @@ for folder in (ROOT, ROOT / "scripts"):  # this checkout's package (it needs no 
         sys.path.insert(0, str(folder))
 
 import report_specs as specs  # noqa: E402
-from report_specs import DEMO, FORWARD, README_ROWS  # noqa: E402
+from report_specs import CONFIRM, DEMO, FORWARD, README_ROWS  # noqa: E402
 from report_template import EMPTY, Doc, Scope, code, code_key, dig, entries, key  # noqa: E402
 from report_template import interval as interval  # noqa: E402  (re-exported for callers, as are pct and pvalue)
 from report_template import pct as pct  # noqa: E402
@@ -42,6 +42,7 @@ RESULTS, OUT, README = ROOT / "reports" / "results", ROOT / "reports", ROOT / "R
 GSM8K_REPORT, PERFORMANCE_REPORT = specs.GSM8K.file, specs.PERFORMANCE.file
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
+CONFIRM_START, CONFIRM_END = "<!-- confirmation:start -->", "<!-- confirmation:end -->"
 
 
 class Inconsistent(Exception):
@@ -346,6 +347,49 @@ def readme_results(results: Path = RESULTS) -> str:
     return "\n".join([README_START, *table(headers, rows), "", specs.README_SOURCE, README_END])
 
 
+def readme_confirmation(results: Path = RESULTS) -> str:
+    """The README's confirmation: every arm at every budget of the confirmation's comparison (compare's
+    results.json, kept as CONFIRM), each interval, p and Holm p checked against its counts; while there is
+    no such file, a sentence saying the confirmation is not finished."""
+    from unlock_export.evaluation.compare import holm
+
+    path = results / CONFIRM
+    if not path.is_file():
+        return "\n".join([CONFIRM_START, *textwrap.wrap(specs.CONFIRM_PENDING, 100, break_on_hyphens=False),
+                          CONFIRM_END])
+    found = json.loads(path.read_text(encoding="utf-8"))
+    if not found.get("confirmation"):
+        raise SystemExit(f"{path}: not a confirmation (compare --confirm): the README shows only a confirmation here")
+    rows = []
+    for budget in found["request"]["budgets"]:
+        entries_ = [e for e in found["table"] if e["budget"] == budget]
+        paired = [e for e in entries_ if "won" in e]
+        for e, adjusted in zip(paired, holm([mcnemar(e["won"], e["lost"]) for e in paired])):
+            where = f"{CONFIRM} table, {e['arm']} at {budget}"
+            if not _close(e["p_mcnemar_exact"], mcnemar(e["won"], e["lost"]), rel=1e-9, absolute=0) \
+                    or not _close(e["p_holm"], adjusted, rel=1e-9, absolute=0):
+                raise Inconsistent(f"{where}: p or Holm p disagrees with won / lost")
+        for e in entries_:
+            low, high = wilson(e["correct"], e["n"])
+            if not (_close(e["ci95"][0], low) and _close(e["ci95"][1], high)):
+                raise Inconsistent(f"{CONFIRM} table, {e['arm']} at {budget}: ci95 disagrees with {e['correct']}/{e['n']}")
+            versus = (f"{e['won']} / {e['lost']}, p = {pvalue(e['p_mcnemar_exact'])}, Holm {pvalue(e['p_holm'])}"
+                      if "won" in e else "-")
+            rows.append([budget, specs.CONFIRM_LABELS.get(e["arm"], e["arm"]), f"{e['correct']}/{e['n']}",
+                         f"{pct(e['correct'] / e['n'])} ({interval(low, high)})", versus, pct(e["cut_rate"])])
+    pre = found["preregistration"]
+    added = "".join(f" Added after the comparison began ({a['date'][:10]}): {', '.join(a['arms'])}."
+                    for a in found.get("arms_added", []))
+    source = (f"Pre-registered arm: {pre['arm']['name']}, recorded {pre['recorded'][:10]} at commit "
+              f"{(pre['provenance'].get('commit') or '?')[:12]}, before any confirmation answer.{added} Rendered by "
+              f"`python scripts/render_report.py` from [reports/results/{CONFIRM}](reports/results/{CONFIRM}) (the "
+              f"report: [reports/{specs.CONFIRM_REPORT}](reports/{specs.CONFIRM_REPORT})).")
+    headers = ["max new tokens", "arm", "correct", "accuracy (95% CI)",
+               "vs unsteered: won / lost, exact McNemar p, Holm-adjusted p", "cut at the limit"]
+    return "\n".join([CONFIRM_START, *table(headers, rows), "", *textwrap.wrap(source, 100, break_on_hyphens=False),
+                      CONFIRM_END])
+
+
 def readme_with_results(text: str, block: str, start_mark: str = README_START, end_mark: str = README_END) -> str:
     start, end = text.find(start_mark), text.find(end_mark)
     if start < 0 or end < start:
@@ -384,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme.name:
             current = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
             current = readme_with_results(current, readme_results(results))
-            reports[args.readme] = readme_with_results(current, readme_demo(results), DEMO_START, DEMO_END)
+            current = readme_with_results(current, readme_demo(results), DEMO_START, DEMO_END)
+            reports[args.readme] = readme_with_results(current, readme_confirmation(results), CONFIRM_START,
+                                                       CONFIRM_END)
     except Inconsistent as exc:
         print(f"render_report: inconsistent results: {exc}", file=sys.stderr)
         return 2

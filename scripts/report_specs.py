@@ -609,6 +609,19 @@ README_SOURCE = (f"Rendered by `python scripts/render_report.py` from `table_200
                  f"[reports/results/{FORWARD}](reports/results/{FORWARD}); every row, both directions: "
                  f"[reports/{GSM8K.file}](reports/{GSM8K.file}).")
 
+CONFIRM = "confirm_gsm8k.json"  # experiments/confirm_gsm8k.sh's compare results.json, kept
+CONFIRM_REPORT = "confirm-gsm8k.md"  # compare's own rendering of it (render_report), beside the others
+CONFIRM_KEPT = "confirm_gsm8k_inprogress"  # where an unfinished confirmation keeps its answers
+CONFIRM_LABELS = {  # arm name -> its label in the README
+    "unsteered": "unsteered",
+    "fold": "**UNLOCK folded, the recorded choice** (answer-start key, label-free scale 0.4204, patched GGUF)",
+    "cot": "CoT prompt on the target (the prompting baseline)",
+    "gated": "gated LoRA: the paper form's last-token edit as a LoRA, label-free multiplier (`llama-server --lora`)",
+}
+CONFIRM_PENDING = (  # the block while the confirmation has no results file yet
+    "The confirmation on all 400 questions of `builtin:gsm8k-confirm` (`experiments/confirm_gsm8k.sh`) is not "
+    f"finished; its answers so far are kept in [reports/results/{CONFIRM_KEPT}/](reports/results/{CONFIRM_KEPT}/).")
+
 DEMO = "demo.json"
 DEMO_STAGES = [f"{label} {{timings_s.{stage}_s / 60:.1f}}" for stage, label in (
     ("key", "key"), ("align", "align"), ("diagnostics", "diagnostics"), ("calibrate", "label-free calibration"),

@@ -394,3 +394,69 @@ def test_the_gated_lora_section_pairs_each_row_from_its_indices(rr, tmp_path):
     assert row(short, "`gated-lora`")["won / lost vs baseline"] == \
         f"{len(set(answer) - set(UNSTEERED))} / {len(set(UNSTEERED) - set(answer))}"
     assert "folded-answer-key at 512 tokens" in text and "2.700" in text
+
+
+def _confirmation(arms: dict[str, list[int]], n: int, budget: int = 256) -> dict:
+    """A compare results file of a confirmation: each arm's correct indices over n questions at one
+    budget, paired against unsteered with this file's own McNemar p and Holm's adjustment by hand."""
+    base = set(arms["unsteered"])
+    table = []
+    for name, indices in arms.items():
+        entry = {"arm": name, "budget": budget, "n": n, "correct": len(indices), "accuracy": len(indices) / n,
+                 "ci95": [round(b, 4) for b in wilson(len(indices), n)], "mean_output_tokens": 300.0, "cut_rate": 0.25}
+        if name != "unsteered":
+            entry.update(won=len(set(indices) - base), lost=len(base - set(indices)))
+            entry["p_mcnemar_exact"] = mcnemar(entry["won"], entry["lost"])
+        table.append(entry)
+    paired = sorted((e for e in table if "won" in e), key=lambda e: e["p_mcnemar_exact"])
+    running = 0.0
+    for i, e in enumerate(paired):  # Holm's step-down: (m - i) p, kept monotone, capped at 1
+        running = max(running, min(1.0, (len(paired) - i) * e["p_mcnemar_exact"]))
+        e["p_holm"] = running
+    return {"title": "Confirmation of arm fold", "confirmation": True, "request": {"budgets": [budget]},
+            "table": table, "arms_added": [{"arms": ["gated"], "date": "2026-12-07T18:30:00+00:00"}],
+            "preregistration": {"arm": {"name": "fold"}, "recorded": "2026-12-06T22:54:05+00:00",
+                                "provenance": {"commit": "d7d180160e8d2986"}}}
+
+
+def test_the_readme_confirmation_is_rendered_from_the_confirmations_results(rr, tmp_path):
+    """Every arm's row: its counts, Wilson interval, won / lost, McNemar p and Holm p computed here; the
+    pre-registration and the arm added later are named. A Holm p that disagrees with the counts stops the
+    render; a comparison that is no confirmation is refused; without the file the block says the
+    confirmation is not finished. The README's block is current."""
+    arms = {"unsteered": [0, 3, 7, 8, 12, 19], "fold": [0, 1, 2, 3, 5, 7, 9, 11, 12, 13, 17],
+            "cot": [0, 3, 7, 8, 12, 19, 4], "gated": [3, 8]}
+    results = tmp_path / "results"
+    results.mkdir()
+    pending = " ".join(rr.readme_confirmation(results).split())
+    assert "is not finished" in pending and rr.CONFIRM_START in pending and rr.CONFIRM_END in pending
+    doc = _confirmation(arms, 20)
+    (results / rr.CONFIRM).write_text(json.dumps(doc))
+    block = rr.readme_confirmation(results)
+    rows = [line for line in block.splitlines() if line.startswith("| 256 ")]
+    assert len(rows) == 4
+    holm_by_arm = {e["arm"]: e.get("p_holm") for e in doc["table"]}
+    for (name, indices), row in zip(arms.items(), rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        lo, hi = wilson(len(indices), 20)
+        assert cells[2] == f"{len(indices)}/20" and cells[3] == f"{100 * len(indices) / 20:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}%)"
+        if name == "unsteered":
+            assert cells[4] == "-"
+            continue
+        won, lost = len(set(indices) - set(arms["unsteered"])), len(set(arms["unsteered"]) - set(indices))
+        m = re.fullmatch(r"(\d+) / (\d+), p = (\S+), Holm (\S+)", cells[4])
+        assert m and (int(m[1]), int(m[2])) == (won, lost), cells[4]
+        assert math.isclose(float(m[3]), mcnemar(won, lost), rel_tol=0.05)
+        assert math.isclose(float(m[4]), holm_by_arm[name], rel_tol=0.05)
+    flat = " ".join(block.split())
+    assert "Pre-registered arm: fold, recorded 2026-12-06 at commit d7d180160e8d" in flat
+    assert "Added after the comparison began (2026-12-07): gated." in flat
+    doc["table"][1]["p_holm"] = doc["table"][1]["p_mcnemar_exact"]  # unadjusted, where three arms were paired
+    (results / rr.CONFIRM).write_text(json.dumps(doc))
+    with pytest.raises(rr.Inconsistent, match="Holm"):
+        rr.readme_confirmation(results)
+    (results / rr.CONFIRM).write_text(json.dumps({**_confirmation(arms, 20), "confirmation": False}))
+    with pytest.raises(SystemExit, match="not a confirmation"):
+        rr.readme_confirmation(results)
+    current = (REPO / "README.md").read_text()
+    assert rr.readme_with_results(current, rr.readme_confirmation(), rr.CONFIRM_START, rr.CONFIRM_END) == current
