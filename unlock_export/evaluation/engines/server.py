@@ -87,8 +87,8 @@ class LocalServer:
     def __exit__(self, *exc):
         if self.proc is not None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
+            try:  # a server left by an interrupt or a failure is not waited on to finish the answers it holds
+                self.proc.wait(timeout=30 if exc[0] is None else 5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
