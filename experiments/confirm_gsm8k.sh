@@ -8,10 +8,11 @@
 #   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
 #   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the answers so far in reports/
 #   bash experiments/confirm_gsm8k.sh fold       # only build (and check) the fold GGUF, as confirm_math500.sh needs
+#   bash experiments/confirm_gsm8k.sh gated      # only build the gated LoRA's GGUF (and keep it in reports/)
 #
 # Each step is skipped when its output exists, and an interrupted `compare` continues from its finished
-# chunks when rerun with the same arguments. About 6-7 h on a quiet 2-core machine (the 1.5B answers at
-# about 19 s per 512-token answer): the confirmation is 3 arms x 400 questions.
+# chunks when rerun with the same arguments. About 7-9 h on a quiet 2-core machine (the 1.5B answers at
+# about 10-19 s per 512-token answer): the confirmation is 4 arms x 400 questions.
 set -euo pipefail
 OUT="${OUT:-out/confirm}"
 CLI=(${UNLOCK_CLI:-.venv/bin/unlock-export})
@@ -61,6 +62,24 @@ fi
 [[ -f "$SHA" ]] || echo "$got" > "$SHA"
 [[ "${1:-}" == fold ]] && exit 0
 
+# the gated LoRA (the paper form's last-token edit as a plain LoRA, served with llama-server --lora), made as
+# experiments/eval_table.py made the development table's gated-lora row: the last-token key of recipe
+# zoo-qwen0.5b-to-1.5b-cot, layers 1.., alpha 0.1, the multiplier chosen without labels, gates fitted on 32 train
+# prompts from offset 1000. Its LoRA GGUF is committed (GATED) so that the arm answers the same on any machine;
+# a machine without it builds it. It joined the confirmation after its other arms had begun (compare --add-arms)
+GATED=reports/results/confirm_gsm8k_gated
+if [[ ! -f "$GATED/lora.gguf" ]]; then
+    [[ -f "$OUT/gated/recipe/summary.json" ]] || "${CLI[@]}" run recipes/zoo-qwen0.5b-to-1.5b-cot.yaml "$OUT/gated/recipe"
+    [[ -f "$OUT/gated/adapter/unlock.json" ]] || "${CLI[@]}" fold "$TARGET" --vectors "$OUT/gated/recipe/vectors.safetensors" \
+        --layers 1--1 --mode gated-lora --alpha 0.1 --multiplier auto --gate-count 32 --gate-offset 1000 -o "$OUT/gated/adapter"
+    [[ -f "$OUT/gated/lora.gguf" ]] || "${CLI[@]}" gguf "$OUT/gated/adapter" -o "$OUT/gated/lora.gguf"
+    mkdir -p "$GATED"
+    cp "$OUT/gated/adapter/unlock.json" "$GATED/unlock.json"
+    cp "$OUT/gated/recipe/vectors.safetensors" "$GATED/vectors.safetensors"
+    cp "$OUT/gated/lora.gguf" "$GATED/lora.gguf"
+fi
+[[ "${1:-}" == gated ]] && exit 0
+
 ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
 # development: where the configuration was chosen (dev 0-63); the first 32 questions, every arm
 [[ -f "$OUT/dev/results.json" || -f "$CHOICE" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-dev \
@@ -72,5 +91,8 @@ ARMS=(--arm "fold=$OUT/fold.gguf" --arm cot=template:cot)
 if [[ ! -d "$OUT/confirm" && -f "$KEPT/compare.json" ]]; then
     mkdir -p "$OUT/confirm" && cp -r "$KEPT/." "$OUT/confirm/"
 fi
-[[ -f "$OUT/confirm/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --data builtin:gsm8k-confirm \
-    --max-new-tokens 256,512 --confirm "$CHOICE" -o "$OUT/confirm"
+# the gated LoRA joins a comparison begun without it (--add-arms, recorded in results.json's arms_added)
+ADD=()
+if [[ -f "$OUT/confirm/compare.json" ]] && ! grep -q '"name": "gated"' "$OUT/confirm/compare.json"; then ADD=(--add-arms); fi
+[[ -f "$OUT/confirm/results.json" ]] || "${CLI[@]}" compare "$TARGET" "${ARMS[@]}" --arm "gated=lora:$GATED/lora.gguf" \
+    --data builtin:gsm8k-confirm --max-new-tokens 256,512 --confirm "$CHOICE" "${ADD[@]}" -o "$OUT/confirm"
