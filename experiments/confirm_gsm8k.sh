@@ -7,6 +7,7 @@
 #
 #   bash experiments/confirm_gsm8k.sh            # OUT=out/confirm; rerun to continue where it stopped
 #   bash experiments/confirm_gsm8k.sh keep       # before the machine goes: keep the answers so far in reports/
+#                                                # (once it has ended: its results.json and report too)
 #   bash experiments/confirm_gsm8k.sh fold       # only build (and check) the fold GGUF, as confirm_math500.sh needs
 #   bash experiments/confirm_gsm8k.sh gated      # only build the gated LoRA's GGUF (and keep it in reports/)
 #
@@ -22,6 +23,11 @@ mkdir -p "$OUT"
 KEPT=reports/results/confirm_gsm8k_inprogress
 if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and each arm's answers into $KEPT
     [[ -f "$OUT/confirm/compare.json" ]] || { echo "error: no confirmation under $OUT/confirm to keep" >&2; exit 2; }
+    if [[ -f "$OUT/confirm/results.json" ]]; then  # finished: its results beside the others, its report in reports/
+        cp "$OUT/confirm/results.json" reports/results/confirm_gsm8k.json
+        cp "$OUT/confirm/report.md" reports/confirm-gsm8k.md
+        [[ ! -f "$OUT/confirm/report.png" ]] || cp "$OUT/confirm/report.png" reports/results/confirm_gsm8k.png
+    fi
     mkdir -p "$KEPT" && cp "$OUT/confirm/compare.json" "$KEPT/"
     for arm in "$OUT"/confirm/arms/*/; do
         kept="$KEPT/arms/$(basename "$arm")"

@@ -29,7 +29,7 @@ for folder in (ROOT, ROOT / "scripts"):  # this checkout's package (it needs no 
         sys.path.insert(0, str(folder))
 
 import report_specs as specs  # noqa: E402
-from report_specs import CONFIRM, DEMO, FORWARD, README_ROWS  # noqa: E402
+from report_specs import CONFIRM, DEMO  # noqa: E402
 from report_template import EMPTY, Doc, Scope, code, code_key, dig, entries, key  # noqa: E402
 from report_template import interval as interval  # noqa: E402  (re-exported for callers, as are pct and pvalue)
 from report_template import pct as pct  # noqa: E402
@@ -40,7 +40,6 @@ from unlock_export.evaluation.run import paired_comparison, wilson  # noqa: E402
 
 RESULTS, OUT, README = ROOT / "reports" / "results", ROOT / "reports", ROOT / "README.md"
 GSM8K_REPORT, PERFORMANCE_REPORT = specs.GSM8K.file, specs.PERFORMANCE.file
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 CONFIRM_START, CONFIRM_END = "<!-- confirmation:start -->", "<!-- confirmation:end -->"
 
@@ -336,17 +335,6 @@ def render_report(report: specs.Report, results: Path, out: Path) -> str:
 
 # -- the README's generated blocks --------------------------------------------------------------
 
-def readme_results(results: Path = RESULTS) -> str:
-    """The README's headline table: rows of table_200_questions in the forward results file."""
-    scope = Scope(load(results, ROOT, FORWARD, "the README's results block is rendered from it"))
-    found = [row for name, label in README_ROWS
-             for row in run_rows(specs.Run(f"{specs.T200}.{name}", label, base=specs.BASE200), scope, None)]
-    headers, rows = column_rows(specs.README_COLUMNS, found, scope)
-    if len(rows) != len(README_ROWS):
-        raise SystemExit(f"{results / FORWARD}: the README's rows are {[name for name, _ in README_ROWS]}")
-    return "\n".join([README_START, *table(headers, rows), "", specs.README_SOURCE, README_END])
-
-
 def readme_confirmation(results: Path = RESULTS) -> str:
     """The README's confirmation: every arm at every budget of the confirmation's comparison (compare's
     results.json, kept as CONFIRM), each interval, p and Holm p checked against its counts; while there is
@@ -390,7 +378,7 @@ def readme_confirmation(results: Path = RESULTS) -> str:
                       CONFIRM_END])
 
 
-def readme_with_results(text: str, block: str, start_mark: str = README_START, end_mark: str = README_END) -> str:
+def readme_with_results(text: str, block: str, start_mark: str, end_mark: str) -> str:
     start, end = text.find(start_mark), text.find(end_mark)
     if start < 0 or end < start:
         raise SystemExit(f"README.md has no {start_mark} ... {end_mark} block")
@@ -427,7 +415,6 @@ def main(argv: list[str] | None = None) -> int:
         reports = {args.out / name: text for name, text in render(results, args.out.resolve()).items()}
         if args.readme.name:
             current = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
-            current = readme_with_results(current, readme_results(results))
             current = readme_with_results(current, readme_demo(results), DEMO_START, DEMO_END)
             reports[args.readme] = readme_with_results(current, readme_confirmation(results), CONFIRM_START,
                                                        CONFIRM_END)

@@ -593,22 +593,6 @@ REPORTS = [GSM8K, PERFORMANCE]
 
 # -- the README's generated blocks ----------------------------------------------------------------------------
 
-README_ROWS = [  # (config in table_200_questions, label)
-    ("unsteered", "unsteered"),
-    ("cot-prompt", "CoT prompt on the target (the prompting baseline)"),
-    ("paper-form", "UNLOCK, the paper's form (hooks, last prompt token, alpha 0.1)"),
-    ("folded-answer-key", "**UNLOCK folded, key over the answer's first 16 tokens, label-free scale (patched GGUF)**"),
-    ("random-answer-key", "random directions at that fold's norms and scale (control)"),
-    ("folded", "UNLOCK folded, the paper's last-token key, label-free scale"),
-]
-README_COLUMNS = [
-    ("configuration", "{label}"), ("engine", "{engine}"), ("correct", "{correct}/{n}"),
-    ("accuracy (95% CI)", "{correct / n:pct} ({ci:interval})"),
-    ("vs unsteered: won / lost, McNemar p", "{won} / {lost}, p = {p:pvalue}")]
-README_SOURCE = (f"Rendered by `python scripts/render_report.py` from `table_200_questions` in "
-                 f"[reports/results/{FORWARD}](reports/results/{FORWARD}); every row, both directions: "
-                 f"[reports/{GSM8K.file}](reports/{GSM8K.file}).")
-
 CONFIRM = "confirm_gsm8k.json"  # experiments/confirm_gsm8k.sh's compare results.json, kept
 CONFIRM_REPORT = "confirm-gsm8k.md"  # compare's own rendering of it (render_report), beside the others
 CONFIRM_KEPT = "confirm_gsm8k_inprogress"  # where an unfinished confirmation keeps its answers

@@ -311,44 +311,6 @@ def test_the_checked_in_reports_cover_the_published_tables(rr):
 
 # -- the README's results block ----------------------------------------------------------------------
 
-def test_readme_block_rows_match_the_json(rr, tmp_path):
-    """The README's headline table, rendered from a fixture: each row's counts, Wilson interval and paired
-    test against unsteered, computed here from the fixture's correct_indices."""
-    indices = {"unsteered": UNSTEERED, "cot-prompt": [0, 1, 2, 3, 4, 5, 7, 8, 9, 10], "paper-form": PAPER,
-               "folded-answer-key": FOLDED[:12], "random-answer-key": [0, 3, 7], "folded": [2, 3]}
-    configs = {name: run(idx, 20, engine="transformers" if name == "paper-form" else "llamacpp")
-               for name, idx in indices.items()}
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / rr.FORWARD).write_text(json.dumps({"table_200_questions": {"configs": configs}}))
-    block = rr.readme_results(results)
-    assert block.startswith(rr.README_START) and block.endswith(rr.README_END)
-    rows = [line for line in block.splitlines() if line.startswith("| ") and "configuration" not in line]
-    assert len(rows) == len(rr.README_ROWS)
-    for (name, label), row in zip(rr.README_ROWS, rows):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        k = len(indices[name])
-        lo, hi = wilson(k, 20)
-        assert cells[0] == label and cells[2] == f"{k}/20"
-        assert cells[3] == f"{100 * k / 20:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}%)"
-        if name == "unsteered":
-            assert cells[4] == "-"
-            continue
-        won = len(set(indices[name]) - set(UNSTEERED))
-        lost = len(set(UNSTEERED) - set(indices[name]))
-        m = re.fullmatch(r"(\d+) / (\d+), p = (\S+)", cells[4])
-        assert m and (int(m[1]), int(m[2])) == (won, lost)
-        assert math.isclose(float(m[3]), mcnemar(won, lost), rel_tol=0.05)
-    # the block replaces what stands between the markers, and nothing else
-    text = f"# title\n\n{rr.README_START}\nold\n{rr.README_END}\n\ntail\n"
-    assert rr.readme_with_results(text, block) == f"# title\n\n{block}\n\ntail\n"
-
-
-def test_the_readme_block_is_current(rr, capsys):
-    current = (REPO / "README.md").read_text()
-    assert rr.readme_with_results(current, rr.readme_results()) == current
-
-
 def test_the_readme_demo_sentence_is_rendered_from_demo_json(rr, tmp_path):
     """benchmarks/demo.py's file gives every figure of the README's demo sentence; the README's is current."""
     doc = json.loads((REPO / "reports" / "results" / "demo.json").read_text())
@@ -458,5 +420,8 @@ def test_the_readme_confirmation_is_rendered_from_the_confirmations_results(rr, 
     (results / rr.CONFIRM).write_text(json.dumps({**_confirmation(arms, 20), "confirmation": False}))
     with pytest.raises(SystemExit, match="not a confirmation"):
         rr.readme_confirmation(results)
+    # the block replaces what stands between the markers, and nothing else
+    text = f"# title\n\n{rr.CONFIRM_START}\nold\n{rr.CONFIRM_END}\n\ntail\n"
+    assert rr.readme_with_results(text, block, rr.CONFIRM_START, rr.CONFIRM_END) == f"# title\n\n{block}\n\ntail\n"
     current = (REPO / "README.md").read_text()
     assert rr.readme_with_results(current, rr.readme_confirmation(), rr.CONFIRM_START, rr.CONFIRM_END) == current
