@@ -368,14 +368,13 @@ def readme_confirmation(results: Path = RESULTS) -> str:
     pre = found["preregistration"]
     added = "".join(f" Added after the comparison began ({a['date'][:10]}): {', '.join(a['arms'])}."
                     for a in found.get("arms_added", []))
-    source = (f"Pre-registered arm: {pre['arm']['name']}, recorded {pre['recorded'][:10]} at commit "
-              f"{(pre['provenance'].get('commit') or '?')[:12]}, before any confirmation answer.{added} Rendered by "
-              f"`python scripts/render_report.py` from [reports/results/{CONFIRM}](reports/results/{CONFIRM}) (the "
-              f"report: [reports/{specs.CONFIRM_REPORT}](reports/{specs.CONFIRM_REPORT})).")
+    registered = (f"Pre-registered arm: {pre['arm']['name']}, recorded {pre['recorded'][:10]} at commit "
+                  f"{(pre['provenance'].get('commit') or '?')[:12]}, before any confirmation answer.{added}")
+    source = (f"Rendered by `python scripts/render_report.py` from [reports/results/{CONFIRM}](reports/results/{CONFIRM}); "
+              f"the report: [reports/{specs.CONFIRM_REPORT}](reports/{specs.CONFIRM_REPORT}).")
     headers = ["max new tokens", "arm", "correct", "accuracy (95% CI)",
                "vs unsteered: won / lost, exact McNemar p, Holm-adjusted p", "cut at the limit"]
-    return "\n".join([CONFIRM_START, *table(headers, rows), "", *textwrap.wrap(source, 100, break_on_hyphens=False),
-                      CONFIRM_END])
+    return "\n".join([CONFIRM_START, *table(headers, rows), "", registered, source, CONFIRM_END])
 
 
 def readme_with_results(text: str, block: str, start_mark: str, end_mark: str) -> str:

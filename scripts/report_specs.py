@@ -598,9 +598,9 @@ CONFIRM_REPORT = "confirm-gsm8k.md"  # compare's own rendering of it (render_rep
 CONFIRM_KEPT = "confirm_gsm8k_inprogress"  # where an unfinished confirmation keeps its answers
 CONFIRM_LABELS = {  # arm name -> its label in the README
     "unsteered": "unsteered",
-    "fold": "**UNLOCK folded, the recorded choice** (answer-start key, label-free scale 0.4204, patched GGUF)",
-    "cot": "CoT prompt on the target (the prompting baseline)",
-    "gated": "gated LoRA: the paper form's last-token edit as a LoRA, label-free multiplier (`llama-server --lora`)",
+    "fold": "**UNLOCK fold, the recorded choice** (answer-start key, label-free scale 0.4204, patched GGUF)",
+    "cot": "CoT prompt (the prompting baseline)",
+    "gated": "gated LoRA (the paper form's last-token edit, label-free multiplier)",
 }
 CONFIRM_PENDING = (  # the block while the confirmation has no results file yet
     "The confirmation on all 400 questions of `builtin:gsm8k-confirm` (`experiments/confirm_gsm8k.sh`) is not "
