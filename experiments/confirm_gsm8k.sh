@@ -21,24 +21,11 @@ TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
 mkdir -p "$OUT"
 KEPT=reports/results/confirm_gsm8k_inprogress
-if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: copy the plan and each arm's answers into $KEPT
-    [[ -f "$OUT/confirm/compare.json" ]] || { echo "error: no confirmation under $OUT/confirm to keep" >&2; exit 2; }
-    if [[ -f "$OUT/confirm/results.json" ]]; then  # finished: its results beside the others, its report in reports/
-        cp "$OUT/confirm/results.json" reports/results/confirm_gsm8k.json
-        cp "$OUT/confirm/report.md" reports/confirm-gsm8k.md
-        [[ ! -f "$OUT/confirm/report.png" ]] || cp "$OUT/confirm/report.png" reports/results/confirm_gsm8k.png
-    fi
-    mkdir -p "$KEPT" && cp "$OUT/confirm/compare.json" "$KEPT/"
-    for arm in "$OUT"/confirm/arms/*/; do
-        kept="$KEPT/arms/$(basename "$arm")"
-        mkdir -p "$kept"
-        if [[ -f "$arm/summary.json" ]]; then  # a finished arm: its predictions (its progress file is gone)
-            cp "$arm/predictions.jsonl" "$arm/summary.json" "$kept/" && rm -f "$kept/progress.jsonl"
-        elif [[ -f "$arm/progress.jsonl" ]]; then  # an unfinished one: its finished chunks
-            cp "$arm/progress.jsonl" "$kept/"
-        fi
-    done
-    exit 0
+if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: the plan and each arm's answers into $KEPT (and once
+    # it has ended, its results.json and report beside the other results)
+    source experiments/keep_comparison.sh
+    keep_comparison "$OUT/confirm" "$KEPT" confirm_gsm8k
+    exit $?
 fi
 
 # the fold GGUF every fold-arm answer comes from. The recipe's captures are reproducible on one CPU, not across

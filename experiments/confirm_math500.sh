@@ -6,7 +6,7 @@
 # llama.cpp. No choice has seen a MATH problem, so `--confirm` titles it a confirmation of that arm.
 #
 #   bash experiments/confirm_math500.sh          # OUT=out/confirm; rerun to continue where it stopped
-#   bash experiments/confirm_math500.sh keep     # before the machine goes: keep the finished chunks in reports/
+#   bash experiments/confirm_math500.sh keep     # before the machine goes: keep the answers so far in reports/
 #
 # The fold is the one confirm_gsm8k.sh builds and checks (its `fold` step runs first). About 4 h on a quiet
 # 2-core machine: 3 arms x 133 problems, up to 1024 tokens each.
@@ -17,15 +17,10 @@ TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
 KEPT=reports/results/confirm_math500_inprogress
 RUN="$OUT/math500"
-if [[ "${1:-}" == keep ]]; then
-    [[ -f "$RUN/compare.json" ]] || { echo "error: no MATH comparison under $RUN to keep" >&2; exit 2; }
-    mkdir -p "$KEPT" && cp "$RUN/compare.json" "$KEPT/"
-    for arm in "$RUN"/arms/*/; do
-        if [[ -f "$arm/progress.jsonl" ]]; then
-            mkdir -p "$KEPT/arms/$(basename "$arm")" && cp "$arm/progress.jsonl" "$KEPT/arms/$(basename "$arm")/"
-        fi
-    done
-    exit 0
+if [[ "${1:-}" == keep ]]; then  # the plan and each arm's answers into $KEPT (once ended: its results and report)
+    source experiments/keep_comparison.sh
+    keep_comparison "$RUN" "$KEPT" confirm_math500
+    exit $?
 fi
 OUT="$OUT" bash experiments/confirm_gsm8k.sh fold
 if [[ ! -d "$RUN" && -f "$KEPT/compare.json" ]]; then
