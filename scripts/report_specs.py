@@ -598,7 +598,7 @@ CONFIRM_REPORT = "confirm-gsm8k.md"  # compare's own rendering of it (render_rep
 CONFIRM_KEPT = "confirm_gsm8k_inprogress"  # where an unfinished confirmation keeps its answers
 CONFIRM_LABELS = {  # arm name -> its label in the README
     "unsteered": "unsteered",
-    "fold": "**UNLOCK fold, the recorded choice** (answer-start key, label-free scale 0.4204, patched GGUF)",
+    "fold": "**UNLOCK fold, the recorded choice** (answer-start key, label-free scale, patched GGUF)",
     "cot": "CoT prompt (the prompting baseline)",
     "gated": "gated LoRA (the paper form's last-token edit, label-free multiplier)",
 }
