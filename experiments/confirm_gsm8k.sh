@@ -20,7 +20,7 @@ CLI=(${UNLOCK_CLI:-.venv/bin/unlock-export})
 TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
 mkdir -p "$OUT"
-KEPT=reports/results/confirm_gsm8k_inprogress
+KEPT=reports/results/confirm_gsm8k_answers
 if [[ "${1:-}" == keep ]]; then  # `confirm_gsm8k.sh keep`: the plan and each arm's answers into $KEPT (and once
     # it has ended, its results.json and report beside the other results)
     source experiments/keep_comparison.sh

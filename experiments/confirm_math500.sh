@@ -15,7 +15,7 @@ OUT="${OUT:-out/confirm}"
 CLI=(${UNLOCK_CLI:-.venv/bin/unlock-export})
 TARGET=zoo:qwen2.5-coder-1.5b-instruct
 CHOICE=reports/results/choice_gsm8k_cot_fold.json
-KEPT=reports/results/confirm_math500_inprogress
+KEPT=reports/results/confirm_math500_answers
 RUN="$OUT/math500"
 if [[ "${1:-}" == keep ]]; then  # the plan and each arm's answers into $KEPT (once ended: its results and report)
     source experiments/keep_comparison.sh

@@ -2,12 +2,13 @@
 # Sourced by the confirmation scripts: keep_comparison RUN KEPT [NAME] copies a `compare` output folder's plan
 # (compare.json) and each arm's answers into KEPT, so that a later machine continues from them: a finished
 # arm's predictions and summary (its progress file is gone once it ends), an unfinished arm's finished
-# chunks. Once the comparison has ended, with NAME, its results go to reports/results/NAME.json (and .png)
+# chunks; once ended, KEPT holds every arm's answers. Once the comparison has ended, with NAME, its results go to reports/results/NAME.json (and .png)
 # and its report to reports/NAME-as-dashes.md, beside the others.
 keep_comparison() {
     local run="$1" kept="$2" name="${3:-}"
-    [[ -f "$run/compare.json" ]] || { echo "error: no comparison under $run to keep" >&2; return 2; }
-    mkdir -p "$kept" && cp "$run/compare.json" "$kept/"
+    [[ -f "$run/compare.json" || -f "$run/results.json" ]] || { echo "error: no comparison under $run to keep" >&2; return 2; }
+    mkdir -p "$kept"
+    [[ ! -f "$run/compare.json" ]] || cp "$run/compare.json" "$kept/"  # gone once the comparison has ended
     local arm into
     for arm in "$run"/arms/*/; do
         into="$kept/arms/$(basename "$arm")"

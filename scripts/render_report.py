@@ -29,7 +29,7 @@ for folder in (ROOT, ROOT / "scripts"):  # this checkout's package (it needs no 
         sys.path.insert(0, str(folder))
 
 import report_specs as specs  # noqa: E402
-from report_specs import CONFIRM, DEMO  # noqa: E402
+from report_specs import DEMO  # noqa: E402
 from report_template import EMPTY, Doc, Scope, code, code_key, dig, entries, key  # noqa: E402
 from report_template import interval as interval  # noqa: E402  (re-exported for callers, as are pct and pvalue)
 from report_template import pct as pct  # noqa: E402
@@ -336,15 +336,21 @@ def render_report(report: specs.Report, results: Path, out: Path) -> str:
 # -- the README's generated blocks --------------------------------------------------------------
 
 def readme_confirmation(results: Path = RESULTS) -> str:
-    """The README's confirmation: every arm at every budget of the confirmation's comparison (compare's
-    results.json, kept as CONFIRM), each interval, p and Holm p checked against its counts; while there is
-    no such file, a sentence saying the confirmation is not finished."""
+    """The README's confirmations (specs.CONFIRMATIONS), each its title and every arm at every budget of its
+    comparison (compare's results.json), each interval, p and Holm p checked against its counts; where a
+    confirmation has no such file yet, a sentence saying it is not finished."""
+    sections = [confirmation_section(confirmation, results) for confirmation in specs.CONFIRMATIONS]
+    return "\n".join([CONFIRM_START, *"\n\n".join(sections).splitlines(), CONFIRM_END])
+
+
+def confirmation_section(confirmation: specs.Confirmation, results: Path = RESULTS) -> str:
     from unlock_export.evaluation.compare import holm
 
-    path = results / CONFIRM
+    name, path = confirmation.results, results / confirmation.results
+    title = textwrap.wrap(confirmation.title, 100, break_on_hyphens=False)
     if not path.is_file():
-        return "\n".join([CONFIRM_START, *textwrap.wrap(specs.CONFIRM_PENDING, 100, break_on_hyphens=False),
-                          CONFIRM_END])
+        pending = confirmation.pending.format(script=confirmation.script, kept=confirmation.kept)
+        return "\n".join([*title, "", *textwrap.wrap(pending, 100, break_on_hyphens=False)])
     found = json.loads(path.read_text(encoding="utf-8"))
     if not found.get("confirmation"):
         raise SystemExit(f"{path}: not a confirmation (compare --confirm): the README shows only a confirmation here")
@@ -355,24 +361,24 @@ def readme_confirmation(results: Path = RESULTS) -> str:
         for e, adjusted in zip(paired, holm([mcnemar(e["won"], e["lost"]) for e in paired])):
             if not _close(e["p_mcnemar_exact"], mcnemar(e["won"], e["lost"]), rel=1e-9, absolute=0) \
                     or not _close(e["p_holm"], adjusted, rel=1e-9, absolute=0):
-                raise Inconsistent(f"{CONFIRM} table, {e['arm']} at {budget}: p or Holm p disagrees with won / lost")
+                raise Inconsistent(f"{name} table, {e['arm']} at {budget}: p or Holm p disagrees with won / lost")
         for e in entries_:
-            check_counts(f"{CONFIRM} table, {e['arm']} at {budget}", e)
+            check_counts(f"{name} table, {e['arm']} at {budget}", e)
             low, high = wilson(e["correct"], e["n"])
             versus = (f"{e['won']} / {e['lost']}, p = {pvalue(e['p_mcnemar_exact'])}, Holm {pvalue(e['p_holm'])}"
                       if "won" in e else "-")
-            rows.append([budget, specs.CONFIRM_LABELS.get(e["arm"], e["arm"]), f"{e['correct']}/{e['n']}",
+            rows.append([budget, confirmation.labels.get(e["arm"], e["arm"]), f"{e['correct']}/{e['n']}",
                          f"{pct(e['correct'] / e['n'])} ({interval(low, high)})", versus, pct(e["cut_rate"])])
     pre = found["preregistration"]
     added = "".join(f" Added after the comparison began ({a['date'][:10]}): {', '.join(a['arms'])}."
                     for a in found.get("arms_added", []))
     registered = (f"Pre-registered arm: {pre['arm']['name']}, recorded {pre['recorded'][:10]} at commit "
                   f"{(pre['provenance'].get('commit') or '?')[:12]}, before any confirmation answer.{added}")
-    source = (f"Rendered by `python scripts/render_report.py` from [reports/results/{CONFIRM}](reports/results/{CONFIRM}); "
-              f"the report: [reports/{specs.CONFIRM_REPORT}](reports/{specs.CONFIRM_REPORT}).")
+    source = (f"Rendered by `python scripts/render_report.py` from [reports/results/{name}](reports/results/{name}); "
+              f"the report: [reports/{confirmation.report}](reports/{confirmation.report}).")
     headers = ["max new tokens", "arm", "correct", "accuracy (95% CI)",
                "vs unsteered: won / lost, exact McNemar p, Holm-adjusted p", "cut at the limit"]
-    return "\n".join([CONFIRM_START, *table(headers, rows), "", registered, source, CONFIRM_END])
+    return "\n".join([*title, "", *table(headers, rows), "", f"{registered} {source}"])
 
 
 def readme_with_results(text: str, block: str, start_mark: str, end_mark: str) -> str:

@@ -593,18 +593,33 @@ REPORTS = [GSM8K, PERFORMANCE]
 
 # -- the README's generated blocks ----------------------------------------------------------------------------
 
-CONFIRM = "confirm_gsm8k.json"  # experiments/confirm_gsm8k.sh's compare results.json, kept
-CONFIRM_REPORT = "confirm-gsm8k.md"  # compare's own rendering of it (render_report), beside the others
-CONFIRM_KEPT = "confirm_gsm8k_inprogress"  # where an unfinished confirmation keeps its answers
-CONFIRM_LABELS = {  # arm name -> its label in the README
-    "unsteered": "unsteered",
-    "fold": "**UNLOCK fold, the recorded choice** (answer-start key, label-free scale, patched GGUF)",
-    "cot": "CoT prompt (the prompting baseline)",
-    "gated": "gated LoRA (the paper form's last-token edit, label-free multiplier)",
-}
-CONFIRM_PENDING = (  # the block while the confirmation has no results file yet
-    "The confirmation on all 400 questions of `builtin:gsm8k-confirm` (`experiments/confirm_gsm8k.sh`) is not "
-    f"finished; its answers so far are kept in [reports/results/{CONFIRM_KEPT}/](reports/results/{CONFIRM_KEPT}/).")
+@dataclass
+class Confirmation:
+    results: str               # compare's results.json of a `--confirm` run, kept in reports/results/ by `keep`
+    report: str                # compare's own rendering of it (render_report), in reports/
+    kept: str                  # where its script keeps the answers of an unfinished run
+    script: str                # the script that runs it
+    title: str                 # the paragraph above its table
+    labels: dict[str, str]     # arm name -> its label in the README (else the name)
+    pending: str = ("The confirmation ({script}) is not finished; its answers so far are kept in "
+                    "[reports/results/{kept}/](reports/results/{kept}/).")  # the block's text while it has no results
+
+
+CONFIRM_FOLD = "**UNLOCK fold, the recorded choice** (answer-start key, label-free scale, patched GGUF)"
+CONFIRMATIONS = [  # the README's confirmation block, in this order
+    Confirmation(
+        "confirm_gsm8k.json", "confirm-gsm8k.md", "confirm_gsm8k_answers", "`experiments/confirm_gsm8k.sh`",
+        "**GSM8K** (the 400 questions of `builtin:gsm8k-confirm`; llama.cpp, direct prompt, greedy; 256 tokens "
+        "scored on the 512-token answers' prefixes):",
+        {"unsteered": "unsteered", "fold": CONFIRM_FOLD, "cot": "CoT prompt (the prompting baseline)",
+         "gated": "gated LoRA (the paper form's last-token edit, label-free multiplier)"}),
+    Confirmation(
+        "confirm_math500.json", "confirm-math500.md", "confirm_math500_answers",
+        "`experiments/confirm_math500.sh`",
+        "**MATH-500, levels 1-2** (133 problems, answers in `\\boxed{}` scored by math-verify; llama.cpp, greedy; "
+        "512 tokens scored on the 1024-token answers' prefixes):",
+        {"unsteered": "unsteered", "fold": CONFIRM_FOLD, "cot": "CoT prompt (`math-cot`)"}),
+]
 
 DEMO = "demo.json"
 DEMO_STAGES = [f"{label} {{timings_s.{stage}_s / 60:.1f}}" for stage, label in (

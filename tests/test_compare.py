@@ -107,7 +107,7 @@ def test_report_is_rendered_from_the_results(tmp_path):
                "arms": [{"name": "a", "kind": "model", "value": None, "model": "m", "engine": "transformers",
                          "template": "direct", "wall_s": 1.0},
                         {"name": "b", "kind": "template", "value": "cot", "model": "m", "engine": "transformers",
-                         "template": "cot", "wall_s": 2.0}],
+                         "template": "cot", "wall_s": 2.0, "resumed_from": 3}],
                "table": [{"arm": "a", "budget": 8, "n": 4, "correct": 1, "accuracy": 0.25, "ci95": [0.05, 0.7],
                           "mean_output_tokens": 7.0, "cut_rate": 0.5},
                          {"arm": "b", "budget": 8, "n": 4, "correct": 3, "accuracy": 0.75, "ci95": [0.3, 0.95],
@@ -115,6 +115,9 @@ def test_report_is_rendered_from_the_results(tmp_path):
                           "p_mcnemar_exact": 0.5, "p_holm": 0.5}]}
     report = render_report(results)
     assert "| 8 | b | 3/4 = 75.0% | 30.0%-95.0% | 2 / 0 | 0.5 | 0.5 | 8 | 100% |" in report
+    # a wall time is the last run's: an arm resumed from an earlier run's answers says over how many it ran
+    assert "| a | model | m | transformers | direct | 1.0 |" in report
+    assert "| b | template | cot | transformers | cot | 2.0 for the last 1 (3 resumed) |" in report
     results["table"][1]["correct"] = 2
     assert "| 8 | b | 2/4" in render_report(results)
 

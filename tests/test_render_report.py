@@ -390,11 +390,15 @@ def test_the_readme_confirmation_is_rendered_from_the_confirmations_results(rr, 
             "cot": [0, 3, 7, 8, 12, 19, 4], "gated": [3, 8]}
     results = tmp_path / "results"
     results.mkdir()
+    gsm8k, math500 = rr.specs.CONFIRMATIONS
     pending = " ".join(rr.readme_confirmation(results).split())
-    assert "is not finished" in pending and rr.CONFIRM_START in pending and rr.CONFIRM_END in pending
+    assert pending.count("is not finished") == 2 and rr.CONFIRM_START in pending and rr.CONFIRM_END in pending
+    assert f"reports/results/{gsm8k.kept}/" in pending and f"reports/results/{math500.kept}/" in pending
     doc = _confirmation(arms, 20)
-    (results / rr.CONFIRM).write_text(json.dumps(doc))
+    (results / gsm8k.results).write_text(json.dumps(doc))
     block = rr.readme_confirmation(results)
+    assert block.count("is not finished") == 1  # MATH-500's, which has no results here
+    assert block.index("**GSM8K**") < block.index("| 256 ") < block.index("**MATH-500")
     rows = [line for line in block.splitlines() if line.startswith("| 256 ")]
     assert len(rows) == 4
     holm_by_arm = {e["arm"]: e.get("p_holm") for e in doc["table"]}
@@ -414,10 +418,11 @@ def test_the_readme_confirmation_is_rendered_from_the_confirmations_results(rr, 
     assert "Pre-registered arm: fold, recorded 2026-12-06 at commit d7d180160e8d" in flat
     assert "Added after the comparison began (2026-12-07): gated." in flat
     doc["table"][1]["p_holm"] = doc["table"][1]["p_mcnemar_exact"]  # unadjusted, where three arms were paired
-    (results / rr.CONFIRM).write_text(json.dumps(doc))
+    (results / gsm8k.results).write_text(json.dumps(doc))
     with pytest.raises(rr.Inconsistent, match="Holm"):
         rr.readme_confirmation(results)
-    (results / rr.CONFIRM).write_text(json.dumps({**_confirmation(arms, 20), "confirmation": False}))
+    (results / gsm8k.results).write_text(json.dumps(_confirmation(arms, 20)))
+    (results / math500.results).write_text(json.dumps({**_confirmation(arms, 20), "confirmation": False}))
     with pytest.raises(SystemExit, match="not a confirmation"):
         rr.readme_confirmation(results)
     # the block replaces what stands between the markers, and nothing else

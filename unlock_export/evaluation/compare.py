@@ -367,6 +367,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
         summary = json.loads((out / "arms" / arm.name / "summary.json").read_text(encoding="utf-8"))
         arm_records.append({"name": arm.name, **arm.describe(), "model": served, "engine": ask.engine,
                             "template": summary.get("template"), "wall_s": summary.get("wall_s"),
+                            "resumed_from": summary.get("resumed_from", 0),  # answers an earlier run gave: not in wall_s
                             "smaller_budgets": "run separately" if any(
                                 _arm_folder(out, arm.name, b).exists() for b in request.budgets[:-1])
                             else "scored on the largest budget's answer prefixes"})
@@ -426,9 +427,12 @@ def render_report(results: dict) -> str:
                      f"{e['ci95'][0]:.1%}-{e['ci95'][1]:.1%} | {paired} | {e['mean_output_tokens']:.0f} | "
                      f"{e['cut_rate']:.0%} |")
     lines += ["", "| arm | kind | what | engine | template | wall s |", "|---|---|---|---|---|---|"]
+    n = results["questions"]["n"]
     for a in results["arms"]:
+        resumed = a.get("resumed_from") or 0  # the wall time is the last run's, over the answers it gave
+        wall = f"{a['wall_s']} for the last {n - resumed} ({resumed} resumed)" if resumed else f"{a['wall_s']}"
         lines.append(f"| {a['name']} | {a['kind']} | {a['value'] or a['model']} | {a['engine']} | {a['template']} | "
-                     f"{a['wall_s']} |")
+                     f"{wall} |")
     grouped = [e for e in results["table"] if "by_group" in e and e["budget"] == max(request["budgets"])]
     for field in ("level", "subject"):
         values = sorted({v for e in grouped for v in e["by_group"].get(field, {})})
