@@ -367,8 +367,9 @@ def confirmation_section(confirmation: specs.Confirmation, results: Path = RESUL
             low, high = wilson(e["correct"], e["n"])
             versus = (f"{e['won']} / {e['lost']}, p = {pvalue(e['p_mcnemar_exact'])}, Holm {pvalue(e['p_holm'])}"
                       if "won" in e else "-")
-            rows.append([budget, confirmation.labels.get(e["arm"], e["arm"]), f"{e['correct']}/{e['n']}",
-                         f"{pct(e['correct'] / e['n'])} ({interval(low, high)})", versus, pct(e["cut_rate"])])
+            rows.append([budget, confirmation.labels.get(e["arm"], e["arm"]), f"{e['correct']}/{e['n']}",  # as
+                         f"{e['correct'] / e['n']:.1%} ({low:.1%}-{high:.1%})", versus,  # compare's report rounds
+                         f"{e['cut_rate']:.1%}"])
     pre = found["preregistration"]
     added = "".join(f" Added after the comparison began ({a['date'][:10]}): {', '.join(a['arms'])}."
                     for a in found.get("arms_added", []))

@@ -405,7 +405,7 @@ def test_the_readme_confirmation_is_rendered_from_the_confirmations_results(rr, 
     for (name, indices), row in zip(arms.items(), rows):
         cells = [c.strip() for c in row.strip("|").split("|")]
         lo, hi = wilson(len(indices), 20)
-        assert cells[2] == f"{len(indices)}/20" and cells[3] == f"{100 * len(indices) / 20:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}%)"
+        assert cells[2] == f"{len(indices)}/20" and cells[3] == f"{len(indices) / 20:.1%} ({lo:.1%}-{hi:.1%})"
         if name == "unsteered":
             assert cells[4] == "-"
             continue
