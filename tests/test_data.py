@@ -72,6 +72,11 @@ def test_wheel_carries_the_data_and_its_licence(tmp_path):
         assert f"unlock_export/data/{member}" in names, member
     licence = zipfile.ZipFile(wheel).read("unlock_export/data/LICENSE-GSM8K").decode()
     assert "MIT License" in licence and "OpenAI" in licence
+    # the package's own licence as an SPDX expression, and every licence file in the wheel's metadata
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    shipped = {n.rsplit("/", 1)[-1] for n in names if ".dist-info/licenses/" in n}
+    assert {"LICENSE", "LICENSE-GSM8K", "LICENSE-MATH500", "LICENSE-AGIEVAL-MATH"} <= shipped, shipped
 
 
 def test_where_keeps_the_rows_whose_field_has_one_of_the_values():
