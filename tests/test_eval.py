@@ -166,8 +166,8 @@ def test_calibration_bisects_the_guard_or_measures_in_ascending_order(load_tiny,
     """Scales run in ascending order whatever order they are given in: stop_after_rejected=0 measures every
     scale, 2 stops once two in a row fail the perplexity guard. The default (1: perplexity grows with the
     scale) finds the guard's boundary by bisection: perplexity measured at about log2(scales) of them (and
-    at the chosen one), the objective (one minimum: the premise) from the largest allowed scale down until
-    it rises and nowhere else, measured rows equal to the full search's, and the same choice, refined too."""
+    at the chosen one), the objective at every allowed scale and nowhere else, measured rows equal to the
+    full search's, and the same choice."""
     import math
 
     from unlock_export.evaluation.calibrate import search_scale
@@ -193,27 +193,13 @@ def test_calibration_bisects_the_guard_or_measures_in_ascending_order(load_tiny,
     rows = {r["scale"]: r for r in full.table}
     guarded = [r for r in bisected.table if "perplexity" in r]
     assert len(guarded) <= math.ceil(math.log2(len(scales) + 1)) + 1
-    kls = [r["kl_to_reference"] for r in full.table if r["allowed"]]
-    low = kls.index(min(kls))
-    assert kls[:low + 1] == sorted(kls[:low + 1], reverse=True) and kls[low:] == sorted(kls[low:])  # one minimum
     for row in bisected.table:
         assert all(row[k] == rows[row["scale"]][k] for k in row if k != "guard")
-        assert "kl_to_reference" not in row or row["allowed"]  # the objective only where allowed
+        assert ("kl_to_reference" in row) == row["allowed"]  # the objective only where allowed
         assert row["allowed"] == rows[row["scale"]]["allowed"]
         if row.get("guard") == "inferred":
             assert "perplexity" not in row and any(r["allowed"] and r["scale"] > row["scale"] for r in guarded)
     assert "perplexity" in next(r for r in bisected.table if r["scale"] == bisected.scale)
-    # the objective, down from the largest allowed scale: every one to the minimum, and one past it (it rose)
-    allowed_scales = [r["scale"] for r in full.table if r["allowed"]]
-    measured = [r["scale"] for r in bisected.table if "kl_to_reference" in r]
-    assert measured == allowed_scales[max(low - 1, 0):]
-    # refined: the same choice as refining the full search, with fewer objective passes
-    refined = dict(kwargs, refine=True)
-    full = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=margin, stop_after_rejected=0, **refined)
-    bisected = search_scale(loaded, _vectors(), texts, questions[:6], ppl_margin=margin, **refined)
-    assert bisected.scale == full.scale and bisected.kl_to_reference == full.kl_to_reference
-    passes = [sum("kl_to_reference" in r for r in result.table) for result in (bisected, full)]
-    assert passes[0] < passes[1], passes
 
 
 def _count_forwards(monkeypatch, loaded) -> list:

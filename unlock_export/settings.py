@@ -84,8 +84,7 @@ class CalibrationSettings:
     count: int = setting(8, "Prompts the calibration reads (the first of the prompts).")
     scales: tuple[float, ...] | None = setting(None,
         "The additive scales searched (default 0, then 1/256..64 in sqrt(2) steps): the perplexity guard's boundary "
-        "found by bisection, the objective measured down from the largest allowed scale until it rises, then "
-        "refined around the best.")
+        "found by bisection, the objective measured at every allowed scale, then refined around the best.")
     ppl_margin: float = setting(0.10,
         "Allowed relative rise of perplexity on plain text (0.10 = +10%).")
     objective: str = setting("answer-start",

@@ -278,12 +278,11 @@ class _Grid:
 def _search(grid: _Grid, scales, refine: bool, stop_after_rejected: int) -> None:
     """Fill `grid` over `scales`, then (with `refine`) one finer pass around the best allowed grid point.
 
-    stop_after_rejected=1: perplexity grows with the scale and the objective has one minimum over the scales
-    (the assumptions of stopping early). The guard's boundary on the grid is found by bisection, and a scale
-    below an allowed one is allowed without measuring it; the objective is measured from the largest allowed
-    scale down until it rises, and a refinement point only where it can still beat the best (between the
-    best's measured neighbours). Otherwise every scale is measured in ascending order, both passes, until
-    `stop_after_rejected` scales in a row fail the guard (0: every scale), and every refinement point."""
+    stop_after_rejected=1: perplexity grows with the scale (the assumption of stopping at the first scale
+    over the guard), so the guard's boundary on the grid is found by bisection and a scale below an allowed
+    one is allowed without measuring it; the objective is measured at every allowed scale and nowhere else.
+    Otherwise every scale is measured in ascending order, both passes, until `stop_after_rejected` scales in
+    a row fail the guard (0: every scale)."""
     points = sorted(set(scales) - set(grid.rows))
     bisect = stop_after_rejected == 1
     if bisect:
@@ -291,13 +290,9 @@ def _search(grid: _Grid, scales, refine: bool, stop_after_rejected: int) -> None
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if grid.guard(points[mid]) else (lo, mid)
-        best = math.inf
-        for scale in reversed(points[:lo + 1]):  # down from the largest allowed, until the objective rises
+        for scale in points[:lo + 1]:
             grid.infer(scale)
-            value = grid.closeness(scale)
-            if value > best:
-                break
-            best = value
+            grid.closeness(scale)
     else:
         rejected = 0
         for scale in points:
@@ -305,31 +300,18 @@ def _search(grid: _Grid, scales, refine: bool, stop_after_rejected: int) -> None
             rejected = 0 if grid.guard(scale) else rejected + 1
             if stop_after_rejected and rejected >= stop_after_rejected:
                 break
-    measured = [s for s in grid.allowed() if grid.key in grid.rows[s]]
-    if not refine or not measured:
+    allowed = grid.allowed()
+    if not refine or not allowed:
         return
-    best = min(measured, key=grid.closeness)
-    candidates = []
+    best = min(allowed, key=grid.closeness)
     for factor in (0.7071, 0.8409, 1.1892, 1.4142):
         candidate = round(best * factor, 4)
         if candidate <= 0 or any(abs(candidate - s) <= 0.005 * candidate for s in grid.rows):
             continue  # a grid point within 0.5% was measured already
-        candidates.append(candidate)
-    if not bisect:
-        for candidate in candidates:
+        if not bisect:
             grid.closeness(candidate)
             grid.guard(candidate)
-        return
-    while candidates:  # only a point between the best's measured neighbours can beat it; the largest first
-        best = min((s for s in grid.allowed() if grid.key in grid.rows[s]), key=grid.closeness)
-        below = max((s for s in grid.rows if s < best and grid.key in grid.rows[s]), default=-math.inf)
-        above = min([s for s in grid.rows if s > best and grid.key in grid.rows[s]] + grid.rejected(), default=math.inf)
-        inside = [c for c in candidates if below < c < above]
-        if not inside:
-            return
-        candidate = max(inside)
-        candidates.remove(candidate)
-        if candidate <= grid.allowed()[-1]:
+        elif candidate <= grid.allowed()[-1]:
             grid.infer(candidate)
             grid.closeness(candidate)
         elif candidate < min(grid.rejected(), default=math.inf) and grid.guard(candidate):
@@ -349,11 +331,10 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
     The reference steers every layer of `vectors`; `additive_layers` (default: the same) restricts
     the additive form to a band, as a fold with `--layers` would.
 
-    Perplexity grows with the scale and the objective has one minimum: by default (`stop_after_rejected=1`)
-    the guard's boundary on the grid is found by bisection, the objective is measured from the largest
-    allowed scale down until it rises (refinement points only where they can still beat the best), and a
-    scale below an allowed one counts as allowed without its perplexity pass (its row says "guard":
-    "inferred"; the chosen scale's perplexity is always measured). `stop_after_rejected=k` > 1 measures both passes in
+    Perplexity grows with the scale: by default (`stop_after_rejected=1`) the guard's boundary on the
+    grid is found by bisection, the objective is measured at every allowed scale, and a scale below an
+    allowed one counts as allowed without its perplexity pass (its row says "guard": "inferred"; the
+    chosen scale's perplexity is always measured). `stop_after_rejected=k` > 1 measures both passes in
     ascending order until k scales in a row fail the guard; 0 measures every scale. Scale 0 is the
     unsteered model, measured once in the baseline.
 
