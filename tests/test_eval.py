@@ -202,6 +202,24 @@ def test_calibration_bisects_the_guard_or_measures_in_ascending_order(load_tiny,
     assert "perplexity" in next(r for r in bisected.table if r["scale"] == bisected.scale)
 
 
+def test_the_search_finds_the_closest_scale_past_a_plateau():
+    """The objective need not have one minimum: the gated LoRA's multiplier search on the zoo 1.5B
+    (reports/results/confirm_gsm8k_gated/unlock.json) met a plateau (KL 4.49, 4.49, 4.46 at 1, 1.41, 2)
+    above its minimum (2.69 at 0.5946). Every allowed grid scale is measured, so a plateau does not hide
+    the minimum (a search that stopped where the objective first rose, coming down from the largest
+    scale, chose 2.0)."""
+    from unlock_export.evaluation.calibrate import _Grid, _search
+
+    kl = {0.0: 9.08, 0.25: 7.27, 0.353553: 6.48, 0.5: 4.73, 0.5946: 2.69, 0.707107: 2.75, 0.8409: 3.55, 1.0: 4.49,
+          1.414214: 4.486, 2.0: 4.464, 2.828427: 7.96, 4.0: 9.75}
+    grid = _Grid(lambda s: {"kl_to_reference": kl.get(s, 5.0)}, lambda s: 1.0, 1.0, 0.10, "kl_to_reference",
+                 False)  # 5.0: a refinement point the table does not hold
+    grid.rows[0.0] = {"scale": 0.0, "kl_to_reference": kl[0.0], "perplexity": 1.0, "perplexity_ratio": 1.0,
+                      "allowed": True}
+    _search(grid, (0.0, 0.25, 0.353553, 0.5, 0.707107, 1.0, 1.414214, 2.0, 2.828427, 4.0), True, 1)
+    assert min(grid.allowed(), key=grid.closeness) == 0.5946
+
+
 def _count_forwards(monkeypatch, loaded) -> list:
     calls = []
     forward = loaded.model.forward
