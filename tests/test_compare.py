@@ -105,7 +105,7 @@ def test_report_is_rendered_from_the_results(tmp_path):
                "request": {"data": "d", "offset": 0, "budgets": [8]},
                "questions": {"n": 4}, "multiple_comparisons": "Holm", "provenance": {"commit": None},
                "arms": [{"name": "a", "kind": "model", "value": None, "model": "m", "engine": "transformers",
-                         "template": "direct", "wall_s": 1.0},
+                         "template": "direct", "wall_s": 1.0, "resumed_from": 2, "generation_s": 3.5},
                         {"name": "b", "kind": "template", "value": "cot", "model": "m", "engine": "transformers",
                          "template": "cot", "wall_s": 2.0, "resumed_from": 3}],
                "table": [{"arm": "a", "budget": 8, "n": 4, "correct": 1, "accuracy": 0.25, "ci95": [0.05, 0.7],
@@ -116,8 +116,11 @@ def test_report_is_rendered_from_the_results(tmp_path):
     report = render_report(results)
     assert "| 8 | b | 3/4 = 75.0% | 30.0%-95.0% | 2 / 0 | 0.5 | 0.5 | 8 | 100% |" in report
     # a wall time is the last run's: an arm resumed from an earlier run's answers says over how many it ran
-    assert "| a | model | m | transformers | direct | 1.0 |" in report
+    # (or, where every chunk recorded it, the generation time of every answer, across runs)
+    assert "| a | model | m | transformers | direct | 3.5 generating all 4 (1.0 in the last run, 2 resumed) |" in report
     assert "| b | template | cot | transformers | cot | 2.0 for the last 1 (3 resumed) |" in report
+    results["arms"][0].update(resumed_from=0)
+    assert "| a | model | m | transformers | direct | 1.0 |" in render_report(results)
     results["table"][1]["correct"] = 2
     assert "| 8 | b | 2/4" in render_report(results)
 

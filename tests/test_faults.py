@@ -280,9 +280,12 @@ def test_a_signal_stops_the_command_cleanly(case, tmp_path, tiny_model_dir, tiny
         assert f"progress kept in '{progress}'" in lines[0] and "--resume" in lines[0], lines[0]
         assert sorted(p.name for p in out.iterdir()) == ["progress.jsonl"] and leftovers(out) == []
         assert len(progress.read_text().splitlines()) == 2  # the header and the first chunk
+        first = json.loads(progress.read_text().splitlines()[1])["seconds"]  # the chunk's generation time
         assert main(["--quiet", *map(str, setup["args"]), "--resume"]) == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
         assert summary["n"] == 20 and summary["resumed_from"] == 16 and not progress.exists()
+        # this run's wall time, and the generation time of every answer: the kept chunk's and this run's
+        assert first >= 0 and summary["generation_s"] >= round(first, 1) and summary["wall_s"] >= 0
     else:
         assert lines[0] == f"error: {what}; partial outputs were removed"
         assert not out.exists() and leftovers(out) == []

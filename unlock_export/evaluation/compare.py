@@ -368,6 +368,7 @@ def compare(model: str, arms: list[Arm], request: CompareRequest, out: str | Pat
         arm_records.append({"name": arm.name, **arm.describe(), "model": served, "engine": ask.engine,
                             "template": summary.get("template"), "wall_s": summary.get("wall_s"),
                             "resumed_from": summary.get("resumed_from", 0),  # answers an earlier run gave: not in wall_s
+                            "generation_s": summary.get("generation_s"),  # every answer's, across runs
                             "smaller_budgets": "run separately" if any(
                                 _arm_folder(out, arm.name, b).exists() for b in request.budgets[:-1])
                             else "scored on the largest budget's answer prefixes"})
@@ -430,7 +431,11 @@ def render_report(results: dict) -> str:
     n = results["questions"]["n"]
     for a in results["arms"]:
         resumed = a.get("resumed_from") or 0  # the wall time is the last run's, over the answers it gave
-        wall = f"{a['wall_s']} for the last {n - resumed} ({resumed} resumed)" if resumed else f"{a['wall_s']}"
+        wall = f"{a['wall_s']}"
+        if resumed and a.get("generation_s") is not None:
+            wall = f"{a['generation_s']} generating all {n} ({a['wall_s']} in the last run, {resumed} resumed)"
+        elif resumed:
+            wall = f"{a['wall_s']} for the last {n - resumed} ({resumed} resumed)"
         lines.append(f"| {a['name']} | {a['kind']} | {a['value'] or a['model']} | {a['engine']} | {a['template']} | "
                      f"{wall} |")
     grouped = [e for e in results["table"] if "by_group" in e and e["budget"] == max(request["budgets"])]

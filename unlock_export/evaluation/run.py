@@ -60,10 +60,11 @@ def _fingerprint(texts: list[str], label: dict | None, max_new_tokens: int, pref
     return digest.hexdigest()
 
 
-def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple]:
-    """Finished chunks of an interrupted run with the same prompts and settings: {position: (output, tokens[,
-    prefix texts])}."""
+def _read_progress(path: Path, fingerprint: str) -> tuple[dict[int, tuple], float | None]:
+    """Finished chunks of an interrupted run with the same prompts and settings: ({position: (output, tokens[,
+    prefix texts])}, the seconds they took to generate, None where a chunk did not record it)."""
     done: dict[int, tuple] = {}
+    seconds: float | None = 0.0
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
         raise UserError(f"'{path}' belongs to a run with other prompts or settings: rerun with the same "
@@ -75,7 +76,8 @@ def _read_progress(path: Path, fingerprint: str) -> dict[int, tuple]:
             break  # a chunk cut off mid-write: redo it
         for pos, *result in chunk["rows"]:
             done[pos] = tuple(result)
-    return done
+        seconds = None if seconds is None or "seconds" not in chunk else seconds + chunk["seconds"]
+    return done, seconds
 
 
 def read_predictions(run_dir: str | Path) -> list[dict]:
@@ -174,7 +176,7 @@ def generate_and_score(items: list[Item], texts: list[str], engine, max_new_toke
         else ()
     fingerprint = _fingerprint(texts, label, max_new_tokens, prefixes)
     progress_path = out_dir / PROGRESS
-    done = _read_progress(progress_path, fingerprint) if resume and progress_path.exists() else {}
+    done, generation = _read_progress(progress_path, fingerprint) if resume and progress_path.exists() else ({}, 0.0)
     if not done:
         atomic_write_text(progress_path, json.dumps({"fingerprint": fingerprint, "n": len(texts)}) + "\n")
     resumed = len(done)
@@ -185,6 +187,7 @@ def generate_and_score(items: list[Item], texts: list[str], engine, max_new_toke
             positions = [i for i in range(first, min(first + CHUNK, len(texts)))]
             if all(i in done for i in positions):
                 continue
+            began = time.perf_counter()
             try:
                 asked = {"prefixes": prefixes} if prefixes else {}
                 results = engine.generate([texts[i] for i in positions], max_new_tokens, progress=bar.update, **asked)
@@ -196,7 +199,9 @@ def generate_and_score(items: list[Item], texts: list[str], engine, max_new_toke
                                  f"kept in '{progress_path}': rerun with --resume to continue on a new server") from None
             for i, result in zip(positions, results):
                 done[i] = tuple(result)
-            log.write(json.dumps({"rows": [[i, *done[i]] for i in positions]}) + "\n")
+            seconds = round(time.perf_counter() - began, 2)
+            generation = None if generation is None else generation + seconds
+            log.write(json.dumps({"rows": [[i, *done[i]] for i in positions], "seconds": seconds}) + "\n")
             log.flush()
             os.fsync(log.fileno())
     wall = time.perf_counter() - start
@@ -206,7 +211,10 @@ def generate_and_score(items: list[Item], texts: list[str], engine, max_new_toke
     for row, output in zip(rows, outputs):
         if prefixes:
             row["prefix_outputs"] = output[2]
+    # wall_s: this run's; generation_s: every chunk's generation, across the runs that answered (None where a
+    # resumed chunk was written before chunks recorded their time)
     summary = {**(label or {}), **summarize(rows, max_new_tokens), "wall_s": round(wall, 1), "resumed_from": resumed,
+               "generation_s": None if generation is None else round(generation, 1),
                "output_tokens_per_s": round(sum(r["output_tokens"] for r in rows) / wall, 2)
                if wall and not resumed else None}
     if baseline is not None:
