@@ -2,8 +2,8 @@
 # Sourced by the confirmation scripts: keep_comparison RUN KEPT [NAME] copies a `compare` output folder's plan
 # (compare.json) and each arm's answers into KEPT, so that a later machine continues from them: a finished
 # arm's predictions and summary (its progress file is gone once it ends), an unfinished arm's finished
-# chunks; once ended, KEPT holds every arm's answers. Once the comparison has ended, with NAME, its results go to reports/results/NAME.json (and .png)
-# and its report to reports/NAME-as-dashes.md, beside the others.
+# chunks. Once the comparison has ended (its plan is gone then), KEPT holds every arm's answers and, with
+# NAME, its results go to reports/results/NAME.json (and .png) and its report to reports/NAME-as-dashes.md.
 keep_comparison() {
     local run="$1" kept="$2" name="${3:-}"
     [[ -f "$run/compare.json" || -f "$run/results.json" ]] || { echo "error: no comparison under $run to keep" >&2; return 2; }
