@@ -359,6 +359,7 @@ def test_a_bad_evaluate_section_is_refused_before_anything_runs(tiny_recipe, tmp
     ("compare-dev-qwen1.5b-cot-prompt.md", "compare_dev_qwen1.5b_cot_prompt.json"),
     ("compare-dev-qwen1.5b-fold.md", "compare_dev_qwen1.5b_fold.json"),
     ("confirm-gsm8k.md", "confirm_gsm8k.json"),
+    ("confirm-math500.md", "confirm_math500.json"),
 ])
 def test_the_checked_in_comparison_reports_are_rendered_from_their_results(report, results):
     """reports/'s comparison reports are compare's own rendering of the results files beside them."""
