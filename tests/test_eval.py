@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS
 
 from unlock_export.cli import main
 from unlock_export.method.vectors import SteeringVectors
@@ -384,6 +385,49 @@ def test_alpha_check_scores_the_paper_forms_text_under_the_unsteered_model(load_
     strict = check_alphas(loaded, vectors, texts, alphas=(1e-9, 100.0, 200.0), margin=0.01, tokens=6, batch_size=3)
     assert [r["alpha"] for r in strict["table"]] == [1e-9, 100.0]  # stopped at the first failure
     assert [r["allowed"] for r in strict["table"]] == [True, False] and strict["alpha"] == 1e-9
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_pairs_equal_separate_generations_and_teacher_forcing(arch, load_tiny, questions):
+    """paper_pairs prefills each prompt but its last token once and runs the unsteered, the steered and the
+    forced rows in lockstep: every output equals its reference computed alone, one prompt at a time without
+    padding (greedy generation unsteered and under the paper form, the prefill's answer-start distribution,
+    and the steered continuation teacher-forced through the unsteered model), for prompts of unequal length."""
+    from unlock_export.errors import UserError
+    from unlock_export.evaluation.calibrate import greedy_continuations, paper_pairs
+    from unlock_export.method.steer import paper_steering
+    from unlock_export.prompts import apply_template
+
+    loaded = load_tiny(arch)
+    g = torch.Generator().manual_seed(1)
+    layers = int(loaded.n_layers)
+    vectors = SteeringVectors({i: 3.0 * torch.randn(loaded.hidden_size, generator=g) for i in range(1, layers)},
+                              layers, loaded.hidden_size, model_hint=loaded.model.config.model_type)
+    texts = apply_template("direct", [questions[0], questions[1] + " and a much longer tail than the others", "7?"])
+    got = paper_pairs(loaded, vectors, texts, 2.0, 6, batch_size=3)
+    alone = paper_pairs(loaded, vectors, texts, 2.0, 6, batch_size=2, plain=False)
+    plain_first: list = []
+    steered_first: list = []
+    with torch.inference_mode():
+        plain = greedy_continuations(loaded, texts, 6, batch_size=1, first_logprobs=plain_first)
+        with paper_steering(loaded, vectors, 2.0):
+            steered = greedy_continuations(loaded, texts, 6, batch_size=1, first_logprobs=steered_first)
+        forced = []
+        for text, cont in zip(texts, steered):
+            prompt = loaded.tokenizer(text)["input_ids"]
+            logits = loaded.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+            forced.append(lp.gather(1, torch.tensor(cont)[:, None])[:, 0])
+    assert got["plain"] == plain and got["steered"] == steered and alone["steered"] == steered
+    assert steered != plain  # the edit matters here
+    for name, reference in [("plain_first", plain_first), ("steered_first", steered_first)]:
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got[name], reference)), name
+    for scores in (got["scores"], alone["scores"]):
+        assert all(torch.allclose(torch.tensor(s[:len(c)]), f, atol=1e-4) for s, c, f in zip(scores, steered, forced))
+    short = [t for t in ("7", "a", "x") if len(loaded.tokenizer(t)["input_ids"]) == 1]
+    if short:  # a prompt of one token has nothing to share
+        with pytest.raises(UserError, match="at least two tokens"):
+            paper_pairs(loaded, vectors, [texts[0], short[0]], 2.0, 6, batch_size=2)
 
 
 def test_check_alpha_command(tiny_model_dir, tmp_path, capsys):

@@ -138,6 +138,25 @@ def test_paper_form_leaves_decode_steps_untouched(load_tiny):
     assert (out.logits[:, -1] - unsteered_prefill[:, -1]).abs().max() > 1e-3
 
 
+def test_paper_form_on_every_call_edits_a_last_token_run_on_its_own(load_tiny):
+    """every_call=True: the prompt but its last token prefilled unsteered, then the last token run as a call
+    of its own under the paper form, gives the paper form's prefill logits at that token (how the alpha
+    check shares one prefill between the steered and the unsteered rows)."""
+    lm = load_tiny("qwen2")
+    ids = lm.tokenizer(["Question: Iris has 12 shells.\nAnswer:"], return_tensors="pt").input_ids
+    vec = vectors_for(lm, [1, 2, 3], scale=3.0)
+    with torch.inference_mode():
+        with paper_steering(lm, vec, alpha=0.5):
+            whole = lm.model(input_ids=ids).logits[:, -1]
+        cache = DynamicCache()
+        lm.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        with paper_steering(lm, vec, alpha=0.5, every_call=True):
+            split = lm.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        plain = lm.model(input_ids=ids).logits[:, -1]
+    assert torch.allclose(split, whole, atol=1e-5)
+    assert (whole - plain).abs().max() > 1e-3
+
+
 def test_paper_form_in_generate_differs_and_hooks_are_removed(load_tiny):
     lm = load_tiny("llama")
     enc = lm.tokenizer(["Question: Dev has 4 books.\nAnswer:"], return_tensors="pt")

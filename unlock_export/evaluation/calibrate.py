@@ -17,6 +17,8 @@ be calibrated against that.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import torch
 
 from ..choices import OBJECTIVES
 from ..errors import UserError
+from ..method.generate import cut_at_end
 from ..method.steer import paper_steering, require_paper_site, steering
 from ..method.vectors import SteeringVectors
 
@@ -407,6 +410,81 @@ def search_scale(loaded, vectors: SteeringVectors, texts: list[str], ppl_texts: 
     return Calibration.from_dict(result)
 
 
+@torch.inference_mode()
+def paper_pairs(loaded, vectors: SteeringVectors, texts: list[str], alpha: float, tokens: int, batch_size: int,
+                plain: bool = True) -> dict:
+    """Greedy continuations of `texts` under the paper form at `alpha` (at most `tokens`, cut at end of text,
+    at least one token), each scored by the unsteered model, and with `plain` the unsteered continuations,
+    in one decode. The paper form edits only the last prompt token, so each prompt but that token is
+    prefilled once, unsteered, and its cache shared by every row of the prompt: the unsteered model's
+    continuation (with `plain`), the steered one, and the unsteered model fed the steered row's tokens,
+    whose log-probability of each is what teacher forcing the steered continuation would give. The rows
+    run in lockstep; `batch_size`: prompts per decode.
+
+    -> {"steered": token ids, "steered_first": answer-start log-probabilities [vocab] (float32, CPU),
+        "scores": the unsteered log-probability of each steered token (before the cut), and with `plain`
+        "plain", "plain_first", "plain_scores" (each chosen token's log-probability)}, lists in the texts'
+    order."""
+    from ..models.loading import end_of_text_ids
+
+    model, tok = loaded.model, loaded.tokenizer
+    ends = end_of_text_ids(model, tok)
+    kinds = (["plain"] if plain else []) + ["steered", "forced"]
+    k, steered, forced = len(kinds), kinds.index("steered"), kinds.index("forced")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # transformers 5.x renamed the cache argument and output from past_key_values to cache
+    cached = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: dict = {name: [] for name in kinds}
+    firsts: dict = {"plain": [], "steered": []}
+    scores: dict = {"plain": [], "forced": []}
+    for start in range(0, len(texts), batch_size):
+        ids = _ids(loaded, texts[start:start + batch_size])
+        if min(map(len, ids)) < 2:
+            raise UserError("the alpha check needs prompts of at least two tokens: use a prompt template")
+        width = max(map(len, ids)) - 1
+        prefix = torch.tensor([[pad] * (width + 1 - len(r)) + r[:-1] for r in ids], device=loaded.device)
+        mask = torch.tensor([[0] * (width + 1 - len(r)) + [1] * (len(r) - 1) for r in ids], device=loaded.device)
+        cache = model(input_ids=prefix, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                      use_cache=True, logits_to_keep=1)[cached]
+        cache.batch_repeat_interleave(k)
+        mask = mask.repeat_interleave(k, 0)
+        step = torch.tensor([r[-1] for r in ids], device=loaded.device).repeat_interleave(k)[:, None]
+        picked, chosen, done = [], [], torch.zeros(len(step), dtype=torch.bool, device=loaded.device)
+        for n in range(tokens):
+            position = mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            edit = paper_steering(loaded, vectors, alpha, rows=slice(steered, None, k), every_call=True) if n == 0 \
+                else contextlib.nullcontext()
+            with edit:
+                logits = model(input_ids=step, attention_mask=mask, position_ids=position, use_cache=True,
+                               **{cached: cache}).logits[:, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            if n == 0:
+                for name in firsts:
+                    if name in kinds:
+                        firsts[name].extend(lp[kinds.index(name)::k].cpu())
+            pick = lp.argmax(-1).view(-1, k)
+            pick[:, forced] = pick[:, steered]  # the unsteered model, fed the steered continuation
+            pick = pick.reshape(-1)
+            picked.append(pick)
+            chosen.append(lp.gather(1, pick[:, None])[:, 0])
+            done |= torch.isin(pick, torch.tensor(ends, device=pick.device))
+            if bool(done.view(-1, k)[:, :forced].all()):
+                break
+            step = pick[:, None]
+        rows = torch.stack(picked, 1).tolist()
+        lps = torch.stack(chosen, 1).cpu().tolist()
+        for name in kinds:
+            at = kinds.index(name)
+            out[name].extend(cut_at_end(row, ends) or row[:1] for row in rows[at::k])
+            if name in scores:
+                scores[name].extend(lps[at::k])
+    result = {"steered": out["steered"], "steered_first": firsts["steered"], "scores": scores["forced"]}
+    if plain:
+        result.update(plain=out["plain"], plain_first=firsts["plain"], plain_scores=scores["plain"])
+    return result
+
+
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
@@ -416,7 +494,7 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     """Label-free guard for the paper form's alpha: does the steered model still write text?
 
     For each alpha (ascending) the paper form's greedy continuations of `texts` (at most `tokens`)
-    are scored, teacher-forced, by the unsteered model, leaving out their first `skip` tokens (the
+    are scored by the unsteered model as teacher forcing would (`paper_pairs`), leaving out their first `skip` tokens (the
     answer's opening is what the steering is meant to change). The fluency ratio is that perplexity
     over the unsteered model's perplexity of its own greedy continuations, scored the same way; an
     alpha passes when the ratio is at most 1 + `margin`. The chosen alpha is the largest that passes
@@ -424,8 +502,8 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     every alpha). No labels are read. `answer_start`: a dict that receives what the generations
     computed on the way, the answer-start log-probabilities of `texts` unsteered ("unsteered") and
     under the paper form at each alpha tried (a Baseline's `known`: the calibration then skips them).
-    `batch_size`: prompts per generation; the smallest alpha's continuations are generated together with
-    the unsteered ones, each prompt on two rows of one batch (the paper form on the second)."""
+    `batch_size`: prompts per decode; the smallest alpha's continuations are generated together with the
+    unsteered ones, on rows that share each prompt's prefill (`paper_pairs`)."""
     if not texts:
         raise UserError("the alpha check needs prompts; pass --count > 0")
     if not alphas or any(a <= 0 or not math.isfinite(a) for a in alphas):
@@ -437,42 +515,35 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     require_paper_site(vectors)  # before any generation
     tok = loaded.tokenizer
     alphas = sorted(alphas)
-    # the unsteered continuations and the first alpha's in one generation: each prompt twice in a row, the
-    # paper form on every second row. Decoding a few short rows is bound by reading the weights, so twice
-    # the rows costs far less than a second generation
-    firsts: list = []
-    chosen: list = []
-    doubled = [text for text in texts for _ in (0, 1)]
-    if batch_size == "auto":  # the rows that fit, as whole pairs
+    if batch_size == "auto":  # the prompts whose rows (three each) fit
         from ..method.capture import resolve_batch_size
 
-        rows = max(2, resolve_batch_size("auto", loaded, doubled, extra_tokens=tokens) // 2 * 2)
-    else:
-        rows = 2 * int(batch_size)
-    with paper_steering(loaded, vectors, alphas[0], rows=slice(1, None, 2)):
-        both = greedy_continuations(loaded, doubled, tokens, rows, first_logprobs=firsts, token_logprobs=chosen)
-    plain = both[0::2]
+        batch_size = max(1, resolve_batch_size("auto", loaded, [t for t in texts for _ in range(3)],
+                                                extra_tokens=tokens) // 3)
+    first = paper_pairs(loaded, vectors, texts, alphas[0], tokens, int(batch_size))
+    plain = first["plain"]
     if answer_start is not None:
-        answer_start.update(texts=tuple(texts), unsteered=torch.stack(firsts[0::2]))
-    # the unsteered model's own continuations, scored as it generated them (teacher forcing would repeat it)
-    scored = [lps[skip:len(cont)] for lps, cont in zip(chosen[0::2], plain)]
-    plain_nll = -sum(map(sum, scored)) / max(sum(map(len, scored)), 1)
+        answer_start.update(texts=tuple(texts), unsteered=torch.stack(first["plain_first"]))
+
+    def nll(scores: list[list[float]], continuations: list[list[int]]) -> float:
+        """Mean negative log-probability of the continuations' tokens after the first `skip`."""
+        scored = [lps[skip:len(cont)] for lps, cont in zip(scores, continuations)]
+        return -sum(map(sum, scored)) / max(sum(map(len, scored)), 1)
+
+    # the unsteered model's own continuations, scored as it generated them
+    plain_nll = nll(first["plain_scores"], plain)
 
     from tqdm.auto import tqdm
 
     table, rejected = [], 0
     for alpha in tqdm(alphas, desc="check alphas", unit="alpha", disable=not progress):
-        if alpha == alphas[0]:
-            steered, steered_firsts = both[1::2], firsts[1::2]
-        else:
-            steered_firsts = []
-            with steering(loaded, vectors, "paper", alpha):
-                steered = greedy_continuations(loaded, texts, tokens, batch_size, first_logprobs=steered_firsts)
+        run = first if alpha == alphas[0] else paper_pairs(loaded, vectors, texts, alpha, tokens, int(batch_size),
+                                                           plain=False)
+        steered = run["steered"]
         if answer_start is not None:
-            answer_start[alpha] = torch.stack(steered_firsts)
-        _, nll = continuation_logprobs(loaded, texts, steered, batch_size, skip=skip)
-        ratio = math.exp(nll - plain_nll)
-        table.append({"alpha": alpha, "perplexity": math.exp(nll), "fluency_ratio": ratio,
+            answer_start[alpha] = torch.stack(run["steered_first"])
+        ratio = math.exp(nll(run["scores"], steered) - plain_nll)
+        table.append({"alpha": alpha, "perplexity": math.exp(nll(run["scores"], steered)), "fluency_ratio": ratio,
                       "allowed": ratio <= 1 + margin,
                       "first_token_changed": sum(s[0] != p[0] for s, p in zip(steered, plain)) / len(texts),
                       "sample": tok.decode(steered[0])})

@@ -92,11 +92,15 @@ def _is_prefill(kwargs: dict, length: int) -> bool:
 
 
 @contextmanager
-def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1, rows: slice | None = None):
+def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1, rows: slice | None = None,
+                   every_call: bool = False):
     """Context manager: the paper's prefill-only, last-prompt-token, norm-preserving update after each steered
     layer, at `alpha`. `model`: a LoadedModel, a (model, tokenizer) pair or a module. `rows`: edit only these
     rows of each batch (a slice of the batch dimension, e.g. slice(1, None, 2) for every second row; the
-    others run unsteered, so one batch can hold the steered and the unsteered model's prompts)."""
+    others run unsteered, so one batch can hold the steered and the unsteered model's prompts).
+    `every_call`: edit the last position of every forward call, cached or not: for a caller that prefilled
+    all of the prompt but its last token unsteered and runs that token as a call of its own (the edit is
+    the same, since the paper form changes nothing before the last prompt token)."""
     model, arch = _resolve(model)
     _check(model, arch, vectors)
     require_paper_site(vectors)
@@ -109,7 +113,7 @@ def paper_steering(model, vectors: SteeringVectors, alpha: float = 0.1, rows: sl
         embeds = kwargs.get("inputs_embeds")
         length = (ids if ids is not None else embeds).shape[1]
         batch = (ids if ids is not None else embeds).shape[0]
-        state["prefill"] = _is_prefill(kwargs, length)
+        state["prefill"] = every_call or _is_prefill(kwargs, length)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length:
             state["last"] = last_token_index(mask)
