@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -ra
+# make test's workers (pytest-xdist; tests/conftest.py splits torch's threads among them); 0 runs in one process
+TEST_WORKERS ?= auto
 
 .PHONY: setup lint test test-slow test-engines test-lmeval test-all engines demo clean-demo bench bench-serve eval-table report docs
 
@@ -23,7 +25,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not slow and not engines and not lmeval"
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -n $(TEST_WORKERS) -m "not slow and not engines and not lmeval"
 
 test-slow: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "slow and not engines"
