@@ -394,7 +394,7 @@ def test_paper_pairs_equal_separate_generations_and_teacher_forcing(arch, load_t
     padding (greedy generation unsteered and under the paper form, the prefill's answer-start distribution,
     and the steered continuation teacher-forced through the unsteered model), for prompts of unequal length."""
     from unlock_export.errors import UserError
-    from unlock_export.evaluation.calibrate import greedy_continuations, paper_pairs
+    from unlock_export.evaluation.calibrate import answer_start_logprobs, greedy_continuations, paper_pairs
     from unlock_export.method.steer import paper_steering
     from unlock_export.prompts import apply_template
 
@@ -406,12 +406,12 @@ def test_paper_pairs_equal_separate_generations_and_teacher_forcing(arch, load_t
     texts = apply_template("direct", [questions[0], questions[1] + " and a much longer tail than the others", "7?"])
     got = paper_pairs(loaded, vectors, texts, 2.0, 6, batch_size=3)
     alone = paper_pairs(loaded, vectors, texts, 2.0, 6, batch_size=2, plain=False)
-    plain_first: list = []
-    steered_first: list = []
     with torch.inference_mode():
-        plain = greedy_continuations(loaded, texts, 6, batch_size=1, first_logprobs=plain_first)
+        plain = greedy_continuations(loaded, texts, 6, batch_size=1)
+        plain_first = [answer_start_logprobs(loaded, [text])[0] for text in texts]
         with paper_steering(loaded, vectors, 2.0):
-            steered = greedy_continuations(loaded, texts, 6, batch_size=1, first_logprobs=steered_first)
+            steered = greedy_continuations(loaded, texts, 6, batch_size=1)
+            steered_first = [answer_start_logprobs(loaded, [text])[0] for text in texts]
         forced = []
         for text, cont in zip(texts, steered):
             prompt = loaded.tokenizer(text)["input_ids"]

@@ -41,27 +41,28 @@ DEFAULT_SCALES = (0.0,) + tuple(round(2 ** (k / 2), 6) for k in range(-16, 13))
 CPU_BATCH_TOKENS = 160
 
 
+def _left_padded(loaded, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id `rows`, left padded to the longest, on the model's device."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=loaded.device)
+    return ids, mask
+
+
 def _batches(loaded, rows: list[list[int]], batch_size: int | str):
     """(indices, input_ids, attention_mask) of token-id `rows` in batches, shortest first, left padded: at
     most `batch_size` rows each and, on the CPU, at most CPU_BATCH_TOKENS padded tokens (or one row)."""
     batch_size = _batch_size(loaded, rows, batch_size)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     budget = CPU_BATCH_TOKENS if loaded.device.type == "cpu" else None
-
-    def padded(idx: list[int]):
-        width = len(rows[idx[-1]])  # sorted: the last is the longest
-        ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in idx], device=loaded.device)
-        mask = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in idx], device=loaded.device)
-        return idx, ids, mask
-
     batch: list[int] = []
     for i in sorted(range(len(rows)), key=lambda i: len(rows[i])):
         if batch and (len(batch) == batch_size or (budget and (len(batch) + 1) * len(rows[i]) > budget)):
-            yield padded(batch)
+            yield batch, *_left_padded(loaded, [rows[j] for j in batch])
             batch = []
         batch.append(i)
     if batch:
-        yield padded(batch)
+        yield batch, *_left_padded(loaded, [rows[j] for j in batch])
 
 
 def _batch_size(loaded, rows: list[list[int]], batch_size: int | str) -> int:
@@ -100,17 +101,13 @@ def perplexity(loaded, texts: list[str], batch_size: int | str = 8) -> float:
 
 
 @torch.inference_mode()
-def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int | str = 8,
-                         first_logprobs: list | None = None, token_logprobs: list | None = None) -> list[list[int]]:
-    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of text, at least one);
-    `first_logprobs` receives the answer-start log-probabilities the prefill computed on the way, and
-    `token_logprobs` each chosen token's log-probability (method.generate.greedy)."""
+def greedy_continuations(loaded, texts: list[str], tokens: int, batch_size: int | str = 8) -> list[list[int]]:
+    """Token ids of each text's greedy continuation (at most `tokens`, cut at end of text, at least one)."""
     from ..method.capture import resolve_batch_size
     from ..method.generate import greedy
 
     batch_size = resolve_batch_size(batch_size, loaded, texts, extra_tokens=tokens)
-    return greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False, first_logprobs=first_logprobs,
-                  token_logprobs=token_logprobs)
+    return greedy(loaded, texts, tokens, batch_size, keep_first=True, by_length=False)
 
 
 @torch.inference_mode()
@@ -427,28 +424,26 @@ def paper_pairs(loaded, vectors: SteeringVectors, texts: list[str], alpha: float
     order."""
     from ..models.loading import end_of_text_ids
 
-    model, tok = loaded.model, loaded.tokenizer
-    ends = end_of_text_ids(model, tok)
-    kinds = (["plain"] if plain else []) + ["steered", "forced"]
+    model = loaded.model
+    ends = end_of_text_ids(model, loaded.tokenizer)
+    end_ids = torch.tensor(ends, device=loaded.device)
+    kinds = (["plain"] if plain else []) + ["steered", "forced"]  # the rows of each prompt, in this order
     k, steered, forced = len(kinds), kinds.index("steered"), kinds.index("forced")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     # transformers 5.x renamed the cache argument and output from past_key_values to cache
     cached = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: dict = {name: [] for name in kinds}
-    firsts: dict = {"plain": [], "steered": []}
-    scores: dict = {"plain": [], "forced": []}
+    firsts: dict = {name: [] for name in kinds}
+    scores: dict = {name: [] for name in kinds}
     for start in range(0, len(texts), batch_size):
         ids = _ids(loaded, texts[start:start + batch_size])
         if min(map(len, ids)) < 2:
             raise UserError("the alpha check needs prompts of at least two tokens: use a prompt template")
-        width = max(map(len, ids)) - 1
-        prefix = torch.tensor([[pad] * (width + 1 - len(r)) + r[:-1] for r in ids], device=loaded.device)
-        mask = torch.tensor([[0] * (width + 1 - len(r)) + [1] * (len(r) - 1) for r in ids], device=loaded.device)
+        prefix, mask = _left_padded(loaded, [row[:-1] for row in ids])
         cache = model(input_ids=prefix, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                       use_cache=True, logits_to_keep=1)[cached]
         cache.batch_repeat_interleave(k)
         mask = mask.repeat_interleave(k, 0)
-        step = torch.tensor([r[-1] for r in ids], device=loaded.device).repeat_interleave(k)[:, None]
+        step = torch.tensor([row[-1] for row in ids], device=loaded.device).repeat_interleave(k)[:, None]
         picked, chosen, done = [], [], torch.zeros(len(step), dtype=torch.bool, device=loaded.device)
         for n in range(tokens):
             position = mask.sum(-1, keepdim=True)
@@ -460,25 +455,22 @@ def paper_pairs(loaded, vectors: SteeringVectors, texts: list[str], alpha: float
                                **{cached: cache}).logits[:, -1].float()
             lp = torch.log_softmax(logits, -1)
             if n == 0:
-                for name in firsts:
-                    if name in kinds:
-                        firsts[name].extend(lp[kinds.index(name)::k].cpu())
+                for at, name in enumerate(kinds):
+                    firsts[name].extend(lp[at::k].cpu())
             pick = lp.argmax(-1).view(-1, k)
             pick[:, forced] = pick[:, steered]  # the unsteered model, fed the steered continuation
             pick = pick.reshape(-1)
             picked.append(pick)
             chosen.append(lp.gather(1, pick[:, None])[:, 0])
-            done |= torch.isin(pick, torch.tensor(ends, device=pick.device))
-            if bool(done.view(-1, k)[:, :forced].all()):
+            done |= torch.isin(pick, end_ids)
+            if bool(done.view(-1, k)[:, :forced].all()):  # the generating rows have ended
                 break
             step = pick[:, None]
         rows = torch.stack(picked, 1).tolist()
         lps = torch.stack(chosen, 1).cpu().tolist()
-        for name in kinds:
-            at = kinds.index(name)
+        for at, name in enumerate(kinds):
             out[name].extend(cut_at_end(row, ends) or row[:1] for row in rows[at::k])
-            if name in scores:
-                scores[name].extend(lps[at::k])
+            scores[name].extend(lps[at::k])
     result = {"steered": out["steered"], "steered_first": firsts["steered"], "scores": scores["forced"]}
     if plain:
         result.update(plain=out["plain"], plain_first=firsts["plain"], plain_scores=scores["plain"])
@@ -494,11 +486,11 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
     """Label-free guard for the paper form's alpha: does the steered model still write text?
 
     For each alpha (ascending) the paper form's greedy continuations of `texts` (at most `tokens`)
-    are scored by the unsteered model as teacher forcing would (`paper_pairs`), leaving out their first `skip` tokens (the
-    answer's opening is what the steering is meant to change). The fluency ratio is that perplexity
-    over the unsteered model's perplexity of its own greedy continuations, scored the same way; an
-    alpha passes when the ratio is at most 1 + `margin`. The chosen alpha is the largest that passes
-    (None if none does). The search stops once `stop_after_rejected` alphas in a row fail (0: try
+    are scored by the unsteered model as teacher forcing would (`paper_pairs`), leaving out their first
+    `skip` tokens (the answer's opening is what the steering is meant to change). The fluency ratio is
+    that perplexity over the unsteered model's perplexity of its own greedy continuations, scored the same
+    way; an alpha passes when the ratio is at most 1 + `margin`. The chosen alpha is the largest that
+    passes (None if none does). The search stops once `stop_after_rejected` alphas in a row fail (0: try
     every alpha). No labels are read. `answer_start`: a dict that receives what the generations
     computed on the way, the answer-start log-probabilities of `texts` unsteered ("unsteered") and
     under the paper form at each alpha tried (a Baseline's `known`: the calibration then skips them).
@@ -542,8 +534,9 @@ def check_alphas(loaded, vectors: SteeringVectors, texts: list[str], alphas: tup
         steered = run["steered"]
         if answer_start is not None:
             answer_start[alpha] = torch.stack(run["steered_first"])
-        ratio = math.exp(nll(run["scores"], steered) - plain_nll)
-        table.append({"alpha": alpha, "perplexity": math.exp(nll(run["scores"], steered)), "fluency_ratio": ratio,
+        steered_nll = nll(run["scores"], steered)
+        ratio = math.exp(steered_nll - plain_nll)
+        table.append({"alpha": alpha, "perplexity": math.exp(steered_nll), "fluency_ratio": ratio,
                       "allowed": ratio <= 1 + margin,
                       "first_token_changed": sum(s[0] != p[0] for s, p in zip(steered, plain)) / len(texts),
                       "sample": tok.decode(steered[0])})

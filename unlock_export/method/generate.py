@@ -17,48 +17,26 @@ def cut_at_end(row: list[int], ends: set[int] | list[int]) -> list[int]:
 @torch.inference_mode()
 def greedy(loaded, texts: list[str], max_new_tokens: int, batch_size: int = 8, stop_strings: list[str] | None = None,
            on_batch: Callable[[int], None] | None = None, keep_first: bool = False,
-           by_length: bool = True, first_logprobs: list | None = None,
-           token_logprobs: list | None = None) -> list[list[int]]:
+           by_length: bool = True) -> list[list[int]]:
     """The new token ids of each text's greedy continuation, at most `max_new_tokens`, cut at its first
     end-of-text token (models.loading.end_of_text_ids); with `keep_first`, at least the first token
     (the end-of-text token itself when the answer is empty). Texts are batched by length (left
     padding; `by_length=False`: in their order); the result keeps their order. `on_batch(n)` is
-    called after each batch of n texts. `first_logprobs`: a list that receives, in the texts' order, the
-    log-probabilities of the first new token (the prefill's last position, float32, on the CPU);
-    `token_logprobs`: a list that receives, in the texts' order, the log-probability the model gave each
-    token it chose (one float per new token, before the cut: the score of the continuation as generated)."""
+    called after each batch of n texts."""
     from ..models.loading import end_of_text_ids
 
     tok, model = loaded.tokenizer, loaded.model
     ends = end_of_text_ids(model, tok)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if by_length else list(range(len(texts)))
     out: list = [None] * len(texts)
-    first: list = [None] * len(texts)
-    chosen: list = [None] * len(texts)
     extra = {"stop_strings": stop_strings, "tokenizer": tok} if stop_strings else {}
-    scored = first_logprobs is not None or token_logprobs is not None
-    if scored:
-        extra.update(output_logits=True, return_dict_in_generate=True)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(loaded.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=ends,
                              pad_token_id=tok.pad_token_id, **extra)
-        if scored:
-            step = torch.log_softmax(gen.logits[0].float(), -1).cpu()
-            new = gen.sequences[:, enc["input_ids"].shape[1]:]
-            picked = torch.stack([torch.log_softmax(logits.float(), -1).gather(1, new[:, k:k + 1])[:, 0]
-                                  for k, logits in enumerate(gen.logits)], 1).cpu() if token_logprobs is not None else None
-            gen = gen.sequences
-            for row, i in enumerate(idx):
-                first[i] = step[row]
-                chosen[i] = picked[row].tolist() if picked is not None else None
         for row, i in enumerate(idx):
             out[i] = gen[row, enc["input_ids"].shape[1]:].tolist()
         if on_batch:
             on_batch(len(idx))
-    if first_logprobs is not None:
-        first_logprobs.extend(first)
-    if token_logprobs is not None:
-        token_logprobs.extend(chosen)
     return [cut_at_end(row, ends) or (row[:1] if keep_first else []) for row in out]
